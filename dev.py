@@ -36,7 +36,7 @@ PY = BIN / ("python.exe" if os.name == "nt" else "python")
 
 TORCH_PIN = "torch==2.13.0"
 REFERENCE_NODEPS = ["alibi-detect==0.13.0", "catalogue", "dill", "toml"]
-TEST_COMMAND = ["-m", "pytest", "tests", "notebooks", "--nbmake", "-p", "no:cacheprovider"]
+TEST_COMMAND = ["-m", "pytest", "tests", "notebooks", "--nbmake", "-p", "no:cacheprovider", "-q"]
 
 
 def _run(cmd: list[str]) -> None:
