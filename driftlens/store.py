@@ -130,8 +130,8 @@ class ActivationStore:
                     f"{self.path} holds data from {what}: store has {key}={have.get(key)!r}, "
                     f"this capture has {key}={want.get(key)!r}. Write to a new `out` instead."
                 )
-        stored = np.asarray(self.root["sample"][:]).astype(str)
-        if len(stored) != len(tokens["sample"]) or not np.array_equal(stored, np.asarray(tokens["sample"]).astype(str)):
+        stored = _strs(self.root["sample"][:])
+        if len(stored) != len(tokens["sample"]) or not np.array_equal(stored, _strs(tokens["sample"])):
             raise StoreMismatchError(f"{self.path}: token rows differ from this capture's rows.")
 
     # -- checkpoints -----------------------------------------------------------------
@@ -187,6 +187,12 @@ def _site_attrs(site: str) -> dict:
     return {"long_name": site, "definition": text, "units": "model units"}
 
 
+def _strs(values) -> np.ndarray:
+    """A fixed-width unicode array from any string array (zarr returns numpy StringDType,
+    which cannot be cast with ``astype(str)``)."""
+    return np.array([str(v) for v in np.asarray(values).tolist()], dtype=str)
+
+
 def _jsonable(meta: dict) -> dict:
     return json.loads(json.dumps(meta, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
@@ -217,7 +223,10 @@ def open_store(path, include_incomplete: bool = False):
     if ds.attrs.get("format") != "driftlens-store/1":
         raise StoreMismatchError(f"{path} is a zarr store but not a driftlens store.")
     ds = ds.set_coords([c for c in TOKEN_COORDS if c in ds.data_vars])
+    strings = {c: (ds[c].dims, _strs(ds[c].values)) for c in ("checkpoint",) + TOKEN_COORDS
+               if c in ds.coords and c != "position"}
+    ds = ds.assign_coords(strings)
     if not include_incomplete:
         done = list(ds.attrs.get("completed", []))
-        ds = ds.sel(checkpoint=[c for c in ds.checkpoint.values.astype(str) if c in done])
+        ds = ds.sel(checkpoint=[c for c in ds.checkpoint.values if c in done])
     return ds

@@ -1,0 +1,121 @@
+"""Figures of a drift report (matplotlib; every function takes an optional ``ax`` and returns it)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg",) and not _interactive():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _interactive() -> bool:
+    try:
+        from IPython import get_ipython
+
+        return get_ipython() is not None
+    except ImportError:
+        return False
+
+
+def _ax(ax, size=(6, 4)):
+    if ax is not None:
+        return ax
+    plt = _plt()
+    _, ax = plt.subplots(figsize=size)
+    return ax
+
+
+def drift_heatmap(report, var: str = "mmd_z", site: str = "hidden", modality: str = "visual", ax=None,
+                  annotate: bool = True):
+    """Checkpoint x layer heatmap of one report variable (default: visual MMD z-score)."""
+    if var not in report.data_vars:
+        raise ValueError(f"{var!r} is not in the report; it has {sorted(report.data_vars)}")
+    da = report[var]
+    sel = {k: v for k, v in (("site", site), ("modality", modality)) if k in da.dims}
+    da = da.sel(sel)
+    ax = _ax(ax, (1.2 + 0.6 * da.sizes["layer"], 1.0 + 0.45 * da.sizes["checkpoint"]))
+    vals = da.transpose("checkpoint", "layer").values
+    im = ax.imshow(vals, aspect="auto", cmap="magma")
+    ax.set_xticks(range(da.sizes["layer"]), [str(v) for v in da.layer.values])
+    ax.set_yticks(range(da.sizes["checkpoint"]), [str(v) for v in da.checkpoint.values])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("checkpoint")
+    ax.set_title(f"{var} ({', '.join(f'{v}' for v in sel.values())})")
+    if annotate:
+        finite = vals[np.isfinite(vals)]
+        mid = float(np.median(finite)) if finite.size else 0.0
+        for (i, j), v in np.ndenumerate(vals):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
+                    color="white" if v < mid else "black")
+    ax.figure.colorbar(im, ax=ax, label=report[var].attrs.get("long_name", var))
+    return ax
+
+
+def per_layer(report, var: str, site: str = "hidden", ax=None, modality: str | None = None):
+    """One line per checkpoint of a per-layer variable (``gap``, ``mir``, ``mmd_z`` ...)."""
+    if var not in report.data_vars:
+        raise ValueError(f"{var!r} is not in the report; it has {sorted(report.data_vars)}")
+    da = report[var]
+    if "site" in da.dims:
+        da = da.sel(site=site)
+    if "modality" in da.dims:
+        da = da.sel(modality=modality or "visual")
+    ax = _ax(ax)
+    cmap = _plt().get_cmap("viridis")
+    n = da.sizes["checkpoint"]
+    for i, label in enumerate(da.checkpoint.values):
+        ax.plot(da.layer.values, da.sel(checkpoint=label).values, marker="o",
+                color=cmap(i / max(1, n - 1)), label=str(label))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(da.attrs.get("long_name", var))
+    ax.set_title(f"{var} by layer ({site})")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def accuracy_vs_drift(accuracy: dict, drift: dict, ax=None, chance: float | None = None):
+    """Grounding accuracy (per language) against mean visual drift, one point per checkpoint.
+
+    Parameters
+    ----------
+    accuracy : dict
+        ``{checkpoint: {"en": float, "ko": float}}``.
+    drift : dict
+        ``{checkpoint: float}`` (e.g. mean over layers of the visual MMD z-score).
+    """
+    ax = _ax(ax)
+    labels = [c for c in drift if c in accuracy]
+    langs = sorted({lang for c in labels for lang in accuracy[c]})
+    for lang in langs:
+        xs = [drift[c] for c in labels]
+        ys = [accuracy[c][lang] for c in labels]
+        ax.plot(xs, ys, marker="o", label=lang)
+        for x, y, c in zip(xs, ys, labels):
+            ax.annotate(c, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
+    ax.set_xlabel("visual drift (mean MMD z over layers)")
+    ax.set_ylabel("grounding accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title("grounding vs drift")
+    return ax
+
+
+def save(ax, path) -> Path:
+    """Save the figure of ``ax`` to ``path`` (PNG) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = ax.figure
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
