@@ -30,9 +30,9 @@ DEFAULT_METRICS = ("mmd", "sinkhorn", "sliced_w", "gauss_w2", "shift", "gap", "m
 
 DEFINITIONS = {
     "mmd": ("squared maximum mean discrepancy", "unbiased MMD^2 with Gaussian kernel exp(-|x-y|^2/(2 sigma^2)), "
-            "sigma from the median heuristic of the reference half (alibi-detect convention)", "1"),
-    "sinkhorn": ("debiased Sinkhorn divergence", "geomloss SamplesLoss('sinkhorn', p=2) with cost |x-y|^2/2; "
-                 "tends to W2^2/2 as blur -> 0", "model units^2"),
+            "sigma = the reference tokens' median heuristic (variable `sigma`), the same for value and null", "1"),
+    "sinkhorn": ("debiased Sinkhorn divergence", "geomloss SamplesLoss('sinkhorn', p=2) with cost |x-y|^2/2, "
+                 "blur = attrs sinkhorn_blur x sigma; tends to W2^2/2 as blur -> 0", "model units^2"),
     "sliced_w": ("sliced Wasserstein-2 distance", "(mean over random unit projections of W_2^2)^(1/2), "
                  "same projections for value and null", "model units"),
     "gauss_w2": ("Gaussian Wasserstein-2 distance", "closed-form W2 between Gaussians fitted to each sample "
@@ -48,19 +48,24 @@ DEFINITIONS = {
 
 
 def _metric_fns(metrics, opts):
-    """name -> f(x, y) -> float over torch tensors (x, y: [n, d])."""
+    """name -> f(x, y, scale) -> float over torch tensors (x, y: [n, d]).
+
+    ``scale`` is the reference's median-heuristic sigma for the cell: the MMD bandwidth, and the
+    unit of the Sinkhorn blur (``blur * scale``), so that value and null share one kernel and
+    layers of very different norms get comparable transport regularization.
+    """
     from driftlens import metrics as M
 
     fns = {}
     if "mmd" in metrics:
-        fns["mmd"] = lambda x, y: float(M.mmd2(x, y))
+        fns["mmd"] = lambda x, y, s: float(M.mmd2(x, y, sigma=s))
     if "sinkhorn" in metrics:
-        fns["sinkhorn"] = lambda x, y: float(M.sinkhorn(x, y, blur=opts.get("blur", 0.05)))
+        fns["sinkhorn"] = lambda x, y, s: float(M.sinkhorn(x, y, blur=opts["blur"] * s, seed=opts["seed"]))
     if "sliced_w" in metrics:
-        fns["sliced_w"] = lambda x, y: float(M.sliced_wasserstein(
-            x, y, n_projections=opts.get("n_projections", 128), seed=opts.get("seed", 0)))
+        fns["sliced_w"] = lambda x, y, s: float(M.sliced_wasserstein(
+            x, y, n_projections=opts["n_projections"], seed=opts["seed"]))
     if "gauss_w2" in metrics:
-        fns["gauss_w2"] = lambda x, y: float(M.gaussian_w2(x, y))
+        fns["gauss_w2"] = lambda x, y, s: float(M.gaussian_w2(x, y))
     return fns
 
 
@@ -127,7 +132,7 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     device : str
         ``"auto"`` uses CUDA when present.
     blur : float
-        Sinkhorn blur (in model units).
+        Sinkhorn blur as a fraction of the cell's reference sigma (``report.sigma``).
     n_projections : int
         Sliced Wasserstein projections.
     progress : bool
@@ -187,6 +192,7 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     if "mmd" in metrics:
         res["mmd_p"] = nan4()
     cross = {m: np.full((C, L, S), np.nan) for m in metrics if m in CROSS_MODAL}
+    sigmas = np.full((L, S, Mo), np.nan)
 
     def load(label, site, layer):  # [T, d] float32 on device
         arr = ds[site].sel(checkpoint=label, layer=layer).values
@@ -196,18 +202,20 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     bar = tqdm(total=len(grid) * C, desc="drift", disable=not progress, unit="cell")
     for si, site, li, layer in grid:
         ref = load(reference, site, layer)
-        nulls = {}
+        nulls, scale = {}, {}
         for mi, mod in enumerate(modalities):
             if mod not in splits:
                 continue
             rows = torch.as_tensor(np.flatnonzero(modality == mod), device=dev)
             r = ref[rows]
-            nulls[mod] = {m: np.array([f(r[torch.as_tensor(a, device=dev)], r[torch.as_tensor(b, device=dev)])
-                                       for a, b in splits[mod]]) for m, f in fns.items()}
+            scale[mod] = M.median_sigma(r, pairs="reference", seed=seed)
+            sigmas[li, si, mi] = scale[mod]
+            nulls[mod] = {m: np.array([f(r[torch.as_tensor(a, device=dev)], r[torch.as_tensor(b, device=dev)],
+                                         scale[mod]) for a, b in splits[mod]]) for m, f in fns.items()}
             if "shift" in metrics:
                 g = torch.Generator().manual_seed(seed)
                 nulls[mod]["shift"] = np.array([
-                    M.shift(r, r[torch.randperm(len(r), generator=g).to(dev)])["cosine"]
+                    M.shift(r, r[torch.randperm(len(r), generator=g).to(dev)]).cosine
                     for _ in range(n_splits)])
         for ci, label in enumerate(labels):
             cur = ref if label == reference else load(label, site, layer)
@@ -220,8 +228,8 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
                     if label == reference:
                         vals = nulls[mod][m]
                     else:
-                        vals = np.array([f(r[torch.as_tensor(a, device=dev)], c[torch.as_tensor(b, device=dev)])
-                                         for a, b in splits[mod]])
+                        vals = np.array([f(r[torch.as_tensor(a, device=dev)], c[torch.as_tensor(b, device=dev)],
+                                           scale[mod]) for a, b in splits[mod]])
                     v = float(np.mean(vals))
                     res[m][ci, li, si, mi] = v
                     res[m + "_null"][ci, li, si, mi] = float(np.mean(nulls[mod][m]))
@@ -229,10 +237,10 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
                 if "mmd" in metrics:
                     a, b = splits[mod][0]
                     test = M.mmd_test(r[torch.as_tensor(a, device=dev)], c[torch.as_tensor(b, device=dev)],
-                                      n_permutations=n_permutations, seed=seed)
+                                      n_permutations=n_permutations, sigma=scale[mod], seed=seed)
                     res["mmd_p"][ci, li, si, mi] = float(test.p_value)
                 if "shift" in metrics:
-                    v = float(M.shift(r, c)["cosine"])
+                    v = float(M.shift(r, c).cosine)
                     res["shift"][ci, li, si, mi] = v
                     res["shift_null"][ci, li, si, mi] = float(np.mean(nulls[mod]["shift"]))
                     res["shift_z"][ci, li, si, mi] = _z(v, nulls[mod]["shift"])
@@ -251,6 +259,10 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
         data[name] = (("checkpoint", "layer", "site", "modality"), arr, _attrs(name))
     for name, arr in cross.items():
         data[name] = (("checkpoint", "layer", "site"), arr, _attrs(name))
+    data["sigma"] = (("layer", "site", "modality"), sigmas,
+                     {"long_name": "kernel bandwidth", "units": "model units",
+                      "definition": "median-heuristic sigma of the reference's tokens (unique pairs); the MMD "
+                                    "bandwidth for value and null, and the unit of the Sinkhorn blur"})
     if "mir" in cross:
         with np.errstate(divide="ignore"):
             total = np.log10(np.nansum(cross["mir"], axis=1))
@@ -266,6 +278,7 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
         "probe_set": str(ds.attrs.get("probe_set", "")),
         "n_splits": int(n_splits),
         "n_permutations": int(n_permutations),
+        "sinkhorn_blur": float(blur),
         "seed": int(seed),
         "null": "metric between disjoint halves of the reference's probe groups (images); "
                 "value: the same halves, second half taken from the checkpoint",
