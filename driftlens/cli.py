@@ -64,6 +64,75 @@ def _run_capture(args) -> int:
     return 0
 
 
+def _add_drift(sub) -> None:
+    from driftlens.drift import ALL_METRICS, DEFAULT_METRICS
+
+    p = sub.add_parser(
+        "drift",
+        help="drift of every (checkpoint, layer, site, modality) against a reference, with nulls",
+        description="Compute the drift report of an activation store: each distributional metric "
+                    "against the reference checkpoint beside its null (disjoint halves of the "
+                    "reference's probe images) and a z-score; MMD permutation p-values; modality "
+                    "gap and MIR per layer. Writes netCDF.",
+    )
+    p.add_argument("store", help="activation store folder written by `driftlens capture`")
+    p.add_argument("--reference", default=None, help="reference checkpoint label (default: the first)")
+    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=list(ALL_METRICS))
+    p.add_argument("--sites", nargs="+", default=None, help="layered sites (default: all in the store)")
+    p.add_argument("--splits", type=int, default=5, help="null splits (default: %(default)s)")
+    p.add_argument("--permutations", type=int, default=200, help="MMD test permutations (default: %(default)s)")
+    p.add_argument("--blur", type=float, default=0.05,
+                   help="Sinkhorn blur as a fraction of the reference's median-heuristic sigma")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", "-o", default="report.nc", help="netCDF output (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_drift)
+
+
+def _run_drift(args) -> int:
+    from driftlens.drift import drift
+
+    rep = drift(args.store, reference=args.reference, metrics=tuple(args.metrics), sites=args.sites,
+                n_splits=args.splits, n_permutations=args.permutations, seed=args.seed,
+                device=args.device, blur=args.blur, progress=not args.no_progress, out=args.out)
+    print(f"report: {args.out}")
+    if "mmd_z" in rep:
+        z = rep.mmd_z.sel(modality="visual").isel(site=0)
+        print(f"visual MMD z ({str(rep.site.values[0])}), checkpoint x layer:")
+        for c in z.checkpoint.values:
+            print(f"  {str(c):>12}: " + " ".join(f"{v:6.1f}" for v in z.sel(checkpoint=c).values))
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser(
+        "plot", help="figures of a drift report (heatmap, per-layer curves)",
+        description="Draw a checkpoint x layer heatmap of a report variable, or per-layer curves.",
+    )
+    p.add_argument("report", help="netCDF report written by `driftlens drift`")
+    p.add_argument("--var", default="mmd_z", help="report variable (default: %(default)s)")
+    p.add_argument("--kind", choices=["heatmap", "layers"], default="heatmap")
+    p.add_argument("--site", default="hidden")
+    p.add_argument("--modality", default="visual")
+    p.add_argument("--out", "-o", default=None, help="PNG path (default: <var>_<kind>.png)")
+    p.set_defaults(func=_run_plot)
+
+
+def _run_plot(args) -> int:
+    from driftlens import plot
+    from driftlens.drift import load_report
+
+    rep = load_report(args.report)
+    if args.kind == "heatmap":
+        ax = plot.drift_heatmap(rep, args.var, site=args.site, modality=args.modality)
+    else:
+        ax = plot.per_layer(rep, args.var, site=args.site, modality=args.modality)
+    path = plot.save(ax, args.out or f"{args.var}_{args.kind}.png")
+    print(f"figure: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="driftlens",
@@ -72,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_capture(sub)
+    _add_drift(sub)
+    _add_plot(sub)
     return parser
 
 

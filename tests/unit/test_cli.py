@@ -1,0 +1,51 @@
+"""The command line: every subcommand has --help; drift and plot run on a synthetic store."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from driftlens.cli import build_parser, main
+
+from .test_drift import store  # noqa: F401  (module-scoped synthetic store fixture)
+
+
+def _commands():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sorted(sub.choices)
+
+
+def test_every_command_has_help(capsys):
+    cmds = _commands()
+    assert {"capture", "drift", "plot"} <= set(cmds)
+    for cmd in cmds:
+        with pytest.raises(SystemExit) as exc:
+            main([cmd, "--help"])
+        assert exc.value.code == 0
+        assert "usage: driftlens " + cmd in capsys.readouterr().out
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "driftlens.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "capture" in out and "drift" in out
+
+
+def test_drift_and_plot_commands(store, tmp_path, capsys):  # noqa: F811
+    rep = tmp_path / "r.nc"
+    assert main(["drift", str(store), "--metrics", "mmd", "gap", "--splits", "3", "--permutations", "20",
+                 "--out", str(rep), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {rep}" in out and "visual MMD z" in out
+    png = tmp_path / "h.png"
+    assert main(["plot", str(rep), "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
+    assert main(["plot", str(rep), "--var", "gap", "--kind", "layers", "--out", str(tmp_path / "g.png")]) == 0
+
+
+def test_errors_are_one_line(store, tmp_path, capsys):  # noqa: F811
+    assert main(["drift", str(store), "--reference", "nope", "--out", str(tmp_path / "x.nc")]) == 1
+    err = capsys.readouterr().err
+    assert "driftlens drift: error: reference 'nope' is not a checkpoint" in err
