@@ -6,6 +6,7 @@ model inputs.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -234,7 +235,7 @@ def test_append_checkpoint_and_skip_completed(trajectory, tmp_path, monkeypatch)
     out = tmp_path / "app.zarr"
     dl.capture(t["base_dir"], t["probes"], {"base": t["base_dir"]}, out=out, batch_size=4, progress=False)
     calls = []
-    import driftlens.capture as cap
+    cap = importlib.import_module("driftlens.capture")   # the package re-exports the function of that name
 
     orig = cap.trace_batch
     monkeypatch.setattr(cap, "trace_batch", lambda *a, **k: calls.append(1) or orig(*a, **k))

@@ -1,0 +1,102 @@
+"""Capture overhead: driftlens.capture of every layer (hidden + key) vs a plain forward.
+
+Run by hand:  .venv/bin/python bench/bench_capture.py [--layers 8] [--hidden 512] [--repeats 3]
+
+Model: a random-weight LLaVA (driftlens.tiny) with a Llama decoder of ``--layers`` blocks and
+hidden size ``--hidden``; probes: ``photos-bilingual``. Two ratios are reported:
+
+- per batch: nnsight trace + row gather + store write, against ``model(**inputs)`` (the same
+  batches, already preprocessed);
+- end to end: ``dl.capture`` (preprocessing included) against preprocessing + plain forwards.
+
+Target (issue 2): at most 1.3x a plain forward for >= 8 layers and hidden size >= 512.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import driftlens as dl
+from driftlens import tiny
+from driftlens.capture import plan_tokens, resolve_device
+from driftlens.probes import ProbeSet
+from driftlens.specs import load_spec
+
+
+def best(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    dev = resolve_device(args.device)
+    model, processor = tiny.build("llava", seed=0, n_layers=args.layers, hidden_size=args.hidden,
+                                  intermediate_size=4 * args.hidden, num_attention_heads=8,
+                                  num_key_value_heads=8)
+    model = model.to(dev)
+    spec = load_spec(model)
+    probes = ProbeSet.load("photos-bilingual")
+    plan = plan_tokens(processor, spec, model.config, probes, batch_size=args.batch_size)
+    batches = [{k: v.to(dev) if hasattr(v, "to") else v for k, v in b.inputs.items()} for b in plan.batches]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def plain():
+        with torch.inference_mode():
+            for b in batches:
+                model(**b, use_cache=False)
+        sync()
+
+    def preprocess():
+        plan_tokens(processor, spec, model.config, probes, batch_size=args.batch_size)
+
+    tmp = Path(tempfile.mkdtemp())
+
+    def cap():
+        shutil.rmtree(tmp / "s.zarr", ignore_errors=True)
+        dl.capture(model, probes, out=tmp / "s.zarr", sites=("hidden", "key"), processor=processor,
+                   batch_size=args.batch_size, device=str(dev), progress=False)
+        sync()
+
+    plain()   # warm-up
+    cap()
+    t_plain = best(plain, args.repeats)
+    t_pre = best(preprocess, args.repeats)
+    t_cap = best(cap, args.repeats)
+    t_trace = t_cap - t_pre
+    shutil.rmtree(tmp, ignore_errors=True)
+    machine = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"machine: {machine}; torch {torch.__version__}")
+    print(f"model: llava, {args.layers} layers, hidden {args.hidden}; {len(probes)} probes, "
+          f"{len(batches)} batches of {args.batch_size}, {tokens} tokens")
+    print(f"plain forward (all batches):        {t_plain:8.3f} s")
+    print(f"preprocessing (processor, plan):   {t_pre:8.3f} s")
+    print(f"capture end to end:                {t_cap:8.3f} s")
+    print(f"capture minus preprocessing:       {t_trace:8.3f} s  -> {t_trace / t_plain:.2f}x plain forward")
+    print(f"end to end vs preprocess + plain:  {t_cap / (t_pre + t_plain):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
