@@ -6,6 +6,11 @@ from driftlens import metrics
 from driftlens._version import __version__
 from driftlens.capture import capture
 from driftlens.drift import drift, load_report, save_report
+from driftlens.inputs import model_inputs
+from driftlens.ranks import RankSchedule, ScheduleError, allocate_ranks
+from driftlens.specs import Spec, SpecError, list_specs, load_spec
 from driftlens.store import open_store
 
-__all__ = ["__version__", "capture", "drift", "load_report", "metrics", "open_store", "save_report"]
+__all__ = ["RankSchedule", "ScheduleError", "Spec", "SpecError", "__version__", "allocate_ranks",
+           "capture", "drift", "list_specs", "load_report", "load_spec", "metrics", "model_inputs",
+           "open_store", "save_report"]

@@ -133,6 +133,12 @@ def _run_plot(args) -> int:
     return 0
 
 
+def _add_ranks(sub) -> None:
+    from driftlens.ranks import add_parser
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="driftlens",
@@ -142,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_capture(sub)
     _add_drift(sub)
+    _add_ranks(sub)
     _add_plot(sub)
     return parser
 

@@ -90,14 +90,50 @@ def load_model_dir(path, allow_pickle: bool = False, trust_remote_code: bool = F
     return model.eval()
 
 
-def load_processor(path, trust_remote_code: bool = False):
-    """Load the processor saved beside a model (``AutoProcessor``, local files only)."""
-    from transformers import AutoProcessor
+_IMAGE_ONLY: dict = {}
 
+
+def image_only_processor(cls):
+    """A subclass of processor ``cls`` with the same name that leaves out ``video_processor``
+    from its parts (init checks, save and ``from_pretrained``); cached per class.
+
+    transformers 5 makes a video processor mandatory for Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision
+    and InternVL processors, and video processors need torchvision; driftlens only feeds images.
+    """
+    if cls not in _IMAGE_ONLY:
+        attrs = [a for a in cls.get_attributes() if a != "video_processor"]
+        _IMAGE_ONLY[cls] = type(cls.__name__, (cls,), {
+            "__module__": cls.__module__, "__doc__": cls.__doc__,
+            "get_attributes": classmethod(lambda c, _a=tuple(attrs): list(_a)),
+            "video_processor": None,
+        })
+    return _IMAGE_ONLY[cls]
+
+
+def load_processor(path, trust_remote_code: bool = False):
+    """Load the processor saved beside a model, offline.
+
+    ``AutoProcessor.from_pretrained(path, local_files_only=True)``, except that without
+    torchvision a processor class that takes a video processor is loaded image-only (same
+    class name, image processor, tokenizer and chat template).
+    """
+    import json
+
+    import transformers
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    path = Path(path)
+    config = path / "processor_config.json"
     try:
+        if not is_torchvision_available() and config.is_file():
+            name = json.loads(config.read_text()).get("processor_class") or ""
+            cls = getattr(transformers, name, None)
+            if cls is not None and "video_processor" in cls.get_attributes():
+                return image_only_processor(cls).from_pretrained(str(path), local_files_only=True)
         return AutoProcessor.from_pretrained(str(path), local_files_only=True,
                                              trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         raise SourceError(f"cannot load a processor from {path}: {exc}; pass processor=") from exc
 
 

@@ -1,0 +1,65 @@
+"""Model inputs for a batch of (image, prompt) probes, for any spec'd VLM family.
+
+One image and one user prompt per sample. The prompt is wrapped by the processor's chat
+template when it has one (``add_generation_prompt=True``), else by the spec's
+``prompt_template``; the processor then expands the image placeholder into exactly as many
+image tokens as the model produces visual features (Qwen2-VL ``image_grid_thw``, Idefics3
+tiles, LLaVA-NeXT/OneVision anyres ``image_sizes``, the PaliGemma prefix, ...).
+"""
+from __future__ import annotations
+
+# Training-only outputs some processors add (PaliGemma builds ``labels`` from the prefix).
+_DROP = ("labels",)
+
+
+def prompt_text(processor, spec, prompt: str) -> str:
+    """The text of one sample before placeholder expansion.
+
+    Uses ``processor.apply_chat_template`` with one user turn ``[image, text]`` when the
+    processor has a chat template, else ``spec.prompt_template.format(prompt=prompt)``,
+    else the bare prompt (the processor then places the image itself, as PaliGemma does).
+    """
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    template = getattr(spec, "prompt_template", None)
+    return template.format(prompt=prompt) if template else prompt
+
+
+def model_inputs(processor, spec, images, prompts):
+    """Build a right-padded batch, one image and one user prompt per sample.
+
+    Parameters
+    ----------
+    processor : transformers.ProcessorMixin
+        The model's processor (image processor + tokenizer).
+    spec : driftlens.specs.Spec
+        Architecture spec; its ``prompt_template`` is used when the processor has no chat template.
+    images : list of PIL.Image.Image
+        One image per sample (converted to RGB).
+    prompts : list of str
+        One user prompt per sample.
+
+    Returns
+    -------
+    transformers.BatchFeature
+        ``input_ids`` and ``attention_mask`` ``[B, S]`` (right padding), ``pixel_values`` and
+        whatever else the family needs (``image_grid_thw``, ``image_sizes``,
+        ``pixel_attention_mask``, ``token_type_ids``, ...), as torch tensors.
+    """
+    images, prompts = list(images), list(prompts)
+    if len(images) != len(prompts):
+        raise ValueError(f"model_inputs needs one image per prompt, got {len(images)} images "
+                         f"and {len(prompts)} prompts")
+    if not images:
+        raise ValueError("model_inputs needs at least one (image, prompt) pair")
+    images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+    texts = [prompt_text(processor, spec, p) for p in prompts]
+    # images nested one per sample ([[im], [im], ...]): every processor reads that as
+    # "sample i has one image"; padding_side is passed per call because some processors
+    # (InternVL) default to left padding in their own text kwargs.
+    batch = processor(text=texts, images=[[im] for im in images], return_tensors="pt",
+                      padding=True, padding_side="right")
+    for k in _DROP:
+        batch.pop(k, None)
+    return batch

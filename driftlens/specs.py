@@ -1,0 +1,295 @@
+"""Architecture specs: where the decoder blocks, keys, vision tower and projector live.
+
+One TOML file per VLM family under ``driftlens/hooks/`` (shipped in the wheel) says where to
+look -- no code per model. A spec is picked by ``config.model_type`` and checked against the
+loaded model before anything is traced; a wrong path fails with a message naming the spec
+file, the path and the nearest module names that do exist.
+
+Example spec (``driftlens/hooks/llava.toml``)::
+
+    family = "llava"
+    model_types = ["llava"]
+    decoder_layers = "model.language_model.layers"
+    key_proj = "self_attn.k_proj"
+    query_proj = "self_attn.q_proj"
+    lora_targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    vision_tower = "model.vision_tower"
+    projector = "model.multi_modal_projector"
+    embed = "model.language_model.embed_tokens"
+    image_token = ["image_token_id", "image_token_index"]
+    prompt_template = "USER: <image>\\n{prompt} ASSISTANT:"
+"""
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+_STR_FIELDS = ("family", "decoder_layers", "key_proj", "query_proj", "vision_tower", "projector", "embed")
+_LIST_FIELDS = ("model_types", "lora_targets", "image_token")
+_OPTIONAL = ("prompt_template",)
+
+HOW_TO_ADD = (
+    "To add a model, write a TOML spec (copy driftlens/hooks/llava.toml and list your "
+    "config.model_type in `model_types`) into driftlens/hooks/, or pass it explicitly: "
+    "load_spec(path='my_model.toml') / capture(..., spec='my_model.toml')."
+)
+
+
+class SpecError(ValueError):
+    """A spec is missing, malformed, or does not match the model; the message says where."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Where one VLM family keeps its parts (dotted module paths, see the module docstring).
+
+    Attributes
+    ----------
+    family : str
+        Family name, e.g. ``"llava"``.
+    model_types : tuple of str
+        ``config.model_type`` values this spec serves.
+    decoder_layers : str
+        Path from the top-level model to the ``ModuleList`` of decoder blocks.
+    key_proj, query_proj : str
+        Key / query projections, relative to one decoder block.
+    lora_targets : tuple of str
+        Modules to adapt with LoRA, relative to one decoder block.
+    vision_tower, projector, embed : str
+        Paths from the top-level model: vision encoder, vision-to-LLM projector, LLM input
+        embedding.
+    image_token : tuple of str
+        Config fields holding the image-placeholder token id; the first present wins.
+    prompt_template : str or None
+        ``str.format`` template with ``{prompt}``, used only when the processor has no chat template.
+    path : pathlib.Path
+        The TOML file the spec came from.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    decoder_layers: str
+    key_proj: str
+    query_proj: str
+    lora_targets: tuple[str, ...]
+    vision_tower: str
+    projector: str
+    embed: str
+    image_token: tuple[str, ...]
+    prompt_template: str | None
+    path: Path
+
+    # ------------------------------------------------------------------ paths
+    def layer_path(self, i: int) -> str:
+        """Dotted path of decoder block ``i``."""
+        return f"{self.decoder_layers}.{int(i)}"
+
+    def module_path(self, i: int, rel: str) -> str:
+        """Dotted path of module ``rel`` (e.g. ``"self_attn.k_proj"``) inside decoder block ``i``."""
+        return f"{self.decoder_layers}.{int(i)}.{rel}"
+
+    def num_layers(self, model) -> int:
+        """Number of decoder blocks of ``model`` (a PEFT-wrapped model is unwrapped)."""
+        model = unwrap(model)
+        return len(self._get(model, self.decoder_layers, _names(model)))
+
+    def image_token_id(self, config) -> int:
+        """Image-placeholder token id: the first of ``image_token`` present on ``config``.
+
+        ``config`` may also be a model (its ``.config`` is used).
+        """
+        config = getattr(unwrap(config), "config", config)
+        for name in self.image_token:
+            value = getattr(config, name, None)
+            if value is not None:
+                return int(value)
+        raise SpecError(
+            f"spec {self.path}: none of the image-token config fields {list(self.image_token)} is set on "
+            f"{type(config).__name__} (model_type {getattr(config, 'model_type', None)!r}); "
+            f"fix `image_token` in the spec to name the field that holds the image-placeholder token id"
+        )
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, model) -> None:
+        """Check every path of the spec on ``model``; raise :class:`SpecError` listing each problem.
+
+        Checked: ``decoder_layers`` (a non-empty ModuleList), ``key_proj``, ``query_proj`` and
+        every ``lora_targets`` entry in block 0, ``vision_tower``, ``projector``, ``embed``, and
+        that one of the ``image_token`` config fields is set. A PEFT model is unwrapped first.
+        """
+        import torch.nn as nn
+
+        model = unwrap(model)
+        names = _names(model)
+        problems = []
+        layers = self._find(model, self.decoder_layers)
+        if layers is None:
+            problems.append(self._missing("decoder_layers", self.decoder_layers, names))
+        elif not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+            problems.append(f"decoder_layers = {self.decoder_layers!r} is a {type(layers).__name__} "
+                            f"with {len(list(layers.children()))} children, not a non-empty ModuleList "
+                            f"of decoder blocks")
+        else:
+            rels = [("key_proj", self.key_proj), ("query_proj", self.query_proj)]
+            rels += [("lora_targets", t) for t in self.lora_targets]
+            for field, rel in rels:
+                full = self.module_path(0, rel)
+                if self._find(model, full) is None:
+                    problems.append(self._missing(field, full, names))
+        for field in ("vision_tower", "projector", "embed"):
+            path = getattr(self, field)
+            if self._find(model, path) is None:
+                problems.append(self._missing(field, path, names))
+        config = getattr(model, "config", None)
+        if config is not None and not any(getattr(config, f, None) is not None for f in self.image_token):
+            fields = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
+            have = sorted(k for k in fields if "token" in k and ("image" in k or "img" in k))
+            problems.append(f"image_token = {list(self.image_token)}: none of these config fields is set on "
+                            f"{type(config).__name__}; image-token fields it has: {have}")
+        if problems:
+            raise SpecError(
+                f"spec {self.path} (family {self.family!r}) does not match {type(model).__name__} "
+                f"(model_type {getattr(config, 'model_type', None)!r}):\n  - " + "\n  - ".join(problems)
+                + f"\nEdit {self.path} or pass spec=<path to a corrected TOML file>."
+            )
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _find(model, path: str):
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            return None
+
+    def _get(self, model, path: str, names: list[str]):
+        module = self._find(model, path)
+        if module is None:
+            raise SpecError(f"spec {self.path}: " + self._missing("decoder_layers", path, names))
+        return module
+
+    @staticmethod
+    def _missing(field: str, path: str, names: list[str]) -> str:
+        close = difflib.get_close_matches(path, names, n=3, cutoff=0.4)
+        hint = f"; nearest existing: {', '.join(close)}" if close else "; no similar module name exists"
+        return f"{field}: module {path!r} not found{hint}"
+
+
+def unwrap(model):
+    """The transformers model inside a PEFT ``PeftModel`` (anything else is returned as is)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _names(model) -> list[str]:
+    return [n for n, _ in model.named_modules() if n]
+
+
+# ---------------------------------------------------------------------- reading specs
+
+def _hooks_dir():
+    return resources.files("driftlens") / "hooks"
+
+
+def parse_spec(path) -> Spec:
+    """Read and check one TOML spec file; :class:`SpecError` names the file and the field."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise SpecError(f"spec file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"spec file {path} is not valid TOML: {e}") from None
+    return _from_dict(data, path)
+
+
+def _from_dict(data: dict, path: Path) -> Spec:
+    known = set(_STR_FIELDS) | set(_LIST_FIELDS) | set(_OPTIONAL)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SpecError(f"spec {path}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+    missing = [k for k in (*_STR_FIELDS, *_LIST_FIELDS) if k not in data]
+    if missing:
+        raise SpecError(f"spec {path}: missing field(s) {missing}")
+    for k in _STR_FIELDS:
+        if not isinstance(data[k], str) or not data[k].strip():
+            raise SpecError(f"spec {path}: field {k!r} must be a non-empty string, got {data[k]!r}")
+    for k in _LIST_FIELDS:
+        v = data[k]
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+            raise SpecError(f"spec {path}: field {k!r} must be a non-empty list of strings, got {v!r}")
+    template = data.get("prompt_template")
+    if template is not None and (not isinstance(template, str) or "{prompt}" not in template):
+        raise SpecError(f"spec {path}: prompt_template must be a string containing '{{prompt}}', got {template!r}")
+    return Spec(
+        family=data["family"], model_types=tuple(data["model_types"]),
+        decoder_layers=data["decoder_layers"], key_proj=data["key_proj"], query_proj=data["query_proj"],
+        lora_targets=tuple(data["lora_targets"]), vision_tower=data["vision_tower"],
+        projector=data["projector"], embed=data["embed"], image_token=tuple(data["image_token"]),
+        prompt_template=template, path=path,
+    )
+
+
+def list_specs() -> list[Spec]:
+    """Every spec shipped in ``driftlens/hooks/``, sorted by family."""
+    hooks = _hooks_dir()
+    specs = []
+    for entry in hooks.iterdir():
+        if entry.name.endswith(".toml"):
+            with resources.as_file(entry) as p:
+                specs.append(parse_spec(p))
+    return sorted(specs, key=lambda s: s.family)
+
+
+def _available() -> str:
+    return "; ".join(f"{s.family} ({', '.join(s.model_types)})" for s in list_specs())
+
+
+def load_spec(model_or_config_or_model_type=None, path=None) -> Spec:
+    """The spec for a model, a config, a ``model_type`` string, or a TOML file.
+
+    Parameters
+    ----------
+    model_or_config_or_model_type : nn.Module, PretrainedConfig, str or path, optional
+        A model (PEFT models are unwrapped) or config is matched by ``config.model_type``
+        against the ``model_types`` of the shipped specs; a string is a ``model_type``, or a
+        TOML path when it ends in ``.toml``.
+    path : str or pathlib.Path, optional
+        An explicit TOML spec file (takes precedence).
+
+    Returns
+    -------
+    Spec
+
+    Raises
+    ------
+    SpecError
+        When no shipped spec serves the model type (the message lists the available specs
+        and how to add one), or the file is missing or malformed.
+    """
+    if path is not None:
+        return parse_spec(path)
+    obj = model_or_config_or_model_type
+    if obj is None:
+        raise SpecError("load_spec needs a model, a config, a model_type or path=<spec TOML file>")
+    if isinstance(obj, Path) or (isinstance(obj, str) and obj.endswith(".toml")):
+        return parse_spec(obj)
+    if isinstance(obj, str):
+        model_type = obj
+    else:
+        obj = unwrap(obj)
+        config = getattr(obj, "config", obj)
+        model_type = getattr(config, "model_type", None)
+        if not model_type:
+            raise SpecError(f"cannot tell the model type of {type(obj).__name__}: it has no config.model_type. "
+                            + HOW_TO_ADD)
+    matches = [s for s in list_specs() if model_type in s.model_types]
+    if not matches:
+        raise SpecError(f"no spec for model_type {model_type!r}. Available specs: {_available()}. " + HOW_TO_ADD)
+    if len(matches) > 1:
+        raise SpecError(f"model_type {model_type!r} is claimed by several specs: "
+                        f"{', '.join(str(s.path) for s in matches)}; keep it in one file")
+    return matches[0]

@@ -1,0 +1,155 @@
+"""Architecture specs (driftlens/hooks/*.toml): parsing, lookup, error messages, validation."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from driftlens.specs import Spec, SpecError, list_specs, load_spec
+
+REQUIRED = ("family", "model_types", "decoder_layers", "key_proj", "query_proj", "lora_targets",
+            "vision_tower", "projector", "embed", "image_token")
+EXPECTED = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma",
+            "internvl", "gemma3"}
+HOOKS = resources.files("driftlens") / "hooks"
+
+
+def toml_files():
+    return sorted(p for p in HOOKS.iterdir() if p.name.endswith(".toml"))
+
+
+def write_spec(tmp_path: Path, name="custom.toml", **changes) -> Path:
+    data = tomllib.loads((HOOKS / "llava.toml").read_text())
+    data.update(changes)
+    data = {k: v for k, v in data.items() if v is not None}
+    # JSON strings and string arrays are valid TOML values
+    lines = [f"{k} = {json.dumps(v)}" for k, v in data.items()]
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("entry", toml_files(), ids=lambda p: p.name)
+def test_every_spec_file_parses_with_all_fields(entry):
+    raw = tomllib.loads(entry.read_text())
+    assert set(REQUIRED) <= set(raw), sorted(set(REQUIRED) - set(raw))
+    spec = load_spec(path=Path(str(entry)))
+    assert spec.family == entry.name[: -len(".toml")]
+    assert spec.model_types and all(isinstance(t, str) for t in spec.model_types)
+    for field in ("decoder_layers", "vision_tower", "projector", "embed"):
+        assert getattr(spec, field).split(".")[0] == "model", field   # from the top-level model
+    for rel in (spec.key_proj, spec.query_proj, *spec.lora_targets):
+        assert not rel.startswith("model.") and not rel[0].isdigit(), rel   # relative to one block
+    assert spec.key_proj in spec.lora_targets and spec.query_proj in spec.lora_targets
+    assert spec.prompt_template is None or "{prompt}" in spec.prompt_template
+    assert spec.path.name == entry.name
+
+
+def test_specs_cover_every_family_once():
+    specs = list_specs()
+    assert {s.family for s in specs} == EXPECTED
+    types = [t for s in specs for t in s.model_types]
+    assert len(types) == len(set(types)), "a model_type is claimed twice"
+    for s in specs:
+        for t in s.model_types:
+            assert load_spec(t) == s
+            assert load_spec(SimpleNamespace(model_type=t)) == s                   # a config
+            assert load_spec(SimpleNamespace(config=SimpleNamespace(model_type=t))) == s  # a model
+
+
+def test_unknown_model_type_lists_specs_and_how_to_add():
+    with pytest.raises(SpecError) as err:
+        load_spec(SimpleNamespace(config=SimpleNamespace(model_type="blip-2")))
+    msg = str(err.value)
+    assert "'blip-2'" in msg
+    for family in EXPECTED:
+        assert family in msg
+    assert "driftlens/hooks/" in msg and "spec=" in msg and "TOML" in msg
+
+
+def test_layer_and_module_paths():
+    spec = load_spec("idefics3")
+    assert spec.layer_path(3) == "model.text_model.layers.3"
+    assert spec.module_path(0, "self_attn.k_proj") == "model.text_model.layers.0.self_attn.k_proj"
+    assert load_spec("smolvlm") == spec
+
+
+def test_explicit_path_and_malformed_files(tmp_path):
+    good = write_spec(tmp_path, family="mine", model_types=["my_vlm"])
+    spec = load_spec(path=good)
+    assert spec.family == "mine" and spec.path == good
+    assert load_spec(str(good)) == spec and load_spec(good) == spec
+    cases = {
+        "missing.toml": (dict(embed=None), "missing field(s) ['embed']"),
+        "unknown.toml": (dict(keyproj="self_attn.k_proj"), "unknown field(s) ['keyproj']"),
+        "type.toml": (dict(lora_targets="self_attn.q_proj"), "'lora_targets' must be a non-empty list"),
+        "template.toml": (dict(prompt_template="<image>"), "prompt_template must be a string containing"),
+    }
+    for name, (changes, expected) in cases.items():
+        path = write_spec(tmp_path, name, **changes)
+        with pytest.raises(SpecError, match=re.escape(expected)) as err:
+            load_spec(path=path)
+        assert str(path) in str(err.value)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("family = \n")
+    with pytest.raises(SpecError, match="not valid TOML") as err:
+        load_spec(path=broken)
+    assert str(broken) in str(err.value)
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(path=tmp_path / "nope.toml")
+
+
+def test_image_token_lookup():
+    spec = load_spec("llava")                            # ["image_token_id", "image_token_index"]
+    assert spec.image_token_id(SimpleNamespace(image_token_id=7, image_token_index=9)) == 7
+    assert spec.image_token_id(SimpleNamespace(image_token_id=None, image_token_index=9)) == 9
+    assert spec.image_token_id(SimpleNamespace(config=SimpleNamespace(image_token_index=5))) == 5
+    with pytest.raises(SpecError, match="image_token_id.*image_token_index") as err:
+        spec.image_token_id(SimpleNamespace(model_type="llava", vocab_size=3))
+    assert str(spec.path) in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava():
+    from driftlens.tiny import build
+
+    return build("llava", seed=0, n_layers=2)[0]
+
+
+def test_wrong_path_names_file_path_and_nearest_module(tmp_path, tiny_llava):
+    load_spec(tiny_llava).validate(tiny_llava)
+    path = write_spec(tmp_path, "typo.toml", key_proj="self_attn.key_proj", projector="model.mm_projector",
+                      lora_targets=["self_attn.q_proj", "self_attn.v_prj"])
+    spec = load_spec(path=path)
+    with pytest.raises(SpecError) as err:
+        spec.validate(tiny_llava)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "'model.language_model.layers.0.self_attn.key_proj' not found" in msg
+    assert "nearest existing: model.language_model.layers.0.self_attn.k_proj" in msg
+    assert "'model.mm_projector' not found" in msg and "model.multi_modal_projector" in msg
+    assert "layers.0.self_attn.v_prj' not found" in msg and "model.language_model.layers.0.self_attn.v_proj" in msg
+    assert "query_proj" not in msg                                         # only the broken paths
+
+
+def test_validate_checks_layers_and_image_token_fields(tiny_llava):
+    spec = load_spec(tiny_llava)
+    not_list = dataclasses.replace(spec, decoder_layers="model.language_model")
+    with pytest.raises(SpecError, match="not a non-empty ModuleList"):
+        not_list.validate(tiny_llava)
+    missing = dataclasses.replace(spec, decoder_layers="model.language_model.blocks")
+    with pytest.raises(SpecError, match=r"decoder_layers: module 'model.language_model.blocks' not found"
+                                        r".*nearest existing: model.language_model.layers"):
+        missing.validate(tiny_llava)
+    with pytest.raises(SpecError, match="model.language_model.blocks' not found"):
+        missing.num_layers(tiny_llava)
+    no_token = dataclasses.replace(spec, image_token=("img_id",))
+    with pytest.raises(SpecError, match=r"image_token = \['img_id'\].*image_token_id"):
+        no_token.validate(tiny_llava)
+    assert isinstance(spec, Spec) and spec.num_layers(tiny_llava) == 2
