@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _checkpoint_arg(text: str) -> tuple[str, str]:
@@ -139,6 +140,38 @@ def _add_ranks(sub) -> None:
     add_parser(sub)
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="the whole pipeline on the built-in model organism (CPU, no download)",
+        description="Build (or load the cached) model organism -- a tiny LLaVA trained here on an English "
+                    "shapes world, then adapted to Korean -- capture the shapes-bilingual probes across its "
+                    "trajectory, compute the drift report, and write figures, a LoRA rank schedule and "
+                    "summary.json / summary.md into the output folder.",
+    )
+    p.add_argument("--out", "-o", default="driftlens-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--cache", default=None,
+                   help="organism folder (default: $DRIFTLENS_CACHE or ~/.cache/driftlens/organism/<recipe>)")
+    p.add_argument("--force", action="store_true", help="rebuild the organism even when cached")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from driftlens.demo import run_demo
+
+    summary = run_demo(out=args.out, cache=args.cache, force=args.force, device=args.device,
+                       progress=not args.no_progress)
+    out = Path(args.out)
+    print()
+    print((out / "summary.md").read_text(encoding="utf-8"))
+    print(f"everything is in {out.resolve()}:")
+    for name, path in summary["files"].items():
+        print(f"  {name:>18}: {path}")
+    print(f"  {'summary':>18}: {out / 'summary.json'}, {out / 'summary.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="driftlens",
@@ -146,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "vision-language model is fine-tuned.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
     _add_capture(sub)
     _add_drift(sub)
     _add_ranks(sub)
