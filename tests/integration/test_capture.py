@@ -180,8 +180,7 @@ def slow_write(self, *a, **k):
     return orig(self, *a, **k)
 st.ActivationStore.write = slow_write
 root = sys.argv[1]
-moved = torch.load(root + "/moved.pt", weights_only=False)
-ckpts = {{"base": root + "/base", "lora": root + "/adapter", "moved": moved}}
+ckpts = {{"base": root + "/base", "lora": root + "/adapter", "moved": root + "/moved"}}
 dl.capture(root + "/base", ProbeSet.load(root + "/probes/manifest.jsonl"), ckpts,
            out=sys.argv[2], batch_size={bs}, progress=False)
 """
@@ -190,7 +189,9 @@ dl.capture(root + "/base", ProbeSet.load(root + "/probes/manifest.jsonl"), ckpts
 def test_kill_and_rerun_gives_the_same_store(trajectory, tmp_path):
     t = trajectory
     root = t["root"]
-    torch.save(t["moved"], root / "moved.pt")   # test-local pickle of our own module
+    if not (root / "moved").exists():
+        t["moved"].save_pretrained(str(root / "moved"))
+    ckpts = {"base": t["base_dir"], "lora": root / "adapter", "moved": root / "moved"}
     script = tmp_path / "run_capture.py"
     script.write_text(textwrap.dedent(KILL_SCRIPT.format(bs=2)))
     killed = tmp_path / "killed.zarr"
@@ -218,8 +219,8 @@ def test_kill_and_rerun_gives_the_same_store(trajectory, tmp_path):
     full = dl.open_store(killed, include_incomplete=True)
     assert list(full.checkpoint.values.astype(str)) == ["base", "lora"]
 
-    dl.capture(t["base_dir"], t["probes"], t["ckpts"], out=killed, batch_size=2, progress=False)
-    clean = dl.capture(t["base_dir"], t["probes"], t["ckpts"], out=tmp_path / "clean.zarr",
+    dl.capture(t["base_dir"], t["probes"], ckpts, out=killed, batch_size=2, progress=False)
+    clean = dl.capture(t["base_dir"], t["probes"], ckpts, out=tmp_path / "clean.zarr",
                        batch_size=2, progress=False)
     a, b = dl.open_store(killed), dl.open_store(clean)
     assert list(a.checkpoint.values.astype(str)) == ["base", "lora", "moved"]
