@@ -368,7 +368,7 @@ def _capture_one(net, spec, plan: Plan, label, layer_ids, sites, dev, out, store
     nmodel = NNsight(net)
     fdtype = _model_dtype(net)
     store_dtype = np.dtype(ctx["dtype"])
-    index = None
+    writer = None
     for batch in tqdm(plan.batches, desc=f"capture {label}", leave=False, disable=not progress):
         inputs = _to_device(batch.inputs, dev, fdtype)
         rb = torch.as_tensor(batch.rows_b, device=dev)
@@ -382,10 +382,11 @@ def _capture_one(net, spec, plan: Plan, label, layer_ids, sites, dev, out, store
         if store is None:
             meta = _meta(ctx, spec, layer_ids, sites, arrays, plan)
             store = ActivationStore(out, meta, plan.tokens)
-        if index is None:
-            index = store.slot(label)
+        if writer is None:
+            writer = store.writer(store.slot(label))
         for s, arr in arrays.items():
-            store.write(s, index, batch.start, arr)
+            writer.add(s, batch.start, arr)
+    writer.close()
     store.mark_complete(label)
     return store
 

@@ -100,8 +100,9 @@ class ActivationStore:
             else:
                 shape, chunks = (0, len(layers), n_tokens, width), (1, 1, rows, width)
                 dims = ("checkpoint", "layer", "token", SITE_DIMS[site])
+            # no compressor: activations barely compress and encoding costs more than the forward
             a = root.create_array(site, shape=shape, chunks=chunks, dtype=dtype,
-                                  dimension_names=dims, fill_value=0)
+                                  dimension_names=dims, fill_value=0, compressors=None)
             a.attrs.update(_site_attrs(site))
             a.attrs["coordinates"] = " ".join(TOKEN_COORDS)
         root.attrs.update({**_jsonable(meta), "checkpoints": [], "completed": [],
@@ -171,10 +172,64 @@ class ActivationStore:
         else:
             a[index, :, start:start + block.shape[1], :] = block
 
+    def chunk_rows(self, site: str) -> int:
+        """Token rows per chunk of ``site``."""
+        a = self.root[site]
+        return int(a.chunks[1] if site == "embed" else a.chunks[2])
+
+    def writer(self, index: int) -> "CheckpointWriter":
+        """A buffered writer of one checkpoint's rows (writes whole chunks only)."""
+        return CheckpointWriter(self, index)
+
     def mark_complete(self, label: str) -> None:
         done = self.completed
         if label not in done:
             self.root.attrs["completed"] = done + [label]
+
+
+class CheckpointWriter:
+    """Buffers consecutive row blocks of one checkpoint and writes them chunk-aligned.
+
+    A zarr chunk written in pieces is read, merged and rewritten for every piece; batches are
+    much smaller than chunks, so rows are buffered until whole chunks can be written once.
+    Memory: at most one chunk plus one batch per site.
+    """
+
+    def __init__(self, store: ActivationStore, index: int):
+        self.store, self.index = store, index
+        self.buf: dict[str, list] = {}
+        self.start: dict[str, int] = {}
+        self.rows: dict[str, int] = {}
+
+    def add(self, site: str, start: int, block: np.ndarray) -> None:
+        """Append rows ``start : start + n`` (contiguous with what came before)."""
+        axis = 0 if site == "embed" else 1
+        if site not in self.buf:
+            self.buf[site], self.start[site], self.rows[site] = [], start, 0
+        if start != self.start[site] + self.rows[site]:
+            raise ValueError(f"rows of {site!r} must arrive in order: expected {self.start[site] + self.rows[site]}, got {start}")
+        self.buf[site].append(block)
+        self.rows[site] += block.shape[axis]
+        chunk = self.store.chunk_rows(site)
+        n_full = ((self.start[site] + self.rows[site]) // chunk) * chunk - self.start[site]
+        if n_full > 0:
+            self._flush(site, n_full)
+
+    def _flush(self, site: str, n: int) -> None:
+        axis = 0 if site == "embed" else 1
+        data = np.concatenate(self.buf[site], axis=axis) if len(self.buf[site]) > 1 else self.buf[site][0]
+        head = data[:n] if axis == 0 else data[:, :n]
+        rest = data[n:] if axis == 0 else data[:, n:]
+        self.store.write(site, self.index, self.start[site], head)
+        self.start[site] += n
+        self.rows[site] -= n
+        self.buf[site] = [rest] if self.rows[site] else []
+
+    def close(self) -> None:
+        """Write what is left (the array's last, possibly partial, chunk)."""
+        for site in list(self.buf):
+            if self.rows[site]:
+                self._flush(site, self.rows[site])
 
 
 def _site_attrs(site: str) -> dict:
