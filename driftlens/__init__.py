@@ -7,10 +7,11 @@ from driftlens._version import __version__
 from driftlens.capture import capture
 from driftlens.drift import drift, load_report, save_report
 from driftlens.inputs import model_inputs
+from driftlens.probes import Probe, ProbeSet, list_probe_sets
 from driftlens.ranks import RankSchedule, ScheduleError, allocate_ranks
 from driftlens.specs import Spec, SpecError, list_specs, load_spec
 from driftlens.store import open_store
 
-__all__ = ["RankSchedule", "ScheduleError", "Spec", "SpecError", "__version__", "allocate_ranks",
-           "capture", "drift", "list_specs", "load_report", "load_spec", "metrics", "model_inputs",
+__all__ = ["Probe", "ProbeSet", "RankSchedule", "ScheduleError", "Spec", "SpecError", "__version__", "allocate_ranks",
+           "capture", "drift", "list_probe_sets", "list_specs", "load_report", "load_spec", "metrics", "model_inputs",
            "open_store", "save_report"]
