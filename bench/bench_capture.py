@@ -29,6 +29,22 @@ from driftlens.probes import ProbeSet
 from driftlens.specs import load_spec
 
 
+def repeated(probes, copies: int, dest: Path) -> ProbeSet:
+    """The probe set ``copies`` times over (ids suffixed, images linked), as a new manifest."""
+    import dataclasses
+    import json
+
+    lines = []
+    for c in range(copies):
+        for p in probes:
+            d = dataclasses.asdict(p)
+            d["id"], d["group"] = f"{p.id}#{c}", f"{p.group}#{c}"
+            lines.append(json.dumps(d, ensure_ascii=False))
+    (dest / "images").symlink_to(probes.root / "images")
+    (dest / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return ProbeSet.load(dest / "manifest.jsonl")
+
+
 def best(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -45,6 +61,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--probes", default="photos-bilingual")
+    ap.add_argument("--copies", type=int, default=4,
+                    help="repeat the probe set this many times (distinct ids), so fixed costs amortize as in a real capture")
     args = ap.parse_args()
 
     dev = resolve_device(args.device)
@@ -53,7 +72,7 @@ def main() -> None:
                                   num_key_value_heads=8)
     model = model.to(dev)
     spec = load_spec(model)
-    probes = ProbeSet.load("photos-bilingual")
+    probes = repeated(ProbeSet.load(args.probes), args.copies, Path(tempfile.mkdtemp()))
     plan = plan_tokens(processor, spec, model.config, probes, batch_size=args.batch_size)
     batches = [{k: v.to(dev) if hasattr(v, "to") else v for k, v in b.inputs.items()} for b in plan.batches]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)

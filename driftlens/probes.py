@@ -1,25 +1,34 @@
 """Probe sets: the images and prompts a capture runs through every checkpoint.
 
-A probe set is a folder with a ``manifest.jsonl`` (one JSON object per line) and its images::
+A probe set is a folder with a ``manifest.jsonl`` (one JSON object per line, UTF-8) and its images::
 
     {"id": "s03-en-caption", "image": "images/s03.png", "lang": "en",
      "prompt": "Describe the image.", "answer": "a red circle at the top left.", "group": "red-circle-top-left"}
 
-``image`` is relative to the manifest; ``answer`` is the reference answer or caption; probes
-that share an image (its English and Korean twins) share ``group``. Shipped sets live in
-``driftlens/data/probes/<name>/``; see that folder's README.
+``image`` is relative to the manifest's folder; ``answer`` is the reference answer or caption;
+probes that show the same image (its English and Korean twins, its caption and question probes)
+share ``group``. Shipped sets live in ``driftlens/data/probes/<name>/``; the format is documented
+in that folder's ``README.md``.
+
+>>> ps = ProbeSet.load("shapes-bilingual")
+>>> len(ps), ps[0].id, ps.image(0).mode
+(64, 's00-en-caption', 'RGB')
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import operator
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 FIELDS = ("id", "image", "lang", "prompt", "answer", "group")
 CAPTION_PROMPTS = {"en": "Describe the image.", "ko": "이미지를 설명하세요."}
+MANIFEST = "manifest.jsonl"
 
 
 class ProbeError(ValueError):
@@ -28,7 +37,23 @@ class ProbeError(ValueError):
 
 @dataclass(frozen=True)
 class Probe:
-    """One image + prompt (+ reference answer) in one language."""
+    """One image + prompt (+ reference answer) in one language.
+
+    Attributes
+    ----------
+    id : str
+        Unique within its set, e.g. ``"s03-en-caption"``.
+    image : str
+        Image path relative to the manifest's folder (POSIX separators).
+    lang : str
+        Language code of ``prompt`` and ``answer`` (``"en"``, ``"ko"``, ...).
+    prompt : str
+        The user prompt shown with the image.
+    answer : str
+        Reference answer or caption (may be empty).
+    group : str
+        Shared by every probe of the same image (e.g. its English/Korean twins).
+    """
 
     id: str
     image: str
@@ -38,84 +63,146 @@ class Probe:
     group: str
 
 
+# --------------------------------------------------------------------------- locating sets
+
 def _shipped_root() -> Path:
     return Path(str(resources.files("driftlens") / "data" / "probes"))
 
 
 def list_probe_sets() -> list[str]:
-    """Names of the probe sets shipped with driftlens."""
+    """Names of the probe sets shipped with driftlens (folders under ``data/probes/`` with a manifest)."""
     root = _shipped_root()
-    return sorted(p.name for p in root.iterdir() if (p / "manifest.jsonl").is_file()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file())
 
 
-def _resolve(name_or_path) -> Path:
-    path = Path(name_or_path)
-    if path.suffix == ".jsonl" or path.exists():
-        manifest = path / "manifest.jsonl" if path.is_dir() else path
-        if not manifest.is_file():
-            raise ProbeError(f"no probe manifest at {manifest}")
-        return manifest
-    manifest = _shipped_root() / str(name_or_path) / "manifest.jsonl"
-    if not manifest.is_file():
-        raise ProbeError(
-            f"unknown probe set {str(name_or_path)!r}: not a shipped set ({', '.join(list_probe_sets()) or 'none'}) "
-            "and not a path to a manifest.jsonl or a folder holding one"
-        )
-    return manifest
+def _looks_like_path(x) -> bool:
+    if isinstance(x, Path):
+        return True
+    s = str(x)
+    return "/" in s or "\\" in s or s.endswith(".jsonl") or s in (".", "..") or s.startswith("~")
 
+
+def _resolve(name_or_path) -> tuple[Path, str]:
+    """(manifest path, set name) for a shipped name, a manifest path or a folder holding one."""
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"a probe set is named by a str or a path, got {type(name_or_path).__name__}")
+    shipped = list_probe_sets()
+    if not _looks_like_path(name_or_path) and str(name_or_path) in shipped:
+        manifest = _shipped_root() / str(name_or_path) / MANIFEST
+        return manifest, str(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if _looks_like_path(name_or_path) or path.exists():
+        if path.is_dir():
+            manifest = path / MANIFEST
+            if not manifest.is_file():
+                raise ProbeError(f"probe-set folder {path} holds no {MANIFEST}")
+        else:
+            manifest = path
+            if not manifest.is_file():
+                raise ProbeError(f"probe manifest {manifest} not found")
+        return manifest, manifest.parent.name
+    raise ProbeError(
+        f"unknown probe set {str(name_or_path)!r}: not a shipped set (available: {', '.join(shipped) or 'none'}) "
+        f"and not a path to a {MANIFEST} or a folder holding one"
+    )
+
+
+# --------------------------------------------------------------------------- parsing
 
 def _parse(manifest: Path) -> list[Probe]:
-    items, seen = [], {}
-    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+    """Validated probes of ``manifest``; :class:`ProbeError` naming ``file:line`` on the first problem."""
+    try:
+        text = manifest.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ProbeError(f"{manifest}: not UTF-8 ({exc})") from exc
+    items: list[Probe] = []
+    seen: dict[str, int] = {}
+    # split on "\n" only: json.dumps(ensure_ascii=False) may leave U+2028 etc. inside strings
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         where = f"{manifest}:{n}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ProbeError(f"{where}: malformed JSON ({exc.msg})") from exc
+            raise ProbeError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
         if not isinstance(obj, dict):
             raise ProbeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         missing = [f for f in FIELDS if f not in obj]
         if missing:
-            raise ProbeError(f"{where}: missing field(s) {missing}; a probe needs {list(FIELDS)}")
-        bad = [f for f in FIELDS if not isinstance(obj[f], str) or (f != "answer" and not obj[f])]
+            raise ProbeError(f"{where}: missing required field(s) {', '.join(map(repr, missing))}; "
+                             f"a probe needs {list(FIELDS)}")
+        bad = [f for f in FIELDS if not isinstance(obj[f], str) or (f != "answer" and not obj[f].strip())]
         if bad:
-            raise ProbeError(f"{where}: field(s) {bad} must be non-empty strings")
-        if obj["id"] in seen:
-            raise ProbeError(f"{where}: duplicate id {obj['id']!r} (first on line {seen[obj['id']]})")
-        seen[obj["id"]] = n
-        image = manifest.parent / obj["image"]
+            raise ProbeError(f"{where}: field(s) {', '.join(map(repr, bad))} must be non-empty strings "
+                             f"(answer may be empty)")
+        pid = obj["id"]
+        if pid in seen:
+            raise ProbeError(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
+        seen[pid] = n
+        rel = obj["image"]
+        if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute():
+            raise ProbeError(f"{where}: image path {rel!r} must be relative to the manifest's folder")
+        image = manifest.parent / rel
         if not image.is_file():
-            raise ProbeError(f"{where}: image {obj['image']!r} not found (looked for {image})")
+            raise ProbeError(f"{where}: image {rel!r} not found (looked for {image})")
         items.append(Probe(**{f: obj[f] for f in FIELDS}))
     if not items:
         raise ProbeError(f"{manifest} holds no probes")
     return items
 
 
+# --------------------------------------------------------------------------- the set
+
 class ProbeSet:
     """An ordered, validated set of probes.
 
     Parameters
     ----------
+    manifest : str or Path
+        The ``manifest.jsonl``; use :meth:`load` to go from a name or a folder.
+    name : str, optional
+        Defaults to the manifest's folder name.
+
+    Attributes
+    ----------
+    name : str
+    root : Path
+        The manifest's folder; image paths are relative to it.
     manifest : Path
-        The ``manifest.jsonl``; use :meth:`load` to go from a name or folder.
+    items : list of Probe
+
+    Notes
+    -----
+    Loading parses and checks every manifest line and that every image file exists; images are
+    decoded only by :meth:`image` (lazily) or :meth:`validate` (all at once).
     """
 
-    def __init__(self, manifest: Path, name: str | None = None):
+    def __init__(self, manifest, name: str | None = None):
         self.manifest = Path(manifest)
         self.root = self.manifest.parent
         self.name = name or self.root.name
-        self.items = _parse(self.manifest)
+        self.items: list[Probe] = _parse(self.manifest)
+        self._index = {p.id: i for i, p in enumerate(self.items)}
         self._fingerprint: str | None = None
 
     @classmethod
     def load(cls, name_or_path) -> "ProbeSet":
-        """A shipped set by name (``"shapes-bilingual"``), or a manifest path or folder."""
+        """A shipped set by name (``"shapes-bilingual"``), or a manifest path or a folder holding one.
+
+        Raises
+        ------
+        ProbeError
+            Unknown name (lists the shipped sets), missing manifest, or a bad manifest line
+            (``file:line``), a duplicate id or a missing image file.
+        """
         if isinstance(name_or_path, ProbeSet):
             return name_or_path
-        return cls(_resolve(name_or_path))
+        manifest, name = _resolve(name_or_path)
+        return cls(manifest, name=name)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -123,64 +210,200 @@ class ProbeSet:
     def __iter__(self) -> Iterator[Probe]:
         return iter(self.items)
 
-    def __getitem__(self, i: int) -> Probe:
+    def __getitem__(self, i):
+        """A probe by position (int; slices give a list) or by id (str)."""
+        if isinstance(i, str):
+            try:
+                return self.items[self._index[i]]
+            except KeyError:
+                raise KeyError(f"no probe with id {i!r} in probe set {self.name!r} ({self.manifest})") from None
         return self.items[i]
 
     def __repr__(self) -> str:
         langs = sorted({p.lang for p in self.items})
-        return (f"ProbeSet({self.name!r}: {len(self)} probes, {len({p.group for p in self.items})} groups, "
+        return (f"ProbeSet({self.name!r}: {len(self)} probes, {len(self.groups())} groups, "
                 f"langs {langs}, {self.root})")
+
+    def groups(self) -> dict[str, list[Probe]]:
+        """Probes by ``group``, in first-appearance order."""
+        out: dict[str, list[Probe]] = {}
+        for p in self.items:
+            out.setdefault(p.group, []).append(p)
+        return out
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the manifest bytes and every image's bytes (in manifest order)."""
+        """sha256 (hex) over the manifest bytes and every distinct image's path and bytes, in manifest order.
+
+        Computed once and cached; a set edited after loading must be re-loaded.
+        """
         if self._fingerprint is None:
-            h = hashlib.sha256(self.manifest.read_bytes())
+            h = hashlib.sha256()
+            data = self.manifest.read_bytes()
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
             for rel in dict.fromkeys(p.image for p in self.items):
-                h.update(rel.encode())
-                h.update((self.root / rel).read_bytes())
+                img = (self.root / rel).read_bytes()
+                h.update(rel.encode("utf-8") + b"\0")
+                h.update(len(img).to_bytes(8, "little"))
+                h.update(img)
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
-    def image(self, probe):
-        """The probe's image as an RGB ``PIL.Image`` (index or :class:`Probe`)."""
+    def _probe(self, i_or_probe) -> Probe:
+        if isinstance(i_or_probe, Probe):
+            return i_or_probe
+        if isinstance(i_or_probe, str):
+            return self[i_or_probe]
+        try:
+            return self.items[operator.index(i_or_probe)]
+        except TypeError:
+            raise TypeError(f"expected a probe index, id or Probe, got {type(i_or_probe).__name__}") from None
+
+    def image_path(self, i_or_probe) -> Path:
+        """Path of a probe's image file."""
+        return self.root / self._probe(i_or_probe).image
+
+    def image(self, i_or_probe):
+        """The probe's image as an RGB ``PIL.Image.Image``.
+
+        Parameters
+        ----------
+        i_or_probe : int, str or Probe
+            Position, id, or the probe itself.
+
+        Raises
+        ------
+        ProbeError
+            The file is missing, or PIL cannot open, verify or decode it (the message names the file).
+        """
         from PIL import Image, UnidentifiedImageError
 
-        p = self.items[probe] if isinstance(probe, int) else probe
+        p = self._probe(i_or_probe)
         path = self.root / p.image
         try:
-            with Image.open(path) as im:
+            with Image.open(path) as im:      # structural check (chunk CRCs, ...) ...
+                im.verify()
+            with Image.open(path) as im:      # ... then a full decode (catches truncation)
                 im.load()
                 return im.convert("RGB")
         except FileNotFoundError as exc:
-            raise ProbeError(f"probe {p.id!r}: image {path} is missing") from exc
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ProbeError(f"probe {p.id!r}: image {path} is corrupt or not an image ({exc})") from exc
+            raise ProbeError(f"probe {p.id!r} ({self.manifest}): image file {path} is missing") from exc
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+            raise ProbeError(f"probe {p.id!r} ({self.manifest}): image file {path} is corrupt or not an "
+                             f"image ({type(exc).__name__}: {exc})") from exc
 
-    def validate(self) -> None:
-        """Open every image once; raises :class:`ProbeError` naming the first bad file."""
-        for p in dict((q.image, q) for q in self.items).values():
-            self.image(p)
+    def validate(self) -> "ProbeSet":
+        """Open and decode every distinct image; returns ``self``.
+
+        Raises
+        ------
+        ProbeError
+            Listing every bad image file.
+        """
+        errors = []
+        for p in {q.image: q for q in self.items}.values():
+            try:
+                self.image(p)
+            except ProbeError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise ProbeError(f"{len(errors)} bad image(s) in probe set {self.name!r}:\n  " + "\n  ".join(errors))
+        return self
 
 
-def write_manifest(path: Path, probes) -> Path:
-    """Write probes (``Probe`` objects or dicts) as a manifest.jsonl; returns the path."""
-    lines = [json.dumps(asdict(p) if isinstance(p, Probe) else p, ensure_ascii=False) for p in probes]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+# --------------------------------------------------------------------------- writing sets
+
+def write_manifest(path, probes: Iterable) -> Path:
+    """Write probes (:class:`Probe` objects or dicts with :data:`FIELDS`) as a manifest; returns its path.
+
+    One compact JSON object per line, keys in :data:`FIELDS` order, UTF-8 without ASCII escaping,
+    ``\\n`` line ends: the same probes always give the same bytes.
+    """
+    path = Path(path)
+    lines = []
+    for p in probes:
+        d = asdict(p) if isinstance(p, Probe) else dict(p)
+        lines.append(json.dumps({f: d[f] for f in FIELDS}, ensure_ascii=False))
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
     return path
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _stored_zlib(raw: bytes) -> bytes:
+    """A zlib stream of uncompressed (stored) deflate blocks: identical bytes on every zlib build."""
+    out = bytearray(b"\x78\x01")
+    step = 65535
+    for start in range(0, max(len(raw), 1), step):
+        block = raw[start:start + step]
+        final = 1 if start + step >= len(raw) else 0
+        out += bytes([final]) + struct.pack("<HH", len(block), len(block) ^ 0xFFFF) + block
+    out += struct.pack(">I", zlib.adler32(raw) & 0xFFFFFFFF)
+    return bytes(out)
+
+
+def png_bytes(img) -> bytes:
+    """Encode an RGB ``PIL.Image`` as PNG bytes that depend only on its pixels.
+
+    Pillow's encoder goes through whatever zlib it was built with (zlib, zlib-ng), so its bytes
+    change between installs. This writer stores the pixels uncompressed: as a palette image with
+    the smallest bit depth when there are at most 256 colors (sorted palette), else as 8-bit RGB.
+    """
+    img = img.convert("RGB")
+    w, h = img.size
+    pixels = list(img.getdata())
+    colors = sorted(set(pixels))
+    header = b"\x89PNG\r\n\x1a\n"
+    if len(colors) <= 256:
+        bits = next(b for b in (1, 2, 4, 8) if len(colors) <= 1 << b)
+        index = {c: i for i, c in enumerate(colors)}
+        per_byte = 8 // bits
+        raw = bytearray()
+        for y in range(h):
+            raw.append(0)                                        # filter: none
+            row = [index[c] for c in pixels[y * w:(y + 1) * w]]
+            for x0 in range(0, w, per_byte):
+                byte = 0
+                for k, v in enumerate(row[x0:x0 + per_byte]):
+                    byte |= v << (8 - bits * (k + 1))
+                raw.append(byte)
+        ihdr = struct.pack(">IIBBBBB", w, h, bits, 3, 0, 0, 0)
+        plte = b"".join(bytes(c) for c in colors)
+        body = _chunk(b"IHDR", ihdr) + _chunk(b"PLTE", plte)
+    else:
+        raw = bytearray()
+        for y in range(h):
+            raw.append(0)
+            for c in pixels[y * w:(y + 1) * w]:
+                raw += bytes(c)
+        body = _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    return header + body + _chunk(b"IDAT", _stored_zlib(bytes(raw))) + _chunk(b"IEND", b"")
+
+
 def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 64) -> Path:
-    """Regenerate the ``shapes-bilingual`` probe set from a seed.
+    """Generate the ``shapes-bilingual`` probe set from a seed; returns the manifest path.
 
-    ``n_scenes`` distinct scenes (held-out combinations first, see
-    :func:`driftlens.shapes.split_scenes`), each drawn once; per scene and language a caption
-    probe and a color-question probe. Byte-identical for the same arguments.
+    ``n_scenes`` distinct scenes are drawn with ``random.Random(seed)``: held-out combinations of
+    :func:`driftlens.shapes.split_scenes` (``seed=0``) first, then training scenes if more are
+    needed. Scene ``k`` is rendered once (``render(scene, size, seed=seed * 1000 + k)``) to
+    ``images/s{k:02d}.png``; per scene and language (en, ko) there is a caption probe
+    (``s{k:02d}-{lang}-caption``) and a color-question probe (``s{k:02d}-{lang}-color``), all
+    four in group ``scene.key``. Manifest and images are byte-identical for the same arguments
+    on any platform (see :func:`png_bytes`).
 
-    Returns
-    -------
-    Path
-        The manifest.
+    Parameters
+    ----------
+    out_dir : str or Path
+        Created if needed; existing files of the same names are overwritten.
+    seed : int
+        Scene choice and rendering jitter.
+    n_scenes : int
+        Number of distinct scenes (1 .. number of scenes).
+    size : int
+        Image side in pixels.
     """
     import random
 
@@ -196,10 +419,10 @@ def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 6
     probes = []
     for k, scene in enumerate(pool[:n_scenes]):
         rel = f"images/s{k:02d}.png"
-        shapes.render(scene, size=size, seed=seed * 1000 + k).save(out / rel, format="PNG", optimize=False)
+        (out / rel).write_bytes(png_bytes(shapes.render(scene, size=size, seed=seed * 1000 + k)))
         for lang in shapes.LANGS:
             probes.append(Probe(f"s{k:02d}-{lang}-caption", rel, lang, CAPTION_PROMPTS[lang],
                                 shapes.caption(scene, lang), scene.key))
-            q = shapes.questions(scene, lang)[0]      # color
+            q = next(q for q in shapes.questions(scene, lang) if q.attribute == "color")
             probes.append(Probe(f"s{k:02d}-{lang}-color", rel, lang, q.prompt, q.answer, scene.key))
-    return write_manifest(out / "manifest.jsonl", probes)
+    return write_manifest(out / MANIFEST, probes)
