@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--probes", default="photos-bilingual")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
     ap.add_argument("--copies", type=int, default=4,
                     help="repeat the probe set this many times (distinct ids), so fixed costs amortize as in a real capture")
     args = ap.parse_args()
@@ -95,7 +96,7 @@ def main() -> None:
     def cap():
         shutil.rmtree(tmp / "s.zarr", ignore_errors=True)
         dl.capture(model, probes, out=tmp / "s.zarr", sites=("hidden", "key"), processor=processor,
-                   batch_size=args.batch_size, device=str(dev), progress=False)
+                   batch_size=args.batch_size, device=str(dev), dtype=args.dtype, progress=False)
         sync()
 
     plain()   # warm-up
@@ -108,7 +109,7 @@ def main() -> None:
     machine = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"machine: {machine}; torch {torch.__version__}")
-    print(f"model: llava, {args.layers} layers, hidden {args.hidden}; {len(probes)} probes, "
+    print(f"model: llava, {args.layers} layers, hidden {args.hidden}; storage {args.dtype}; {len(probes)} probes, "
           f"{len(batches)} batches of {args.batch_size}, {tokens} tokens")
     print(f"plain forward (all batches):        {t_plain:8.3f} s")
     print(f"preprocessing (processor, plan):   {t_pre:8.3f} s")

@@ -310,10 +310,12 @@ def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidde
         store = _capture_one(net, spec, plan, label, layer_ids, sites, dev, out, store,
                              {"probes": probes, "config": config, "n_layers": n_layers,
                               "dtype": dtype}, progress, src)
+        loaded = not isinstance(src, torch.nn.Module)
         del net
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        if loaded:                  # free a model we loaded before the next one arrives
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         bar.update(1)
     bar.close()
     return out

@@ -74,6 +74,7 @@ class ActivationStore:
             self.root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
             self._create(meta, tokens, n_tokens)
         self.n_tokens = n_tokens
+        self._chunk_rows: dict[str, int] = {}
 
     # -- creation and identity -------------------------------------------------------
     def _create(self, meta: dict, tokens: dict[str, np.ndarray], n_tokens: int) -> None:
@@ -174,8 +175,10 @@ class ActivationStore:
 
     def chunk_rows(self, site: str) -> int:
         """Token rows per chunk of ``site``."""
-        a = self.root[site]
-        return int(a.chunks[1] if site == "embed" else a.chunks[2])
+        if site not in self._chunk_rows:
+            a = self.root[site]
+            self._chunk_rows[site] = int(a.chunks[1] if site == "embed" else a.chunks[2])
+        return self._chunk_rows[site]
 
     def writer(self, index: int) -> "CheckpointWriter":
         """A buffered writer of one checkpoint's rows (writes whole chunks only)."""
@@ -191,45 +194,69 @@ class CheckpointWriter:
     """Buffers consecutive row blocks of one checkpoint and writes them chunk-aligned.
 
     A zarr chunk written in pieces is read, merged and rewritten for every piece; batches are
-    much smaller than chunks, so rows are buffered until whole chunks can be written once.
-    Memory: at most one chunk plus one batch per site.
+    much smaller than chunks, so rows are copied (once) into a chunk-sized buffer per site and
+    each chunk is written once, on one background thread so disk I/O overlaps the next
+    forward pass (at most ``max_pending`` writes wait). Memory: one chunk per site plus the
+    pending writes.
     """
 
-    def __init__(self, store: ActivationStore, index: int):
+    def __init__(self, store: ActivationStore, index: int, max_pending: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.store, self.index = store, index
-        self.buf: dict[str, list] = {}
-        self.start: dict[str, int] = {}
-        self.rows: dict[str, int] = {}
+        self.buf: dict[str, np.ndarray] = {}     # [chunk, width] (embed) or [n_layers, chunk, width]
+        self.start: dict[str, int] = {}          # store row of buf's first row
+        self.fill: dict[str, int] = {}           # rows filled in buf
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftlens-store")
+        self.pending: list = []
+        self.max_pending = max_pending
+
+    def _new_buffer(self, site: str, block: np.ndarray, start: int) -> None:
+        chunk = self.store.chunk_rows(site)
+        rows = min(chunk - start % chunk, self.store.n_tokens - start)   # up to the next chunk boundary
+        shape = (rows,) + block.shape[1:] if site == "embed" else (block.shape[0], rows, block.shape[2])
+        self.buf[site], self.start[site], self.fill[site] = np.empty(shape, block.dtype), start, 0
 
     def add(self, site: str, start: int, block: np.ndarray) -> None:
         """Append rows ``start : start + n`` (contiguous with what came before)."""
         axis = 0 if site == "embed" else 1
-        if site not in self.buf:
-            self.buf[site], self.start[site], self.rows[site] = [], start, 0
-        if start != self.start[site] + self.rows[site]:
-            raise ValueError(f"rows of {site!r} must arrive in order: expected {self.start[site] + self.rows[site]}, got {start}")
-        self.buf[site].append(block)
-        self.rows[site] += block.shape[axis]
-        chunk = self.store.chunk_rows(site)
-        n_full = ((self.start[site] + self.rows[site]) // chunk) * chunk - self.start[site]
-        if n_full > 0:
-            self._flush(site, n_full)
+        if site in self.buf and start != self.start[site] + self.fill[site]:
+            raise ValueError(f"rows of {site!r} must arrive in order: expected "
+                             f"{self.start[site] + self.fill[site]}, got {start}")
+        done, n = 0, block.shape[axis]
+        while done < n:
+            if site not in self.buf:
+                self._new_buffer(site, block, start + done)
+            buf, fill = self.buf[site], self.fill[site]
+            take = min(n - done, buf.shape[axis] - fill)
+            if axis == 0:
+                buf[fill:fill + take] = block[done:done + take]
+            else:
+                buf[:, fill:fill + take] = block[:, done:done + take]
+            self.fill[site] += take
+            done += take
+            if self.fill[site] == buf.shape[axis]:
+                self._submit(site)
 
-    def _flush(self, site: str, n: int) -> None:
+    def _submit(self, site: str) -> None:
+        while len(self.pending) >= self.max_pending:
+            self.pending.pop(0).result()          # re-raises a failed write
         axis = 0 if site == "embed" else 1
-        data = np.concatenate(self.buf[site], axis=axis) if len(self.buf[site]) > 1 else self.buf[site][0]
-        head = data[:n] if axis == 0 else data[:, :n]
-        rest = data[n:] if axis == 0 else data[:, n:]
-        self.store.write(site, self.index, self.start[site], head)
-        self.start[site] += n
-        self.rows[site] -= n
-        self.buf[site] = [rest] if self.rows[site] else []
+        buf, fill = self.buf.pop(site), self.fill.pop(site)
+        data = buf if fill == buf.shape[axis] else (buf[:fill] if axis == 0 else buf[:, :fill])
+        self.pending.append(self.pool.submit(self.store.write, site, self.index, self.start.pop(site), data))
 
     def close(self) -> None:
-        """Write what is left (the array's last, possibly partial, chunk)."""
-        for site in list(self.buf):
-            if self.rows[site]:
-                self._flush(site, self.rows[site])
+        """Write what is left and wait for every write."""
+        try:
+            for site in list(self.buf):
+                if self.fill[site]:
+                    self._submit(site)
+            for f in self.pending:
+                f.result()
+        finally:
+            self.pending = []
+            self.pool.shutdown(wait=True)
 
 
 def _site_attrs(site: str) -> dict:
