@@ -329,3 +329,12 @@ def test_token_subsampling_is_fixed_across_checkpoints(trajectory, tmp_path):
     ds2 = dl.open_store(out2)
     np.testing.assert_array_equal(ds2.position.values, ds.position.values)
     np.testing.assert_array_equal(ds2.hidden.values[0], ds.hidden.sel(checkpoint="moved").values)
+
+
+@pytest.mark.gpu
+def test_capture_on_cuda_matches_cpu(tmp_path):
+    model, processor = tiny.build("qwen2_vl", seed=0, n_layers=2)
+    probes = subset("photos-bilingual", 4, tmp_path / "probes")
+    a = dl.capture(model, probes, out=tmp_path / "cpu.zarr", processor=processor, device="cpu", progress=False)
+    b = dl.capture(model, probes, out=tmp_path / "gpu.zarr", processor=processor, device="cuda", progress=False)
+    np.testing.assert_allclose(dl.open_store(a).hidden.values, dl.open_store(b).hidden.values, rtol=1e-3, atol=1e-3)
