@@ -134,6 +134,12 @@ def _run_plot(args) -> int:
     return 0
 
 
+def _add_organism(sub) -> None:
+    from driftlens.organism import add_parser
+
+    add_parser(sub)
+
+
 def _add_ranks(sub) -> None:
     from driftlens.ranks import add_parser
 
@@ -180,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
+    _add_organism(sub)
     _add_capture(sub)
     _add_drift(sub)
     _add_ranks(sub)

@@ -89,7 +89,7 @@ def render(scene: Scene, size: int = 64, seed: int | None = None):
 
     rng = random.Random(seed) if seed is not None else None
     cx, cy = CENTRES[scene.position]
-    r = 0.17 * size
+    r = 0.24 * size
     if rng is not None:
         cx += rng.uniform(-1, 1) / 16
         cy += rng.uniform(-1, 1) / 16
