@@ -82,7 +82,7 @@ def _add_drift(sub) -> None:
     p.add_argument("--sites", nargs="+", default=None, help="layered sites (default: all in the store)")
     p.add_argument("--splits", type=int, default=5, help="null splits (default: %(default)s)")
     p.add_argument("--permutations", type=int, default=200, help="MMD test permutations (default: %(default)s)")
-    p.add_argument("--blur", type=float, default=0.05,
+    p.add_argument("--blur", type=float, default=0.1,
                    help="Sinkhorn blur as a fraction of the reference's median-heuristic sigma")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

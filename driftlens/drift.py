@@ -27,6 +27,10 @@ PAIRED = ("shift",)
 CROSS_MODAL = ("gap", "mir")
 ALL_METRICS = DISTRIBUTIONAL + PAIRED + CROSS_MODAL
 DEFAULT_METRICS = ("mmd", "sinkhorn", "sliced_w", "gauss_w2", "shift", "gap", "mir")
+# geomloss epsilon-scaling factor used by the report. Measured on 470 x 470 tokens, d=96, one
+# CPU thread: blur 0.1 sigma with scaling 0.7 takes 0.065 s per call against 0.40 s for blur
+# 0.05 sigma with scaling 0.9, and the value moves by 0.7%. Value and null share the settings.
+SINKHORN_SCALING = 0.7
 
 DEFINITIONS = {
     "mmd": ("squared maximum mean discrepancy", "unbiased MMD^2 with Gaussian kernel exp(-|x-y|^2/(2 sigma^2)), "
@@ -60,7 +64,8 @@ def _metric_fns(metrics, opts):
     if "mmd" in metrics:
         fns["mmd"] = lambda x, y, s: float(M.mmd2(x, y, sigma=s))
     if "sinkhorn" in metrics:
-        fns["sinkhorn"] = lambda x, y, s: float(M.sinkhorn(x, y, blur=opts["blur"] * s, seed=opts["seed"]))
+        fns["sinkhorn"] = lambda x, y, s: float(M.sinkhorn(x, y, blur=opts["blur"] * s, scaling=SINKHORN_SCALING,
+                                                           seed=opts["seed"]))
     if "sliced_w" in metrics:
         fns["sliced_w"] = lambda x, y, s: float(M.sliced_wasserstein(
             x, y, n_projections=opts["n_projections"], seed=opts["seed"]))
@@ -108,7 +113,7 @@ def _text_after_image(ds) -> np.ndarray:
 
 def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("visual", "text"),
           n_splits: int = 5, n_permutations: int = 200, seed: int = 0, device="auto",
-          blur: float = 0.05, n_projections: int = 128, progress: bool = True, out=None):
+          blur: float = 0.1, n_projections: int = 128, progress: bool = True, out=None):
     """Drift of every captured (checkpoint, layer, site, modality) against a reference.
 
     Parameters
@@ -279,6 +284,7 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
         "n_splits": int(n_splits),
         "n_permutations": int(n_permutations),
         "sinkhorn_blur": float(blur),
+        "sinkhorn_scaling": SINKHORN_SCALING,
         "seed": int(seed),
         "null": "metric between disjoint halves of the reference's probe groups (images); "
                 "value: the same halves, second half taken from the checkpoint",
