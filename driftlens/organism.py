@@ -19,6 +19,7 @@ leaves nothing half-written; it is rebuilt only when the recipe changes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,8 +34,9 @@ from pathlib import Path
 
 from driftlens import shapes
 
-CODE_VERSION = "organism-2"
+CODE_VERSION = "organism-6"
 TRAIN_SEEDS = 10**6          # training renderings use seeds below this, evaluation seeds above
+VALIDATION_SEEDS = 2 * 10**6  # model selection renderings (never the evaluation ones)
 KO_SENTENCES = (
     "오늘은 날씨가 맑고 따뜻합니다.", "저는 아침마다 커피를 마십니다.", "도서관에서 책을 빌렸습니다.",
     "주말에 친구와 공원에 갔습니다.", "한국어를 공부하는 것은 재미있습니다.", "버스가 정류장에 도착했습니다.",
@@ -57,19 +59,35 @@ class Recipe:
       covered too few patches for a randomly initialized tower); radius 0.24 (the shape fills
       its quadrant) is learned.
     - The first recipe trained captions and questions equally with gradient clipping at 1.0
-      at lr 3e-3; held-out grounding stayed at chance after 1500 steps. Questions (5% captions),
-      no clipping, lr 2e-3 learn.
+      at lr 3e-3; held-out grounding stayed at chance after 1500 steps. Questions only, no
+      clipping, lr 2e-3 learn; even 5% captions left quadrant accuracy at 0.42 after 3600 steps.
     - Held-out *combinations* of color, shape and quadrant were not learnable for shape: the
       model predicts the shape from the (color, quadrant) pairs it has seen (0% shape accuracy
       on new combinations after 2400 steps). The base stage therefore trains on every scene and
       grounding is measured on held-out *renderings* (render seeds never used in training) of
       the 24 scenes of ``split_scenes()[1]``; color 1.00, shape 0.71, quadrant 1.00 after 2400
-      steps with a 64-wide tower and a 96-wide decoder, hence 3600 steps.
+      steps with a 64-wide tower and a 96-wide decoder. Training this small model is chaotic:
+      the same recipe at 3600 cosine steps ended at 0.67, and a constant learning rate for 4800
+      steps at 0.72 (shape 0.3-0.7: a diamond at 16 px is hard to tell from a square or a circle
+      through 8 px patches). The world therefore has three shapes (circle, square, triangle),
+      and the base stage checks grounding every ``base_check_every`` steps on *validation*
+      renderings (a third seed range, neither training nor evaluation images), keeps the best
+      state and stops once it reaches ``base_target`` (at most ``base_steps``, cosine schedule).
     - The Korean stage's text comes from the training scenes only, so the Korean LM loss on
       the held-out scenes' Korean text (and held-out sentences) is a held-out loss.
     - The adaptation stage trains the LLM only, on 90% Korean text batches and 10% Korean
-      image questions, at the base learning rate: enough to forget English grounding while the
-      Korean language-model loss falls, as happens when a real VLM is adapted to a language.
+      image questions: enough to forget English grounding while the Korean language-model loss
+      falls, as happens when a real VLM is adapted to a language. At lr 3e-3 with a cosine
+      schedule everything happened before ``ko-1`` (English 0.96 -> 0.44 at step 120, then
+      flat; visual drift flat from ``ko-1`` on), so the trajectory had one step in it. At a
+      constant 1e-3 (after warmup) English grounding falls over the whole stage
+      (0.96, 0.59, 0.54, 0.44, 0.32, 0.37 at steps 0, 120, ..., 600) while the held-out Korean
+      loss keeps falling; 5e-4 moved too little (English 0.61 at step 600), and Korean text
+      only (no Korean image questions) forgot less (0.57 at step 600).
+    - The Korean LM loss is measured on held-out Korean text *of the world* (captions and
+      question/answer text of the held-out scenes). A loss on unseen general sentences was
+      tried and dropped: 18 training sentences cannot teach a language, and that loss rose
+      (7.8 -> 10.1) as the training sentences were memorized.
     """
 
     seed: int = 0
@@ -83,11 +101,14 @@ class Recipe:
     kv_heads: int = 2
     vocab_size: int = 700
     batch_size: int = 32
-    base_steps: int = 3600
+    base_steps: int = 3000
     base_lr: float = 2e-3
-    caption_fraction: float = 0.05
+    base_check_every: int = 300
+    base_target: float = 0.97
+    caption_fraction: float = 0.0
     ko_steps: int = 600
-    ko_lr: float = 3e-3
+    ko_lr: float = 1e-3
+    ko_constant_lr: bool = True
     ko_image_fraction: float = 0.1
     n_ko_checkpoints: int = 5
     warmup: int = 30
@@ -155,7 +176,10 @@ def corpus() -> list[str]:
 
 def make_processor(recipe: Recipe):
     """A real ``LlavaProcessor`` built offline (CLIP image processor, BPE tokenizer, chat template)."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import (  # the PIL backend: no torchvision
+        CLIPImageProcessorPil,
+        LlavaProcessor,
+    )
 
     from driftlens.tiny import _chat_template
     from driftlens.tokenizer import build_tokenizer
@@ -164,7 +188,7 @@ def make_processor(recipe: Recipe):
     tok._set_model_specific_special_tokens({"image_token": "<image>"})
     tok.padding_side = "right"
     size = recipe.image_size
-    ip = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     template = _chat_template("USER: ", "<image>\n", " ", "ASSISTANT:", "</s>")
     return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=recipe.patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
@@ -172,18 +196,20 @@ def make_processor(recipe: Recipe):
 
 
 def make_model(recipe: Recipe, tokenizer):
+    """A randomly initialized ``LlavaForConditionalGeneration`` (CLIP vision tower, Llama decoder)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+    vision = {"model_type": "clip_vision_model", "hidden_size": recipe.vision_hidden,
+              "intermediate_size": 2 * recipe.vision_hidden, "num_hidden_layers": recipe.vision_layers,
+              "num_attention_heads": recipe.heads, "image_size": recipe.image_size,
+              "patch_size": recipe.patch_size, "projection_dim": recipe.vision_hidden}
+    text = {"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": recipe.hidden,
+            "intermediate_size": 2 * recipe.hidden, "num_hidden_layers": recipe.n_layers,
+            "num_attention_heads": recipe.heads, "num_key_value_heads": recipe.kv_heads,
+            "max_position_embeddings": 256, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     cfg = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=recipe.vision_hidden,
-                           intermediate_size=2 * recipe.vision_hidden, num_hidden_layers=recipe.vision_layers,
-                           num_attention_heads=recipe.heads, image_size=recipe.image_size,
-                           patch_size=recipe.patch_size, projection_dim=recipe.vision_hidden),
-        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=recipe.hidden,
-                         intermediate_size=2 * recipe.hidden, num_hidden_layers=recipe.n_layers,
-                         num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads,
-                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=vision, text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=(recipe.image_size // recipe.patch_size) ** 2,
         vision_feature_select_strategy="default", vision_feature_layer=-1,
@@ -252,7 +278,8 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _train(model, batches, steps: int, lr: float, warmup: int, params, progress, desc, on_step=None):
+def _train(model, batches, steps: int, lr: float, warmup: int, params, progress, desc, on_step=None,
+           constant: bool = False):
     import torch
     from tqdm.auto import tqdm
 
@@ -261,7 +288,7 @@ def _train(model, batches, steps: int, lr: float, warmup: int, params, progress,
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr, warmup)
+            g["lr"] = min(lr, lr * (step + 1) / warmup) if constant else _lr(step, steps, lr, warmup)
         batch = batches(step)
         loss = model(**batch, use_cache=False).loss
         opt.zero_grad(set_to_none=True)
@@ -269,8 +296,8 @@ def _train(model, batches, steps: int, lr: float, warmup: int, params, progress,
         opt.step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if on_step is not None:
-            on_step(step + 1)
+        if on_step is not None and on_step(step + 1):
+            break
     model.eval()
 
 
@@ -281,7 +308,7 @@ def _save(model, processor, path: Path) -> Path:
     return path
 
 
-def _train_trajectory(recipe: Recipe, tmp: Path, progress: bool) -> dict:
+def _train_trajectory(recipe: Recipe, tmp: Path, progress: bool) -> tuple[dict, dict]:
     import torch
 
     torch.manual_seed(recipe.seed)
@@ -293,9 +320,24 @@ def _train_trajectory(recipe: Recipe, tmp: Path, progress: bool) -> dict:
     size = recipe.image_size
     B = recipe.batch_size
 
+    best = {"acc": -1.0, "state": None, "step": 0}
+
+    def check(step):
+        if step % recipe.base_check_every:
+            return False
+        model.eval()
+        acc = grounding_accuracy(model, processor, "en", size=size, seed_base=VALIDATION_SEEDS)
+        model.train()
+        if acc > best["acc"]:
+            best.update(acc=acc, step=step, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        return acc >= recipe.base_target
+
     _train(model, lambda step: _image_batch(processor, rng, everything, "en", B, size, recipe.caption_fraction),
            recipe.base_steps, recipe.base_lr, recipe.warmup, list(model.parameters()), progress,
-           "organism: English base")
+           "organism: English base", on_step=check)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    base_info = {"base_validation_accuracy": best["acc"], "base_steps_kept": best["step"]}
     ckpts = {"base": _save(model, processor, tmp / "base")}
 
     frozen = ("vision_tower", "multi_modal_projector")
@@ -317,8 +359,8 @@ def _train_trajectory(recipe: Recipe, tmp: Path, progress: bool) -> dict:
             model.train()
 
     _train(model, ko_batch, every * recipe.n_ko_checkpoints, recipe.ko_lr, recipe.warmup, params, progress,
-           "organism: Korean adaptation", on_step=save_ko)
-    return ckpts
+           "organism: Korean adaptation", on_step=save_ko, constant=recipe.ko_constant_lr)
+    return ckpts, base_info
 
 
 def build(out=None, recipe: Recipe | None = None, force: bool = False, progress: bool = True) -> Trajectory:
@@ -334,26 +376,57 @@ def build(out=None, recipe: Recipe | None = None, force: bool = False, progress:
         Rebuild even when a complete trajectory is there.
     progress : bool
         tqdm bars.
-    """
-    import torch
 
+    Returns
+    -------
+    Trajectory
+        ``root`` and the ordered checkpoint directories (``base``, ``ko-1``, ...).
+    """
     recipe = recipe or Recipe()
     root = Path(out) if out is not None else cache_root() / "organism" / recipe.key()
-    meta = root / "trajectory.json"
-    if meta.exists() and not force:
-        info = json.loads(meta.read_text())
-        if info.get("recipe") == dataclasses.asdict(recipe):
-            return Trajectory(root, {k: root / v for k, v in info["checkpoints"].items()}, recipe,
-                              info.get("build_seconds", 0.0))
-    t0 = time.perf_counter()
+    if not force and (done := _complete(root, recipe)) is not None:
+        return done
     root.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(root) as locked:    # a concurrent build of the same folder: wait, then reuse it
+        if not force and (done := _complete(root, recipe)) is not None:
+            return done
+        if locked:                       # builds killed without cleanup (SIGKILL, SIGTERM) left these
+            for stale in root.parent.glob(f".{root.name}-building-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        return _build(root, recipe, progress)
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path):
+    """Exclusive lock on ``.<root name>.lock`` beside ``root`` (released when the process dies).
+
+    Yields whether the lock is held (False where ``fcntl`` is missing: builds stay atomic, but
+    two processes may then build the same folder at once).
+    """
+    try:
+        import fcntl
+    except ImportError:                  # pragma: no cover - Windows
+        yield False
+        return
+    with open(root.parent / f".{root.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build(root: Path, recipe: Recipe, progress: bool) -> Trajectory:
+    import torch
+
+    t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-building-", dir=root.parent))
     threads = torch.get_num_threads()
     try:
-        ckpts = _train_trajectory(recipe, tmp, progress)
+        ckpts, base_info = _train_trajectory(recipe, tmp, progress)
         seconds = round(time.perf_counter() - t0, 1)
         info = {"recipe": dataclasses.asdict(recipe), "build_seconds": seconds, "torch_threads": threads,
-                "checkpoints": {k: p.name for k, p in ckpts.items()}}
+                "checkpoints": {k: p.name for k, p in ckpts.items()}, **base_info}
         (tmp / "trajectory.json").write_text(json.dumps(info, indent=2))
         if root.exists():
             shutil.rmtree(root)
@@ -362,6 +435,20 @@ def build(out=None, recipe: Recipe | None = None, force: bool = False, progress:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return Trajectory(root, {k: root / v for k, v in info["checkpoints"].items()}, recipe, seconds)
+
+
+def _complete(root: Path, recipe: Recipe) -> Trajectory | None:
+    """The trajectory in ``root`` when it is complete and was built from ``recipe``, else None."""
+    meta = root / "trajectory.json"
+    if not meta.exists():
+        return None
+    info = json.loads(meta.read_text())
+    if info.get("recipe") != dataclasses.asdict(recipe):
+        return None
+    ckpts = {k: root / v for k, v in info["checkpoints"].items()}
+    if not all((p / "config.json").exists() for p in ckpts.values()):
+        return None
+    return Trajectory(root, ckpts, recipe, info.get("build_seconds", 0.0))
 
 
 def load_checkpoint(path):
@@ -380,40 +467,72 @@ def chance_accuracy() -> float:
     return sum(1.0 / len(q.candidates) for q in qs) / len(qs)
 
 
-def grounding_accuracy(model, processor, lang: str, split: str = "heldout", size: int = 32) -> float:
+def grounding_accuracy(model, processor, lang: str, split: str = "heldout", size: int = 32,
+                       seed_base: int = TRAIN_SEEDS) -> float:
     """Accuracy of likelihood ranking over candidate answers (sum of answer-token log-probs).
 
     One rendering per scene of the split, with a seed never used in training (held-out images),
-    three questions each (color, shape, position).
+    three questions each (color, shape, position); a question counts as right when the
+    answer has the highest :func:`answer_scores`. ``seed_base`` picks the renderings (the
+    default, ``TRAIN_SEEDS``, is the evaluation range; ``VALIDATION_SEEDS`` the model
+    selection range of the base stage).
     """
-    import torch
-
+    if split not in ("heldout", "train"):
+        raise ValueError(f"unknown split {split!r}; choose 'heldout' or 'train'")
     train, held = shapes.split_scenes(seed=0)
     scenes = held if split == "heldout" else train
     correct = total = 0
     for k, scene in enumerate(scenes):
-        img = shapes.render(scene, size, seed=TRAIN_SEEDS + k)
+        img = shapes.render(scene, size, seed=seed_base + k)
         for q in shapes.questions(scene, lang):
-            batch = encode_image_examples(processor, [img] * len(q.candidates), [q.prompt] * len(q.candidates),
-                                          list(q.candidates), eos=False)
-            with torch.no_grad():
-                logits = model(**{k2: v for k2, v in batch.items() if k2 != "labels"}, use_cache=False).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), -1)
-            target = batch["labels"][:, 1:]
-            mask = target != -100
-            picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-            scores = picked.sum(1)
+            scores = answer_scores(model, processor, img, q)
             correct += int(q.candidates[int(scores.argmax())] == q.answer)
             total += 1
     return correct / total
 
 
-def ko_lm_loss(model, processor) -> float:
-    """Mean token cross-entropy on held-out Korean text (captions of held-out scenes, sentences)."""
+def answer_scores(model, processor, image, question: shapes.Question):
+    """Sum of the answer tokens' log-probabilities for each candidate, given image + prompt.
+
+    Returns a float tensor ``[n_candidates]`` in the order of ``question.candidates``.
+    """
     import torch
 
+    n = len(question.candidates)
+    batch = encode_image_examples(processor, [image] * n, [question.prompt] * n, list(question.candidates),
+                                  eos=False)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)              # [n, T-1, vocab]
+    target = batch["labels"][:, 1:]                                    # [n, T-1]
+    mask = target != -100
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    return picked.sum(1)                                               # [n]
+
+
+def heldout_ko_texts() -> list[str]:
+    """Held-out Korean text of the world: captions and question/answer text of the held-out scenes.
+
+    The adaptation stage's Korean text comes from the training scenes only (``split_scenes()[0]``),
+    so none of these strings was trained on.
+    """
     _, held = shapes.split_scenes(seed=0)
-    texts = [shapes.caption(s, "ko") for s in held] + list(HELDOUT_KO_SENTENCES)
+    texts = [shapes.caption(s, "ko") for s in held]
+    texts += [f"질문: {q.prompt} 답: {q.answer}" for s in held for q in shapes.questions(s, "ko")]
+    return texts
+
+
+def ko_lm_loss(model, processor, texts: list[str] | None = None) -> float:
+    """Mean token cross-entropy (nats per token) on held-out Korean text, without an image.
+
+    Parameters
+    ----------
+    texts : list of str, optional
+        Default :func:`heldout_ko_texts` (captions and question/answer text of held-out scenes).
+    """
+    import torch
+
+    texts = heldout_ko_texts() if texts is None else texts
     batch = encode_text(processor, texts)
     with torch.no_grad():
         return float(model(**batch, use_cache=False).loss)

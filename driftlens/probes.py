@@ -383,7 +383,8 @@ def png_bytes(img) -> bytes:
     return header + body + _chunk(b"IDAT", _stored_zlib(bytes(raw))) + _chunk(b"IEND", b"")
 
 
-def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 64) -> Path:
+def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 64,
+                       kinds: tuple[str, ...] = ("caption", "color")) -> Path:
     """Generate the ``shapes-bilingual`` probe set from a seed; returns the manifest path.
 
     ``n_scenes`` distinct scenes are drawn with ``random.Random(seed)``: held-out combinations of
@@ -404,10 +405,15 @@ def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 6
         Number of distinct scenes (1 .. number of scenes).
     size : int
         Image side in pixels.
+    kinds : tuple of str
+        Which probes per scene and language: ``"caption"`` and/or ``"color"``.
     """
     import random
 
     from driftlens import shapes
+
+    if not kinds or set(kinds) - {"caption", "color"}:
+        raise ValueError(f"kinds must be a non-empty subset of ('caption', 'color'), got {kinds!r}")
 
     train, held = shapes.split_scenes(seed=0)
     rng = random.Random(seed)
@@ -421,8 +427,10 @@ def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 6
         rel = f"images/s{k:02d}.png"
         (out / rel).write_bytes(png_bytes(shapes.render(scene, size=size, seed=seed * 1000 + k)))
         for lang in shapes.LANGS:
-            probes.append(Probe(f"s{k:02d}-{lang}-caption", rel, lang, CAPTION_PROMPTS[lang],
-                                shapes.caption(scene, lang), scene.key))
-            q = next(q for q in shapes.questions(scene, lang) if q.attribute == "color")
-            probes.append(Probe(f"s{k:02d}-{lang}-color", rel, lang, q.prompt, q.answer, scene.key))
+            if "caption" in kinds:
+                probes.append(Probe(f"s{k:02d}-{lang}-caption", rel, lang, CAPTION_PROMPTS[lang],
+                                    shapes.caption(scene, lang), scene.key))
+            if "color" in kinds:
+                q = next(q for q in shapes.questions(scene, lang) if q.attribute == "color")
+                probes.append(Probe(f"s{k:02d}-{lang}-color", rel, lang, q.prompt, q.answer, scene.key))
     return write_manifest(out / MANIFEST, probes)

@@ -18,7 +18,7 @@ COLORS: dict[str, str] = {
     "red": "빨간색", "green": "초록색", "blue": "파란색",
     "yellow": "노란색", "purple": "보라색", "orange": "주황색",
 }
-SHAPES: dict[str, str] = {"circle": "원", "square": "사각형", "triangle": "삼각형", "diamond": "마름모"}
+SHAPES: dict[str, str] = {"circle": "원", "square": "사각형", "triangle": "삼각형"}
 POSITIONS: dict[str, str] = {
     "top left": "왼쪽 위", "top right": "오른쪽 위",
     "bottom left": "왼쪽 아래", "bottom right": "오른쪽 아래",
@@ -104,10 +104,8 @@ def render(scene: Scene, size: int = 64, seed: int | None = None):
     elif scene.shape == "square":
         s = r * 0.85
         draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
-    elif scene.shape == "triangle":
+    else:  # triangle
         draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
-    else:  # diamond
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     return img
 
 

@@ -20,11 +20,35 @@ def test_render_is_deterministic_and_correct():
     assert not np.array_equal(np.asarray(shapes.render(scene, 64, seed=1)), np.asarray(shapes.render(scene, 64, seed=2)))
 
 
+def test_rendered_shape_is_the_scene_shape():
+    # probe pixels that tell the three shapes apart (no jitter: seed=None puts the shape at the
+    # quadrant centre with radius 0.24 * size): a square's corner lies outside the circle and the
+    # triangle; the triangle's apex lies above the square; the circle's left edge at mid-height
+    # lies outside the triangle (whose sides slope inwards) but inside the square.
+    size = 128
+    for scene in shapes.all_scenes():
+        a = np.asarray(shapes.render(scene, size))
+        cx, cy = (v * size for v in shapes.CENTRES[scene.position])
+        r = 0.24 * size
+        fill = shapes.RGB[scene.color]
+        corner, apex, upper_side = (tuple(a[round(cy + dy), round(cx + dx)]) == fill
+                                    for dx, dy in ((0.78 * r, 0.7 * r), (0, -0.92 * r), (-0.8 * r, -0.3 * r)))
+        expected = {"square": (True, False, True), "circle": (False, True, True),
+                    "triangle": (True, True, False)}[scene.shape]
+        assert (corner, apex, upper_side) == expected, scene
+        # everything outside the shape's quadrant is background
+        qx, qy = int(cx >= size / 2), int(cy >= size / 2)
+        other = a[(1 - qy) * size // 2:(2 - qy) * size // 2, :]
+        assert (other == shapes.BACKGROUND).all(), scene
+        other = a[:, (1 - qx) * size // 2:(2 - qx) * size // 2]
+        assert (other == shapes.BACKGROUND).all(), scene
+
+
 def test_captions_and_questions_both_languages():
     s = shapes.Scene("blue", "triangle", "bottom right")
     assert shapes.caption(s, "en") == "a blue triangle at the bottom right."
     assert shapes.caption(s, "ko") == "오른쪽 아래에 파란색 삼각형이 있습니다."
-    assert shapes.caption(shapes.Scene("red", "diamond", "top left"), "ko") == "왼쪽 위에 빨간색 마름모가 있습니다."
+    assert shapes.caption(shapes.Scene("red", "circle", "top left"), "ko") == "왼쪽 위에 빨간색 원이 있습니다."
     for lang in shapes.LANGS:
         qs = shapes.questions(s, lang)
         assert [q.attribute for q in qs] == ["color", "shape", "position"]
