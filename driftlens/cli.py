@@ -80,7 +80,7 @@ def _add_drift(sub) -> None:
     p.add_argument("--reference", default=None, help="reference checkpoint label (default: the first)")
     p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=list(ALL_METRICS))
     p.add_argument("--sites", nargs="+", default=None, help="layered sites (default: all in the store)")
-    p.add_argument("--splits", type=int, default=5, help="null splits (default: %(default)s)")
+    p.add_argument("--splits", type=int, default=20, help="null splits (default: %(default)s)")
     p.add_argument("--permutations", type=int, default=200, help="MMD test permutations (default: %(default)s)")
     p.add_argument("--blur", type=float, default=0.1,
                    help="Sinkhorn blur as a fraction of the reference's median-heuristic sigma")
@@ -150,8 +150,8 @@ def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="the whole pipeline on the built-in model organism (CPU, no download)",
         description="Build (or load the cached) model organism -- a tiny LLaVA trained here on an English "
-                    "shapes world, then adapted to Korean -- capture the shapes-bilingual probes across its "
-                    "trajectory, compute the drift report, and write figures, a LoRA rank schedule and "
+                    "shapes world, then adapted to Korean -- capture a probe set of its world (72 scenes "
+                    "rendered twice, 144 images) across its trajectory, compute the drift report, and write figures, a LoRA rank schedule and "
                     "summary.json / summary.md into the output folder.",
     )
     p.add_argument("--out", "-o", default="driftlens-demo", help="output folder (default: %(default)s)")
@@ -194,9 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_transformers() -> None:
+    """Our own bars report progress; transformers' per-checkpoint load/save bars are noise here."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("demo", "organism", "capture", "ranks"):   # the commands that load models
+        _quiet_transformers()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

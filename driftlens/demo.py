@@ -1,8 +1,8 @@
 """``driftlens demo``: the whole pipeline on the built-in model organism.
 
-build (or load the cached) organism -> capture the ``shapes-bilingual`` probe set across its
-trajectory -> drift report against ``base`` -> figures, rank schedule, ``summary.json`` and
-``summary.md`` in the output folder.
+build (or load the cached) organism -> generate the organism's world probe set -> capture it
+across the trajectory -> drift report against ``base`` -> figures, rank schedule,
+``summary.json`` and ``summary.md`` in the output folder.
 """
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ import numpy as np
 # Sinkhorn is left out of the demo to keep it within two minutes on 2 cores (each call on
 # ~1000 x 1000 tokens costs ~1 s there); `driftlens drift` computes it by default.
 DEMO_METRICS = ("mmd", "sliced_w", "gauss_w2", "shift", "gap", "mir")
+# The demo's probe set: every scene of the organism's world (72), rendered twice at the
+# organism's image size, one caption probe per image (languages alternating), so the 144
+# images are the null's units and no visual token is duplicated across languages. The
+# shipped 16-scene ``shapes-bilingual`` set gives a null too wide for a 4-layer organism
+# (z <= 2 at ko-5; see bench/RESULTS.md).
+DEMO_PROBES = {"n_scenes": 72, "renders": 2, "kinds": ("caption",), "alternate_langs": True}
 
 
 def visual_drift_summary(report, var: str = "mmd_z", site: str = "hidden") -> tuple[dict, dict]:
@@ -59,7 +65,7 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
     from driftlens import organism, plot
     from driftlens.capture import capture
     from driftlens.drift import drift
-    from driftlens.probes import ProbeSet
+    from driftlens.probes import ProbeSet, make_shapes_probes
     from driftlens.store import open_store
 
     t0 = time.perf_counter()
@@ -69,13 +75,14 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
     t_build = time.perf_counter() - t0
     ckpts = dict(traj.checkpoints)
     labels = list(ckpts)
-    probes = ProbeSet.load("shapes-bilingual")
+    probes = ProbeSet.load(make_shapes_probes(out / "probes" / "organism-world", seed=0,
+                                              size=traj.recipe.image_size, **DEMO_PROBES))
     store_path = out / "activations.zarr"
     capture(ckpts[labels[0]], probes, ckpts, out=store_path, sites=("hidden", "key"),
             batch_size=16, device=device, progress=progress)
     ds = open_store(store_path)
-    report = drift(ds, reference=labels[0], metrics=DEMO_METRICS, progress=progress, device=device,
-                   out=out / "drift.nc")
+    report = drift(ds, reference=labels[0], metrics=DEMO_METRICS, progress=progress,
+                   device=device, out=out / "drift.nc")
     evaluation = organism.evaluate(traj, progress=progress)
     z, frac = visual_drift_summary(report)
 

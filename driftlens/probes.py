@@ -384,7 +384,8 @@ def png_bytes(img) -> bytes:
 
 
 def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 64,
-                       kinds: tuple[str, ...] = ("caption", "color")) -> Path:
+                       kinds: tuple[str, ...] = ("caption", "color"), renders: int = 1,
+                       alternate_langs: bool = False) -> Path:
     """Generate the ``shapes-bilingual`` probe set from a seed; returns the manifest path.
 
     ``n_scenes`` distinct scenes are drawn with ``random.Random(seed)``: held-out combinations of
@@ -394,6 +395,13 @@ def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 6
     (``s{k:02d}-{lang}-caption``) and a color-question probe (``s{k:02d}-{lang}-color``), all
     four in group ``scene.key``. Manifest and images are byte-identical for the same arguments
     on any platform (see :func:`png_bytes`).
+
+    With ``renders > 1`` scene ``k`` is also rendered with seeds ``seed * 1000 + 100 * j + k``
+    (``j = 1 .. renders - 1``) to ``images/s{k:02d}r{j}.png`` (probe ids ``s{k:02d}r{j}-...``,
+    group ``{scene.key}#r{j}``: a group is the probes that share one image, as everywhere). With ``alternate_langs`` each image gets the probes of one language
+    only (``LANGS[(k + j) % 2]``), so no two probes share an image: the visual tokens are not
+    duplicated across languages (in a causal decoder, EN and KO probes of one image with the
+    same prefix have identical visual-token states) while both languages stay balanced.
 
     Parameters
     ----------
@@ -407,6 +415,10 @@ def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 6
         Image side in pixels.
     kinds : tuple of str
         Which probes per scene and language: ``"caption"`` and/or ``"color"``.
+    renders : int
+        Renderings per scene (1 .. 10), each a distinct image.
+    alternate_langs : bool
+        One language per image instead of both.
     """
     import random
 
@@ -420,17 +432,23 @@ def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 6
     pool = rng.sample(held, len(held)) + rng.sample(train, len(train))
     if not 1 <= n_scenes <= len(pool):
         raise ValueError(f"n_scenes must be in 1..{len(pool)}, got {n_scenes}")
+    if not 1 <= renders <= 10:
+        raise ValueError(f"renders must be in 1..10, got {renders}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     probes = []
     for k, scene in enumerate(pool[:n_scenes]):
-        rel = f"images/s{k:02d}.png"
-        (out / rel).write_bytes(png_bytes(shapes.render(scene, size=size, seed=seed * 1000 + k)))
-        for lang in shapes.LANGS:
-            if "caption" in kinds:
-                probes.append(Probe(f"s{k:02d}-{lang}-caption", rel, lang, CAPTION_PROMPTS[lang],
-                                    shapes.caption(scene, lang), scene.key))
-            if "color" in kinds:
-                q = next(q for q in shapes.questions(scene, lang) if q.attribute == "color")
-                probes.append(Probe(f"s{k:02d}-{lang}-color", rel, lang, q.prompt, q.answer, scene.key))
+        for j in range(renders):
+            name = f"s{k:02d}" if j == 0 else f"s{k:02d}r{j}"
+            rel = f"images/{name}.png"
+            group = scene.key if j == 0 else f"{scene.key}#r{j}"   # a group is the probes of one image
+            (out / rel).write_bytes(png_bytes(shapes.render(scene, size=size, seed=seed * 1000 + 100 * j + k)))
+            langs = (shapes.LANGS[(k + j) % 2],) if alternate_langs else shapes.LANGS
+            for lang in langs:
+                if "caption" in kinds:
+                    probes.append(Probe(f"{name}-{lang}-caption", rel, lang, CAPTION_PROMPTS[lang],
+                                        shapes.caption(scene, lang), group))
+                if "color" in kinds:
+                    q = next(q for q in shapes.questions(scene, lang) if q.attribute == "color")
+                    probes.append(Probe(f"{name}-{lang}-color", rel, lang, q.prompt, q.answer, group))
     return write_manifest(out / MANIFEST, probes)

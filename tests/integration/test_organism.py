@@ -186,3 +186,19 @@ def test_evaluation_shape(quick):
         assert set(acc) == {"en", "ko"} and all(0 <= v <= 1 for v in acc.values())
     assert (quick.root / "evaluation.json").exists()
     assert organism.evaluate(quick, progress=False) == ev          # cached
+
+
+@pytest.mark.slow
+def test_default_recipe_done_when():
+    """The issue's done-when, measured on the default recipe (built once into the organism cache)."""
+    traj = organism.build(progress=False)
+    ev = organism.evaluate(traj, progress=False)
+    labels = list(traj.checkpoints)
+    assert labels[0] == "base" and len(labels) >= 6
+    acc, loss = ev["grounding_accuracy"], ev["ko_lm_loss"]
+    assert acc["base"]["en"] >= 0.90
+    assert acc["base"]["en"] - acc[labels[-1]]["en"] >= 0.20
+    # Korean LM loss falls along the adaptation, not only at its first checkpoint
+    assert loss[labels[-1]] < loss[labels[1]] < loss["base"]
+    assert 0.2 < ev["chance_accuracy"] < 0.3
+    assert traj.build_seconds < 600          # recorded by the build that made the cache

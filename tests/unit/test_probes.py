@@ -154,6 +154,31 @@ def test_make_shapes_probes_other_seed_and_size(tmp_path):
         make_shapes_probes(tmp_path / "b", n_scenes=0)
 
 
+def test_make_shapes_probes_renders_and_alternate_langs(tmp_path):
+    """The demo's layout: every scene rendered twice, one language per image, a group per image."""
+    ps = ProbeSet.load(make_shapes_probes(tmp_path / "w", n_scenes=72, size=32, kinds=("caption",),
+                                          renders=2, alternate_langs=True))
+    assert len(ps) == 144 and len(ps.groups()) == 144                  # one probe, one image, one group
+    assert len({p.image for p in ps}) == 144
+    assert sorted(p.lang for p in ps).count("en") == 72                 # languages balanced
+    assert len({p.answer for p in ps if p.lang == "en"}) == 72           # every scene once in English ...
+    # ... and once in Korean: the two renders of a scene carry the two languages
+    by_scene: dict = {}
+    for p in ps:
+        by_scene.setdefault(p.group.split("#")[0], set()).add(p.lang)
+    assert len(by_scene) == 72 and all(v == {"en", "ko"} for v in by_scene.values())
+    first, second = ps.image(0), ps.image(1)
+    assert np.asarray(first).shape == (32, 32, 3)
+    # render 0 is the same image as without renders; render 1 is a different rendering of the scene
+    plain = ProbeSet.load(make_shapes_probes(tmp_path / "p", n_scenes=72, size=32, kinds=("caption",)))
+    assert (tmp_path / "w" / "images" / "s00.png").read_bytes() == (tmp_path / "p" / "images" / "s00.png").read_bytes()
+    assert (tmp_path / "w" / "images" / "s00r1.png").read_bytes() != (tmp_path / "w" / "images" / "s00.png").read_bytes()
+    assert len(plain) == 144 and len(plain.groups()) == 72              # both languages share each image
+    assert first.size == second.size
+    with pytest.raises(ValueError, match="renders"):
+        make_shapes_probes(tmp_path / "b", renders=0)
+
+
 @pytest.mark.parametrize("shape,levels", [((7, 5), 2), ((9, 13), 3), ((4, 20), 16), ((11, 3), 200), ((6, 7), 256)])
 def test_png_bytes_round_trips_pixels(shape, levels):
     rng = np.random.default_rng(levels)
