@@ -141,13 +141,14 @@ def _first(x):
 
 
 def trace_batch(nmodel, spec, inputs: dict, layers: list[int], sites: tuple[str, ...],
-                rows_b, rows_p, stop_after: bool = True) -> dict:
+                rows_b, rows_p, stop_after: bool = True, stack: bool = True) -> dict:
     """Run one nnsight trace and return the gathered rows per site.
 
     Returns
     -------
     dict
-        ``embed`` -> ``[r, d]``; ``hidden`` / ``key`` / ``query`` -> ``[n_layers, r, width]``.
+        ``embed`` -> ``[r, d]``; ``hidden`` / ``key`` / ``query`` -> ``[n_layers, r, width]``
+        (with ``stack=False``: a list of ``n_layers`` tensors ``[r, width]``, saving a copy).
         Modules are read in forward order (embed, then per layer q_proj, k_proj, output).
     """
     import torch
@@ -172,7 +173,7 @@ def trace_batch(nmodel, spec, inputs: dict, layers: list[int], sites: tuple[str,
         if s == "embed":
             result[s] = out[s][0]
         else:
-            result[s] = torch.stack(list(out[s]))
+            result[s] = torch.stack(list(out[s])) if stack else list(out[s])
     return result
 
 
@@ -369,18 +370,18 @@ def _capture_one(net, spec, plan: Plan, label, layer_ids, sites, dev, out, store
 
     nmodel = NNsight(net)
     fdtype = _model_dtype(net)
-    store_dtype = np.dtype(ctx["dtype"])
     writer = None
     for batch in tqdm(plan.batches, desc=f"capture {label}", leave=False, disable=not progress):
         inputs = _to_device(batch.inputs, dev, fdtype)
         rb = torch.as_tensor(batch.rows_b, device=dev)
         rp = torch.as_tensor(batch.rows_p, device=dev)
         try:
-            got = trace_batch(nmodel, spec, inputs, layer_ids, sites, rb, rp)
+            got = trace_batch(nmodel, spec, inputs, layer_ids, sites, rb, rp, stack=False)
         except Exception as exc:  # noqa: BLE001 - re-raised with context
             raise _explain(exc, label, src, batch) from exc
-        arrays = {s: v.detach().float().cpu().numpy().astype(store_dtype, copy=False)
-                  for s, v in got.items()}
+        # [r, d] (embed) or a list of n_layers [r, width] arrays; float32/float16 on the host,
+        # cast to the storage dtype when copied into the store's chunk buffer
+        arrays = {s: _host(v) if s == "embed" else [_host(t) for t in v] for s, v in got.items()}
         if store is None:
             meta = _meta(ctx, spec, layer_ids, sites, arrays, plan)
             store = ActivationStore(out, meta, plan.tokens)
@@ -393,6 +394,16 @@ def _capture_one(net, spec, plan: Plan, label, layer_ids, sites, dev, out, store
     return store
 
 
+def _host(t) -> np.ndarray:
+    """A captured tensor as a host numpy array (no copy for CPU float32 / float16)."""
+    import torch
+
+    t = t.detach()
+    if t.dtype not in (torch.float32, torch.float16):
+        t = t.float()                        # bfloat16 and others: numpy has no such dtype
+    return t.cpu().numpy()
+
+
 def _meta(ctx, spec, layer_ids, sites, arrays, plan) -> dict:
     probes, config = ctx["probes"], ctx["config"]
     return {
@@ -403,7 +414,7 @@ def _meta(ctx, spec, layer_ids, sites, arrays, plan) -> dict:
         "n_layers": int(ctx["n_layers"]),
         "layers": [int(i) for i in layer_ids],
         "sites": list(sites),
-        "dims": {s: int(a.shape[-1]) for s, a in arrays.items()},
+        "dims": {s: int(a.shape[-1] if s == "embed" else a[0].shape[-1]) for s, a in arrays.items()},
         "dtype": ctx["dtype"],
         "token_selection": plan.selection_hash(),
         "image_token_id": int(spec.image_token_id(config)),

@@ -12,10 +12,15 @@ reads it directly)::
 Chunks are one (checkpoint, layer) slab split along ``token`` into blocks of about 8 MB, so
 a metric streams one (checkpoint, layer) at a time.
 
-Nothing lost, nothing mixed: zarr's local store writes every file atomically; the root
-attributes hold ``checkpoints`` (every label a capture has started, in trajectory order) and
-``completed`` (labels whose every row has been written). A checkpoint that is started but not
-completed is redone by the next capture; :func:`open_store` shows only completed ones. A store
+Chunks are stored uncompressed (activations barely compress and encoding cost more than the
+forward pass), so :class:`CheckpointWriter` writes captured rows straight into their place in
+the chunk files, whose names come from zarr's chunk-key encoding; zarr reads them back.
+
+Nothing lost, nothing mixed: metadata is written by zarr (atomically); the root attributes
+hold ``checkpoints`` (every label a capture has started, in trajectory order) and
+``completed`` (labels whose every row has been written, set after the last write returned).
+A checkpoint that is started but not completed is redone by the next capture;
+:func:`open_store` shows only completed ones. A store
 refuses data from another probe set (fingerprint), another architecture (model type, layer
 count, feature sizes) or another token selection.
 """
@@ -75,6 +80,7 @@ class ActivationStore:
             self._create(meta, tokens, n_tokens)
         self.n_tokens = n_tokens
         self._chunk_rows: dict[str, int] = {}
+        self._raw: dict[str, object] = {}        # site -> array metadata when chunks are plain bytes
 
     # -- creation and identity -------------------------------------------------------
     def _create(self, meta: dict, tokens: dict[str, np.ndarray], n_tokens: int) -> None:
@@ -173,6 +179,25 @@ class ActivationStore:
         else:
             a[index, :, start:start + block.shape[1], :] = block
 
+    def raw_chunk_file(self, site: str, coords: tuple[int, ...]) -> Path | None:
+        """Path of one chunk's file when chunks are stored as plain bytes in this machine's order.
+
+        driftlens creates its arrays uncompressed (zarr's ``BytesCodec`` alone), so a chunk file
+        is exactly the chunk's array in C order -- edge chunks padded to the full chunk shape with
+        the fill value -- under the key zarr's own chunk-key encoding gives. Returns None for any
+        other layout (a compressor, another byte order), where writes go through zarr.
+        """
+        import sys
+
+        if site not in self._raw:
+            meta = self.root[site].metadata
+            codecs = meta.codecs
+            endian = getattr(codecs[0], "endian", None) if len(codecs) == 1 else None
+            plain = type(codecs[0]).__name__ == "BytesCodec" and getattr(endian, "value", endian) == sys.byteorder
+            self._raw[site] = meta if plain else None
+        meta = self._raw[site]
+        return None if meta is None else self.path / site / meta.encode_chunk_key(coords)
+
     def chunk_rows(self, site: str) -> int:
         """Token rows per chunk of ``site``."""
         if site not in self._chunk_rows:
@@ -191,72 +216,90 @@ class ActivationStore:
 
 
 class CheckpointWriter:
-    """Buffers consecutive row blocks of one checkpoint and writes them chunk-aligned.
+    """Streams consecutive row blocks of one checkpoint into the store on a background thread.
 
-    A zarr chunk written in pieces is read, merged and rewritten for every piece; batches are
-    much smaller than chunks, so rows are copied (once) into a chunk-sized buffer per site and
-    each chunk is written once, on one background thread so disk I/O overlaps the next
-    forward pass (at most ``max_pending`` writes wait). Memory: one chunk per site plus the
-    pending writes.
+    driftlens stores are uncompressed, so a chunk file is the chunk's rows in C order
+    (:meth:`ActivationStore.raw_chunk_file`): each block of rows is written straight from the
+    captured arrays into its place in the chunk files (created at full size, the fill value
+    where nothing is written yet) -- no stacking, no chunk buffer, no read-modify-write. Writes
+    run on one background thread so disk I/O overlaps the next forward pass, spread evenly
+    over the capture (at most ``max_pending`` blocks wait; a block is held, not copied).
+    A store whose chunks are encoded otherwise (a compressor) is written through zarr instead.
+
+    A checkpoint interrupted mid-way leaves chunk files partly written; it is not marked
+    complete, so :func:`open_store` hides it and the next capture rewrites all of its rows.
     """
 
-    def __init__(self, store: ActivationStore, index: int, max_pending: int = 2):
+    def __init__(self, store: ActivationStore, index: int, max_pending: int = 4):
         from concurrent.futures import ThreadPoolExecutor
 
         self.store, self.index = store, index
-        self.buf: dict[str, np.ndarray] = {}     # [chunk, width] (embed) or [n_layers, chunk, width]
-        self.start: dict[str, int] = {}          # store row of buf's first row
-        self.fill: dict[str, int] = {}           # rows filled in buf
+        self.dtype = np.dtype(store.meta["dtype"])
+        self.next: dict[str, int] = {}           # expected next row per site
+        self.files: dict[Path, object] = {}      # open chunk files (writer thread only)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftlens-store")
         self.pending: list = []
         self.max_pending = max_pending
 
-    def _new_buffer(self, site: str, block: np.ndarray, start: int) -> None:
-        chunk = self.store.chunk_rows(site)
-        rows = min(chunk - start % chunk, self.store.n_tokens - start)   # up to the next chunk boundary
-        shape = (rows,) + block.shape[1:] if site == "embed" else (block.shape[0], rows, block.shape[2])
-        self.buf[site], self.start[site], self.fill[site] = np.empty(shape, block.dtype), start, 0
+    def add(self, site: str, start: int, block) -> None:
+        """Queue rows ``start : start + n`` of ``site`` (contiguous with what came before).
 
-    def add(self, site: str, start: int, block: np.ndarray) -> None:
-        """Append rows ``start : start + n`` (contiguous with what came before)."""
-        axis = 0 if site == "embed" else 1
-        if site in self.buf and start != self.start[site] + self.fill[site]:
-            raise ValueError(f"rows of {site!r} must arrive in order: expected "
-                             f"{self.start[site] + self.fill[site]}, got {start}")
-        done, n = 0, block.shape[axis]
-        while done < n:
-            if site not in self.buf:
-                self._new_buffer(site, block, start + done)
-            buf, fill = self.buf[site], self.fill[site]
-            take = min(n - done, buf.shape[axis] - fill)
-            if axis == 0:
-                buf[fill:fill + take] = block[done:done + take]
-            else:
-                buf[:, fill:fill + take] = block[:, done:done + take]
-            self.fill[site] += take
-            done += take
-            if self.fill[site] == buf.shape[axis]:
-                self._submit(site)
-
-    def _submit(self, site: str) -> None:
+        ``block`` is ``[n, width]`` (embed) or ``[n_layers, n, width]`` -- an array or a list of
+        one ``[n, width]`` array per layer. It must not be modified until :meth:`close`.
+        """
+        n = len(block) if site == "embed" else len(block[0])
+        if site in self.next and start != self.next[site]:
+            raise ValueError(f"rows of {site!r} must arrive in order: expected {self.next[site]}, got {start}")
+        self.next[site] = start + n
         while len(self.pending) >= self.max_pending:
             self.pending.pop(0).result()          # re-raises a failed write
-        axis = 0 if site == "embed" else 1
-        buf, fill = self.buf.pop(site), self.fill.pop(site)
-        data = buf if fill == buf.shape[axis] else (buf[:fill] if axis == 0 else buf[:, :fill])
-        self.pending.append(self.pool.submit(self.store.write, site, self.index, self.start.pop(site), data))
+        self.pending.append(self.pool.submit(self._write, site, start, block))
+
+    def _write(self, site: str, start: int, block) -> None:
+        store = self.store
+        slabs = [block] if site == "embed" else list(block)        # [n, width] per layer
+        n = len(slabs[0])
+        if store.raw_chunk_file(site, (0,) * (2 if site == "embed" else 4)) is None:
+            data = np.asarray(slabs[0] if site == "embed" else np.stack(slabs), dtype=self.dtype)
+            store.write(site, self.index, start, data)
+            return
+        size = store.chunk_rows(site)
+        row = 0
+        while row < n:                                              # one piece per chunk touched
+            chunk, offset = divmod(start + row, size)
+            take = min(n - row, size - offset)
+            for layer, slab in enumerate(slabs):
+                coords = (self.index, chunk, 0) if site == "embed" else (self.index, layer, chunk, 0)
+                piece = np.ascontiguousarray(slab[row:row + take], dtype=self.dtype)
+                fh = self._file(site, coords, piece.shape[-1])
+                fh.seek(offset * piece.shape[-1] * self.dtype.itemsize)
+                fh.write(piece.data)
+            row += take
+
+    def _file(self, site: str, coords: tuple, width: int):
+        path = self.store.raw_chunk_file(site, coords)
+        fh = self.files.get(path)
+        if fh is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "r+b" if path.exists() else "w+b")
+            fh.truncate(self.store.chunk_rows(site) * width * self.dtype.itemsize)   # full chunk, zeros
+            self.files[path] = fh
+        return fh
 
     def close(self) -> None:
-        """Write what is left and wait for every write."""
+        """Wait for every write and close the chunk files."""
         try:
-            for site in list(self.buf):
-                if self.fill[site]:
-                    self._submit(site)
             for f in self.pending:
                 f.result()
         finally:
             self.pending = []
+            self.pool.submit(self._close_files).result()
             self.pool.shutdown(wait=True)
+
+    def _close_files(self) -> None:
+        for fh in self.files.values():
+            fh.close()
+        self.files.clear()
 
 
 def _site_attrs(site: str) -> dict:

@@ -174,11 +174,11 @@ import driftlens as dl
 from driftlens import store as st
 from driftlens.probes import ProbeSet
 
-orig = st.ActivationStore.write
+orig = st.CheckpointWriter._write
 def slow_write(self, *a, **k):
     time.sleep(0.3)
     return orig(self, *a, **k)
-st.ActivationStore.write = slow_write
+st.CheckpointWriter._write = slow_write
 root = sys.argv[1]
 ckpts = {{"base": root + "/base", "lora": root + "/adapter", "moved": root + "/moved"}}
 dl.capture(root + "/base", ProbeSet.load(root + "/probes/manifest.jsonl"), ckpts,

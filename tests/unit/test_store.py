@@ -96,3 +96,59 @@ def test_not_a_store(tmp_path):
         ActivationStore(tmp_path / "junk", _meta(), _tokens())
     with pytest.raises(FileNotFoundError, match="no driftlens store"):
         open_store(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_writer_streams_rows_across_chunks(tmp_path, monkeypatch, dtype):
+    """CheckpointWriter writes rows straight into the chunk files; zarr reads back exactly them.
+
+    Small chunks (7 rows for width 6) and uneven blocks so blocks straddle chunk boundaries and
+    the last chunk is an edge chunk (padded to full size on disk); per-layer lists and stacked
+    arrays both accepted; float16 storage casts.
+    """
+    import driftlens.store as store_mod
+
+    monkeypatch.setattr(store_mod, "_chunk_rows", lambda width, itemsize, n: 7)
+    n = 30
+    toks = _tokens(n)
+    st = ActivationStore(tmp_path / "s.zarr", _meta(dtype=dtype), toks)
+    rng = np.random.default_rng(3)
+    data = {"embed": rng.normal(size=(n, 6)), "hidden": rng.normal(size=(3, n, 6)),
+            "key": rng.normal(size=(3, n, 4))}
+    w = st.writer(st.slot("base"))
+    start = 0
+    for size in (4, 9, 1, 10, 6):                       # 30 rows in uneven blocks
+        for s, a in data.items():
+            part = a[start:start + size] if s == "embed" else a[:, start:start + size]
+            part = part.astype(np.float32)
+            w.add(s, start, part if s != "key" else [layer for layer in part])   # key as a list of layers
+        start += size
+    w.close()
+    st.mark_complete("base")
+    assert st.raw_chunk_file("hidden", (0, 0, 0, 0)) is not None
+    chunk_file = tmp_path / "s.zarr" / "hidden" / "c" / "0" / "2" / "4" / "0"      # edge chunk: rows 28..29
+    assert chunk_file.stat().st_size == 7 * 6 * np.dtype(dtype).itemsize
+    ds = open_store(tmp_path / "s.zarr")
+    for s, a in data.items():
+        got = ds[s].sel(checkpoint="base").values
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(got, a.astype(np.float32).astype(dtype))
+    with pytest.raises(ValueError, match="in order"):
+        w2 = st.writer(st.slot("next"))
+        w2.add("embed", 0, data["embed"][:3].astype(np.float32))
+        w2.add("embed", 5, data["embed"][5:8].astype(np.float32))
+    w2.close()
+
+
+def test_writer_falls_back_to_zarr_for_encoded_chunks(tmp_path, monkeypatch):
+    """A store whose chunks are not plain bytes (e.g. compressed) is written through zarr."""
+    monkeypatch.setattr(ActivationStore, "raw_chunk_file", lambda self, site, coords: None)
+    st = ActivationStore(tmp_path / "s.zarr", _meta(), _tokens())
+    rng = np.random.default_rng(4)
+    hidden = rng.normal(size=(3, 10, 6)).astype(np.float32)
+    w = st.writer(st.slot("base"))
+    w.add("hidden", 0, hidden[:, :4])
+    w.add("hidden", 4, [layer for layer in hidden[:, 4:]])
+    w.close()
+    st.mark_complete("base")
+    np.testing.assert_array_equal(open_store(tmp_path / "s.zarr").hidden.sel(checkpoint="base").values, hidden)
