@@ -74,6 +74,7 @@ def per_layer(report, var: str, site: str = "hidden", ax=None, modality: str | N
     for i, label in enumerate(da.checkpoint.values):
         ax.plot(da.layer.values, da.sel(checkpoint=label).values, marker="o",
                 color=cmap(i / max(1, n - 1)), label=str(label))
+    ax.set_xticks(da.layer.values)                       # layers are integers
     ax.set_xlabel("layer")
     ax.set_ylabel(da.attrs.get("long_name", var))
     ax.set_title(f"{var} by layer ({site})")
