@@ -364,34 +364,41 @@ def _precheck_store(out: Path, probes, config, spec) -> None:
 
 def _capture_one(net, spec, plan: Plan, label, layer_ids, sites, dev, out, store, ctx,
                  progress, src):
-    import torch
     from nnsight import NNsight
     from tqdm.auto import tqdm
 
     nmodel = NNsight(net)
     fdtype = _model_dtype(net)
     writer = None
-    for batch in tqdm(plan.batches, desc=f"capture {label}", leave=False, disable=not progress):
-        inputs = _to_device(batch.inputs, dev, fdtype)
-        rb = torch.as_tensor(batch.rows_b, device=dev)
-        rp = torch.as_tensor(batch.rows_p, device=dev)
-        try:
-            got = trace_batch(nmodel, spec, inputs, layer_ids, sites, rb, rp, stack=False)
-        except Exception as exc:  # noqa: BLE001 - re-raised with context
-            raise _explain(exc, label, src, batch) from exc
-        # [r, d] (embed) or a list of n_layers [r, width] arrays; float32/float16 on the host,
-        # cast to the storage dtype when copied into the store's chunk buffer
-        arrays = {s: _host(v) if s == "embed" else [_host(t) for t in v] for s, v in got.items()}
-        if store is None:
-            meta = _meta(ctx, spec, layer_ids, sites, arrays, plan)
-            store = ActivationStore(out, meta, plan.tokens)
-        if writer is None:
-            writer = store.writer(store.slot(label))
-        for s, arr in arrays.items():
-            writer.add(s, batch.start, arr)
-    writer.close()
-    store.mark_complete(label)
+    try:
+        for batch in tqdm(plan.batches, desc=f"capture {label}", leave=False, disable=not progress):
+            arrays = _trace_arrays(nmodel, spec, batch, layer_ids, sites, dev, fdtype, label, src)
+            if store is None:
+                store = ActivationStore(out, _meta(ctx, spec, layer_ids, sites, arrays, plan), plan.tokens)
+            if writer is None:
+                writer = store.writer(store.slot(label))
+            for s, arr in arrays.items():
+                writer.add(s, batch.start, arr)
+    finally:
+        if writer is not None:       # also on an error mid-checkpoint: finish queued writes, close files
+            writer.close()
+    store.mark_complete(label)       # only after every row is on disk
     return store
+
+
+def _trace_arrays(nmodel, spec, batch: Batch, layer_ids, sites, dev, fdtype, label, src) -> dict:
+    """One batch's captured rows as host arrays: ``embed`` ``[r, d]``; layered sites a list of
+    ``n_layers`` arrays ``[r, width]`` (cast to the storage dtype when written)."""
+    import torch
+
+    inputs = _to_device(batch.inputs, dev, fdtype)
+    rb = torch.as_tensor(batch.rows_b, device=dev)
+    rp = torch.as_tensor(batch.rows_p, device=dev)
+    try:
+        got = trace_batch(nmodel, spec, inputs, layer_ids, sites, rb, rp, stack=False)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise _explain(exc, label, src, batch) from exc
+    return {s: _host(v) if s == "embed" else [_host(t) for t in v] for s, v in got.items()}
 
 
 def _host(t) -> np.ndarray:

@@ -248,6 +248,34 @@ def test_append_checkpoint_and_skip_completed(trajectory, tmp_path, monkeypatch)
     assert len(calls) == n_batches       # only the new checkpoint was traced
 
 
+def test_error_mid_checkpoint_leaves_it_incomplete_then_rerun_completes(trajectory, tmp_path, monkeypatch):
+    """An exception in the third batch: queued rows are flushed, files closed, the checkpoint
+    is not marked complete; the next capture redoes it and equals a clean run."""
+    t = trajectory
+    cap = importlib.import_module("driftlens.capture")
+    orig, calls = cap.trace_batch, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return orig(*a, **k)
+
+    monkeypatch.setattr(cap, "trace_batch", failing)
+    out = tmp_path / "err.zarr"
+    with pytest.raises(cap.CaptureError, match="boom"):
+        dl.capture(t["model"], t["probes"], out=out, processor=t["processor"], batch_size=2, progress=False)
+    assert len(dl.open_store(out).checkpoint) == 0
+    assert list(dl.open_store(out, include_incomplete=True).checkpoint.values.astype(str)) == ["model"]
+    monkeypatch.setattr(cap, "trace_batch", orig)
+    dl.capture(t["model"], t["probes"], out=out, processor=t["processor"], batch_size=2, progress=False)
+    clean = dl.capture(t["model"], t["probes"], out=tmp_path / "clean.zarr", processor=t["processor"],
+                       batch_size=2, progress=False)
+    a, b = dl.open_store(out), dl.open_store(clean)
+    for var in ("hidden", "key"):
+        np.testing.assert_array_equal(a[var].values, b[var].values)
+
+
 def test_store_refuses_other_probe_set_and_architecture(trajectory, tmp_path):
     t = trajectory
     out = tmp_path / "r.zarr"
