@@ -309,6 +309,11 @@ def _attrs(name: str) -> dict:
     if suffix == "null":
         return {"long_name": f"{long_name}, null mean", "units": units,
                 "definition": f"mean over splits of the metric between disjoint halves of the reference: {definition}"}
+    if suffix == "z" and base == "shift":
+        return {"long_name": f"{long_name}, z-score against random re-pairing", "units": "1",
+                "definition": "(value - null mean) / null std, the null being reference rows paired at random: "
+                              "negative while tokens stay closer to their own past than to other tokens; "
+                              "a paired displacement of a deterministic model has no sampling null"}
     if suffix == "z":
         return {"long_name": f"{long_name}, z-score", "units": "1",
                 "definition": "(value - null mean) / null std over the same splits"}
