@@ -78,12 +78,24 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
     probes = ProbeSet.load(make_shapes_probes(out / "probes" / "organism-world", seed=0,
                                               size=traj.recipe.image_size, **DEMO_PROBES))
     store_path = out / "activations.zarr"
+    seconds = {"organism": round(t_build, 1)}
+    tick = time.perf_counter()
+
+    def lap(name):
+        nonlocal tick
+        now = time.perf_counter()
+        seconds[name] = round(now - tick, 1)
+        tick = now
+
     capture(ckpts[labels[0]], probes, ckpts, out=store_path, sites=("hidden", "key"),
             batch_size=16, device=device, progress=progress)
+    lap("capture")
     ds = open_store(store_path)
     report = drift(ds, reference=labels[0], metrics=DEMO_METRICS, progress=progress,
                    device=device, out=out / "drift.nc")
+    lap("drift")
     evaluation = organism.evaluate(traj, progress=progress)
+    lap("evaluate")
     z, frac = visual_drift_summary(report)
 
     figs = out / "figures"
@@ -96,6 +108,7 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
         plot.accuracy_vs_drift(evaluation["grounding_accuracy"], mean_z, chance=evaluation["chance_accuracy"]),
         figs / "accuracy_vs_drift.png"))
     files.update(_ranks(report, traj, out, figs, budget))
+    lap("figures_and_ranks")
 
     summary = {
         "checkpoints": labels,
@@ -105,7 +118,7 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
         "visual_drift_z": z,
         "layers_z_gt3_fraction": frac,
         "organism": str(traj.root),
-        "seconds": {"organism": round(t_build, 1), "total": round(time.perf_counter() - t0, 1)},
+        "seconds": {**seconds, "total": round(time.perf_counter() - t0, 1)},
         "files": files,
     }
     write_summary(out, summary)
