@@ -151,8 +151,8 @@ def _add_demo(sub) -> None:
         "demo", help="the whole pipeline on the built-in model organism (CPU, no download)",
         description="Build (or load the cached) model organism -- a tiny LLaVA trained here on an English "
                     "shapes world, then adapted to Korean -- capture a probe set of its world (72 scenes "
-                    "rendered twice, 144 images) across its trajectory, compute the drift report, and write figures, a LoRA rank schedule and "
-                    "summary.json / summary.md into the output folder.",
+                    "rendered twice, 144 images) across its trajectory, compute the drift report, and "
+                    "write figures, a LoRA rank schedule and summary.json / summary.md into the output folder.",
     )
     p.add_argument("--out", "-o", default="driftlens-demo", help="output folder (default: %(default)s)")
     p.add_argument("--cache", default=None,

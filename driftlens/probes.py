@@ -398,8 +398,9 @@ def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 6
 
     With ``renders > 1`` scene ``k`` is also rendered with seeds ``seed * 1000 + 100 * j + k``
     (``j = 1 .. renders - 1``) to ``images/s{k:02d}r{j}.png`` (probe ids ``s{k:02d}r{j}-...``,
-    group ``{scene.key}#r{j}``: a group is the probes that share one image, as everywhere). With ``alternate_langs`` each image gets the probes of one language
-    only (``LANGS[(k + j) % 2]``), so no two probes share an image: the visual tokens are not
+    group ``{scene.key}#r{j}``: a group is the probes that share one image, as everywhere).
+    With ``alternate_langs`` each image gets the probes of one language only
+    (``LANGS[(k + j) % 2]``), so no two probes share an image: the visual tokens are not
     duplicated across languages (in a causal decoder, EN and KO probes of one image with the
     same prefix have identical visual-token states) while both languages stay balanced.
 

@@ -271,18 +271,19 @@ class CheckpointWriter:
             for layer, slab in enumerate(slabs):
                 coords = (self.index, chunk, 0) if site == "embed" else (self.index, layer, chunk, 0)
                 piece = np.ascontiguousarray(slab[row:row + take], dtype=self.dtype)
-                fh = self._file(site, coords, piece.shape[-1])
-                fh.seek(offset * piece.shape[-1] * self.dtype.itemsize)
+                row_bytes = piece.shape[-1] * self.dtype.itemsize
+                fh = self._file(store.raw_chunk_file(site, coords), size * row_bytes)
+                fh.seek(offset * row_bytes)
                 fh.write(piece.data)
             row += take
 
-    def _file(self, site: str, coords: tuple, width: int):
-        path = self.store.raw_chunk_file(site, coords)
+    def _file(self, path: Path, nbytes: int):
+        """The open chunk file at ``path``, created (or cut) at its full size ``nbytes`` (zeros)."""
         fh = self.files.get(path)
         if fh is None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fh = open(path, "r+b" if path.exists() else "w+b")
-            fh.truncate(self.store.chunk_rows(site) * width * self.dtype.itemsize)   # full chunk, zeros
+            fh.truncate(nbytes)
             self.files[path] = fh
         return fh
 
