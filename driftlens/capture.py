@@ -24,9 +24,9 @@ from driftlens.sources import (
     normalize_checkpoints,
     source_kind,
 )
-from driftlens.store import ActivationStore, StoreMismatchError
+from driftlens.store import UNLAYERED, ActivationStore, StoreMismatchError
 
-SITES = ("embed", "hidden", "key", "query")
+SITES = ("embed", "hidden", "key", "query", "final")
 SITE_ORDER = {s: i for i, s in enumerate(SITES)}
 
 
@@ -51,7 +51,7 @@ class Plan:
     """Weight-independent part of a capture: batches and the token table."""
 
     batches: list[Batch]
-    tokens: dict = field(default_factory=dict)   # sample, group, position, modality, lang; one per row
+    tokens: dict = field(default_factory=dict)   # sample, group, cluster, position, modality, lang; one per row
 
     @property
     def n_tokens(self) -> int:
@@ -88,7 +88,7 @@ def plan_tokens(processor, spec, config, probes, batch_size: int = 8,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     image_id = spec.image_token_id(config)
     batches: list[Batch] = []
-    cols: dict[str, list] = {"sample": [], "group": [], "position": [], "modality": [], "lang": []}
+    cols: dict[str, list] = {"sample": [], "group": [], "cluster": [], "position": [], "modality": [], "lang": []}
     start = 0
     for b0 in range(0, len(probes), batch_size):
         idx = list(range(b0, min(b0 + batch_size, len(probes))))
@@ -118,6 +118,7 @@ def plan_tokens(processor, spec, config, probes, batch_size: int = 8,
             rows_p.append(keep)
             cols["sample"] += [p.id] * len(keep)
             cols["group"] += [p.group] * len(keep)
+            cols["cluster"] += [p.cluster] * len(keep)
             cols["position"] += keep.tolist()
             cols["modality"] += ["visual" if v else "text" for v in is_vis]
             cols["lang"] += [p.lang] * len(keep)
@@ -147,9 +148,10 @@ def trace_batch(nmodel, spec, inputs: dict, layers: list[int], sites: tuple[str,
     Returns
     -------
     dict
-        ``embed`` -> ``[r, d]``; ``hidden`` / ``key`` / ``query`` -> ``[n_layers, r, width]``
-        (with ``stack=False``: a list of ``n_layers`` tensors ``[r, width]``, saving a copy).
-        Modules are read in forward order (embed, then per layer q_proj, k_proj, output).
+        ``embed`` / ``final`` -> ``[r, d]``; ``hidden`` / ``key`` / ``query`` ->
+        ``[n_layers, r, width]`` (with ``stack=False``: a list of ``n_layers`` tensors
+        ``[r, width]``, saving a copy). Modules are read in forward order (embed, then per layer
+        q_proj, k_proj, output, then the final norm).
     """
     import torch
 
@@ -166,11 +168,13 @@ def trace_batch(nmodel, spec, inputs: dict, layers: list[int], sites: tuple[str,
                 out["key"].append(_envoy(block, spec.key_proj).output[rows_b, rows_p].save())
             if "hidden" in sites:
                 out["hidden"].append(_first(block.output)[rows_b, rows_p].save())
+        if "final" in sites:
+            out["final"].append(_first(_envoy(nmodel, spec.final_norm).output)[rows_b, rows_p].save())
         if stop_after:
             tracer.stop()
     result = {}
     for s in sites:
-        if s == "embed":
+        if s in UNLAYERED:
             result[s] = out[s][0]
         else:
             result[s] = torch.stack(list(out[s])) if stack else list(out[s])
@@ -207,7 +211,7 @@ def _config_of(model):
     return model.config
 
 
-def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidden", "key"),
+def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidden", "key", "final"),
             layers=None, batch_size: int = 8, device="auto", *, processor=None, spec=None,
             dtype: str = "float32", tokens_per_sample: int | None = None, seed: int = 0,
             progress: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False):
@@ -228,7 +232,8 @@ def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidde
         Store folder (zarr). Completed checkpoints already in it are skipped; an
         interrupted one is redone; new labels are appended.
     sites : tuple of str
-        Any of ``"embed"``, ``"hidden"``, ``"key"``, ``"query"``.
+        Any of ``"embed"``, ``"hidden"``, ``"key"``, ``"query"``, ``"final"`` (the decoder's
+        final-norm output, HF's last ``hidden_states`` entry: what MIR's last layer uses).
     layers : sequence of int, optional
         Decoder blocks to capture (default all).
     batch_size : int
@@ -398,7 +403,7 @@ def _trace_arrays(nmodel, spec, batch: Batch, layer_ids, sites, dev, fdtype, lab
         got = trace_batch(nmodel, spec, inputs, layer_ids, sites, rb, rp, stack=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise _explain(exc, label, src, batch) from exc
-    return {s: _host(v) if s == "embed" else [_host(t) for t in v] for s, v in got.items()}
+    return {s: _host(v) if s in UNLAYERED else [_host(t) for t in v] for s, v in got.items()}
 
 
 def _host(t) -> np.ndarray:
@@ -421,7 +426,7 @@ def _meta(ctx, spec, layer_ids, sites, arrays, plan) -> dict:
         "n_layers": int(ctx["n_layers"]),
         "layers": [int(i) for i in layer_ids],
         "sites": list(sites),
-        "dims": {s: int(a.shape[-1] if s == "embed" else a[0].shape[-1]) for s, a in arrays.items()},
+        "dims": {s: int(a.shape[-1] if s in UNLAYERED else a[0].shape[-1]) for s, a in arrays.items()},
         "dtype": ctx["dtype"],
         "token_selection": plan.selection_hash(),
         "image_token_id": int(spec.image_token_id(config)),

@@ -32,8 +32,9 @@ def _add_capture(sub) -> None:
                    help="a trajectory point, in order: a model directory or a PEFT adapter directory "
                         "(applied on MODEL); repeat. Default: MODEL alone, labelled 'model'")
     p.add_argument("--out", "-o", default="driftlens.zarr", help="store folder (default: %(default)s)")
-    p.add_argument("--sites", nargs="+", default=["hidden", "key"],
-                   choices=["embed", "hidden", "key", "query"], help="what to capture (default: hidden key)")
+    p.add_argument("--sites", nargs="+", default=["hidden", "key", "final"],
+                   choices=["embed", "hidden", "key", "query", "final"],
+                   help="what to capture (default: hidden key final; final = the decoder's final-norm output)")
     p.add_argument("--layers", nargs="+", type=int, default=None, help="decoder layers (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
@@ -70,18 +71,23 @@ def _add_drift(sub) -> None:
 
     p = sub.add_parser(
         "drift",
-        help="drift of every (checkpoint, layer, site, modality) against a reference, with nulls",
-        description="Compute the drift report of an activation store: each distributional metric "
-                    "against the reference checkpoint beside its null (disjoint halves of the "
-                    "reference's probe images) and a z-score; MMD permutation p-values; modality "
-                    "gap and MIR per layer. Writes netCDF.",
+        help="drift of every (checkpoint, layer, site, modality) against a reference, with intervals and p-values",
+        description="Compute the drift report of an activation store: per cell and metric an effect size "
+                    "against the reference checkpoint, its cluster-bootstrap interval and a cluster "
+                    "sign-flip p-value (clusters = the probe set's independent units), p-values adjusted "
+                    "over the grid; modality gap and MIR per layer with intervals. Writes netCDF.",
     )
     p.add_argument("store", help="activation store folder written by `driftlens capture`")
     p.add_argument("--reference", default=None, help="reference checkpoint label (default: the first)")
-    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=list(ALL_METRICS))
+    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=list(ALL_METRICS) + ["shift"])
     p.add_argument("--sites", nargs="+", default=None, help="layered sites (default: all in the store)")
-    p.add_argument("--splits", type=int, default=20, help="null splits (default: %(default)s)")
-    p.add_argument("--permutations", type=int, default=200, help="MMD test permutations (default: %(default)s)")
+    p.add_argument("--permutations", type=int, default=1000,
+                   help="cluster sign flips per cell for the p-values (default: %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="cluster-bootstrap draws per cell for the intervals (default: %(default)s)")
+    p.add_argument("--level", type=float, default=0.95, help="interval coverage (default: %(default)s)")
+    p.add_argument("--correction", choices=["bh", "holm", "none"], default="bh",
+                   help="multiple-testing adjustment over the grid (default: %(default)s)")
     p.add_argument("--blur", type=float, default=0.1,
                    help="Sinkhorn blur as a fraction of the reference's median-heuristic sigma")
     p.add_argument("--seed", type=int, default=0)
@@ -95,14 +101,23 @@ def _run_drift(args) -> int:
     from driftlens.drift import drift
 
     rep = drift(args.store, reference=args.reference, metrics=tuple(args.metrics), sites=args.sites,
-                n_splits=args.splits, n_permutations=args.permutations, seed=args.seed,
+                n_permutations=args.permutations, n_bootstrap=args.bootstrap, level=args.level,
+                correction=None if args.correction == "none" else args.correction, seed=args.seed,
                 device=args.device, blur=args.blur, progress=not args.no_progress, out=args.out)
     print(f"report: {args.out}")
-    if "mmd_z" in rep:
-        z = rep.mmd_z.sel(modality="visual").isel(site=0)
-        print(f"visual MMD z ({str(rep.site.values[0])}), checkpoint x layer:")
-        for c in z.checkpoint.values:
-            print(f"  {str(c):>12}: " + " ".join(f"{v:6.1f}" for v in z.sel(checkpoint=c).values))
+    if "mmd" in rep:
+        sel = {"modality": "visual", "site": "hidden" if "hidden" in rep.site.values else str(rep.site.values[0])}
+        eff, lo, hi = (rep[v].sel(**sel) for v in ("mmd", "mmd_lo", "mmd_hi"))
+        p = rep["mmd_q" if "mmd_q" in rep else "mmd_p"].sel(**sel)
+        print(f"visual MMD^2 ({sel['site']}), checkpoint x layer: effect [{rep.attrs['level']:.0%} interval] "
+              f"{'q' if 'mmd_q' in rep else 'p'}")
+        for c in eff.checkpoint.values:
+            cells = [f"{e:.4f} [{a:.4f}, {b:.4f}] {q:.3g}" for e, a, b, q in
+                     zip(eff.sel(checkpoint=c).values, lo.sel(checkpoint=c).values,
+                         hi.sel(checkpoint=c).values, p.sel(checkpoint=c).values)]
+            print(f"  {str(c):>12}: " + " | ".join(cells))
+    for w in filter(None, str(rep.attrs.get("warnings", "")).split("\n")):
+        print(f"warning: {w}", file=sys.stderr)
     return 0
 
 
@@ -112,7 +127,7 @@ def _add_plot(sub) -> None:
         description="Draw a checkpoint x layer heatmap of a report variable, or per-layer curves.",
     )
     p.add_argument("report", help="netCDF report written by `driftlens drift`")
-    p.add_argument("--var", default="mmd_z", help="report variable (default: %(default)s)")
+    p.add_argument("--var", default="mmd", help="report variable (default: %(default)s)")
     p.add_argument("--kind", choices=["heatmap", "layers"], default="heatmap")
     p.add_argument("--site", default="hidden")
     p.add_argument("--modality", default="visual")

@@ -1,102 +1,117 @@
-"""The drift report: every distributional metric against a reference checkpoint, with its null.
+"""The drift report: every metric of a checkpoint against a reference, with calibrated inference.
 
-For each (checkpoint, layer, site, modality) cell and each of ``n_splits`` random splits of
-the probe *groups* (probes that share an image) into two disjoint halves A and B:
+The same probes go through every checkpoint, so the design is *paired*, and tokens are not
+independent: the tokens of one image, and the images (renders, crops, language twins) of one
+scene, are strongly correlated. The store's ``cluster`` coordinate names the independent unit;
+every interval and null here resamples whole clusters (:mod:`driftlens.inference`).
 
-    null_s  = metric(reference[A], reference[B])      # same model: sampling noise only
-    value_s = metric(reference[A], checkpoint[B])     # same sizes, same rows, other model
+Per (checkpoint, layer, site, modality) cell and distributional metric ``m`` the report holds
 
-and the report holds ``{m} = mean_s value_s``, ``{m}_null = mean_s null_s``,
-``{m}_z = ({m} - {m}_null) / std_s null_s``. Splitting by image group, not by token, keeps
-tokens of one image (and its English/Korean twin probes) on one side, so the null is not
-shrunk by near-duplicate rows. The reference checkpoint itself gets ``z = 0`` exactly.
-MMD also gets a permutation p-value (``mmd_p``) from the first split (tokens are treated as
-exchangeable there; the group-split z is the primary figure).
+- ``{m}``: the effect size, in the metric's units, whose expectation does not depend on the
+  number of probe clusters;
+- ``{m}_lo`` / ``{m}_hi``: its cluster-bootstrap interval (percentile, ``level``);
+- ``{m}_p``: a cluster sign-flip permutation p-value (swap the reference's and the checkpoint's
+  tokens of whole clusters), one-sided, ``(1 + k) / (1 + B)``;
+- ``{m}_q``: the p-value adjusted over every non-reference cell of the metric (``correction``).
 
-Cross-modal metrics per (checkpoint, layer, site): modality gap (Liang et al.) and the MIR
-Frechet term (Huang et al.; text tokens after the image), plus ``mir_total``.
+Effect sizes:
+
+``mmd``
+    The paired cluster MMD^2: ``mean over cluster pairs a != b of <D_a, D_b>``, ``D_a`` the
+    difference between the kernel mean embeddings of cluster ``a``'s tokens at the reference and
+    at the checkpoint. A U-statistic over clusters, unbiased for the MMD^2 between the two token
+    distributions (each cluster weighted equally) whatever the number of clusters and the
+    correlation inside one; it can be slightly negative. Kernel ``exp(-|x-y|^2 / (2 sigma^2))``,
+    ``sigma`` the reference tokens' median heuristic (variable ``sigma``), the same for every
+    checkpoint and resample. Sign flips and bootstrap draws are batched quadratic forms of one
+    K x K matrix, so 1000 of each cost next to nothing.
+``sinkhorn``, ``sliced_w``, ``gauss_w2``
+    Plug-in estimates are biased upward by an amount that shrinks with the sample size; the
+    effect is the excess of the value over the mean of its sign-flip null (which carries the
+    same finite-sample bias), so it is near 0 without drift for any number of clusters. Each
+    resample recomputes the metric, so these use ``transport_resamples`` draws (default 200).
+``paired_shift``
+    ``sqrt(E|c_i - r_i|^2 / E|r_i - r_j|^2)``: root-mean-square displacement of a token between
+    the reference and the checkpoint, relative to the root-mean-square distance between tokens
+    of *different* clusters at the reference (pairs over clusters a != b). 0 = no movement, 1 =
+    tokens moved as far as one scene is from another. Interval by cluster bootstrap; no p-value:
+    a deterministic model's displacement has no sampling null (any non-zero value is a change).
+
+Cross-modal values per checkpoint, with cluster-bootstrap intervals: ``gap`` (Liang et al.
+2022; per layer and site) and ``mir`` (Huang et al. 2025; ``hidden`` only, visual tokens vs the
+text tokens after the image; the last layer on the post-final-norm state, site ``final``, as the
+paper's ``hidden_states[-1]``), and ``mir_total = log10(sum over layers)``.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from driftlens import inference as I
+
 DISTRIBUTIONAL = ("mmd", "sinkhorn", "sliced_w", "gauss_w2")
-PAIRED = ("shift",)
+TRANSPORT = ("sinkhorn", "sliced_w", "gauss_w2")
+PAIRED = ("paired_shift",)
 CROSS_MODAL = ("gap", "mir")
 ALL_METRICS = DISTRIBUTIONAL + PAIRED + CROSS_MODAL
-DEFAULT_METRICS = ("mmd", "sinkhorn", "sliced_w", "gauss_w2", "shift", "gap", "mir")
+ALIASES = {"shift": "paired_shift"}
+DEFAULT_METRICS = ("mmd", "paired_shift", "gap", "mir")
+CORRECTIONS = ("bh", "holm", None)
 # geomloss epsilon-scaling factor used by the report. Measured on 470 x 470 tokens, d=96, one
 # CPU thread: blur 0.1 sigma with scaling 0.7 takes 0.065 s per call against 0.40 s for blur
-# 0.05 sigma with scaling 0.9, and the value moves by 0.7%. Value and null share the settings.
+# 0.05 sigma with scaling 0.9, and the value moves by 0.7%.
 SINKHORN_SCALING = 0.7
+FEW_CLUSTERS = 10   # below this, percentile intervals are rough; said in the report's warnings
 
 DEFINITIONS = {
-    "mmd": ("squared maximum mean discrepancy", "unbiased MMD^2 with Gaussian kernel exp(-|x-y|^2/(2 sigma^2)), "
-            "sigma = the reference tokens' median heuristic (variable `sigma`), the same for value and null", "1"),
-    "sinkhorn": ("debiased Sinkhorn divergence", "geomloss SamplesLoss('sinkhorn', p=2) with cost |x-y|^2/2, "
-                 "blur = attrs sinkhorn_blur x sigma; tends to W2^2/2 as blur -> 0", "model units^2"),
-    "sliced_w": ("sliced Wasserstein-2 distance", "(mean over random unit projections of W_2^2)^(1/2), "
-                 "same projections for value and null", "model units"),
-    "gauss_w2": ("Gaussian Wasserstein-2 distance", "closed-form W2 between Gaussians fitted to each sample "
-                 "(means, unbiased covariances, exact symmetric square roots in float64)", "model units"),
-    "shift": ("paired token displacement", "mean over token rows of 1 - cos(reference row, checkpoint row), "
-              "the same rows in both; null: the same with reference rows paired at random within the modality",
-              "1"),
-    "gap": ("modality gap", "|mean(normalize(visual)) - mean(normalize(text))| (Liang et al. 2022)", "1"),
-    "mir": ("modality integration rate, per-layer term", "Frechet distance between visual tokens and the text "
-            "tokens after the image, both scaled by 1/mean text-token norm, 3-std norm outliers replaced by the "
-            "per-dimension median, unbiased covariances, exact square root (Huang et al. 2025)", "1"),
+    "mmd": ("squared maximum mean discrepancy (paired cluster estimate)",
+            "mean over pairs of distinct clusters a != b of <D_a, D_b>, D_a the difference between the mean "
+            "kernel embeddings of cluster a's tokens at the reference and at the checkpoint; Gaussian kernel "
+            "exp(-|x-y|^2/(2 sigma^2)), sigma = the reference tokens' median heuristic (variable `sigma`). "
+            "Unbiased for MMD^2 between the two token distributions, clusters weighted equally", "1"),
+    "sinkhorn": ("debiased Sinkhorn divergence, excess over the no-change null",
+                 "geomloss SamplesLoss('sinkhorn', p=2) (cost |x-y|^2/2, blur = attrs sinkhorn_blur x sigma) "
+                 "between the reference's and the checkpoint's tokens, minus the mean of the same under "
+                 "cluster sign flips", "model units^2"),
+    "sliced_w": ("sliced Wasserstein-2 distance, excess over the no-change null",
+                 "(mean over random unit projections of W_2^2)^(1/2) between the reference's and the "
+                 "checkpoint's tokens, minus the mean of the same under cluster sign flips", "model units"),
+    "gauss_w2": ("Gaussian Wasserstein-2 distance, excess over the no-change null",
+                 "closed-form W2 between Gaussians fitted to the reference's and the checkpoint's tokens "
+                 "(unbiased covariances, exact square roots), minus the mean of the same under cluster sign "
+                 "flips", "model units"),
+    "paired_shift": ("paired token displacement, relative to the spread between clusters",
+                     "sqrt(mean over clusters of mean |c_i - r_i|^2 / mean over token pairs of distinct "
+                     "clusters of |r_i - r_j|^2): same token rows at the checkpoint (c) and the reference (r)",
+                     "1"),
+    "gap": ("modality gap", "|mean(normalize(visual)) - mean(normalize(text))| over the tokens of the "
+            "checkpoint (Liang et al. 2022); text = the text tokens after the image", "1"),
+    "mir": ("modality integration rate, per-layer term",
+            "Frechet distance between visual tokens and the text tokens after the image, both scaled by "
+            "1/mean text-token norm, 3-std norm outliers replaced by the per-dimension median, unbiased "
+            "covariances, exact square root (Huang et al. 2025); the last layer after the model's final norm", "1"),
 }
 
 
-def _metric_fns(metrics, opts):
-    """name -> f(x, y, scale) -> float over torch tensors (x, y: [n, d]).
-
-    ``scale`` is the reference's median-heuristic sigma for the cell: the MMD bandwidth, and the
-    unit of the Sinkhorn blur (``blur * scale``), so that value and null share one kernel and
-    layers of very different norms get comparable transport regularization.
-    """
-    from driftlens import metrics as M
-
-    fns = {}
-    if "mmd" in metrics:
-        fns["mmd"] = lambda x, y, s: float(M.mmd2(x, y, sigma=s))
-    if "sinkhorn" in metrics:
-        fns["sinkhorn"] = lambda x, y, s: float(M.sinkhorn(x, y, blur=opts["blur"] * s, scaling=SINKHORN_SCALING,
-                                                           seed=opts["seed"]))
-    if "sliced_w" in metrics:
-        fns["sliced_w"] = lambda x, y, s: float(M.sliced_wasserstein(
-            x, y, n_projections=opts["n_projections"], seed=opts["seed"]))
-    if "gauss_w2" in metrics:
-        fns["gauss_w2"] = lambda x, y, s: float(M.gaussian_w2(x, y))
-    return fns
+class DriftError(ValueError):
+    """The report cannot be computed from this input; the message names the store, cell or value."""
 
 
-def group_splits(groups: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``n_splits`` random halvings of the distinct groups; returns boolean row masks (A, B)."""
-    uniq = np.unique(groups)
-    if len(uniq) < 2:
-        raise ValueError(
-            f"the null needs at least 2 probe groups (images) to split, the store has {len(uniq)}"
-        )
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_splits):
-        perm = rng.permutation(uniq)
-        half = set(perm[: len(uniq) // 2].tolist())
-        a = np.array([g in half for g in groups])
-        out.append((a, ~a))
-    return out
+# ----------------------------------------------------------------------------- input
 
 
-def _z(value: float, null: np.ndarray) -> float:
-    sd = float(np.std(null, ddof=1)) if len(null) > 1 else 0.0
-    mean = float(np.mean(null))
-    if sd <= 0 or not np.isfinite(sd):
-        return 0.0 if value == mean else float(np.sign(value - mean) * np.inf)
-    return (value - mean) / sd
+def _cluster_labels(ds) -> tuple[np.ndarray, str, list[str]]:
+    """Per-token cluster labels, the coordinate they came from, and warnings."""
+    for name in ("cluster", "group", "sample"):
+        if name in ds.coords:
+            notes = [] if name == "cluster" else [
+                f"the store has no `cluster` coordinate (captured before clusters existed); resampling "
+                f"units are its `{name}` values, which treats renders or twins of one scene as independent; "
+                f"recapture with a probe set that declares clusters"]
+            return np.asarray(ds[name].values).astype(str), name, notes
+    raise DriftError("the dataset has no per-token `cluster`, `group` or `sample` coordinate")
 
 
 def _text_after_image(ds) -> np.ndarray:
@@ -104,39 +119,232 @@ def _text_after_image(ds) -> np.ndarray:
     sample = ds["sample"].values.astype(str)
     pos = ds["position"].values
     vis = ds["modality"].values.astype(str) == "visual"
-    last = {}
+    last: dict[str, int] = {}
     for s, p, v in zip(sample, pos, vis):
         if v:
-            last[s] = max(last.get(s, -1), p)
+            last[s] = max(last.get(s, -1), int(p))
     return np.array([(not v) and p > last.get(s, -1) for s, p, v in zip(sample, pos, vis)])
 
 
+def _normalize_metrics(metrics) -> list[str]:
+    out = []
+    for m in metrics:
+        m = ALIASES.get(m, m)
+        if m not in ALL_METRICS:
+            raise DriftError(f"unknown metric {m!r}; choose from {ALL_METRICS} ('shift' = 'paired_shift')")
+        if m not in out:
+            out.append(m)
+    return out
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+class _Rows:
+    """One modality's rows of a (site, layer) and their clusters, on the device."""
+
+    def __init__(self, rows: np.ndarray, labels: np.ndarray, dev):
+        import torch
+
+        codes, uniq = I.cluster_codes(labels[rows])
+        self.rows = torch.as_tensor(rows, device=dev)
+        self.codes = torch.as_tensor(codes, device=dev)
+        self.k = len(uniq)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(self.k + 1))
+        self.by_cluster = [torch.as_tensor(order[bounds[a]:bounds[a + 1]], device=dev) for a in range(self.k)]
+
+    def resample(self, counts):
+        """Row indices of one bootstrap draw (cluster a repeated counts[a] times)."""
+        import torch
+
+        parts = [self.by_cluster[a].repeat(int(n)) for a, n in enumerate(counts.tolist()) if n]
+        return torch.cat(parts)
+
+    def flip_mask(self, signs):
+        """Row mask of the clusters a sign-flip column swaps."""
+        return (signs[self.codes.cpu()] < 0).to(self.rows.device)
+
+
+def _mmd_cell(g_rr, r, c, rows: _Rows, sigma, offset, flips, counts, level):
+    g_cc = I.cluster_kernel_means(c, c, rows.codes, rows.codes, rows.k, sigma, offset)
+    g_rc = I.cluster_kernel_means(r, c, rows.codes, rows.codes, rows.k, sigma, offset)
+    h = I.paired_mmd_terms(g_rr, g_cc, g_rc)
+    return I.u_statistic_inference(h.cpu(), flips, counts, level)
+
+
+def _shift_cell(r, c, rows: _Rows, counts, level):
+    est = I.shift_estimates(*I.paired_shift_terms(r, c, rows.codes, rows.k), counts)
+    lo, hi = I.percentile_interval(est[1:], level)
+    return float(est[0]), lo, hi
+
+
+def _transport_cell(f, r, c, rows: _Rows, flips, counts, level):
+    import torch
+
+    value = f(r, c)
+    null = []
+    for b in range(flips.shape[1]):
+        m = rows.flip_mask(flips[:, b])[:, None]
+        null.append(f(torch.where(m, c, r), torch.where(m, r, c)))
+    null = np.asarray(null)
+    base = float(null.mean())
+    boot = []
+    for b in range(counts.shape[1]):
+        idx = rows.resample(counts[:, b])
+        boot.append(f(r[idx], c[idx]) - base)
+    lo, hi = I.percentile_interval(np.asarray(boot), level)
+    return I.Inference(value - base, lo, hi, I.p_value(null, value), rows.k)
+
+
+def _gap_terms(v, t, cv, ct, k):
+    """Per-cluster sums of L2-normalized visual / text vectors [K, d] and counts [K]."""
+    import torch
+
+    def sums(a, codes, name):
+        from driftlens.metrics import _row_norms_nonzero
+
+        a64 = a.to(torch.float64)
+        a64 = a64 / _row_norms_nonzero(a64, name)[:, None]
+        s = torch.zeros(k, a.shape[1], dtype=torch.float64, device=a.device).index_add_(0, codes, a64)
+        n = torch.zeros(k, dtype=torch.float64, device=a.device).index_add_(0, codes, torch.ones_like(a64[:, 0]))
+        return s.cpu(), n.cpu()
+
+    return sums(v, cv, "visual tokens") + sums(t, ct, "text tokens")
+
+
+def _gap_cell(v, t, cv, ct, k, counts, level):
+    import torch
+
+    sv, nv, st, nt = _gap_terms(v, t, cv, ct, k)
+    w = torch.cat([torch.ones(k, 1, dtype=torch.float64), counts], 1).T          # [1 + B, K]
+    gap = (w @ sv) / (w @ nv)[:, None] - (w @ st) / (w @ nt)[:, None]           # [1 + B, d]
+    vals = gap.norm(dim=1)
+    lo, hi = I.percentile_interval(vals[1:], level)
+    return float(vals[0]), lo, hi
+
+
+def _mir_cell(v, t, cv, ct, k, counts, level):
+    """MIR term with its cluster-bootstrap draws.
+
+    Outlier replacement is decided once on the full sample (the 3-std rule is scale-free); each
+    draw recomputes the text-norm scale, the means and the unbiased covariances from per-cluster
+    sums, and the Frechet distance exactly (Cholesky + symmetric eigenvalues, float64).
+    """
+    import torch
+
+    from driftlens import metrics as M
+
+    value = M.mir(v, t)              # the exact float64 value
+    v64 = M._replace_outliers(v.to(torch.float64))
+    t_raw = t.to(torch.float64)
+    t64 = M._replace_outliers(t_raw)
+
+    def stats(a, codes):   # per cluster: count [K], sum [K, d], sum of outer products [K, d, d]
+        cpu = codes.cpu()
+        a = a.cpu()
+        n = torch.bincount(cpu, minlength=k).to(torch.float64)
+        s = torch.zeros(k, a.shape[1], dtype=torch.float64).index_add_(0, cpu, a)
+        order = torch.argsort(cpu, stable=True)
+        bounds = torch.searchsorted(cpu[order], torch.arange(k + 1)).tolist()
+        outer = torch.stack([a[order[bounds[j]:bounds[j + 1]]].T @ a[order[bounds[j]:bounds[j + 1]]]
+                             for j in range(k)])
+        return n, s, outer
+
+    nv, sv, ov = stats(v64, cv)
+    nt, st, ot = stats(t64, ct)
+    tn = torch.zeros(k, dtype=torch.float64).index_add_(0, ct.cpu(), t_raw.norm(dim=1).cpu())
+    boot = _frechet_batch(counts.T, nv, sv, ov, nt, st, ot, tn)
+    lo, hi = I.percentile_interval(boot, level)
+    return value, lo, hi, boot
+
+
+def _frechet_batch(w, nv, sv, ov, nt, st, ot, tn, chunk: int = 128):
+    """MIR term of every weighting row of ``w`` [B, K] from per-cluster sufficient statistics."""
+    import torch
+
+    out = []
+    for b0 in range(0, w.shape[0], chunk):
+        wb = w[b0:b0 + chunk]                                               # [b, K]
+
+        def moments(n, s, o):
+            nn = wb @ n                                                     # [b]
+            mu = (wb @ s) / nn[:, None]                                     # [b, d]
+            sec = (wb @ o.reshape(o.shape[0], -1)).reshape(-1, *o.shape[1:])  # [b, d, d]
+            cov = (sec - nn[:, None, None] * mu[:, :, None] * mu[:, None, :]) / (nn - 1)[:, None, None]
+            return mu, cov
+
+        mv, cvv = moments(nv, sv, ov)
+        mt, ctt = moments(nt, st, ot)
+        scale = (wb @ tn) / (wb @ nt)                                       # [b] mean text norm
+        # moments in float64 (sums of squares cancel); the eigenvalues in float32 (2x faster, and
+        # their rounding is far below the resampling spread an interval describes)
+        f32 = [a.to(torch.float32) for a in (mv, cvv, mt, ctt)]
+        out.append(_frechet_many(*f32).to(torch.float64) / scale ** 2)
+    return torch.cat(out).numpy()
+
+
+def _frechet_many(m1, c1, m2, c2):
+    """Batched exact Frechet distance: |m1-m2|^2 + tr c1 + tr c2 - 2 sum sqrt eig(L^T c2 L), c1 = L L^T."""
+    import torch
+
+    d = c1.shape[-1]
+    eye = torch.eye(d, dtype=c1.dtype)
+    jitter = 1e-12 * c1.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye
+    lo, info = torch.linalg.cholesky_ex(c1 + jitter)
+    if bool((info != 0).any()):                 # not positive definite: exact symmetric square root
+        w_, q = torch.linalg.eigh(c1)
+        lo = q * w_.clamp(min=0).sqrt()[:, None, :]
+    mid = lo.transpose(-1, -2) @ c2 @ lo
+    ev = torch.linalg.eigvalsh((mid + mid.transpose(-1, -2)) / 2).clamp(min=0)
+    tr = c1.diagonal(dim1=-2, dim2=-1).sum(-1) + c2.diagonal(dim1=-2, dim2=-1).sum(-1)
+    fd = (m1 - m2).pow(2).sum(-1) + tr - 2.0 * ev.sqrt().sum(-1)
+    return fd.clamp(min=0)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
 def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("visual", "text"),
-          n_splits: int = 20, n_permutations: int = 200, seed: int = 0, device="auto",
+          n_permutations: int = 1000, n_bootstrap: int = 1000, level: float = 0.95,
+          correction: str | None = "bh", transport_resamples: int = 200, mir_bootstrap: int | None = None,
+          seed: int = 0, device="auto",
           blur: float = 0.1, n_projections: int = 128, progress: bool = True, out=None):
     """Drift of every captured (checkpoint, layer, site, modality) against a reference.
 
     Parameters
     ----------
     ds : xarray.Dataset or path
-        An activation store (:func:`driftlens.open_store`).
+        An activation store (:func:`driftlens.open_store`) or a Dataset laid out like one (dims
+        checkpoint, layer, token, ``*_dim``; per-token coords sample, cluster, position, lang,
+        modality). Without ``cluster`` the ``group`` (then ``sample``) coordinate is the
+        resampling unit, and the report's ``warnings`` attribute says so.
     reference : str, optional
         Reference checkpoint label (default: the first).
     metrics : sequence of str
-        Any of ``mmd``, ``sinkhorn``, ``sliced_w``, ``gauss_w2``, ``shift``, ``gap``, ``mir``.
+        Any of ``mmd``, ``sinkhorn``, ``sliced_w``, ``gauss_w2``, ``paired_shift`` (or
+        ``shift``), ``gap``, ``mir``.
     sites : sequence of str, optional
-        Layered sites to use (default: those in the store among ``hidden``, ``key``, ``query``).
+        Layered sites (default: those in the store among ``hidden``, ``key``, ``query``).
     modalities : sequence of str
-        Token modalities for the distributional metrics.
-    n_splits : int
-        Random group halvings for value and null (>= 2). The z-score divides by the null's
-        standard deviation over these splits, estimated with ``n_splits - 1`` degrees of
-        freedom: with 5 splits that estimate is off by ~35% (on the model organism it came
-        out 2.3x too small, tripling z), hence the default 20 (~16%).
+        Token modalities for the distributional and paired metrics.
     n_permutations : int
-        Permutations of the MMD test (``mmd_p``).
+        Cluster sign flips for the p-values (>= 1).
+    n_bootstrap : int
+        Cluster-bootstrap draws for the intervals (>= 1).
+    level : float
+        Interval coverage (default 0.95).
+    correction : {"bh", "holm", None}
+        Multiple-testing adjustment of the p-values over every non-reference cell of a metric
+        (``{m}_q``; attrs ``n_tests``): Benjamini-Hochberg (default) or Holm.
+    transport_resamples : int
+        Cap on sign flips and bootstrap draws for ``sinkhorn``, ``sliced_w`` and ``gauss_w2``
+        (each draw recomputes the metric).
+    mir_bootstrap : int, optional
+        Bootstrap draws for the ``mir`` intervals (default ``n_bootstrap``): each draw costs a
+        batched eigendecomposition of a hidden-size square matrix.
     seed : int
-        Seeds splits, projections and permutations.
+        Seeds every draw; the same draws serve every cell.
     device : str
         ``"auto"`` uses CUDA when present.
     blur : float
@@ -151,9 +359,10 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     Returns
     -------
     xarray.Dataset
-        Dims ``checkpoint``, ``layer``, ``site``, ``modality``; variables ``{m}``, ``{m}_null``,
-        ``{m}_z`` for the distributional metrics and ``shift``, ``mmd_p``; ``gap``, ``mir``
-        (checkpoint, layer, site) and ``mir_total`` (checkpoint, site).
+        Dims ``checkpoint``, ``layer``, ``site``, ``modality``. Variables ``{m}``, ``{m}_lo``,
+        ``{m}_hi``, ``{m}_p``, ``{m}_q`` for the distributional metrics; ``paired_shift`` (+
+        ``_lo``, ``_hi``); ``gap`` (+ interval; checkpoint, layer, site); ``mir`` (+ interval;
+        checkpoint, layer) and ``mir_total`` (+ interval; checkpoint); ``sigma``.
     """
     import torch
     import xarray as xr
@@ -166,131 +375,221 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
 
     if not hasattr(ds, "data_vars"):
         ds = open_store(ds)
-    unknown = [m for m in metrics if m not in ALL_METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {ALL_METRICS}")
-    if n_splits < 2:
-        raise ValueError(f"n_splits must be >= 2 to estimate the null's spread, got {n_splits}")
+    metrics = _normalize_metrics(metrics)
+    for name, val in (("n_permutations", n_permutations), ("n_bootstrap", n_bootstrap),
+                      ("transport_resamples", transport_resamples), ("n_projections", n_projections),
+                      ("mir_bootstrap", n_bootstrap if mir_bootstrap is None else mir_bootstrap)):
+        if int(val) < 1:
+            raise DriftError(f"{name} must be >= 1, got {val}")
+    if not 0 < level < 1:
+        raise DriftError(f"level must be in (0, 1), got {level}")
+    if correction not in CORRECTIONS:
+        raise DriftError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+    if not blur > 0:
+        raise DriftError(f"blur must be > 0, got {blur}")
     labels = [str(c) for c in ds.checkpoint.values.astype(str)]
     if not labels:
-        raise ValueError("the store holds no completed checkpoint")
+        raise DriftError("the store holds no completed checkpoint")
     reference = labels[0] if reference is None else reference
     if reference not in labels:
-        raise ValueError(f"reference {reference!r} is not a checkpoint of the store; it has {labels}")
+        raise DriftError(f"reference {reference!r} is not a checkpoint of the store; it has {labels}")
     if sites is None:
         sites = [s for s in ("hidden", "key", "query") if s in ds.data_vars]
     missing = [s for s in sites if s not in ds.data_vars]
     if missing or not sites:
-        raise ValueError(f"site(s) {missing or sites} not in the store; it has {list(ds.data_vars)}")
+        raise DriftError(f"site(s) {missing or list(sites)} not in the store; it has {list(ds.data_vars)}")
     dev = resolve_device(device)
     layers = [int(v) for v in ds.layer.values]
     modality = ds["modality"].values.astype(str)
-    groups = ds["group"].values.astype(str) if "group" in ds.coords else ds["sample"].values.astype(str)
-    dist = [m for m in metrics if m in DISTRIBUTIONAL]
-    fns = _metric_fns(dist, {"blur": blur, "n_projections": n_projections, "seed": seed})
-    splits = {mod: group_splits(groups[modality == mod], n_splits, seed) for mod in modalities
-              if (modality == mod).any()}
+    cluster, cluster_coord, notes = _cluster_labels(ds)
     after = _text_after_image(ds)
+    vis_mask = modality == "visual"
+
+    mod_rows = {}
+    for mod in modalities:
+        rows = np.flatnonzero(modality == mod)
+        if rows.size:
+            mod_rows[mod] = _Rows(rows, cluster, dev)
+            I.check_clusters(mod_rows[mod].k, f"{mod} tokens")
+            if mod_rows[mod].k < FEW_CLUSTERS:
+                notes.append(f"{mod} tokens come from {mod_rows[mod].k} clusters (< {FEW_CLUSTERS}): "
+                             f"intervals and p-values are rough")
+    all_codes_np, all_uniq = I.cluster_codes(cluster)
+    k_all = len(all_uniq)
+    all_codes = torch.as_tensor(all_codes_np, device=dev)
+    draws = {}
+
+    def flips_for(k, n):
+        return draws.setdefault(("f", k, n), I.sign_flips(k, n, seed))
+
+    def counts_for(k, n):
+        return draws.setdefault(("b", k, n), I.bootstrap_counts(k, n, seed + 1))
+
+    dist = [m for m in metrics if m in DISTRIBUTIONAL]
+    fns = _transport_fns([m for m in dist if m in TRANSPORT], blur, n_projections, seed)
+    n_tr = min(transport_resamples, n_permutations), min(transport_resamples, n_bootstrap)
 
     C, L, S, Mo = len(labels), len(layers), len(sites), len(modalities)
-    nan4 = lambda: np.full((C, L, S, Mo), np.nan)  # noqa: E731
     res = {}
-    for m in dist + (["shift"] if "shift" in metrics else []):
-        res[m], res[m + "_null"], res[m + "_z"] = nan4(), nan4(), nan4()
-    if "mmd" in metrics:
-        res["mmd_p"] = nan4()
-    cross = {m: np.full((C, L, S), np.nan) for m in metrics if m in CROSS_MODAL}
+    for m in dist:
+        for suf in ("", "_lo", "_hi", "_p"):
+            res[m + suf] = np.full((C, L, S, Mo), np.nan)
+    if "paired_shift" in metrics:
+        for suf in ("", "_lo", "_hi"):
+            res["paired_shift" + suf] = np.full((C, L, S, Mo), np.nan)
+    gap = {s: np.full((C, L, S), np.nan) for s in ("", "_lo", "_hi")} if "gap" in metrics else None
+    do_mir = "mir" in metrics and "hidden" in ds.data_vars
+    mir = {s: np.full((C, L), np.nan) for s in ("", "_lo", "_hi")} if do_mir else None
+    n_mir = n_bootstrap if mir_bootstrap is None else int(mir_bootstrap)
+    mir_boot = np.zeros((C, n_mir)) if do_mir else None
     sigmas = np.full((L, S, Mo), np.nan)
+    if "mir" in metrics and not do_mir:
+        notes.append("mir needs the `hidden` site, which the store does not have; mir was skipped")
+    last_layer = int(ds.attrs.get("n_layers", max(layers) + 1)) - 1
+    final_state = do_mir and last_layer in layers and "final" in ds.data_vars
+    if do_mir and last_layer in layers and not final_state:
+        notes.append(f"mir at the last layer ({last_layer}) uses the block output before the model's final "
+                     f"norm: the store has no `final` site (Huang et al. use the post-norm state); recapture "
+                     f"with sites including 'final'")
 
     def load(label, site, layer):  # [T, d] float32 on device
-        arr = ds[site].sel(checkpoint=label, layer=layer).values
-        return torch.as_tensor(np.asarray(arr, dtype=np.float32), device=dev)
+        da = ds[site].sel(checkpoint=label)
+        arr = np.asarray((da.sel(layer=layer) if layer is not None else da).values, dtype=np.float32)
+        bad = ~np.isfinite(arr).all(axis=1)
+        if bad.any():
+            where = f"checkpoint {label!r}, site {site!r}" + (f", layer {layer}" if layer is not None else "")
+            raise DriftError(f"{where}: {int(bad.sum())} token row(s) hold NaN/Inf (first at row "
+                             f"{int(np.flatnonzero(bad)[0])}); the store is damaged or the model overflowed "
+                             f"(recapture that checkpoint)")
+        return torch.as_tensor(arr, device=dev)
 
     grid = [(si, site, li, layer) for si, site in enumerate(sites) for li, layer in enumerate(layers)]
-    bar = tqdm(total=len(grid) * C, desc="drift", disable=not progress, unit="cell")
+    mir_grid = [(li, layer) for li, layer in enumerate(layers)] if do_mir else []
+    bar = tqdm(total=(len(grid) + len(mir_grid)) * C, desc="drift", disable=not progress, unit="cell")
     for si, site, li, layer in grid:
-        ref = load(reference, site, layer)
-        nulls, scale = {}, {}
+        ref_raw = load(reference, site, layer)                # [T, d]
+        centre = ref_raw.mean(0, dtype=torch.float64).to(ref_raw.dtype)
+        ref = ref_raw - centre          # kernels and distances are translation-invariant; centring keeps float32 exact
+        per_mod = {}
         for mi, mod in enumerate(modalities):
-            if mod not in splits:
+            if mod not in mod_rows:
                 continue
-            rows = torch.as_tensor(np.flatnonzero(modality == mod), device=dev)
-            r = ref[rows]
-            scale[mod] = M.median_sigma(r, pairs="reference", seed=seed)
-            sigmas[li, si, mi] = scale[mod]
-            nulls[mod] = {m: np.array([f(r[torch.as_tensor(a, device=dev)], r[torch.as_tensor(b, device=dev)],
-                                         scale[mod]) for a, b in splits[mod]]) for m, f in fns.items()}
-            if "shift" in metrics:
-                g = torch.Generator().manual_seed(seed)
-                nulls[mod]["shift"] = np.array([
-                    M.shift(r, r[torch.randperm(len(r), generator=g).to(dev)]).cosine
-                    for _ in range(n_splits)])
+            rows = mod_rows[mod]
+            r = ref[rows.rows]
+            sigma = M.median_sigma(r, pairs="reference", seed=seed)
+            sigmas[li, si, mi] = sigma
+            per_mod[mod] = {"r": r, "sigma": sigma}
+            if "mmd" in dist:
+                offset = M._kernel_offset(r, [1.0 / (2 * sigma * sigma)], seed)
+                per_mod[mod]["offset"] = offset
+                per_mod[mod]["g_rr"] = I.cluster_kernel_means(r, r, rows.codes, rows.codes, rows.k, sigma, offset)
         for ci, label in enumerate(labels):
-            cur = ref if label == reference else load(label, site, layer)
+            cur_raw = ref_raw if label == reference else load(label, site, layer)
+            cur = cur_raw - centre
             for mi, mod in enumerate(modalities):
-                if mod not in splits:
+                if mod not in per_mod:
                     continue
-                rows = torch.as_tensor(np.flatnonzero(modality == mod), device=dev)
-                r, c = ref[rows], cur[rows]
+                if label == reference:        # not tested: effect 0 by definition, no p-value
+                    for m in dist + [m for m in PAIRED if m in metrics]:
+                        for suf in ("", "_lo", "_hi"):
+                            res[m + suf][ci, li, si, mi] = 0.0
+                    continue
+                rows, pm = mod_rows[mod], per_mod[mod]
+                r, c = pm["r"], cur[rows.rows]
+                if "mmd" in dist:
+                    inf = _mmd_cell(pm["g_rr"], r, c, rows, pm["sigma"], pm["offset"],
+                                    flips_for(rows.k, n_permutations), counts_for(rows.k, n_bootstrap), level)
+                    _put(res, "mmd", (ci, li, si, mi), inf)
                 for m, f in fns.items():
-                    if label == reference:
-                        vals = nulls[mod][m]
-                    else:
-                        vals = np.array([f(r[torch.as_tensor(a, device=dev)], c[torch.as_tensor(b, device=dev)],
-                                           scale[mod]) for a, b in splits[mod]])
-                    v = float(np.mean(vals))
-                    res[m][ci, li, si, mi] = v
-                    res[m + "_null"][ci, li, si, mi] = float(np.mean(nulls[mod][m]))
-                    res[m + "_z"][ci, li, si, mi] = _z(v, nulls[mod][m])
-                if "mmd" in metrics:
-                    a, b = splits[mod][0]
-                    test = M.mmd_test(r[torch.as_tensor(a, device=dev)], c[torch.as_tensor(b, device=dev)],
-                                      n_permutations=n_permutations, sigma=scale[mod], seed=seed)
-                    res["mmd_p"][ci, li, si, mi] = float(test.p_value)
-                if "shift" in metrics:
-                    v = float(M.shift(r, c).cosine)
-                    res["shift"][ci, li, si, mi] = v
-                    res["shift_null"][ci, li, si, mi] = float(np.mean(nulls[mod]["shift"]))
-                    res["shift_z"][ci, li, si, mi] = _z(v, nulls[mod]["shift"])
-            vis = torch.as_tensor(modality == "visual", device=dev)
-            txt = torch.as_tensor(after, device=dev)
-            if "gap" in cross:
-                cross["gap"][ci, li, si] = float(M.modality_gap(cur[vis], cur[txt]))
-            if "mir" in cross:
-                cross["mir"][ci, li, si] = float(M.mir(cur[vis], cur[txt]))
+                    inf = _transport_cell(lambda a, b: f(a, b, pm["sigma"]), r, c, rows,
+                                          flips_for(rows.k, n_tr[0]), counts_for(rows.k, n_tr[1]), level)
+                    _put(res, m, (ci, li, si, mi), inf)
+                if "paired_shift" in metrics:
+                    vals = _shift_cell(r, c, rows, counts_for(rows.k, n_bootstrap), level)
+                    for suf, v in zip(("", "_lo", "_hi"), vals):
+                        res["paired_shift" + suf][ci, li, si, mi] = v
+            if gap is not None:
+                vis, txt = torch.as_tensor(vis_mask, device=dev), torch.as_tensor(after, device=dev)
+                vals = _gap_cell(cur_raw[vis], cur_raw[txt], all_codes[vis], all_codes[txt], k_all,
+                                 counts_for(k_all, n_bootstrap), level)
+                for suf, v in zip(("", "_lo", "_hi"), vals):
+                    gap[suf][ci, li, si] = v
+            bar.update(1)
+    for li, layer in mir_grid:
+        use_final = final_state and layer == last_layer
+        for ci, label in enumerate(labels):
+            cur = load(label, "final", None) if use_final else load(label, "hidden", layer)
+            vis, txt = torch.as_tensor(vis_mask, device=dev), torch.as_tensor(after, device=dev)
+            value, lo, hi, boot = _mir_cell(cur[vis], cur[txt], all_codes[vis], all_codes[txt], k_all,
+                                            counts_for(k_all, n_mir), level)
+            if not np.isfinite(value):
+                raise DriftError(f"mir is not finite at checkpoint {label!r}, layer {layer}")
+            mir[""][ci, li], mir["_lo"][ci, li], mir["_hi"][ci, li] = value, lo, hi
+            mir_boot[ci] += boot
             bar.update(1)
     bar.close()
 
     coords = {"checkpoint": labels, "layer": layers, "site": list(sites), "modality": list(modalities)}
-    data = {}
-    for name, arr in res.items():
-        data[name] = (("checkpoint", "layer", "site", "modality"), arr, _attrs(name))
-    for name, arr in cross.items():
-        data[name] = (("checkpoint", "layer", "site"), arr, _attrs(name))
+    dims4 = ("checkpoint", "layer", "site", "modality")
+    data = {name: (dims4, arr, _attrs(name, level, n_permutations, n_bootstrap, n_tr)) for name, arr in res.items()}
+    n_tests = {}
+    if correction is not None:
+        not_ref = np.array([lab != reference for lab in labels])
+        for m in dist:
+            p = np.where(not_ref[:, None, None, None], res[m + "_p"], np.nan)
+            q = I.adjust_pvalues(p, correction)
+            n_tests[m] = int(np.isfinite(p).sum())
+            data[m + "_q"] = (dims4, q, {
+                "long_name": f"{DEFINITIONS[m][0]}, adjusted p-value", "units": "1", "correction": correction,
+                "n_tests": n_tests[m],
+                "definition": f"{'Benjamini-Hochberg' if correction == 'bh' else 'Holm'} adjustment of "
+                              f"{m}_p over the {n_tests[m]} cells that are not the reference"})
+    if gap is not None:
+        for suf, arr in gap.items():
+            data["gap" + suf] = (("checkpoint", "layer", "site"), arr, _attrs("gap" + suf, level, n_permutations,
+                                                                              n_bootstrap, n_tr))
+    if do_mir:
+        for suf, arr in mir.items():
+            data["mir" + suf] = (("checkpoint", "layer"), arr, {
+                **_attrs("mir" + suf, level, n_permutations, n_mir, n_tr), "site": "hidden",
+                "last_layer_state": "post-final-norm (site `final`)" if final_state else "block output, pre-norm"})
+        total = np.log10(mir[""].sum(axis=1))
+        tlo, thi = (np.log10(np.quantile(mir_boot, q, axis=1)) for q in ((1 - level) / 2, (1 + level) / 2))
+        tot_attrs = {"long_name": "modality integration rate", "units": "log10",
+                     "definition": f"log10 of the sum over layers {layers} of the per-layer MIR term (site hidden)"}
+        data["mir_total"] = (("checkpoint",), total, tot_attrs)
+        data["mir_total_lo"] = (("checkpoint",), tlo, {**tot_attrs, "long_name": "mir_total, interval low"})
+        data["mir_total_hi"] = (("checkpoint",), thi, {**tot_attrs, "long_name": "mir_total, interval high"})
     data["sigma"] = (("layer", "site", "modality"), sigmas,
                      {"long_name": "kernel bandwidth", "units": "model units",
                       "definition": "median-heuristic sigma of the reference's tokens (unique pairs); the MMD "
-                                    "bandwidth for value and null, and the unit of the Sinkhorn blur"})
-    if "mir" in cross:
-        with np.errstate(divide="ignore"):
-            total = np.log10(np.nansum(cross["mir"], axis=1))
-        data["mir_total"] = (("checkpoint", "site"), total,
-                             {"long_name": "modality integration rate", "units": "log10",
-                              "definition": "log10 of the sum over layers of the per-layer MIR term"})
+                                    "bandwidth for every checkpoint and resample, and the unit of the Sinkhorn blur"})
     report = xr.Dataset(data, coords=coords)
+    for w in notes:
+        warnings.warn(w, stacklevel=2)
     report.attrs.update({
         "reference": reference,
         "model_type": str(ds.attrs.get("model_type", "")),
         "family": str(ds.attrs.get("family", "")),
         "n_layers": int(ds.attrs.get("n_layers", len(layers))),
         "probe_set": str(ds.attrs.get("probe_set", "")),
-        "n_splits": int(n_splits),
+        "cluster_coord": cluster_coord,
+        "n_clusters": int(k_all),
+        **{f"n_clusters_{mod}": int(r.k) for mod, r in mod_rows.items()},
         "n_permutations": int(n_permutations),
+        "n_bootstrap": int(n_bootstrap),
+        "transport_resamples": int(transport_resamples),
+        "mir_bootstrap": int(n_mir) if do_mir else 0,
+        "level": float(level),
+        "correction": str(correction),
+        "n_tests": int(sum(n_tests.values())),
         "sinkhorn_blur": float(blur),
         "sinkhorn_scaling": SINKHORN_SCALING,
         "seed": int(seed),
-        "null": "metric between disjoint halves of the reference's probe groups (images); "
-                "value: the same halves, second half taken from the checkpoint",
+        "inference": "paired design; units of resampling are clusters: p-values from cluster sign flips "
+                     "(swap reference and checkpoint tokens of whole clusters), intervals from a cluster "
+                     "bootstrap (percentile)",
+        "warnings": "\n".join(notes),
         "driftlens_version": __version__,
     })
     if out is not None:
@@ -298,28 +597,41 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     return report
 
 
-def _attrs(name: str) -> dict:
-    base, _, suffix = name.partition("_")
-    if name in ("sliced_w", "gauss_w2"):
-        base, suffix = name, ""
-    elif name.startswith(("sliced_w_", "gauss_w2_")):
-        base = name[: len("sliced_w")] if name.startswith("sliced_w") else "gauss_w2"
-        suffix = name[len(base) + 1:]
+def _put(res, m, idx, inf: I.Inference) -> None:
+    res[m][idx], res[m + "_lo"][idx], res[m + "_hi"][idx], res[m + "_p"][idx] = inf.effect, inf.lo, inf.hi, inf.p
+
+
+def _transport_fns(names, blur, n_projections, seed):
+    """name -> f(x, y, sigma) -> float over torch tensors."""
+    from driftlens import metrics as M
+
+    fns = {}
+    if "sinkhorn" in names:
+        fns["sinkhorn"] = lambda x, y, s: float(M.sinkhorn(x, y, blur=blur * s, scaling=SINKHORN_SCALING, seed=seed))
+    if "sliced_w" in names:
+        fns["sliced_w"] = lambda x, y, s: float(M.sliced_wasserstein(x, y, n_projections=n_projections, seed=seed))
+    if "gauss_w2" in names:
+        fns["gauss_w2"] = lambda x, y, s: float(M.gaussian_w2(x, y))
+    return fns
+
+
+def _attrs(name: str, level, n_perm, n_boot, n_tr) -> dict:
+    for base in sorted(DEFINITIONS, key=len, reverse=True):
+        if name == base or name.startswith(base + "_"):
+            break
+    suffix = name[len(base) + 1:]
     long_name, definition, units = DEFINITIONS[base]
-    if suffix == "null":
-        return {"long_name": f"{long_name}, null mean", "units": units,
-                "definition": f"mean over splits of the metric between disjoint halves of the reference: {definition}"}
-    if suffix == "z" and base == "shift":
-        return {"long_name": f"{long_name}, z-score against random re-pairing", "units": "1",
-                "definition": "(value - null mean) / null std, the null being reference rows paired at random: "
-                              "negative while tokens stay closer to their own past than to other tokens; "
-                              "a paired displacement of a deterministic model has no sampling null"}
-    if suffix == "z":
-        return {"long_name": f"{long_name}, z-score", "units": "1",
-                "definition": "(value - null mean) / null std over the same splits"}
+    boot = n_tr[1] if base in TRANSPORT else n_boot
+    if suffix in ("lo", "hi"):
+        return {"long_name": f"{long_name}, {level:.0%} interval {'low' if suffix == 'lo' else 'high'} end",
+                "units": units, "level": level, "n_bootstrap": boot,
+                "definition": f"percentile interval over {boot} cluster-bootstrap draws (clusters drawn with "
+                              f"replacement)"}
     if suffix == "p":
-        return {"long_name": f"{long_name}, permutation p-value", "units": "1",
-                "definition": "(k + 1) / (B + 1), k permuted statistics >= observed, first split"}
+        perm = n_tr[0] if base in TRANSPORT else n_perm
+        return {"long_name": f"{long_name}, permutation p-value", "units": "1", "n_permutations": perm,
+                "definition": f"(1 + k) / (1 + {perm}), k cluster sign flips (reference and checkpoint tokens of "
+                              f"whole clusters swapped) whose statistic is >= the observed one; one-sided"}
     return {"long_name": long_name, "units": units, "definition": definition}
 
 

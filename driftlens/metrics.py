@@ -35,14 +35,13 @@ Conventions (DESIGN.md, "Conventions"):
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
     "MMDTestResult",
-    "NullResult",
     "Shift",
     "gaussian_w2",
     "median_sigma",
@@ -54,8 +53,6 @@ __all__ = [
     "shift",
     "sinkhorn",
     "sliced_wasserstein",
-    "split_null",
-    "zscore",
 ]
 
 DEFAULT_BLOCK_SIZE = 2048
@@ -740,90 +737,3 @@ def shift(a, b, per_token: bool = False) -> Shift:
     if per_token:
         return Shift(cosine=cosd, l2=l2)
     return Shift(cosine=float(cosd.mean()), l2=float(l2.mean()))
-
-
-# ----------------------------------------------------------------------------- null
-
-
-class NullResult(NamedTuple):
-    """Split-half null: mean and std (ddof=1) of ``values`` (float64 numpy array [n_splits])."""
-
-    mean: float
-    std: float
-    values: np.ndarray
-
-
-def _scalar(r) -> float:
-    if isinstance(r, MMDTestResult):
-        return r.statistic
-    if isinstance(r, tuple) and not isinstance(r, Shift) and len(r) == 2 and isinstance(r[1], (tuple, dict)):
-        r = r[0]  # (value, sigma) or (value, info)
-    if isinstance(r, Shift):
-        raise TypeError("split_null: shift() is a paired metric; halves of one checkpoint are not paired")
-    return float(r)
-
-
-def split_null(metric_fn: Callable, x, n_splits: int = 10, seed: int = 0, *,
-               size: int | None = None, groups=None) -> NullResult:
-    """Null distribution of a two-sample metric from disjoint random halves of one sample.
-
-    Parameters
-    ----------
-    metric_fn : callable ``(a, b) -> float``
-        E.g. ``metrics.mmd2`` or ``functools.partial(metrics.sinkhorn, blur=0.1)``; an
-        :class:`MMDTestResult` is reduced to its statistic.
-    x : tensor [n, d]
-        The reference sample (e.g. the reference checkpoint's tokens at one layer and site).
-    n_splits : int
-        Number of random splits (>= 2 for a std).
-    seed : int
-        Seed of the splits (split k uses ``seed + k``).
-    size : int, optional
-        Rows per half (default ``n // 2``). Note biased metrics (Sinkhorn, sliced and Gaussian
-        W2) shrink with sample size, so a half-size null is larger than an equal-size null would be.
-    groups : sequence [n], optional
-        Group label per row (e.g. the probe ``sample`` id): whole groups go to one half, so tokens
-        of one image are never split across halves. ``size`` then counts groups.
-
-    Returns
-    -------
-    NullResult(mean, std, values)
-    """
-    (x,) = _check(x, names=["x"])
-    if n_splits < 1:
-        raise ValueError(f"n_splits must be >= 1, got {n_splits}")
-    if groups is not None:
-        labels = np.asarray(groups)
-        if labels.shape[0] != x.shape[0]:
-            raise ValueError(f"groups has {labels.shape[0]} labels for {x.shape[0]} rows")
-        _, codes = np.unique(labels, return_inverse=True)
-        codes = torch.from_numpy(codes.reshape(-1).astype(np.int64))
-        n_units = int(codes.max()) + 1
-    else:
-        codes, n_units = None, x.shape[0]
-    half = n_units // 2 if size is None else int(size)
-    if half < 1 or 2 * half > n_units:
-        raise ValueError(f"split_null: cannot draw two disjoint halves of {half} "
-                         f"{'groups' if groups is not None else 'rows'} from {n_units}")
-    vals = []
-    for k in range(n_splits):
-        perm = torch.randperm(n_units, generator=_generator(seed + k))
-        ua, ub = perm[:half], perm[half:2 * half]
-        if codes is None:
-            ia, ib = ua, ub
-        else:
-            ia = torch.isin(codes, ua).nonzero().flatten()
-            ib = torch.isin(codes, ub).nonzero().flatten()
-        vals.append(_scalar(metric_fn(x[ia.to(x.device)], x[ib.to(x.device)])))
-    values = np.asarray(vals, dtype=np.float64)
-    std = float(values.std(ddof=1)) if n_splits > 1 else 0.0
-    return NullResult(mean=float(values.mean()), std=std, values=values)
-
-
-def zscore(value: float, null: NullResult) -> float:
-    """``(value - null.mean) / null.std``; never NaN: with a zero std the result is 0.0 when the
-    value equals the null mean and +/-inf otherwise."""
-    diff = float(value) - null.mean
-    if null.std > 0:
-        return diff / null.std
-    return 0.0 if diff == 0 else math.copysign(math.inf, diff)

@@ -33,56 +33,76 @@ def _ax(ax, size=(6, 4)):
     return ax
 
 
-def drift_heatmap(report, var: str = "mmd_z", site: str = "hidden", modality: str = "visual", ax=None,
-                  annotate: bool = True):
-    """Checkpoint x layer heatmap of one report variable (default: visual MMD z-score)."""
+def _select(report, var, site, modality):
+    da = report[var]
+    sel = {k: v for k, v in (("site", site), ("modality", modality)) if k in da.dims and v is not None}
+    return da.sel(sel), sel
+
+
+def drift_heatmap(report, var: str = "mmd", site: str = "hidden", modality: str = "visual", ax=None,
+                  annotate: bool = True, alpha: float = 0.05):
+    """Checkpoint x layer heatmap of one report variable (default: the visual MMD^2 effect).
+
+    Cells whose adjusted p-value (``{var}_q``, else ``{var}_p``) is at most ``alpha`` are marked
+    with ``*``.
+    """
     if var not in report.data_vars:
         raise ValueError(f"{var!r} is not in the report; it has {sorted(report.data_vars)}")
-    da = report[var]
-    sel = {k: v for k, v in (("site", site), ("modality", modality)) if k in da.dims}
-    da = da.sel(sel)
-    ax = _ax(ax, (1.2 + 0.6 * da.sizes["layer"], 1.0 + 0.45 * da.sizes["checkpoint"]))
+    da, sel = _select(report, var, site, modality)
+    sig_var = next((v for v in (f"{var}_q", f"{var}_p") if v in report.data_vars), None)
+    sig = _select(report, sig_var, site, modality)[0].transpose("checkpoint", "layer").values \
+        if sig_var else None
+    ax = _ax(ax, (1.6 + 0.8 * da.sizes["layer"], 1.0 + 0.45 * da.sizes["checkpoint"]))
     vals = da.transpose("checkpoint", "layer").values
     im = ax.imshow(vals, aspect="auto", cmap="magma")
     ax.set_xticks(range(da.sizes["layer"]), [str(v) for v in da.layer.values])
     ax.set_yticks(range(da.sizes["checkpoint"]), [str(v) for v in da.checkpoint.values])
     ax.set_xlabel("layer")
     ax.set_ylabel("checkpoint")
-    ax.set_title(f"{var} ({', '.join(f'{v}' for v in sel.values())})")
+    title = f"{var} ({', '.join(f'{v}' for v in sel.values())})"
+    if sig_var:
+        title += f"; * {sig_var.rsplit('_', 1)[1]} <= {alpha:g}"
+    ax.set_title(title, fontsize=9)
     if annotate:
         finite = vals[np.isfinite(vals)]
         mid = float(np.median(finite)) if finite.size else 0.0
         for (i, j), v in np.ndenumerate(vals):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
+            star = "*" if sig is not None and np.isfinite(sig[i, j]) and sig[i, j] <= alpha else ""
+            ax.text(j, i, f"{v:.3g}{star}", ha="center", va="center", fontsize=7,
                     color="white" if v < mid else "black")
-    ax.figure.colorbar(im, ax=ax, label=report[var].attrs.get("long_name", var))
+    ax.figure.colorbar(im, ax=ax, label=f"{report[var].attrs.get('units', '')}")
     return ax
 
 
-def per_layer(report, var: str, site: str = "hidden", ax=None, modality: str | None = None):
-    """One line per checkpoint of a per-layer variable (``gap``, ``mir``, ``mmd_z`` ...)."""
+def per_layer(report, var: str, site: str = "hidden", ax=None, modality: str | None = "visual"):
+    """One line per checkpoint of a per-layer variable, with its interval band when the report
+    has ``{var}_lo`` / ``{var}_hi`` (``gap``, ``mir``, ``mmd``, ``paired_shift`` ...)."""
     if var not in report.data_vars:
         raise ValueError(f"{var!r} is not in the report; it has {sorted(report.data_vars)}")
-    da = report[var]
-    if "site" in da.dims:
-        da = da.sel(site=site)
-    if "modality" in da.dims:
-        da = da.sel(modality=modality or "visual")
+    da, sel = _select(report, var, site, modality)
+    band = all(f"{var}_{s}" in report.data_vars for s in ("lo", "hi"))
     ax = _ax(ax)
     cmap = _plt().get_cmap("viridis")
     n = da.sizes["checkpoint"]
     for i, label in enumerate(da.checkpoint.values):
-        ax.plot(da.layer.values, da.sel(checkpoint=label).values, marker="o",
-                color=cmap(i / max(1, n - 1)), label=str(label))
+        color = cmap(i / max(1, n - 1))
+        ax.plot(da.layer.values, da.sel(checkpoint=label).values, marker="o", color=color, label=str(label))
+        if band:
+            lo = _select(report, f"{var}_lo", site, modality)[0].sel(checkpoint=label).values
+            hi = _select(report, f"{var}_hi", site, modality)[0].sel(checkpoint=label).values
+            ax.fill_between(da.layer.values, lo, hi, color=color, alpha=0.2, lw=0)
     ax.set_xticks(da.layer.values)                       # layers are integers
     ax.set_xlabel("layer")
-    ax.set_ylabel(da.attrs.get("long_name", var))
-    ax.set_title(f"{var} by layer ({site})")
+    units = da.attrs.get("units", "")
+    ax.set_ylabel(f"{var}" + (f" ({units})" if units and units != "1" else ""))
+    where = ", ".join(str(v) for v in sel.values())
+    ax.set_title(f"{da.attrs.get('long_name', var)}" + (f" ({where})" if where else ""), fontsize=9)
     ax.legend(fontsize=7)
     return ax
 
 
-def accuracy_vs_drift(accuracy: dict, drift: dict, ax=None, chance: float | None = None):
+def accuracy_vs_drift(accuracy: dict, drift: dict, ax=None, chance: float | None = None,
+                      xlabel: str = "visual drift (mean MMD^2 over layers)"):
     """Grounding accuracy (per language) against mean visual drift, one point per checkpoint.
 
     Parameters
@@ -90,7 +110,7 @@ def accuracy_vs_drift(accuracy: dict, drift: dict, ax=None, chance: float | None
     accuracy : dict
         ``{checkpoint: {"en": float, "ko": float}}``.
     drift : dict
-        ``{checkpoint: float}`` (e.g. mean over layers of the visual MMD z-score).
+        ``{checkpoint: float}`` (e.g. mean over layers of the visual MMD^2 effect).
     """
     ax = _ax(ax)
     labels = [c for c in drift if c in accuracy]
@@ -103,7 +123,7 @@ def accuracy_vs_drift(accuracy: dict, drift: dict, ax=None, chance: float | None
             ax.annotate(c, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if chance is not None:
         ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
-    ax.set_xlabel("visual drift (mean MMD z over layers)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("grounding accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)

@@ -3,11 +3,14 @@
 A probe set is a folder with a ``manifest.jsonl`` (one JSON object per line, UTF-8) and its images::
 
     {"id": "s03-en-caption", "image": "images/s03.png", "lang": "en",
-     "prompt": "Describe the image.", "answer": "a red circle at the top left.", "group": "red-circle-top-left"}
+     "prompt": "Describe the image.", "answer": "a red circle at the top left.", "group": "red-circle-top-left",
+     "cluster": "red-circle-top-left"}
 
 ``image`` is relative to the manifest's folder; ``answer`` is the reference answer or caption;
 probes that show the same image (its English and Korean twins, its caption and question probes)
-share ``group``. Shipped sets live in ``driftlens/data/probes/<name>/``; the format is documented
+share ``group``; ``cluster`` (optional, default: the ``group``) names the independent unit the
+image belongs to -- all renders, crops and language twins of one scene or source photograph
+share it, and drift inference resamples clusters, never tokens. Shipped sets live in ``driftlens/data/probes/<name>/``; the format is documented
 in that folder's ``README.md``.
 
 >>> ps = ProbeSet.load("shapes-bilingual")
@@ -26,7 +29,8 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
-FIELDS = ("id", "image", "lang", "prompt", "answer", "group")
+FIELDS = ("id", "image", "lang", "prompt", "answer", "group", "cluster")
+REQUIRED = FIELDS[:-1]              # ``cluster`` defaults to ``group``
 CAPTION_PROMPTS = {"en": "Describe the image.", "ko": "이미지를 설명하세요."}
 MANIFEST = "manifest.jsonl"
 
@@ -53,6 +57,9 @@ class Probe:
         Reference answer or caption (may be empty).
     group : str
         Shared by every probe of the same image (e.g. its English/Korean twins).
+    cluster : str
+        The independent unit (scene, source photograph) the image belongs to; shared by all
+        renders, crops and twins of it. Defaults to ``group``.
     """
 
     id: str
@@ -61,6 +68,11 @@ class Probe:
     prompt: str
     answer: str
     group: str
+    cluster: str = ""
+
+    def __post_init__(self):
+        if not self.cluster:
+            object.__setattr__(self, "cluster", self.group)
 
 
 # --------------------------------------------------------------------------- locating sets
@@ -131,10 +143,11 @@ def _parse(manifest: Path) -> list[Probe]:
             raise ProbeError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
         if not isinstance(obj, dict):
             raise ProbeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        missing = [f for f in FIELDS if f not in obj]
+        missing = [f for f in REQUIRED if f not in obj]
         if missing:
             raise ProbeError(f"{where}: missing required field(s) {', '.join(map(repr, missing))}; "
-                             f"a probe needs {list(FIELDS)}")
+                             f"a probe needs {list(REQUIRED)} (and may name its `cluster`)")
+        obj.setdefault("cluster", obj["group"])
         bad = [f for f in FIELDS if not isinstance(obj[f], str) or (f != "answer" and not obj[f].strip())]
         if bad:
             raise ProbeError(f"{where}: field(s) {', '.join(map(repr, bad))} must be non-empty strings "
@@ -222,6 +235,7 @@ class ProbeSet:
     def __repr__(self) -> str:
         langs = sorted({p.lang for p in self.items})
         return (f"ProbeSet({self.name!r}: {len(self)} probes, {len(self.groups())} groups, "
+                f"{len({p.cluster for p in self.items})} clusters, "
                 f"langs {langs}, {self.root})")
 
     def groups(self) -> dict[str, list[Probe]]:
@@ -324,6 +338,8 @@ def write_manifest(path, probes: Iterable) -> Path:
     lines = []
     for p in probes:
         d = asdict(p) if isinstance(p, Probe) else dict(p)
+        d.setdefault("cluster", d["group"])
+        d["cluster"] = d["cluster"] or d["group"]
         lines.append(json.dumps({f: d[f] for f in FIELDS}, ensure_ascii=False))
     path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
     return path
@@ -399,6 +415,8 @@ def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 6
     With ``renders > 1`` scene ``k`` is also rendered with seeds ``seed * 1000 + 100 * j + k``
     (``j = 1 .. renders - 1``) to ``images/s{k:02d}r{j}.png`` (probe ids ``s{k:02d}r{j}-...``,
     group ``{scene.key}#r{j}``: a group is the probes that share one image, as everywhere).
+    Every probe's ``cluster`` is its scene (``scene.key``): renders of one scene are one
+    independent unit.
     With ``alternate_langs`` each image gets the probes of one language only
     (``LANGS[(k + j) % 2]``), so no two probes share an image: the visual tokens are not
     duplicated across languages (in a causal decoder, EN and KO probes of one image with the
@@ -448,8 +466,8 @@ def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 6
             for lang in langs:
                 if "caption" in kinds:
                     probes.append(Probe(f"{name}-{lang}-caption", rel, lang, CAPTION_PROMPTS[lang],
-                                        shapes.caption(scene, lang), group))
+                                        shapes.caption(scene, lang), group, scene.key))
                 if "color" in kinds:
                     q = next(q for q in shapes.questions(scene, lang) if q.attribute == "color")
-                    probes.append(Probe(f"{name}-{lang}-color", rel, lang, q.prompt, q.answer, group))
+                    probes.append(Probe(f"{name}-{lang}-color", rel, lang, q.prompt, q.answer, group, scene.key))
     return write_manifest(out / MANIFEST, probes)

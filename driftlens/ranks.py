@@ -14,18 +14,20 @@ A *unit* is one adapted module: (decoder layer ``l``, target ``t``) with full pa
 ordered by layer, then by the order of the targets; that order breaks every tie (lower layer first).
 The budget is the sum of the ranks of all units.
 
-A signal expression reads ``NAME[@SITE][:MODALITY]``: ``"mmd_z"``, ``"mmd_z@key"``,
-``"sinkhorn_z@hidden:text"``, ``"mir@key"``. ``NAME`` is any report variable with a ``layer`` dim;
+A signal expression reads ``NAME[@SITE][:MODALITY]``: ``"mmd"``, ``"mmd@key"``,
+``"sinkhorn@hidden:text"``, ``"mmd_lo"``, ``"gap@key"``. ``NAME`` is any report variable with a ``layer`` dim;
 the checkpoint (default: the last one), site (default ``"hidden"``) and modality (default
 ``"visual"``) are selected where the variable has those dims. Per-module signals: pass a mapping
 ``{target: expression}`` (``"*"`` is the fallback for targets not named), e.g.
-``{"self_attn.q_proj": "mmd_z@key", "self_attn.k_proj": "mmd_z@key", "*": "mmd_z@hidden"}`` so that
+``{"self_attn.q_proj": "mmd@key", "self_attn.k_proj": "mmd@key", "*": "mmd@hidden"}`` so that
 key-space drift weighs the q/k projections and hidden-state drift the others; or keep one expression
 and pass ``site_for_module={"self_attn.q_proj": "key", "self_attn.k_proj": "key"}`` (a site written
 in an expression wins over it). Mixing variables of different units in one schedule is allowed but
-is the caller's responsibility (z-scores are comparable across sites; raw distances are not).
+is the caller's responsibility (MMD^2 lies in [0, 2] at every site; distances in model units do not).
+A conservative choice is the lower end of the interval (``"mmd_lo"``): capacity goes where the
+drift is certain, not where it is noisy.
 
-Signal values that are NaN or negative are set to 0 before allocation: a negative z-score (less
+Signal values that are NaN or negative are set to 0 before allocation: a negative effect (less
 drift than the null) or a missing measurement is no evidence that a layer needs capacity; ``+inf``
 (a null with zero spread) counts as the largest finite value. If every signal is 0, every rule falls
 back to ``uniform``.
@@ -109,8 +111,8 @@ def parse_signal(expr: str) -> tuple[str, str | None, str | None]:
     m = _SIGNAL_RE.match(str(expr).strip())
     if m is None:
         raise ScheduleError(
-            f"signal {expr!r} is not of the form NAME[@SITE][:MODALITY], e.g. 'mmd_z', 'mmd_z@key', "
-            f"'sinkhorn_z@hidden:text'"
+            f"signal {expr!r} is not of the form NAME[@SITE][:MODALITY], e.g. 'mmd', 'mmd@key', "
+            f"'sinkhorn@hidden:text'"
         )
     return m["name"], m["site"], m["modality"]
 
@@ -777,7 +779,7 @@ def _resolve_signals(signal, targets, site_for_module, site, modality) -> dict[s
     return out
 
 
-def allocate_ranks(report, budget: int, signal: str | Mapping[str, str] = "mmd_z", rule: str = "proportional",
+def allocate_ranks(report, budget: int, signal: str | Mapping[str, str] = "mmd", rule: str = "proportional",
                    min_rank: int = 1, max_rank: int = 64, modules: Sequence[str] | None = None, *,
                    checkpoint=None, site: str = DEFAULT_SITE, modality: str = DEFAULT_MODALITY,
                    site_for_module: Mapping[str, str] | None = None, share: float = 0.9,
@@ -926,7 +928,7 @@ def plot_schedule(schedule: RankSchedule, report=None, ax=None):
 
 def _signal_arg(values: list[str] | None):
     if not values:
-        return "mmd_z"
+        return "mmd"
     if len(values) == 1 and "=" not in values[0]:
         return values[0]
     out = {}
@@ -950,8 +952,8 @@ def add_parser(subparsers):
     p.add_argument("report", help="drift report (netCDF) written by 'driftlens drift'")
     p.add_argument("--budget", type=int, required=True, help="sum of ranks over all adapted modules")
     p.add_argument("--signal", action="append", default=None, metavar="EXPR|MODULE=EXPR",
-                   help="NAME[@SITE][:MODALITY], e.g. mmd_z or mmd_z@key; repeat as MODULE=EXPR for per-module "
-                        "signals ('*=EXPR' is the fallback). Default: mmd_z")
+                   help="NAME[@SITE][:MODALITY], e.g. mmd or mmd@key; repeat as MODULE=EXPR for per-module "
+                        "signals ('*=EXPR' is the fallback). Default: mmd")
     p.add_argument("--rule", default="proportional", choices=list(RULES))
     p.add_argument("--min-rank", type=int, default=1)
     p.add_argument("--max-rank", type=int, default=64)

@@ -16,6 +16,7 @@ Example spec (``driftlens/hooks/llava.toml``)::
     vision_tower = "model.vision_tower"
     projector = "model.multi_modal_projector"
     embed = "model.language_model.embed_tokens"
+    final_norm = "model.language_model.norm"
     image_token = ["image_token_id", "image_token_index"]
     prompt_template = "USER: <image>\\n{prompt} ASSISTANT:"
 """
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-_STR_FIELDS = ("family", "decoder_layers", "key_proj", "query_proj", "vision_tower", "projector", "embed")
+_STR_FIELDS = ("family", "decoder_layers", "key_proj", "query_proj", "vision_tower", "projector", "embed",
+               "final_norm")
 _LIST_FIELDS = ("model_types", "lora_targets", "image_token")
 _OPTIONAL = ("prompt_template",)
 
@@ -58,9 +60,9 @@ class Spec:
         Key / query projections, relative to one decoder block.
     lora_targets : tuple of str
         Modules to adapt with LoRA, relative to one decoder block.
-    vision_tower, projector, embed : str
+    vision_tower, projector, embed, final_norm : str
         Paths from the top-level model: vision encoder, vision-to-LLM projector, LLM input
-        embedding.
+        embedding, the decoder's final norm (its output is HF's last ``hidden_states`` entry).
     image_token : tuple of str
         Config fields holding the image-placeholder token id; the first present wins.
     prompt_template : str or None
@@ -78,6 +80,7 @@ class Spec:
     vision_tower: str
     projector: str
     embed: str
+    final_norm: str
     image_token: tuple[str, ...]
     prompt_template: str | None
     path: Path
@@ -117,7 +120,8 @@ class Spec:
         """Check every path of the spec on ``model``; raise :class:`SpecError` listing each problem.
 
         Checked: ``decoder_layers`` (a non-empty ModuleList), ``key_proj``, ``query_proj`` and
-        every ``lora_targets`` entry in block 0, ``vision_tower``, ``projector``, ``embed``, and
+        every ``lora_targets`` entry in block 0, ``vision_tower``, ``projector``, ``embed``,
+        ``final_norm``, and
         that one of the ``image_token`` config fields is set. A PEFT model is unwrapped first.
         """
         import torch.nn as nn
@@ -139,7 +143,7 @@ class Spec:
                 full = self.module_path(0, rel)
                 if self._find(model, full) is None:
                     problems.append(self._missing(field, full, names))
-        for field in ("vision_tower", "projector", "embed"):
+        for field in ("vision_tower", "projector", "embed", "final_norm"):
             path = getattr(self, field)
             if self._find(model, path) is None:
                 problems.append(self._missing(field, path, names))
@@ -228,7 +232,7 @@ def _from_dict(data: dict, path: Path) -> Spec:
         family=data["family"], model_types=tuple(data["model_types"]),
         decoder_layers=data["decoder_layers"], key_proj=data["key_proj"], query_proj=data["query_proj"],
         lora_targets=tuple(data["lora_targets"]), vision_tower=data["vision_tower"],
-        projector=data["projector"], embed=data["embed"], image_token=tuple(data["image_token"]),
+        projector=data["projector"], embed=data["embed"], final_norm=data["final_norm"], image_token=tuple(data["image_token"]),
         prompt_template=template, path=path,
     )
 

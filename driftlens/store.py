@@ -4,10 +4,11 @@ Layout (zarr v3, one group; every array carries ``dimension_names`` so ``xarray.
 reads it directly)::
 
     embed   (checkpoint, token, hidden_dim)           # input of decoder block 0 (HF hidden_states[0])
+    final   (checkpoint, token, hidden_dim)           # the decoder's final norm output (HF hidden_states[-1])
     hidden  (checkpoint, layer, token, hidden_dim)    # output of block l (HF hidden_states[l + 1])
     key     (checkpoint, layer, token, key_dim)       # block l's k_proj output
     query   (checkpoint, layer, token, query_dim)     # optional
-    coordinates: checkpoint (str), layer (int), sample / group / position / modality / lang on token
+    coordinates: checkpoint (str), layer (int), sample / group / cluster / position / modality / lang on token
 
 Chunks are one (checkpoint, layer) slab split along ``token`` into blocks of about 8 MB, so
 a metric streams one (checkpoint, layer) at a time.
@@ -31,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-SITE_DIMS = {"embed": "hidden_dim", "hidden": "hidden_dim", "key": "key_dim", "query": "query_dim"}
-TOKEN_COORDS = ("sample", "group", "position", "modality", "lang")
+SITE_DIMS = {"embed": "hidden_dim", "hidden": "hidden_dim", "key": "key_dim", "query": "query_dim",
+             "final": "hidden_dim"}
+UNLAYERED = ("embed", "final")     # sites with one vector per token and checkpoint, no layer dim
+TOKEN_COORDS = ("sample", "group", "cluster", "position", "modality", "lang")
 CHUNK_BYTES = 8 * 2**20
 
 
@@ -58,7 +61,7 @@ class ActivationStore:
         ``sites``, ``dims`` (site -> width), ``dtype``, ``token_selection`` (hash).
         An existing store must agree on every one of these.
     tokens : dict of numpy arrays
-        ``sample``, ``group``, ``position``, ``modality``, ``lang``, one entry per token row.
+        ``sample``, ``group``, ``cluster``, ``position``, ``modality``, ``lang``, one entry per token row.
     """
 
     def __init__(self, path, meta: dict, tokens: dict[str, np.ndarray]):
@@ -93,7 +96,7 @@ class ActivationStore:
                                 dtype="int64", dimension_names=("layer",))
         arr[:] = layers
         for name in TOKEN_COORDS:
-            values = np.asarray(tokens[name])
+            values = np.asarray(tokens[name] if name in tokens or name != "cluster" else tokens["group"])
             kind = "int64" if name == "position" else str
             a = root.create_array(name, shape=(n_tokens,), chunks=(max(1, n_tokens),), dtype=kind,
                                   dimension_names=("token",))
@@ -101,7 +104,7 @@ class ActivationStore:
         for site in meta["sites"]:
             width = int(meta["dims"][site])
             rows = _chunk_rows(width, dtype.itemsize, n_tokens)
-            if site == "embed":
+            if site in UNLAYERED:
                 shape, chunks = (0, n_tokens, width), (1, rows, width)
                 dims = ("checkpoint", "token", SITE_DIMS[site])
             else:
@@ -171,10 +174,10 @@ class ActivationStore:
     def write(self, site: str, index: int, start: int, block: np.ndarray) -> None:
         """Write rows ``start : start + len`` of one checkpoint.
 
-        ``block`` is ``[n_layers, rows, width]`` for layered sites, ``[rows, width]`` for embed.
+        ``block`` is ``[n_layers, rows, width]`` for layered sites, ``[rows, width]`` for embed / final.
         """
         a = self.root[site]
-        if site == "embed":
+        if site in UNLAYERED:
             a[index, start:start + block.shape[0], :] = block
         else:
             a[index, :, start:start + block.shape[1], :] = block
@@ -202,7 +205,7 @@ class ActivationStore:
         """Token rows per chunk of ``site``."""
         if site not in self._chunk_rows:
             a = self.root[site]
-            self._chunk_rows[site] = int(a.chunks[1] if site == "embed" else a.chunks[2])
+            self._chunk_rows[site] = int(a.chunks[1] if site in UNLAYERED else a.chunks[2])
         return self._chunk_rows[site]
 
     def writer(self, index: int) -> "CheckpointWriter":
@@ -247,7 +250,7 @@ class CheckpointWriter:
         ``block`` is ``[n, width]`` (embed) or ``[n_layers, n, width]`` -- an array or a list of
         one ``[n, width]`` array per layer. It must not be modified until :meth:`close`.
         """
-        n = len(block) if site == "embed" else len(block[0])
+        n = len(block) if site in UNLAYERED else len(block[0])
         if site in self.next and start != self.next[site]:
             raise ValueError(f"rows of {site!r} must arrive in order: expected {self.next[site]}, got {start}")
         self.next[site] = start + n
@@ -257,10 +260,10 @@ class CheckpointWriter:
 
     def _write(self, site: str, start: int, block) -> None:
         store = self.store
-        slabs = [block] if site == "embed" else list(block)        # [n, width] per layer
+        slabs = [block] if site in UNLAYERED else list(block)        # [n, width] per layer
         n = len(slabs[0])
-        if store.raw_chunk_file(site, (0,) * (2 if site == "embed" else 4)) is None:
-            data = np.asarray(slabs[0] if site == "embed" else np.stack(slabs), dtype=self.dtype)
+        if store.raw_chunk_file(site, (0,) * (2 if site in UNLAYERED else 4)) is None:
+            data = np.asarray(slabs[0] if site in UNLAYERED else np.stack(slabs), dtype=self.dtype)
             store.write(site, self.index, start, data)
             return
         size = store.chunk_rows(site)
@@ -269,7 +272,7 @@ class CheckpointWriter:
             chunk, offset = divmod(start + row, size)
             take = min(n - row, size - offset)
             for layer, slab in enumerate(slabs):
-                coords = (self.index, chunk, 0) if site == "embed" else (self.index, layer, chunk, 0)
+                coords = (self.index, chunk, 0) if site in UNLAYERED else (self.index, layer, chunk, 0)
                 piece = np.ascontiguousarray(slab[row:row + take], dtype=self.dtype)
                 row_bytes = piece.shape[-1] * self.dtype.itemsize
                 fh = self._file(store.raw_chunk_file(site, coords), size * row_bytes)
@@ -309,6 +312,7 @@ def _site_attrs(site: str) -> dict:
         "hidden": "output of decoder block `layer` (HF hidden_states[layer + 1]; the last block is before the final norm)",
         "key": "output of block `layer`'s key projection (k_proj), all key/value heads concatenated",
         "query": "output of block `layer`'s query projection (q_proj), all heads concatenated",
+        "final": "output of the decoder's final norm (HF hidden_states[-1]): the last block's output after the norm",
     }[site]
     return {"long_name": site, "definition": text, "units": "model units"}
 
@@ -337,8 +341,10 @@ def open_store(path, include_incomplete: bool = False):
     -------
     xarray.Dataset
         Dims ``checkpoint``, ``layer``, ``token``, ``hidden_dim`` / ``key_dim``; variables
-        ``embed``, ``hidden``, ``key`` (those captured); token coordinates ``sample``,
-        ``group`` (probes sharing an image), ``position``, ``modality``, ``lang``. Nothing is read until values are used.
+        ``embed``, ``hidden``, ``key``, ``final`` (those captured); token coordinates ``sample``,
+        ``group`` (probes sharing an image), ``cluster`` (the independent unit: a scene or source
+        photo; stores captured before clusters existed lack it), ``position``, ``modality``,
+        ``lang``. Nothing is read until values are used.
     """
     import xarray as xr
 

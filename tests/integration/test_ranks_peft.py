@@ -8,30 +8,18 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import xarray as xr
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import get_pattern_key
 
 from driftlens.ranks import RankSchedule, ScheduleError, add_parser, allocate_ranks, pattern_key
 from driftlens.specs import load_spec
+from driftlens.testing import make_report as _make_report
 from driftlens.tiny import FAMILIES, build
 
 
 def make_report(n_layers, model_type, family, seed=0, checkpoints=("base", "ko-600")):
-    rng = np.random.default_rng(seed)
-    C, L = len(checkpoints), n_layers
-    coords = {"checkpoint": list(checkpoints), "layer": np.arange(L), "site": ["hidden", "key"],
-              "modality": ["visual", "text"]}
-    dims4 = ("checkpoint", "layer", "site", "modality")
-    data = {}
-    for m in ("mmd", "sinkhorn", "sliced_w", "gauss_w2", "shift"):
-        for suffix in ("", "_null", "_z"):
-            data[m + suffix] = (dims4, rng.normal(size=(C, L, 2, 2)) * 4 + 2)
-    data["gap"] = (("checkpoint", "layer", "site"), rng.uniform(size=(C, L, 2)))
-    data["mir"] = (("checkpoint", "layer", "site"), rng.uniform(size=(C, L, 2)))
-    return xr.Dataset(data, coords=coords, attrs={"reference": checkpoints[0], "model_type": model_type,
-                                                  "family": family, "n_layers": L, "probe_set": "test"})
+    return _make_report(n_layers, checkpoints, seed, model_type, family, loc=2.0, scale=4.0)
 
 
 def lora_layers(peft_model) -> dict[str, LoraLayer]:
@@ -67,7 +55,7 @@ def test_exported_config_gives_every_module_its_rank(family, tmp_path):
     report = make_report(n, model.config.model_type, spec.family, seed=FAMILIES.index(family))
     n_units = n * len(spec.lora_targets)
     budget = 3 * n_units + 5
-    sched = allocate_ranks(report, budget, "mmd_z", "proportional", 1, 8, model=model)
+    sched = allocate_ranks(report, budget, "mmd", "proportional", 1, 8, model=model)
     assert sched.budget == budget and len(set(sched.ranks.values())) > 1  # a real, non-uniform schedule
 
     with warnings.catch_warnings(record=True) as record:
@@ -95,7 +83,7 @@ def test_many_targets_dropped_layers_and_file_round_trip(rule, tmp_path):
     model, _ = build(family, seed=1, n_layers=6)
     spec = load_spec(model)
     report = make_report(6, model.config.model_type, spec.family, seed=11)
-    sig = {spec.lora_targets[0]: "mmd_z@key", "*": "mmd_z@hidden"}
+    sig = {spec.lora_targets[0]: "mmd@key", "*": "mmd@hidden"}
     sched = allocate_ranks(report, 6 * len(spec.lora_targets) * 2, sig, rule, 1, 6, model=model, share=0.6)
     if rule == "cumulative":
         assert 0 < len(sched.ranks) < len(sched.modules)
@@ -134,7 +122,7 @@ def test_clear_errors_for_mismatched_models():
     model, _ = build("llava", seed=0, n_layers=2)
     spec = load_spec(model)
     report = make_report(2, "llava", spec.family)
-    sched = allocate_ranks(report, 16, "mmd_z", "proportional", 1, 8, model=model)
+    sched = allocate_ranks(report, 16, "mmd", "proportional", 1, 8, model=model)
 
     # a report whose layers do not match the model
     with pytest.raises(ScheduleError, match=r"report's layers \[0, 1, 2\] do not match the model's 2 decoder layers"):
@@ -173,13 +161,13 @@ def test_cli_writes_peft_and_axolotl_files_and_a_plot(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="driftlens")
     add_parser(parser.add_subparsers(dest="command"))
 
-    args = parser.parse_args(["ranks", str(rp), "--budget", "40", "--signal", "self_attn.q_proj=mmd_z@key",
-                              "--signal", "*=mmd_z", "--rule", "waterfill", "--max-rank", "8",
+    args = parser.parse_args(["ranks", str(rp), "--budget", "40", "--signal", "self_attn.q_proj=mmd@key",
+                              "--signal", "*=mmd", "--rule", "waterfill", "--max-rank", "8",
                               "--out", str(tmp_path / "ranks.json"), "--plot", str(tmp_path / "ranks.png")])
     assert args.func(args) == 0
     body = json.loads((tmp_path / "ranks.json").read_text())
     assert sum(body["rank_pattern"].values()) == 40 and body["driftlens"]["rule"] == "waterfill"
-    assert body["driftlens"]["signals"]["self_attn.q_proj"] == "mmd_z@key"
+    assert body["driftlens"]["signals"]["self_attn.q_proj"] == "mmd@key"
     assert (tmp_path / "ranks.png").stat().st_size > 1000
 
     args = parser.parse_args(["ranks", str(rp), "--budget", "40", "--format", "axolotl",
@@ -192,6 +180,6 @@ def test_cli_writes_peft_and_axolotl_files_and_a_plot(tmp_path, capsys):
     pm = sched.get_peft_model(model)
     assert_applied_exactly(pm, sched, spec)
 
-    args = parser.parse_args(["ranks", str(rp), "--budget", "40", "--signal", "mmd_zz"])
+    args = parser.parse_args(["ranks", str(rp), "--budget", "40", "--signal", "mmd_xx"])
     with pytest.raises(ScheduleError, match="available per-layer signals"):
         args.func(args)

@@ -35,10 +35,10 @@ def test_console_script_help():
 
 def test_drift_and_plot_commands(store, tmp_path, capsys):  # noqa: F811
     rep = tmp_path / "r.nc"
-    assert main(["drift", str(store), "--metrics", "mmd", "gap", "--splits", "3", "--permutations", "20",
+    assert main(["drift", str(store), "--metrics", "mmd", "gap", "--permutations", "20", "--bootstrap", "20",
                  "--out", str(rep), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert f"report: {rep}" in out and "visual MMD z" in out
+    assert f"report: {rep}" in out and "visual MMD^2 (hidden)" in out and "95% interval" in out
     png = tmp_path / "h.png"
     assert main(["plot", str(rep), "--out", str(png)]) == 0
     assert png.stat().st_size > 1000

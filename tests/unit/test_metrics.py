@@ -363,50 +363,6 @@ def test_shift_matches_numpy():
     assert M.shift(z, o, per_token=True).cosine.tolist() == [0.0, 1.0]
 
 
-# ---------------------------------------------------------------- split null
-
-
-def test_split_null_halves_are_disjoint_and_seeded():
-    x = torch.arange(40, dtype=torch.float64).reshape(20, 2)
-    seen = []
-
-    def fn(a, b):
-        ra, rb = {tuple(r) for r in a.tolist()}, {tuple(r) for r in b.tolist()}
-        assert not ra & rb and len(ra) == len(rb) == 10
-        seen.append(sorted(ra))
-        return float(a.sum() - b.sum())
-
-    res = M.split_null(fn, x, n_splits=6, seed=2)
-    assert len(res.values) == 6 and len({tuple(s) for s in seen}) == 6
-    assert res.mean == pytest.approx(res.values.mean())
-    assert res.std == pytest.approx(res.values.std(ddof=1))
-    np.testing.assert_array_equal(M.split_null(fn, x, n_splits=6, seed=2).values, res.values)
-
-
-def test_split_null_groups_stay_together_and_accepts_results():
-    x = torch.from_numpy(_rng(91).normal(size=(24, 3)))
-    groups = np.repeat(np.array(["s%d" % i for i in range(8)]), 3)
-    gid = {tuple(r): g for r, g in zip(x.tolist(), groups)}
-
-    def fn(a, b):
-        ga, gb = {gid[tuple(r)] for r in a.tolist()}, {gid[tuple(r)] for r in b.tolist()}
-        assert not ga & gb and len(a) == 12 and len(b) == 12
-        return M.mmd_test(a, b, n_permutations=5)  # reduced to its statistic
-
-    res = M.split_null(fn, x, n_splits=3, groups=groups)
-    assert np.isfinite(res.values).all()
-    assert M.split_null(M.mmd2, x, n_splits=3).values.shape == (3,)
-    with pytest.raises(TypeError, match="paired"):
-        M.split_null(M.shift, x, n_splits=2)
-
-
-def test_zscore_never_nan():
-    null = M.NullResult(mean=1.0, std=0.0, values=np.array([1.0, 1.0]))
-    assert M.zscore(1.0, null) == 0.0
-    assert M.zscore(2.0, null) == math.inf
-    assert M.zscore(3.0, M.NullResult(1.0, 0.5, np.array([0.5, 1.5]))) == pytest.approx(4.0)
-
-
 # ---------------------------------------------------------------- degenerate input
 
 

@@ -41,9 +41,9 @@ def tiny_set(tmp_path) -> Path:
     Image.new("RGB", (8, 6), (10, 200, 30)).save(root / "images" / "a.png")
     write_lines(root / "manifest.jsonl", [
         {"id": "a-en", "image": "images/a.png", "lang": "en", "prompt": "Describe the image.",
-         "answer": "green.", "group": "a"},
+         "answer": "green.", "group": "a", "cluster": "scene-a"},
         {"id": "a-ko", "image": "images/a.png", "lang": "ko", "prompt": "이미지를 설명하세요.",
-         "answer": "초록색.", "group": "a"},
+         "answer": "초록색.", "group": "a", "cluster": "scene-a"},
     ])
     return root
 
@@ -167,6 +167,9 @@ def test_make_shapes_probes_renders_and_alternate_langs(tmp_path):
     for p in ps:
         by_scene.setdefault(p.group.split("#")[0], set()).add(p.lang)
     assert len(by_scene) == 72 and all(v == {"en", "ko"} for v in by_scene.values())
+    # the two renders of a scene are one cluster (the unit of independence), named by the scene
+    assert len({p.cluster for p in ps}) == 72
+    assert all(p.cluster == p.group.split("#")[0] for p in ps)
     first, second = ps.image(0), ps.image(1)
     assert np.asarray(first).shape == (32, 32, 3)
     # render 0 is the same image as without renders; render 1 is a different rendering of the scene
@@ -258,6 +261,17 @@ def test_image_converts_to_rgb(tmp_path, tiny_set):
     Image.new("L", (5, 5), 7).save(tiny_set / "images" / "a.png")
     im = ProbeSet.load(tiny_set).image(0)
     assert im.mode == "RGB" and im.getpixel((0, 0)) == (7, 7, 7)
+
+
+def test_cluster_defaults_to_the_group(tmp_path, tiny_set):
+    lines = (tiny_set / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    old = [json.dumps({k: v for k, v in json.loads(x).items() if k != "cluster"}, ensure_ascii=False)
+           for x in lines]
+    (tiny_set / "old.jsonl").write_text("\n".join(old) + "\n", encoding="utf-8")
+    ps = ProbeSet.load(tiny_set / "old.jsonl")
+    assert [p.cluster for p in ps] == ["a", "a"]
+    assert [p.cluster for p in ProbeSet.load(tiny_set)] == ["scene-a", "scene-a"]
+    assert Probe("x", "i.png", "en", "p", "a", "g").cluster == "g"
 
 
 def test_write_manifest_round_trips(tmp_path, tiny_set):

@@ -7,7 +7,6 @@ import re
 
 import numpy as np
 import pytest
-import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,28 +23,9 @@ from driftlens.ranks import (
     signal_profile,
 )
 from driftlens.specs import load_spec
+from driftlens.testing import make_report
 
-METRICS = ("mmd", "sinkhorn", "sliced_w", "gauss_w2", "shift")
 SPEC = load_spec("llava")  # read from hooks/llava.toml; no model is built in this file
-
-
-def make_report(n_layers=6, checkpoints=("base", "step-100", "step-200"), seed=0, model_type="llava"):
-    """A drift report with the documented dims and variables, filled with random numbers."""
-    rng = np.random.default_rng(seed)
-    C, L = len(checkpoints), n_layers
-    coords = {"checkpoint": list(checkpoints), "layer": np.arange(L), "site": ["hidden", "key"],
-              "modality": ["visual", "text"]}
-    dims4 = ("checkpoint", "layer", "site", "modality")
-    data = {}
-    for m in METRICS:
-        for suffix in ("", "_null", "_z"):
-            data[m + suffix] = (dims4, rng.normal(size=(C, L, 2, 2)) * 3)
-    data["mmd_p"] = (dims4, rng.uniform(size=(C, L, 2, 2)))
-    data["gap"] = (("checkpoint", "layer", "site"), rng.uniform(size=(C, L, 2)))
-    data["mir"] = (("checkpoint", "layer", "site"), rng.uniform(size=(C, L, 2)))
-    data["mir_total"] = (("checkpoint", "site"), rng.uniform(size=(C, 2)))
-    return xr.Dataset(data, coords=coords, attrs={"reference": checkpoints[0], "model_type": model_type,
-                                                  "family": "llava", "n_layers": L, "probe_set": "test"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,39 +188,42 @@ def test_budget_errors_name_the_numbers():
 # ------------------------------------------------------------------------------------------------
 
 def test_parse_signal():
-    assert parse_signal("mmd_z") == ("mmd_z", None, None)
-    assert parse_signal("mmd_z@key") == ("mmd_z", "key", None)
-    assert parse_signal("sinkhorn_z@hidden:text") == ("sinkhorn_z", "hidden", "text")
+    assert parse_signal("mmd") == ("mmd", None, None)
+    assert parse_signal("mmd@key") == ("mmd", "key", None)
+    assert parse_signal("sinkhorn@hidden:text") == ("sinkhorn", "hidden", "text")
     with pytest.raises(ScheduleError, match="NAME\\[@SITE\\]"):
         parse_signal("mmd z")
 
 
 def test_signal_profile_selects_like_xarray():
     rep = make_report(seed=3)
-    np.testing.assert_array_equal(signal_profile(rep, "mmd_z"),
-                                  rep["mmd_z"].values[-1, :, 0, 0])
-    np.testing.assert_array_equal(signal_profile(rep, "mmd_z@key:text", checkpoint="step-100"),
-                                  rep["mmd_z"].values[1, :, 1, 1])
-    np.testing.assert_array_equal(signal_profile(rep, "mir@key", checkpoint=0), rep["mir"].values[0, :, 1])
+    np.testing.assert_array_equal(signal_profile(rep, "mmd"),
+                                  rep["mmd"].values[-1, :, 0, 0])
+    np.testing.assert_array_equal(signal_profile(rep, "mmd@key:text", checkpoint="step-100"),
+                                  rep["mmd"].values[1, :, 1, 1])
+    np.testing.assert_array_equal(signal_profile(rep, "gap@key", checkpoint=0), rep["gap"].values[0, :, 1])
+    np.testing.assert_array_equal(signal_profile(rep, "mir", checkpoint=0), rep["mir"].values[0, :])
     np.testing.assert_array_equal(signal_profile(rep, "gap", site="key"), rep["gap"].values[-1, :, 1])
-    with pytest.raises(ScheduleError, match=r"unknown signal 'mmd_zz'.*'mir', 'mmd', 'mmd_null', 'mmd_p', 'mmd_z'"):
-        signal_profile(rep, "mmd_zz")
+    with pytest.raises(ScheduleError, match=r"unknown signal 'mmd_xx'.*'mir', 'mir_hi', 'mir_lo', 'mmd', 'mmd_hi', 'mmd_lo', 'mmd_p', 'mmd_q'"):
+        signal_profile(rep, "mmd_xx")
     with pytest.raises(ScheduleError, match="unknown signal 'mir_total'"):
         signal_profile(rep, "mir_total")
     with pytest.raises(ScheduleError, match=r"site 'query' is not in the report; it has \['hidden', 'key'\]"):
-        signal_profile(rep, "mmd_z@query")
+        signal_profile(rep, "mmd@query")
     with pytest.raises(ScheduleError, match="has no 'modality' dim"):
         signal_profile(rep, "mir:visual")
+    with pytest.raises(ScheduleError, match="has no 'site' dim"):
+        signal_profile(rep, "mir@key")
     with pytest.raises(ScheduleError, match="checkpoint 'step-9' is not in the report"):
-        signal_profile(rep, "mmd_z", checkpoint="step-9")
+        signal_profile(rep, "mmd", checkpoint="step-9")
 
 
 def test_allocate_ranks_from_a_report():
     rep = make_report(n_layers=5, seed=1)
     spec = SPEC
-    sch = allocate_ranks(rep, 80, "mmd_z", "proportional", 2, 8, spec=spec)
+    sch = allocate_ranks(rep, 80, "mmd", "proportional", 2, 8, spec=spec)
     assert sch.budget == 80 and len(sch.modules) == 20
-    expected_signal = clean_signal(rep["mmd_z"].values[-1, :, 0, 0])
+    expected_signal = clean_signal(rep["mmd"].values[-1, :, 0, 0])
     for m in sch.modules:
         assert m.path == f"model.language_model.layers.{m.layer}.{m.module}"
         assert m.signal == expected_signal[m.layer]
@@ -250,9 +233,9 @@ def test_allocate_ranks_from_a_report():
     assert sch.meta["checkpoint"] == "step-200" and sch.meta["rule"] == "proportional"
     assert sch.meta["family"] == "llava" and sch.meta["model_type"] == "llava"
     assert sch.meta["peft_version"] and sch.meta["transformers_version"]
-    assert sch.meta["signals"]["self_attn.q_proj"] == "mmd_z@hidden"
+    assert sch.meta["signals"]["self_attn.q_proj"] == "mmd@hidden"
     # without spec=: the spec comes from the report's model_type
-    assert allocate_ranks(rep, 80, "mmd_z", "proportional", 2, 8).modules == sch.modules
+    assert allocate_ranks(rep, 80, "mmd", "proportional", 2, 8).modules == sch.modules
     bare = rep.copy()
     bare.attrs = {}
     with pytest.raises(ScheduleError, match="no 'model_type' attribute; pass spec= or model="):
@@ -262,27 +245,27 @@ def test_allocate_ranks_from_a_report():
 def test_per_module_signals_and_site_for_module_agree():
     rep = make_report(n_layers=4, seed=2)
     spec = SPEC
-    a = allocate_ranks(rep, 48, {"self_attn.q_proj": "mmd_z@key", "self_attn.k_proj": "mmd_z@key",
-                                 "*": "mmd_z"}, "proportional", 1, 16, spec=spec)
-    b = allocate_ranks(rep, 48, "mmd_z", "proportional", 1, 16, spec=spec,
+    a = allocate_ranks(rep, 48, {"self_attn.q_proj": "mmd@key", "self_attn.k_proj": "mmd@key",
+                                 "*": "mmd"}, "proportional", 1, 16, spec=spec)
+    b = allocate_ranks(rep, 48, "mmd", "proportional", 1, 16, spec=spec,
                        site_for_module={"self_attn.q_proj": "key", "self_attn.k_proj": "key"})
     assert [m.rank for m in a.modules] == [m.rank for m in b.modules]
-    key = clean_signal(rep["mmd_z"].values[-1, :, 1, 0])
-    hid = clean_signal(rep["mmd_z"].values[-1, :, 0, 0])
+    key = clean_signal(rep["mmd"].values[-1, :, 1, 0])
+    hid = clean_signal(rep["mmd"].values[-1, :, 0, 0])
     for m in a.modules:
         want = key if m.module in ("self_attn.q_proj", "self_attn.k_proj") else hid
         assert m.signal == want[m.layer]
     with pytest.raises(ScheduleError, match=r"no entry for modules \['self_attn.v_proj', 'self_attn.o_proj'\]"):
-        allocate_ranks(rep, 48, {"self_attn.q_proj": "mmd_z@key", "self_attn.k_proj": "mmd_z"}, spec=spec)
+        allocate_ranks(rep, 48, {"self_attn.q_proj": "mmd@key", "self_attn.k_proj": "mmd"}, spec=spec)
     with pytest.raises(ScheduleError, match=r"not adapted modules"):
-        allocate_ranks(rep, 48, {"mlp.up_proj": "mmd_z", "*": "mmd_z"}, spec=spec)
+        allocate_ranks(rep, 48, {"mlp.up_proj": "mmd", "*": "mmd"}, spec=spec)
 
 
 def test_report_errors():
     spec = SPEC
     rep = make_report(n_layers=4)
-    with pytest.raises(ScheduleError, match=r"unknown signal 'mdd_z'.*available per-layer signals"):
-        allocate_ranks(rep, 32, "mdd_z", spec=spec)
+    with pytest.raises(ScheduleError, match=r"unknown signal 'mdd'.*available per-layer signals"):
+        allocate_ranks(rep, 32, "mdd", spec=spec)
     partial = rep.isel(layer=[0, 1, 3])
     with pytest.raises(ScheduleError, match=r"layers \[0, 1, 3\] are not 0..3"):
         allocate_ranks(partial, 24, spec=spec)
@@ -310,7 +293,7 @@ def test_pattern_keys_are_anchored_and_invertible():
     from peft.utils.other import get_pattern_key
 
     rep = make_report(n_layers=12, seed=4)
-    sch = allocate_ranks(rep, 200, "mmd_z", "waterfill", 1, 16, spec=SPEC)
+    sch = allocate_ranks(rep, 200, "mmd", "waterfill", 1, 16, spec=SPEC)
     keys = list(sch.rank_pattern)
     names = list(sch.ranks) + [p.replace("model.language_model.layers", "model.vision_tower.encoder.layers")
                                for p in sch.ranks] + ["x." + p for p in sch.ranks]
@@ -326,7 +309,7 @@ def test_pattern_keys_are_anchored_and_invertible():
 
 def test_to_lora_config_fields_and_overrides():
     rep = make_report(n_layers=3, seed=5)
-    sch = allocate_ranks(rep, 30, "mmd_z", "proportional", 1, 8, spec=SPEC)
+    sch = allocate_ranks(rep, 30, "mmd", "proportional", 1, 8, spec=SPEC)
     cfg = sch.to_lora_config(lora_dropout=0.1)
     assert set(cfg.target_modules) == set(sch.ranks)
     assert cfg.rank_pattern == sch.rank_pattern and cfg.alpha_pattern == sch.alpha_pattern
@@ -337,7 +320,7 @@ def test_to_lora_config_fields_and_overrides():
 
 def test_rslora_uses_one_alpha():
     rep = make_report(n_layers=3, seed=5)
-    sch = allocate_ranks(rep, 30, "mmd_z", "proportional", 1, 8, spec=SPEC, use_rslora=True,
+    sch = allocate_ranks(rep, 30, "mmd", "proportional", 1, 8, spec=SPEC, use_rslora=True,
                          alpha_ratio=2.0)
     assert sch.alpha_pattern == {}
     assert sch.base_alpha == pytest.approx(2.0 * math.sqrt(30 / 12), abs=1e-4)
@@ -351,7 +334,7 @@ def test_save_load_round_trip(tmp_path, fmt, suffix, rule):
     import yaml
 
     rep = make_report(n_layers=5, seed=6)
-    sch = allocate_ranks(rep, 40, "mmd_z@key", rule, 1, 8, spec=SPEC, share=0.6)
+    sch = allocate_ranks(rep, 40, "mmd@key", rule, 1, 8, spec=SPEC, share=0.6)
     out = sch.save(tmp_path / f"ranks{suffix}")  # format from the suffix
     text = out.read_text()
     if fmt == "peft":
@@ -367,7 +350,7 @@ def test_save_load_round_trip(tmp_path, fmt, suffix, rule):
     back = RankSchedule.load(out)
     assert back.modules == sch.modules
     assert back.ranks == sch.ranks and back.alpha_pattern == sch.alpha_pattern
-    assert back.meta["signal"] == "mmd_z@key" and back.meta["rule"] == rule
+    assert back.meta["signal"] == "mmd@key" and back.meta["rule"] == rule
     if rule == "cumulative":
         assert any(m.rank == 0 for m in sch.modules)  # dropped layers are in the metadata, not the pattern
         assert len(back.rank_pattern) < len(back.modules)
@@ -379,7 +362,7 @@ def test_save_load_round_trip(tmp_path, fmt, suffix, rule):
 
 def test_load_honours_a_hand_edited_rank(tmp_path):
     rep = make_report(n_layers=2, seed=7)
-    sch = allocate_ranks(rep, 16, "mmd_z", "uniform", 1, 8, spec=SPEC)
+    sch = allocate_ranks(rep, 16, "mmd", "uniform", 1, 8, spec=SPEC)
     p = sch.save(tmp_path / "r.json")
     body = json.loads(p.read_text())
     k = next(iter(body["rank_pattern"]))
@@ -396,13 +379,13 @@ def test_load_honours_a_hand_edited_rank(tmp_path):
 
 def test_plot_schedule_bars_are_the_layer_ranks(tmp_path):
     rep = make_report(n_layers=6, seed=8)
-    sch = allocate_ranks(rep, 64, "mmd_z", "proportional", 1, 8, spec=SPEC)
+    sch = allocate_ranks(rep, 64, "mmd", "proportional", 1, 8, spec=SPEC)
     ax = plot_schedule(sch, rep)
     heights = np.zeros(6)
     for patch in ax.patches:
         heights[int(round(patch.get_x() + patch.get_width() / 2))] += patch.get_height()
     np.testing.assert_array_equal(heights, sch.layer_ranks())
     line = ax.figure.axes[1].lines[0]
-    np.testing.assert_allclose(line.get_ydata(), rep["mmd_z"].values[-1, :, 0, 0])  # raw profile, unclipped
+    np.testing.assert_allclose(line.get_ydata(), rep["mmd"].values[-1, :, 0, 0])  # raw profile, unclipped
     ax.figure.savefig(tmp_path / "ranks.png")
     assert (tmp_path / "ranks.png").stat().st_size > 1000

@@ -12,6 +12,7 @@ def _tokens(n=10):
     return {
         "sample": np.array([f"p{i // 5}" for i in range(n)]),
         "group": np.array([f"g{i // 5}" for i in range(n)]),
+        "cluster": np.array([f"c{i // 10}" for i in range(n)]),
         "position": np.arange(n) % 5,
         "modality": np.array(["visual", "visual", "text", "text", "text"] * (n // 5)),
         "lang": np.array(["en"] * n),
@@ -55,7 +56,8 @@ def test_layout_and_values(tmp_path):
     np.testing.assert_allclose(ds.hidden.sel(checkpoint="base").values, a["hidden"], rtol=1e-6)
     np.testing.assert_allclose(ds.key.sel(checkpoint="ft").values, b["key"], rtol=1e-6)
     np.testing.assert_allclose(ds.embed.sel(checkpoint="ft").values, b["embed"], rtol=1e-6)
-    assert set(ds.coords) >= {"sample", "group", "position", "modality", "lang", "checkpoint", "layer"}
+    assert set(ds.coords) >= {"sample", "group", "cluster", "position", "modality", "lang", "checkpoint", "layer"}
+    assert ds.cluster.values.tolist() == ["c0"] * 10
     assert list(ds.modality.values.astype(str)[:3]) == ["visual", "visual", "text"]
     # plain xarray reads it too
     raw = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)

@@ -1,0 +1,357 @@
+"""Inference on clustered tokens: the cluster, not the token, is the unit of independence.
+
+Tokens of one image are strongly correlated, and so are the renders, crops and language twins of
+one scene. A probe set therefore names, per probe, the *cluster* it belongs to (a scene, a source
+photograph), and every resampling here draws whole clusters:
+
+- **cluster sign flips** (paired permutation test): the same probes go through every checkpoint,
+  so under "no change" the reference's and the checkpoint's tokens of one cluster are
+  exchangeable; swapping them for a random subset of clusters draws from the null;
+- **cluster bootstrap**: draw K clusters with replacement (multinomial counts per cluster).
+
+Statistics that are *U-statistics over clusters* -- sums of a symmetric pair term ``H[a, b]``
+over distinct clusters ``a != b`` -- get both resamplings as batched quadratic forms: a column
+``w`` of signs or of bootstrap counts gives ``sum_{a != b} w_a w_b H[a, b] / sum_{a != b} w_a w_b``.
+The paired cluster MMD (:func:`paired_mmd_terms`) is one: with ``D_a`` the difference of the
+kernel mean embeddings of cluster ``a`` at the reference and at the checkpoint,
+``H[a, b] = <D_a, D_b>``, a sign flip of cluster ``a`` is ``D_a -> -D_a``, and
+``E H[a, b] = MMD^2`` between the two token distributions for ``a != b`` whatever the number of
+clusters or the correlation of tokens inside a cluster.
+
+Everything here is a pure function of tensors or arrays; seeds make every draw reproducible and
+the same for every cell of a report (so per-layer resamples can be summed across layers).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Inference",
+    "adjust_pvalues",
+    "bootstrap_counts",
+    "cluster_codes",
+    "cluster_kernel_means",
+    "p_value",
+    "paired_mmd",
+    "paired_mmd_terms",
+    "paired_shift",
+    "quadratic_u",
+    "sign_flips",
+    "u_statistic_inference",
+]
+
+MIN_CLUSTERS = 2
+
+
+def cluster_codes(labels) -> tuple[np.ndarray, np.ndarray]:
+    """Integer code per row (0..K-1, in order of first appearance) and the K distinct labels."""
+    labels = np.asarray(labels)
+    uniq, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")          # first-appearance order
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[inverse.reshape(-1)].astype(np.int64), uniq[order]
+
+
+def sign_flips(n_clusters: int, n_draws: int, seed: int) -> torch.Tensor:
+    """[K, B] float64 of +-1: column b swaps reference and checkpoint in the clusters marked -1."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, 2, (n_clusters, n_draws), generator=g).to(torch.float64).mul_(2).sub_(1)
+
+
+def bootstrap_counts(n_clusters: int, n_draws: int, seed: int) -> torch.Tensor:
+    """[K, B] float64 multinomial counts: column b draws K clusters with replacement."""
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randint(0, n_clusters, (n_draws, n_clusters), generator=g)     # [B, K]
+    counts = torch.zeros(n_draws, n_clusters, dtype=torch.float64)
+    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    return counts.T.contiguous()                                                # [K, B]
+
+
+def quadratic_u(h: torch.Tensor, w: torch.Tensor, signs: bool = False) -> torch.Tensor:
+    """Weighted U-statistic ``sum_{a != b} w_a w_b h[a, b] / N`` for every column of ``w``.
+
+    Parameters
+    ----------
+    h : tensor [K, K]
+        Symmetric pair term (its diagonal is ignored).
+    w : tensor [K, B]
+        Weights per cluster: all ones gives the U-statistic itself, counts a bootstrap draw
+        (``N = sum_{a != b} w_a w_b``: pairs of copies of one cluster are excluded, as ties in a
+        U-statistic), +-1 a sign flip (with ``signs=True``: ``N = K (K - 1)``, the pairs).
+
+    Returns
+    -------
+    tensor [B] float64
+    """
+    h0 = h.to(torch.float64).clone()
+    h0.fill_diagonal_(0.0)
+    w = w.to(device=h0.device, dtype=torch.float64)
+    num = (w * (h0 @ w)).sum(0)                                    # [B]
+    if signs:
+        k = h0.shape[0]
+        return num / (k * (k - 1))
+    den = w.sum(0) ** 2 - (w * w).sum(0)                            # [B]
+    return num / den
+
+
+def p_value(null: torch.Tensor | np.ndarray, observed: float, tol: float = 0.0) -> float:
+    """``(1 + #{null >= observed - tol}) / (B + 1)``: never 0, valid for any B."""
+    null = np.asarray(null.cpu() if isinstance(null, torch.Tensor) else null, dtype=np.float64)
+    return float((1 + np.count_nonzero(null >= observed - tol)) / (null.size + 1))
+
+
+class Inference(NamedTuple):
+    """An effect with its cluster-bootstrap interval and cluster sign-flip p-value."""
+
+    effect: float
+    lo: float
+    hi: float
+    p: float
+    n_clusters: int
+
+
+def u_statistic_inference(h: torch.Tensor, flips: torch.Tensor, counts: torch.Tensor,
+                          level: float = 0.95) -> Inference:
+    """Effect, percentile interval and p-value of the cluster U-statistic with pair term ``h``.
+
+    The sign-flip null is the one of a paired design (``h[a, b] -> s_a s_b h[a, b]``); the
+    p-value is one-sided (large values are drift). ``flips`` and ``counts`` come from
+    :func:`sign_flips` and :func:`bootstrap_counts` with ``K = h.shape[0]``.
+    """
+    k = h.shape[0]
+    if k < MIN_CLUSTERS:
+        raise ValueError(f"a cluster U-statistic needs at least {MIN_CLUSTERS} clusters, got {k}")
+    ones = torch.ones(k, 1, dtype=torch.float64, device=h.device)
+    effect = float(quadratic_u(h, ones)[0])
+    null = quadratic_u(h, flips, signs=True)
+    boot = quadratic_u(h, counts)
+    # rounding between the observed sum and the flipped sums must not create spurious small p
+    scale = float(h.abs().mean()) if h.numel() else 0.0
+    tol = 1e3 * torch.finfo(torch.float64).eps * scale
+    lo, hi = percentile_interval(boot, level)
+    return Inference(effect, lo, hi, p_value(null, effect, tol), k)
+
+
+def percentile_interval(values: torch.Tensor | np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Equal-tailed percentile interval of bootstrap values."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    v = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(v, [a, 1.0 - a])
+    return float(lo), float(hi)
+
+
+def adjust_pvalues(p, method: str = "bh") -> np.ndarray:
+    """Multiplicity-adjusted p-values (same shape; NaN entries are left out and stay NaN).
+
+    ``"bh"``: Benjamini-Hochberg (false discovery rate); ``"holm"``: Holm (family-wise error).
+    """
+    p = np.asarray(p, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    flat = p.reshape(-1)
+    ok = np.flatnonzero(np.isfinite(flat))
+    m = ok.size
+    if m == 0:
+        return out
+    vals = flat[ok]
+    order = np.argsort(vals, kind="stable")
+    ranked = vals[order]
+    if method == "bh":
+        adj = ranked * m / np.arange(1, m + 1)
+        adj = np.minimum.accumulate(adj[::-1])[::-1]
+    elif method == "holm":
+        adj = ranked * (m - np.arange(m))
+        adj = np.maximum.accumulate(adj)
+    else:
+        raise ValueError(f"unknown correction {method!r}; choose 'bh' or 'holm'")
+    res = np.empty(m)
+    res[order] = np.minimum(adj, 1.0)
+    flat_out = out.reshape(-1)
+    flat_out[ok] = res
+    return flat_out.reshape(p.shape)
+
+
+# ----------------------------------------------------------------------------- kernel terms
+
+
+def _one_hot_means(codes: torch.Tensor, k: int, dtype) -> torch.Tensor:
+    """[n, K] with 1 / n_cluster at (row, its cluster): rows -> cluster means by a matmul."""
+    oh = torch.zeros(codes.shape[0], k, dtype=dtype, device=codes.device)
+    oh[torch.arange(codes.shape[0], device=codes.device), codes] = 1.0
+    counts = oh.sum(0)
+    return oh / counts.clamp(min=1.0)
+
+
+def cluster_kernel_means(x: torch.Tensor, y: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, k: int,
+                         sigma: float, offset: float = 0.0, block_size: int = 4096) -> torch.Tensor:
+    """``G[a, b] = mean over rows i of x in cluster a and j of y in cluster b of k(x_i, y_j) - offset``.
+
+    Gaussian kernel ``exp(-|x - y|^2 / (2 sigma^2))``, computed tile by tile (memory
+    O(block_size^2)); tiles are reduced to clusters in the input dtype, sums kept in float64.
+
+    Parameters
+    ----------
+    x : tensor [n, d]
+    y : tensor [m, d]
+    cx, cy : long tensors [n], [m]
+        Cluster code (0..K-1) of each row.
+    k : int
+        Number of clusters K.
+    sigma : float
+    offset : float
+        Subtracted from every kernel value (keeps float32 sums of near-equal values accurate; it
+        cancels in :func:`paired_mmd_terms`).
+
+    Returns
+    -------
+    tensor [K, K] float64
+    """
+    from driftlens.metrics import _sq_dists
+
+    gamma = 1.0 / (2.0 * sigma * sigma)
+    px = _one_hot_means(cx, k, x.dtype)   # [n, K]
+    py = _one_hot_means(cy, k, y.dtype)   # [m, K]
+    out = torch.zeros(k, k, dtype=torch.float64, device=x.device)
+    for i0 in range(0, x.shape[0], block_size):
+        xi = x[i0:i0 + block_size]
+        for j0 in range(0, y.shape[0], block_size):
+            t = _sq_dists(xi, y[j0:j0 + block_size]).mul_(-gamma).exp_().sub_(offset)   # [bi, bj]
+            out += (px[i0:i0 + block_size].T @ t @ py[j0:j0 + block_size]).to(torch.float64)
+    return out
+
+
+def paired_mmd_terms(g_rr: torch.Tensor, g_cc: torch.Tensor, g_rc: torch.Tensor) -> torch.Tensor:
+    """Pair term of the paired cluster MMD: ``H = G_rr + G_cc - G_rc - G_rc^T`` [K, K].
+
+    ``H[a, b] = <D_a, D_b>`` in the kernel's feature space, ``D_a`` = mean embedding of cluster
+    ``a``'s reference tokens minus that of its checkpoint tokens. Its U-statistic (mean over
+    ``a != b``) is unbiased for the MMD^2 between the reference's and the checkpoint's token
+    distributions (each cluster weighted equally), whatever the number of clusters.
+    """
+    return g_rr + g_cc - g_rc - g_rc.T
+
+
+def paired_shift_terms(r: torch.Tensor, c: torch.Tensor, codes: torch.Tensor, k: int):
+    """Per-cluster terms of the paired shift.
+
+    Returns
+    -------
+    disp : tensor [K] float64
+        Mean over the cluster's rows of ``|c_i - r_i|^2``.
+    pair : tensor [K, K] float64
+        ``mean over i in a, j in b of |r_i - r_j|^2`` (used for ``a != b`` only).
+    """
+    oh = _one_hot_means(codes, k, torch.float64)                       # [n, K]
+    r64, c64 = r.to(torch.float64), c.to(torch.float64)
+    disp = oh.T @ (c64 - r64).pow(2).sum(1)                             # [K]
+    mu = oh.T @ r64                                                     # [K, d] cluster means
+    m2 = oh.T @ r64.pow(2).sum(1)                                       # [K] mean squared norms
+    pair = m2[:, None] + m2[None, :] - 2.0 * (mu @ mu.T)                # [K, K]
+    return disp.cpu(), pair.cpu()
+
+
+def shift_estimates(disp: torch.Tensor, pair: torch.Tensor, counts: torch.Tensor) -> np.ndarray:
+    """The paired shift at all-ones weights (first entry) and at each bootstrap column of ``counts``.
+
+    ``sqrt(weighted mean of disp / weighted U-statistic of pair)``.
+    """
+    k = disp.shape[0]
+    w = torch.cat([torch.ones(k, 1, dtype=torch.float64), counts.to(torch.float64)], 1)   # [K, 1 + B]
+    num = (w * disp[:, None]).sum(0) / w.sum(0)
+    den = quadratic_u(pair, w)
+    return torch.sqrt(num.clamp(min=0) / den).numpy()
+
+
+def paired_shift(r, c, clusters, n_bootstrap: int = 1000, level: float = 0.95, seed: int = 0):
+    """Paired token displacement relative to the spread between clusters, with its interval.
+
+    ``sqrt(E|c_i - r_i|^2 / E_{a != b}|r_i - r_j|^2)`` (clusters weighted equally): how far a
+    token moved between the reference (``r``) and the checkpoint (``c``), in units of how far
+    apart tokens of different clusters are at the reference.
+
+    Returns
+    -------
+    (effect, lo, hi) : floats
+        Bootstrap draws use ``seed + 1`` (as :func:`driftlens.drift`).
+    """
+    from driftlens import metrics as M
+
+    r, c = M._check(r, c, names=["r (reference)", "c (checkpoint)"], same_rows=True)
+    codes_np, uniq = cluster_codes(clusters)
+    if len(codes_np) != r.shape[0]:
+        raise ValueError(f"clusters has {len(codes_np)} labels for {r.shape[0]} rows")
+    check_clusters(len(uniq), "paired_shift")
+    centre = r.mean(0, dtype=torch.float64).to(r.dtype)
+    codes = torch.as_tensor(codes_np, device=r.device)
+    est = shift_estimates(*paired_shift_terms(r - centre, c - centre, codes, len(uniq)),
+                          bootstrap_counts(len(uniq), n_bootstrap, seed + 1))
+    lo, hi = percentile_interval(est[1:], level)
+    return float(est[0]), lo, hi
+
+
+def check_clusters(k: int, what: str) -> None:
+    """Raise when there are too few clusters for any interval or null."""
+    if k < MIN_CLUSTERS:
+        raise ValueError(f"{what}: {k} cluster(s); drift inference resamples clusters and needs at least "
+                         f"{MIN_CLUSTERS} (a probe set's `cluster` names its independent units)")
+
+
+def smallest_p(n_draws: int) -> float:
+    """The smallest p-value ``B`` draws can give."""
+    return 1.0 / (n_draws + 1)
+
+
+def n_possible_flips(k: int) -> float:
+    """Distinct sign-flip patterns up to a global sign (``2^(K-1)``); with few clusters the
+    p-value cannot go below ``1 / 2^(K-1)`` whatever the number of draws."""
+    return math.pow(2.0, k - 1)
+
+
+def paired_mmd(r, c, clusters, sigma=None, n_permutations: int = 1000, n_bootstrap: int = 1000,
+               level: float = 0.95, seed: int = 0) -> Inference:
+    """Paired cluster MMD^2 between the same token rows at two checkpoints, with inference.
+
+    Parameters
+    ----------
+    r, c : tensor [n, d]
+        The same tokens (same row order) at the reference and at the checkpoint.
+    clusters : sequence [n]
+        Cluster label of each row (the unit of independence).
+    sigma : float, optional
+        Kernel bandwidth; default the median heuristic over ``r``'s pairs.
+    n_permutations, n_bootstrap : int
+        Cluster sign flips and cluster-bootstrap draws.
+    level : float
+        Interval coverage.
+    seed : int
+        Sign flips use ``seed``, bootstrap draws ``seed + 1`` (as :func:`driftlens.drift`).
+
+    Returns
+    -------
+    Inference(effect, lo, hi, p, n_clusters)
+        ``effect`` is the U-statistic over distinct clusters (see :func:`paired_mmd_terms`).
+    """
+    from driftlens import metrics as M
+
+    r, c = M._check(r, c, names=["r (reference)", "c (checkpoint)"], same_rows=True)
+    codes_np, uniq = cluster_codes(clusters)
+    if len(codes_np) != r.shape[0]:
+        raise ValueError(f"clusters has {len(codes_np)} labels for {r.shape[0]} rows")
+    k = len(uniq)
+    check_clusters(k, "paired_mmd")
+    centre = r.mean(0, dtype=torch.float64).to(r.dtype)
+    r, c = r - centre, c - centre
+    sigma = M.median_sigma(r, pairs="reference", seed=seed) if sigma is None else float(sigma)
+    offset = M._kernel_offset(r, [1.0 / (2 * sigma * sigma)], seed)
+    codes = torch.as_tensor(codes_np, device=r.device)
+    g = {key: cluster_kernel_means(a, b, codes, codes, k, sigma, offset)
+         for key, (a, b) in {"rr": (r, r), "cc": (c, c), "rc": (r, c)}.items()}
+    h = paired_mmd_terms(g["rr"], g["cc"], g["rc"]).cpu()
+    return u_statistic_inference(h, sign_flips(k, n_permutations, seed), bootstrap_counts(k, n_bootstrap, seed + 1),
+                                 level)
