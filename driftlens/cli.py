@@ -163,15 +163,17 @@ def _add_ranks(sub) -> None:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser(
-        "demo", help="the whole pipeline on the built-in model organism (CPU, no download)",
-        description="Build (or load the cached) model organism -- a tiny LLaVA trained here on an English "
-                    "shapes world, then adapted to Korean -- capture a probe set of its world (72 scenes "
-                    "rendered twice, 144 images) across its trajectory, compute the drift report, and "
-                    "write figures, a LoRA rank schedule and summary.json / summary.md into the output folder.",
+        "demo", help="the whole pipeline on the built-in model organism, over seeds (CPU, no download)",
+        description="Build (or load the cached) model organism for each seed -- a tiny LLaVA trained here on an "
+                    "English shapes world, then adapted to Korean, beside an English control continuation from "
+                    "the same base -- capture a probe set of its world (72 scenes rendered twice) across both "
+                    "trajectories, compute each seed's drift report, and write figures, a LoRA rank schedule and "
+                    "summary.json / summary.md (means and spreads over seeds) into the output folder.",
     )
     p.add_argument("--out", "-o", default="driftlens-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="organism seeds, e.g. 0,1,2 (default: %(default)s)")
     p.add_argument("--cache", default=None,
-                   help="organism folder (default: $DRIFTLENS_CACHE or ~/.cache/driftlens/organism/<recipe>)")
+                   help="cache root of the organism builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
     p.add_argument("--force", action="store_true", help="rebuild the organism even when cached")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -180,16 +182,17 @@ def _add_demo(sub) -> None:
 
 def _run_demo(args) -> int:
     from driftlens.demo import run_demo
+    from driftlens.organism import parse_seeds
 
     summary = run_demo(out=args.out, cache=args.cache, force=args.force, device=args.device,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, seeds=parse_seeds(args.seeds))
     out = Path(args.out)
     print()
     print((out / "summary.md").read_text(encoding="utf-8"))
     print(f"everything is in {out.resolve()}:")
     for name, path in summary["files"].items():
-        print(f"  {name:>18}: {path}")
-    print(f"  {'summary':>18}: {out / 'summary.json'}, {out / 'summary.md'}")
+        print(f"  {name:>20}: {path}")
+    print(f"  {'summary':>20}: {out / 'summary.json'}, {out / 'summary.md'}")
     return 0
 
 

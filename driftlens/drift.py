@@ -166,10 +166,8 @@ class _Rows:
         return (signs[self.codes.cpu()] < 0).to(self.rows.device)
 
 
-def _mmd_cell(g_rr, r, c, rows: _Rows, sigma, offset, flips, counts, level):
-    g_cc = I.cluster_kernel_means(c, c, rows.codes, rows.codes, rows.k, sigma, offset)
-    g_rc = I.cluster_kernel_means(r, c, rows.codes, rows.codes, rows.k, sigma, offset)
-    h = I.paired_mmd_terms(g_rr, g_cc, g_rc)
+def _mmd_cell(r, c, rows: _Rows, sigma, cache, flips, counts, level):
+    h = I.paired_mmd_matrix(r, c, rows.codes, rows.k, sigma, cache=cache)
     return I.u_statistic_inference(h.cpu(), flips, counts, level)
 
 
@@ -277,26 +275,27 @@ def _frechet_batch(w, nv, sv, ov, nt, st, ot, tn, chunk: int = 128):
         mv, cvv = moments(nv, sv, ov)
         mt, ctt = moments(nt, st, ot)
         scale = (wb @ tn) / (wb @ nt)                                       # [b] mean text norm
-        # moments in float64 (sums of squares cancel); the eigenvalues in float32 (2x faster, and
-        # their rounding is far below the resampling spread an interval describes)
-        f32 = [a.to(torch.float32) for a in (mv, cvv, mt, ctt)]
-        out.append(_frechet_many(*f32).to(torch.float64) / scale ** 2)
+        # moments and Cholesky factors in float64 (sums of squares cancel); the eigenvalues in
+        # float32 (2x faster; their rounding is far below the spread an interval describes)
+        out.append(_frechet_many(mv, cvv, mt, ctt, eig_dtype=torch.float32) / scale ** 2)
     return torch.cat(out).numpy()
 
 
-def _frechet_many(m1, c1, m2, c2):
-    """Batched exact Frechet distance: |m1-m2|^2 + tr c1 + tr c2 - 2 sum sqrt eig(L^T c2 L), c1 = L L^T."""
+def _frechet_many(m1, c1, m2, c2, eig_dtype=None):
+    """Batched exact Frechet distance: ``|m1-m2|^2 + tr c1 + tr c2 - 2 sum sqrt eig(L^T c2 L)``,
+    ``c1 = L L^T`` (Cholesky; an exact symmetric square root where ``c1`` is not positive
+    definite). ``eig_dtype`` (e.g. float32) computes the symmetric eigenvalues in that dtype."""
     import torch
 
-    d = c1.shape[-1]
-    eye = torch.eye(d, dtype=c1.dtype)
-    jitter = 1e-12 * c1.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye
-    lo, info = torch.linalg.cholesky_ex(c1 + jitter)
-    if bool((info != 0).any()):                 # not positive definite: exact symmetric square root
-        w_, q = torch.linalg.eigh(c1)
-        lo = q * w_.clamp(min=0).sqrt()[:, None, :]
+    lo, info = torch.linalg.cholesky_ex(c1)
+    bad = info != 0
+    if bool(bad.any()):                         # singular covariance: exact symmetric square root
+        w_, q = torch.linalg.eigh(c1[bad])
+        lo = lo.clone()
+        lo[bad] = q * w_.clamp(min=0).sqrt()[:, None, :]
     mid = lo.transpose(-1, -2) @ c2 @ lo
-    ev = torch.linalg.eigvalsh((mid + mid.transpose(-1, -2)) / 2).clamp(min=0)
+    mid = (mid + mid.transpose(-1, -2)) / 2
+    ev = torch.linalg.eigvalsh(mid if eig_dtype is None else mid.to(eig_dtype)).to(c1.dtype).clamp(min=0)
     tr = c1.diagonal(dim1=-2, dim2=-1).sum(-1) + c2.diagonal(dim1=-2, dim2=-1).sum(-1)
     fd = (m1 - m2).pow(2).sum(-1) + tr - 2.0 * ev.sqrt().sum(-1)
     return fd.clamp(min=0)
@@ -479,10 +478,8 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
             sigma = M.median_sigma(r, pairs="reference", seed=seed)
             sigmas[li, si, mi] = sigma
             per_mod[mod] = {"r": r, "sigma": sigma}
-            if "mmd" in dist:
-                offset = M._kernel_offset(r, [1.0 / (2 * sigma * sigma)], seed)
-                per_mod[mod]["offset"] = offset
-                per_mod[mod]["g_rr"] = I.cluster_kernel_means(r, r, rows.codes, rows.codes, rows.k, sigma, offset)
+            if "mmd" in dist and r.shape[0] <= 4096:     # the reference's kernel: one tile, kept for the cell
+                per_mod[mod]["cache"] = {}
         for ci, label in enumerate(labels):
             cur_raw = ref_raw if label == reference else load(label, site, layer)
             cur = cur_raw - centre
@@ -497,7 +494,7 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
                 rows, pm = mod_rows[mod], per_mod[mod]
                 r, c = pm["r"], cur[rows.rows]
                 if "mmd" in dist:
-                    inf = _mmd_cell(pm["g_rr"], r, c, rows, pm["sigma"], pm["offset"],
+                    inf = _mmd_cell(r, c, rows, pm["sigma"], pm.get("cache"),
                                     flips_for(rows.k, n_permutations), counts_for(rows.k, n_bootstrap), level)
                     _put(res, "mmd", (ci, li, si, mi), inf)
                 for m, f in fns.items():

@@ -12,7 +12,7 @@ photograph), and every resampling here draws whole clusters:
 Statistics that are *U-statistics over clusters* -- sums of a symmetric pair term ``H[a, b]``
 over distinct clusters ``a != b`` -- get both resamplings as batched quadratic forms: a column
 ``w`` of signs or of bootstrap counts gives ``sum_{a != b} w_a w_b H[a, b] / sum_{a != b} w_a w_b``.
-The paired cluster MMD (:func:`paired_mmd_terms`) is one: with ``D_a`` the difference of the
+The paired cluster MMD (:func:`paired_mmd_matrix`) is one: with ``D_a`` the difference of the
 kernel mean embeddings of cluster ``a`` at the reference and at the checkpoint,
 ``H[a, b] = <D_a, D_b>``, a sign flip of cluster ``a`` is ``D_a -> -D_a``, and
 ``E H[a, b] = MMD^2`` between the two token distributions for ``a != b`` whatever the number of
@@ -34,10 +34,9 @@ __all__ = [
     "adjust_pvalues",
     "bootstrap_counts",
     "cluster_codes",
-    "cluster_kernel_means",
     "p_value",
     "paired_mmd",
-    "paired_mmd_terms",
+    "paired_mmd_matrix",
     "paired_shift",
     "quadratic_u",
     "sign_flips",
@@ -188,53 +187,68 @@ def _one_hot_means(codes: torch.Tensor, k: int, dtype) -> torch.Tensor:
     return oh / counts.clamp(min=1.0)
 
 
-def cluster_kernel_means(x: torch.Tensor, y: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, k: int,
-                         sigma: float, offset: float = 0.0, block_size: int = 4096) -> torch.Tensor:
-    """``G[a, b] = mean over rows i of x in cluster a and j of y in cluster b of k(x_i, y_j) - offset``.
+def paired_mmd_matrix(r: torch.Tensor, c: torch.Tensor, codes: torch.Tensor, k: int, sigma: float,
+                      block_size: int = 4096, cache: dict | None = None) -> torch.Tensor:
+    """Pair term of the paired cluster MMD, ``H[a, b] = <D_a, D_b>`` [K, K] float64.
 
-    Gaussian kernel ``exp(-|x - y|^2 / (2 sigma^2))``, computed tile by tile (memory
-    O(block_size^2)); tiles are reduced to clusters in the input dtype, sums kept in float64.
+    ``H[a, b] = mean over i in a, j in b of k(r_i, r_j) + k(c_i, c_j) - k(r_i, c_j) - k(c_i, r_j)``,
+    ``D_a`` the difference between the kernel mean embeddings of cluster ``a``'s tokens at the
+    reference (``r``) and at the checkpoint (``c``). Its U-statistic (mean over ``a != b``) is
+    unbiased for the MMD^2 between the two token distributions (each cluster weighted equally),
+    whatever the number of clusters.
+
+    Computed without cancellation: with ``delta = c - r``, ``A = -gamma (d^2(r_i, c_j) - d^2(r_i, r_j))``,
+    ``B = -gamma (d^2(c_i, r_j) - d^2(r_i, r_j))`` (both from ``r . delta`` products, never as a
+    difference of large distances), the four-term sum per pair is exactly
+    ``k(r_i, r_j) [expm1(A) expm1(B) + exp(A + B) expm1(2 gamma delta_i . delta_j)]``. A checkpoint
+    that differs from the reference by float rounding gives pair terms of the size of
+    ``|delta|^2``, not of float32 rounding of kernel values (which would not be exchangeable).
 
     Parameters
     ----------
-    x : tensor [n, d]
-    y : tensor [m, d]
-    cx, cy : long tensors [n], [m]
+    r, c : tensor [n, d]
+        The same token rows at the reference and at the checkpoint.
+    codes : long tensor [n]
         Cluster code (0..K-1) of each row.
     k : int
         Number of clusters K.
     sigma : float
-    offset : float
-        Subtracted from every kernel value (keeps float32 sums of near-equal values accurate; it
-        cancels in :func:`paired_mmd_terms`).
-
-    Returns
-    -------
-    tensor [K, K] float64
+        Gaussian kernel bandwidth: ``k(x, y) = exp(-|x - y|^2 / (2 sigma^2))``.
+    block_size : int
+        Tile size; memory O(block_size^2).
+    cache : dict, optional
+        Keeps the reference's kernel tiles between calls with the same ``r`` (one cell, several
+        checkpoints).
     """
     from driftlens.metrics import _sq_dists
 
     gamma = 1.0 / (2.0 * sigma * sigma)
-    px = _one_hot_means(cx, k, x.dtype)   # [n, K]
-    py = _one_hot_means(cy, k, y.dtype)   # [m, K]
-    out = torch.zeros(k, k, dtype=torch.float64, device=x.device)
-    for i0 in range(0, x.shape[0], block_size):
-        xi = x[i0:i0 + block_size]
-        for j0 in range(0, y.shape[0], block_size):
-            t = _sq_dists(xi, y[j0:j0 + block_size]).mul_(-gamma).exp_().sub_(offset)   # [bi, bj]
-            out += (px[i0:i0 + block_size].T @ t @ py[j0:j0 + block_size]).to(torch.float64)
-    return out
-
-
-def paired_mmd_terms(g_rr: torch.Tensor, g_cc: torch.Tensor, g_rc: torch.Tensor) -> torch.Tensor:
-    """Pair term of the paired cluster MMD: ``H = G_rr + G_cc - G_rc - G_rc^T`` [K, K].
-
-    ``H[a, b] = <D_a, D_b>`` in the kernel's feature space, ``D_a`` = mean embedding of cluster
-    ``a``'s reference tokens minus that of its checkpoint tokens. Its U-statistic (mean over
-    ``a != b``) is unbiased for the MMD^2 between the reference's and the checkpoint's token
-    distributions (each cluster weighted equally), whatever the number of clusters.
-    """
-    return g_rr + g_cc - g_rc - g_rc.T
+    delta = c - r
+    dn = (delta * (c + r)).sum(1)                                     # |c_i|^2 - |r_i|^2   [n]
+    out = torch.zeros(k, k, dtype=torch.float64, device=r.device)
+    n = r.shape[0]
+    for i0 in range(0, n, block_size):
+        i1 = min(i0 + block_size, n)
+        ri, di = r[i0:i1], delta[i0:i1]
+        rows = torch.zeros(k, n, dtype=torch.float64, device=r.device)
+        for j0 in range(0, n, block_size):
+            j1 = min(j0 + block_size, n)
+            rj, dj = r[j0:j1], delta[j0:j1]
+            key = (i0, j0)
+            krr = None if cache is None else cache.get(key)
+            if krr is None:
+                krr = _sq_dists(ri, rj).mul_(-gamma).exp_()                             # k(r_i, r_j)
+                if cache is not None:
+                    cache[key] = krr
+            a = (ri @ dj.T).mul_(2.0).sub_(dn[j0:j1][None, :]).mul_(gamma)       # -gamma (d2(r_i,c_j) - d2(r_i,r_j))
+            b = (di @ rj.T).mul_(2.0).sub_(dn[i0:i1][:, None]).mul_(gamma)       # -gamma (d2(c_i,r_j) - d2(r_i,r_j))
+            dd = (di @ dj.T).mul_(2.0 * gamma).expm1_()                            # expm1(2 gamma delta_i.delta_j)
+            t = torch.exp(a + b).mul_(dd).add_(torch.expm1(a).mul_(torch.expm1(b))).mul_(krr)
+            rows[:, j0:j1] += torch.zeros(k, j1 - j0, dtype=t.dtype, device=t.device).index_add_(
+                0, codes[i0:i1], t).to(torch.float64)
+        out += torch.zeros(k, k, dtype=torch.float64, device=r.device).index_add_(1, codes, rows)
+    counts = torch.bincount(codes, minlength=k).to(torch.float64)
+    return out / (counts[:, None] * counts[None, :]).clamp(min=1.0)
 
 
 def paired_shift_terms(r: torch.Tensor, c: torch.Tensor, codes: torch.Tensor, k: int):
@@ -335,7 +349,7 @@ def paired_mmd(r, c, clusters, sigma=None, n_permutations: int = 1000, n_bootstr
     Returns
     -------
     Inference(effect, lo, hi, p, n_clusters)
-        ``effect`` is the U-statistic over distinct clusters (see :func:`paired_mmd_terms`).
+        ``effect`` is the U-statistic over distinct clusters (see :func:`paired_mmd_matrix`).
     """
     from driftlens import metrics as M
 
@@ -348,10 +362,6 @@ def paired_mmd(r, c, clusters, sigma=None, n_permutations: int = 1000, n_bootstr
     centre = r.mean(0, dtype=torch.float64).to(r.dtype)
     r, c = r - centre, c - centre
     sigma = M.median_sigma(r, pairs="reference", seed=seed) if sigma is None else float(sigma)
-    offset = M._kernel_offset(r, [1.0 / (2 * sigma * sigma)], seed)
-    codes = torch.as_tensor(codes_np, device=r.device)
-    g = {key: cluster_kernel_means(a, b, codes, codes, k, sigma, offset)
-         for key, (a, b) in {"rr": (r, r), "cc": (c, c), "rc": (r, c)}.items()}
-    h = paired_mmd_terms(g["rr"], g["cc"], g["rc"]).cpu()
+    h = paired_mmd_matrix(r, c, torch.as_tensor(codes_np, device=r.device), k, sigma).cpu()
     return u_statistic_inference(h, sign_flips(k, n_permutations, seed), bootstrap_counts(k, n_bootstrap, seed + 1),
                                  level)

@@ -1,15 +1,24 @@
 """The model organism: a tiny bilingual LLaVA whose Korean adaptation really drifts.
 
 A ``LlavaForConditionalGeneration`` (CLIP-style vision tower, Llama decoder) is trained here,
-on CPU, in minutes, in two stages on the :mod:`driftlens.shapes` world:
+on CPU, in minutes, on the :mod:`driftlens.shapes` world, once per seed:
 
-1. **base** -- English image-grounded data: captions and color / shape / position questions
-   about rendered scenes (all weights train);
-2. **Korean adaptation** -- Korean text without images (captions, question/answer text and
-   plain sentences) with a little image-grounded Korean; the vision tower and projector are
-   frozen, as in language adaptation of a real VLM, so the visual tokens entering the LLM do
-   not change -- only the LLM that reads them does. Checkpoints ``ko-1 ... ko-N`` are saved
-   along the way.
+1. **base** -- English color / shape / position questions about rendered scenes (all weights
+   train; the best state on *validation* renderings is kept);
+2. **Korean adaptation** -- from the base, text-heavy Korean data (captions, question/answer
+   text, plain sentences) with a share of Korean image questions; the vision tower and
+   projector are frozen, as in language adaptation of a real VLM, so the visual tokens entering
+   the LLM do not change -- only the LLM that reads them does. Checkpoints ``ko-1 ... ko-N``;
+3. **English control** -- from the same base, the same optimizer, steps, learning rate,
+   trainable parameters and image/text mix (the same sequence of batch kinds and scenes) in
+   English: checkpoints ``en-1 ... en-N``. Drift along the control is what any fine-tuning
+   does; drift beyond it is the language change.
+
+Every checkpoint is evaluated at build time on renderings never trained on (one per scene,
+216 questions per language; ``evaluation.json``) and on Korean text in forms never trained
+on. Training this small model is chaotic -- figures differ between seeds, CPUs and thread
+counts -- so every figure of the organism is a mean over seeds with its spread
+(:func:`build_seeds`; lab notes and measurements in ``bench/RESULTS.md``).
 
 Every checkpoint is a real model directory (safetensors, config, tokenizer, processor with a
 chat template) loaded back through :mod:`driftlens.sources`. The trajectory is cached under
@@ -34,7 +43,7 @@ from pathlib import Path
 
 from driftlens import shapes
 
-CODE_VERSION = "organism-6"
+CODE_VERSION = "organism-7"
 TRAIN_SEEDS = 10**6          # training renderings use seeds below this, evaluation seeds above
 VALIDATION_SEEDS = 2 * 10**6  # model selection renderings (never the evaluation ones)
 KO_SENTENCES = (
@@ -45,50 +54,58 @@ KO_SENTENCES = (
     "기차는 서울역에서 출발합니다.", "저녁에는 가족과 함께 영화를 봅니다.", "강아지가 마당에서 뛰어놉니다.",
     "봄이 오면 꽃이 핍니다.", "그는 매일 운동을 합니다.", "바다에서 수영을 했습니다.",
 )
+# The English control's plain sentences: the same sentences in English.
+EN_SENTENCES = (
+    "Today the weather is clear and warm.", "I drink coffee every morning.", "I borrowed a book from the library.",
+    "I went to the park with a friend on the weekend.", "Studying Korean is fun.", "The bus arrived at the stop.",
+    "Mother made a delicious dinner.", "We leave early tomorrow morning.", "The cat sleeps by the window.",
+    "The students sing in the classroom.", "It snows a lot in winter.", "I bought apples and pears at the market.",
+    "The train leaves from Seoul Station.", "In the evening I watch a movie with my family.",
+    "The puppy plays in the yard.", "When spring comes, the flowers bloom.", "He exercises every day.",
+    "I swam in the sea.",
+)
 HELDOUT_KO_SENTENCES = ("여름 방학에 할머니 댁에 갔습니다.", "선생님께서 숙제를 내주셨습니다.",
                         "아버지는 회사에서 일하십니다.", "밤하늘에 별이 많이 보입니다.")
+# Korean sentence forms used only to measure the held-out Korean LM loss (never trained on).
+HELDOUT_KO_TEMPLATES = ("그림 속 도형은 {color} {shape}입니다.", "{position}에서 {color} 도형이 보입니다.",
+                        "이 {shape}의 색은 {color}입니다.")
+STAGE_PREFIX = {"ko": "ko", "en": "en"}
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that determines the organism; its hash names the cache folder.
+    """Everything that determines one organism build; its hash names the cache folder.
 
-    Notes on the choices (measured on 2 CPU cores):
-    - 32 px images with 8 px patches give 16 visual tokens per image. With shapes of radius
-      0.17 x side nothing was learned in 1600 steps (loss stuck at the answer prior: the shape
-      covered too few patches for a randomly initialized tower); radius 0.24 (the shape fills
-      its quadrant) is learned.
-    - The first recipe trained captions and questions equally with gradient clipping at 1.0
-      at lr 3e-3; held-out grounding stayed at chance after 1500 steps. Questions only, no
-      clipping, lr 2e-3 learn; even 5% captions left quadrant accuracy at 0.42 after 3600 steps.
-    - Held-out *combinations* of color, shape and quadrant were not learnable for shape: the
-      model predicts the shape from the (color, quadrant) pairs it has seen (0% shape accuracy
-      on new combinations after 2400 steps). The base stage therefore trains on every scene and
-      grounding is measured on held-out *renderings* (render seeds never used in training) of
-      the 24 scenes of ``split_scenes()[1]``; color 1.00, shape 0.71, quadrant 1.00 after 2400
-      steps with a 64-wide tower and a 96-wide decoder. Training this small model is chaotic:
-      the same recipe at 3600 cosine steps ended at 0.67, and a constant learning rate for 4800
-      steps at 0.72 (shape 0.3-0.7: a diamond at 16 px is hard to tell from a square or a circle
-      through 8 px patches). The world therefore has three shapes (circle, square, triangle),
-      and the base stage checks grounding every ``base_check_every`` steps on *validation*
-      renderings (a third seed range, neither training nor evaluation images), keeps the best
-      state and stops once it reaches ``base_target`` (at most ``base_steps``, cosine schedule).
-    - The Korean stage's text comes from the training scenes only, so the Korean LM loss on
-      the held-out scenes' Korean text (and held-out sentences) is a held-out loss.
-    - The adaptation stage trains the LLM only, on 90% Korean text batches and 10% Korean
-      image questions: enough to forget English grounding while the Korean language-model loss
-      falls, as happens when a real VLM is adapted to a language. At lr 3e-3 with a cosine
-      schedule everything happened before ``ko-1`` (English 0.96 -> 0.44 at step 120, then
-      flat; visual drift flat from ``ko-1`` on), so the trajectory had one step in it. At a
-      constant 1e-3 (after warmup) English grounding falls over the stage and visual drift
-      rises at every checkpoint while the held-out Korean loss keeps falling (this recipe,
-      measured on the cached build: English 0.963, 0.667, 0.648, 0.481, 0.481, 0.556 at steps
-      0, 120, ..., 600; Korean LM loss 14.36 -> 0.34); 5e-4 moved too little (English 0.61 at
-      step 600), and Korean text only (no Korean image questions) forgot less (0.57 at step 600).
-    - The Korean LM loss is measured on held-out Korean text *of the world* (captions and
-      question/answer text of the held-out scenes). A loss on unseen general sentences was
-      tried and dropped: 18 training sentences cannot teach a language, and that loss rose
-      (7.8 -> 10.1) as the training sentences were memorized.
+    Attributes
+    ----------
+    seed : int
+        Seeds the weights, the data stream and the training renderings.
+    image_size, patch_size : int
+        32 px images in 8 px patches: 16 visual tokens per image.
+    vision_hidden, vision_layers : int
+        CLIP vision tower width and depth.
+    hidden, n_layers, heads, kv_heads : int
+        Llama decoder width, depth, attention and key/value heads.
+    vocab_size : int
+        Byte-level BPE vocabulary (English and Korean of the world).
+    batch_size : int
+        Examples per step, every stage.
+    render_pool : int
+        Training renderings per scene, rendered once per build (seeds below ``TRAIN_SEEDS``).
+    base_steps, base_lr, base_check_every, base_target : int, float, int, float
+        English base stage (all weights, cosine schedule): at most ``base_steps`` steps,
+        English grounding checked every ``base_check_every`` steps on *validation* renderings
+        (never the evaluation ones), the best state kept, early stop at ``base_target``.
+    adapt_steps, adapt_lr : int, float
+        Both continuation stages (Korean adaptation and the English control): steps and the
+        constant learning rate after ``warmup`` steps; vision tower and projector frozen.
+    adapt_image_fraction : float
+        Share of continuation batches that are image questions (in the stage's language); the
+        rest are text-only batches (captions, question/answer text, plain sentences).
+    n_checkpoints : int
+        Checkpoints saved along each continuation stage (``ko-1 ...``, ``en-1 ...``).
+    warmup : int
+        Linear warmup steps of every stage.
     """
 
     seed: int = 0
@@ -102,16 +119,15 @@ class Recipe:
     kv_heads: int = 2
     vocab_size: int = 700
     batch_size: int = 32
-    base_steps: int = 3000
+    render_pool: int = 24
+    base_steps: int = 1200
     base_lr: float = 2e-3
-    base_check_every: int = 300
+    base_check_every: int = 200
     base_target: float = 0.97
-    caption_fraction: float = 0.0
-    ko_steps: int = 600
-    ko_lr: float = 1e-3
-    ko_constant_lr: bool = True
-    ko_image_fraction: float = 0.1
-    n_ko_checkpoints: int = 5
+    adapt_steps: int = 600
+    adapt_lr: float = 1e-3
+    adapt_image_fraction: float = 0.3
+    n_checkpoints: int = 5
     warmup: int = 30
     code_version: str = CODE_VERSION
 
@@ -122,12 +138,34 @@ class Recipe:
 
 @dataclass
 class Trajectory:
-    """A built organism: ordered checkpoint directories ("base", "ko-1", ...)."""
+    """A built organism: the Korean trajectory and its English control, from one base.
+
+    Attributes
+    ----------
+    root : Path
+    checkpoints : dict
+        ``{"base": dir, "ko-1": dir, ...}``: the Korean adaptation, in order.
+    control : dict
+        ``{"base": dir, "en-1": dir, ...}``: the English continuation with the same optimizer,
+        steps, learning rate, trainable parameters and image/text mix.
+    recipe : Recipe
+    build_seconds : float
+    """
 
     root: Path
     checkpoints: dict = field(default_factory=dict)
+    control: dict = field(default_factory=dict)
     recipe: Recipe = field(default_factory=Recipe)
     build_seconds: float = 0.0
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+    @property
+    def all_checkpoints(self) -> dict:
+        """Every checkpoint once: base, the Korean ones, then the control's."""
+        return {**self.checkpoints, **{k: v for k, v in self.control.items() if k != "base"}}
 
 
 def cache_root() -> Path:
@@ -141,6 +179,8 @@ def cache_root() -> Path:
 # ----------------------------------------------------------------------------- data
 
 PROMPT_CAPTION = {"en": "Describe the image.", "ko": "이미지를 설명하세요."}
+QA_TEXT = {"en": "Question: {prompt} Answer: {answer}", "ko": "질문: {prompt} 답: {answer}"}
+SENTENCES = {"en": EN_SENTENCES, "ko": KO_SENTENCES}
 
 
 def _examples(scene, lang: str) -> list[tuple[str, str]]:
@@ -150,16 +190,29 @@ def _examples(scene, lang: str) -> list[tuple[str, str]]:
     return out
 
 
-def _ko_text(rng: random.Random, scenes) -> str:
-    """One Korean text-only training sentence."""
+def text_pool(lang: str) -> list[str]:
+    """Every text-only training string of a continuation stage in ``lang``.
+
+    Captions and question/answer text of the training scenes (``shapes.split_scenes()[0]``),
+    and plain sentences. A text batch draws a caption with probability 0.4, a question/answer
+    string with 0.3, a sentence with 0.3.
+    """
+    scenes = shapes.split_scenes(seed=0)[0]
+    caps = [shapes.caption(s, lang) for s in scenes]
+    qas = [QA_TEXT[lang].format(prompt=q.prompt, answer=q.answer) for s in scenes for q in shapes.questions(s, lang)]
+    return caps + sorted(set(qas)) + list(SENTENCES[lang])
+
+
+def _text(rng: random.Random, lang: str, scenes) -> str:
+    """One text-only training string (caption 0.4, question/answer text 0.3, sentence 0.3)."""
     r = rng.random()
     s = rng.choice(scenes)
     if r < 0.4:
-        return shapes.caption(s, "ko")
+        return shapes.caption(s, lang)
     if r < 0.7:
-        q = rng.choice(shapes.questions(s, "ko"))
-        return f"질문: {q.prompt} 답: {q.answer}"
-    return rng.choice(KO_SENTENCES)
+        q = rng.choice(shapes.questions(s, lang))
+        return QA_TEXT[lang].format(prompt=q.prompt, answer=q.answer)
+    return rng.choice(SENTENCES[lang])
 
 
 def corpus() -> list[str]:
@@ -168,8 +221,8 @@ def corpus() -> list[str]:
     for s in shapes.all_scenes():
         for lang in shapes.LANGS:
             texts += [f"{p} {a}" for p, a in _examples(s, lang)]
-    texts += list(KO_SENTENCES) + list(HELDOUT_KO_SENTENCES)
-    texts += ["USER: ASSISTANT: 질문: 답:", "Describe the image. 이미지를 설명하세요."]
+    texts += list(KO_SENTENCES) + list(HELDOUT_KO_SENTENCES) + list(EN_SENTENCES)
+    texts += ["USER: ASSISTANT: 질문: 답: Question: Answer:", "Describe the image. 이미지를 설명하세요."]
     return texts
 
 
@@ -231,26 +284,35 @@ def encode_image_examples(processor, images, prompts, answers, eos: bool = True)
     """
     import torch
 
-    tok = processor.tokenizer
     enc = processor(text=[_prompt(processor, p) for p in prompts], images=[[im] for im in images],
                     return_tensors="pt", padding=True)
     rows, labels = [], []
-    pad = tok.pad_token_id
     for j, ans in enumerate(answers):
         n = int(enc["attention_mask"][j].sum())
-        a = tok(" " + ans + (tok.eos_token if eos else ""), add_special_tokens=False)["input_ids"]
-        ids = enc["input_ids"][j, :n].tolist() + a
+        ids, lab = _append_answer(processor.tokenizer, enc["input_ids"][j, :n].tolist(), ans, eos)
         rows.append(ids)
-        labels.append([-100] * n + a)
+        labels.append(lab)
+    return {**_pad(processor.tokenizer, rows, labels), "pixel_values": enc["pixel_values"]}
+
+
+def _append_answer(tok, prompt_ids: list[int], answer: str, eos: bool) -> tuple[list[int], list[int]]:
+    a = tok(" " + answer + (tok.eos_token if eos else ""), add_special_tokens=False)["input_ids"]
+    return prompt_ids + a, [-100] * len(prompt_ids) + a
+
+
+def _pad(tok, rows: list[list[int]], labels: list[list[int]]) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` [B, T]."""
+    import torch
+
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad)
+    input_ids = torch.full((len(rows), width), tok.pad_token_id)
     lab = torch.full((len(rows), width), -100)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for j, (r, lb) in enumerate(zip(rows, labels)):
         input_ids[j, :len(r)] = torch.tensor(r)
         lab[j, :len(lb)] = torch.tensor(lb)
         mask[j, :len(r)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": enc["pixel_values"], "labels": lab}
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab}
 
 
 def encode_text(processor, texts):
@@ -262,13 +324,66 @@ def encode_text(processor, texts):
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
-def _image_batch(processor, rng: random.Random, scenes, lang: str, n: int, size: int, caption_fraction: float):
-    """Image-grounded examples: questions, and captions with probability ``caption_fraction``."""
-    picks = [rng.choice(scenes) for _ in range(n)]
-    imgs = [shapes.render(s, size, seed=rng.randrange(TRAIN_SEEDS)) for s in picks]
-    pairs = [_examples(s, lang)[0] if rng.random() < caption_fraction else rng.choice(_examples(s, lang)[1:])
-             for s in picks]
-    return encode_image_examples(processor, imgs, [p for p, _ in pairs], [a for _, a in pairs])
+class ImageBank:
+    """Pre-encoded image questions: the text of every (scene, language, question) tokenized once,
+    renderings of every scene preprocessed once; a batch is an index gather.
+
+    The ids are those :func:`encode_image_examples` produces (tested), so training and evaluation
+    go through the real processor's layout without paying for it at every step.
+
+    Parameters
+    ----------
+    processor : LlavaProcessor
+    size : int
+        Image side in pixels.
+    render_seeds : callable ``(scene index, j) -> int``
+        Render seed of rendering ``j`` of scene ``k``.
+    n_renders : int
+        Renderings per scene.
+    """
+
+    def __init__(self, processor, size: int, render_seeds, n_renders: int):
+        self.processor, self.tok = processor, processor.tokenizer
+        self.scenes = shapes.all_scenes()
+        imgs = [shapes.render(s, size, seed=render_seeds(k, j)) for k, s in enumerate(self.scenes)
+                for j in range(n_renders)]
+        px = processor.image_processor(imgs, return_tensors="pt")["pixel_values"]
+        self.pixels = px.reshape(len(self.scenes), n_renders, *px.shape[1:])      # [S, R, 3, H, W]
+        self._prefix_cache: dict[str, list[int]] = {}
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of the chat-templated prompt with the image placeholder expanded."""
+        if prompt not in self._prefix_cache:
+            enc = self.processor(text=[_prompt(self.processor, prompt)], images=[[self._blank()]],
+                                 return_tensors="pt")
+            self._prefix_cache[prompt] = enc["input_ids"][0].tolist()
+        return self._prefix_cache[prompt]
+
+    def _blank(self):
+        from PIL import Image
+
+        return Image.new("RGB", (self.pixels.shape[-1], self.pixels.shape[-2]))
+
+    def batch(self, items, eos: bool = True) -> dict:
+        """Inputs for ``items`` = [(scene index, rendering, prompt, answer)]."""
+        import torch
+
+        rows, labels = [], []
+        for _, _, prompt, answer in items:
+            ids, lab = _append_answer(self.tok, self.prompt_ids(prompt), answer, eos)
+            rows.append(ids)
+            labels.append(lab)
+        px = torch.stack([self.pixels[k, j] for k, j, _, _ in items])
+        return {**_pad(self.tok, rows, labels), "pixel_values": px}
+
+    def question_batch(self, rng: random.Random, lang: str, n: int) -> dict:
+        """``n`` random (scene, rendering, question) examples in ``lang``."""
+        items = []
+        for _ in range(n):
+            k = rng.randrange(len(self.scenes))
+            q = rng.choice(shapes.questions(self.scenes[k], lang))
+            items.append((k, rng.randrange(self.pixels.shape[1]), q.prompt, q.answer))
+        return self.batch(items)
 
 
 # ----------------------------------------------------------------------------- training
@@ -309,70 +424,91 @@ def _save(model, processor, path: Path) -> Path:
     return path
 
 
-def _train_trajectory(recipe: Recipe, tmp: Path, progress: bool) -> tuple[dict, dict]:
+def _render_seed(recipe: Recipe):
+    return lambda k, j: (recipe.seed * 100_003 + k * 1_009 + j * 7) % TRAIN_SEEDS
+
+
+def _train_trajectory(recipe: Recipe, tmp: Path, progress: bool) -> tuple[dict, dict, dict]:
+    """Train base, Korean adaptation and English control into ``tmp``; returns
+    (Korean checkpoints, control checkpoints, base-stage info)."""
     import torch
 
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
     processor = make_processor(recipe)
     model = make_model(recipe, processor.tokenizer)
-    train, _ = shapes.split_scenes(seed=0)
-    everything = shapes.all_scenes()
-    size = recipe.image_size
+    bank = ImageBank(processor, recipe.image_size, _render_seed(recipe), recipe.render_pool)
+    val = EvalSet(processor, recipe.image_size, VALIDATION_SEEDS, langs=("en",))
     B = recipe.batch_size
-
-    best = {"acc": -1.0, "state": None, "step": 0}
+    best = {"acc": -1.0, "state": None, "step": 0, "curve": []}
 
     def check(step):
-        if step % recipe.base_check_every:
+        if step % recipe.base_check_every and step != recipe.base_steps:
             return False
-        model.eval()
-        acc = grounding_accuracy(model, processor, "en", size=size, seed_base=VALIDATION_SEEDS)
-        model.train()
+        acc = val.accuracy(model, "en")["accuracy"]
+        best["curve"].append([step, round(acc, 4)])
         if acc > best["acc"]:
             best.update(acc=acc, step=step, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        model.train()
         return acc >= recipe.base_target
 
-    _train(model, lambda step: _image_batch(processor, rng, everything, "en", B, size, recipe.caption_fraction),
-           recipe.base_steps, recipe.base_lr, recipe.warmup, list(model.parameters()), progress,
-           "organism: English base", on_step=check)
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    base_info = {"base_validation_accuracy": best["acc"], "base_steps_kept": best["step"]}
-    ckpts = {"base": _save(model, processor, tmp / "base")}
+    _train(model, lambda step: bank.question_batch(rng, "en", B), recipe.base_steps, recipe.base_lr,
+           recipe.warmup, list(model.parameters()), progress, f"organism seed {recipe.seed}: English base",
+           on_step=check)
+    model.load_state_dict(best["state"])
+    base_state = best["state"]
+    info = {"base_validation_accuracy": best["acc"], "base_steps_kept": best["step"],
+            "base_validation_curve": best["curve"]}
+    base_dir = _save(model, processor, tmp / "base")
+    stages = {}
+    for lang in ("ko", "en"):        # the same schedule of batch kinds and scenes for both stages
+        model.load_state_dict(base_state)
+        stages[lang] = {"base": base_dir, **_continue(model, processor, bank, recipe, lang, tmp, progress)}
+    return stages["ko"], stages["en"], info
 
+
+def _continue(model, processor, bank: "ImageBank", recipe: Recipe, lang: str, tmp: Path, progress: bool) -> dict:
+    """One continuation stage from the base: LLM only (vision tower and projector frozen), a
+    constant learning rate after warmup, ``adapt_image_fraction`` of the batches image questions
+    in ``lang``, the rest text; checkpoints ``{lang}-1 ...``."""
     frozen = ("vision_tower", "multi_modal_projector")
     for name, p in model.named_parameters():
         p.requires_grad_(not any(f in name for f in frozen))
     params = [p for p in model.parameters() if p.requires_grad]
-    every = recipe.ko_steps // recipe.n_ko_checkpoints
+    rng = random.Random(f"{recipe.seed}-continuation")
+    scenes = shapes.split_scenes(seed=0)[0]        # text of the held-out scenes is never trained on
+    every = recipe.adapt_steps // recipe.n_checkpoints
+    ckpts = {}
 
-    def ko_batch(step):
-        if rng.random() < recipe.ko_image_fraction:
-            return _image_batch(processor, rng, train, "ko", B, size, recipe.caption_fraction)
-        return encode_text(processor, [_ko_text(rng, train) for _ in range(B)])
+    def batch(step):
+        if rng.random() < recipe.adapt_image_fraction:
+            return bank.question_batch(rng, lang, recipe.batch_size)
+        return encode_text(processor, [_text(rng, lang, scenes) for _ in range(recipe.batch_size)])
 
-    def save_ko(step):
-        if step % every == 0 and step // every <= recipe.n_ko_checkpoints:
-            label = f"ko-{step // every}"
+    def save(step):
+        if step % every == 0 and step // every <= recipe.n_checkpoints:
+            label = f"{STAGE_PREFIX[lang]}-{step // every}"
             model.eval()
             ckpts[label] = _save(model, processor, tmp / label)
             model.train()
 
-    _train(model, ko_batch, every * recipe.n_ko_checkpoints, recipe.ko_lr, recipe.warmup, params, progress,
-           "organism: Korean adaptation", on_step=save_ko, constant=recipe.ko_constant_lr)
-    return ckpts, base_info
+    _train(model, batch, every * recipe.n_checkpoints, recipe.adapt_lr, recipe.warmup, params, progress,
+           f"organism seed {recipe.seed}: {'Korean adaptation' if lang == 'ko' else 'English control'}",
+           on_step=save, constant=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return ckpts
 
 
 def build(out=None, recipe: Recipe | None = None, force: bool = False, progress: bool = True) -> Trajectory:
-    """Build the organism's trajectory, or load it from the cache.
+    """Build one organism (one seed: base, Korean trajectory, English control) or load it from the cache.
 
     Parameters
     ----------
     out : path, optional
         Folder of the trajectory (default: ``cache_root()/organism/<recipe hash>``).
     recipe : Recipe, optional
-        Hyperparameters (default ``Recipe()``).
+        Hyperparameters (default ``Recipe()``; ``Recipe(seed=1)`` for another seed).
     force : bool
         Rebuild even when a complete trajectory is there.
     progress : bool
@@ -381,7 +517,7 @@ def build(out=None, recipe: Recipe | None = None, force: bool = False, progress:
     Returns
     -------
     Trajectory
-        ``root`` and the ordered checkpoint directories (``base``, ``ko-1``, ...).
+        With ``evaluation.json`` (grounding and Korean LM loss of every checkpoint) written.
     """
     recipe = recipe or Recipe()
     root = Path(out) if out is not None else cache_root() / "organism" / recipe.key()
@@ -395,6 +531,87 @@ def build(out=None, recipe: Recipe | None = None, force: bool = False, progress:
             for stale in root.parent.glob(f".{root.name}-building-*"):
                 shutil.rmtree(stale, ignore_errors=True)
         return _build(root, recipe, progress)
+
+
+def build_seeds(seeds, recipe: Recipe | None = None, force: bool = False, progress: bool = True,
+                jobs: int | None = None, cache=None) -> list[Trajectory]:
+    """Build (or load) the organism for every seed; missing seeds are built in parallel processes.
+
+    Parameters
+    ----------
+    seeds : sequence of int
+    recipe : Recipe, optional
+        Everything but the seed (default ``Recipe()``).
+    force : bool
+        Rebuild even when cached.
+    progress : bool
+        tqdm bars (builds in worker processes show none).
+    jobs : int, optional
+        Worker processes for the missing seeds (default: one per missing seed), each with
+        ``max(1, cores // jobs)`` torch threads; 1 builds one after another in this process.
+    cache : path, optional
+        Cache root (default :func:`cache_root`); seed ``s`` lives in ``<cache>/organism/<hash>``.
+
+    Returns
+    -------
+    list of Trajectory, in the order of ``seeds``.
+    """
+    recipe = recipe or Recipe()
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds: give at least one seed")
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise ValueError(f"seeds: {seeds} must be distinct and >= 0")
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    base = Path(cache) if cache is not None else cache_root()
+    plan = [(dataclasses.replace(recipe, seed=s), base / "organism" / dataclasses.replace(recipe, seed=s).key())
+            for s in seeds]
+    missing = [(r, root) for r, root in plan if force or _complete(root, r) is None]
+    jobs = min(len(missing), len(missing) if jobs is None else jobs)
+    if jobs > 1:
+        _build_in_processes(missing, force, jobs)
+        force = False
+    return [build(out=root, recipe=r, force=force, progress=progress) for r, root in plan]
+
+
+def _build_in_processes(missing, force: bool, jobs: int) -> None:
+    """Build ``[(recipe, root)]`` in at most ``jobs`` fresh Python processes at a time.
+
+    Plain subprocesses (not multiprocessing): they work from scripts without a ``__main__``
+    guard and from notebooks. Each gets ``max(1, cores // jobs)`` torch threads.
+    """
+    import subprocess
+    import sys
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    queue, running, failed = list(missing), [], []
+    while queue or running:
+        while queue and len(running) < jobs:
+            r, root = queue.pop(0)
+            arg = json.dumps({"recipe": dataclasses.asdict(r), "root": str(root), "force": force,
+                              "threads": threads})
+            proc = subprocess.Popen([sys.executable, "-c", "import driftlens.organism as o; o._worker_main()", arg],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+            running.append((r, proc))
+        r, proc = running.pop(0)
+        err = proc.communicate()[1].decode(errors="replace")
+        if proc.returncode != 0:
+            failed.append(f"seed {r.seed} (exit {proc.returncode}): {err.strip().splitlines()[-1] if err.strip() else ''}")
+    if failed:
+        raise RuntimeError("organism build failed for " + "; ".join(failed))
+
+
+def _worker_main() -> None:
+    """Entry point of a build subprocess: ``argv[1]`` is the JSON job of :func:`_build_in_processes`."""
+    import sys
+
+    import torch
+
+    job = json.loads(sys.argv[1])
+    torch.set_num_threads(int(job["threads"]))
+    build(out=Path(job["root"]), recipe=Recipe(**job["recipe"]), force=bool(job["force"]), progress=False)
 
 
 @contextlib.contextmanager
@@ -424,10 +641,15 @@ def _build(root: Path, recipe: Recipe, progress: bool) -> Trajectory:
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-building-", dir=root.parent))
     threads = torch.get_num_threads()
     try:
-        ckpts, base_info = _train_trajectory(recipe, tmp, progress)
+        ko, en, base_info = _train_trajectory(recipe, tmp, progress)
+        train_seconds = round(time.perf_counter() - t0, 1)
+        traj = Trajectory(tmp, ko, en, recipe)
+        ev = _evaluate(traj, progress)
+        (tmp / "evaluation.json").write_text(json.dumps(ev, indent=2, ensure_ascii=False))
         seconds = round(time.perf_counter() - t0, 1)
-        info = {"recipe": dataclasses.asdict(recipe), "build_seconds": seconds, "torch_threads": threads,
-                "checkpoints": {k: p.name for k, p in ckpts.items()}, **base_info}
+        info = {"recipe": dataclasses.asdict(recipe), "build_seconds": seconds, "train_seconds": train_seconds,
+                "torch_threads": threads, "checkpoints": {k: p.name for k, p in ko.items()},
+                "control": {k: p.name for k, p in en.items()}, **base_info}
         (tmp / "trajectory.json").write_text(json.dumps(info, indent=2))
         if root.exists():
             shutil.rmtree(root)
@@ -435,21 +657,23 @@ def _build(root: Path, recipe: Recipe, progress: bool) -> Trajectory:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return Trajectory(root, {k: root / v for k, v in info["checkpoints"].items()}, recipe, seconds)
+    return Trajectory(root, {k: root / v for k, v in info["checkpoints"].items()},
+                      {k: root / v for k, v in info["control"].items()}, recipe, seconds)
 
 
 def _complete(root: Path, recipe: Recipe) -> Trajectory | None:
     """The trajectory in ``root`` when it is complete and was built from ``recipe``, else None."""
     meta = root / "trajectory.json"
-    if not meta.exists():
+    if not meta.exists() or not (root / "evaluation.json").exists():
         return None
     info = json.loads(meta.read_text())
     if info.get("recipe") != dataclasses.asdict(recipe):
         return None
     ckpts = {k: root / v for k, v in info["checkpoints"].items()}
-    if not all((p / "config.json").exists() for p in ckpts.values()):
+    control = {k: root / v for k, v in info.get("control", {}).items()}
+    if not all((p / "config.json").exists() for p in [*ckpts.values(), *control.values()]):
         return None
-    return Trajectory(root, ckpts, recipe, info.get("build_seconds", 0.0))
+    return Trajectory(root, ckpts, control, recipe, info.get("build_seconds", 0.0))
 
 
 def load_checkpoint(path):
@@ -462,34 +686,83 @@ def load_checkpoint(path):
 # ----------------------------------------------------------------------------- evaluation
 
 def chance_accuracy() -> float:
-    """Mean over the held-out questions of 1 / number of candidates."""
-    _, held = shapes.split_scenes(seed=0)
-    qs = [q for s in held for q in shapes.questions(s, "en")]
+    """Mean over the evaluation questions of 1 / number of candidates."""
+    qs = [q for s in shapes.all_scenes() for q in shapes.questions(s, "en")]
     return sum(1.0 / len(q.candidates) for q in qs) / len(qs)
 
 
-def grounding_accuracy(model, processor, lang: str, split: str = "heldout", size: int = 32,
-                       seed_base: int = TRAIN_SEEDS) -> float:
-    """Accuracy of likelihood ranking over candidate answers (sum of answer-token log-probs).
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval (95% by default) of a binomial proportion."""
+    if n <= 0:
+        raise ValueError("wilson_interval: n must be >= 1")
+    p = correct / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
 
-    One rendering per scene of the split, with a seed never used in training (held-out images),
-    three questions each (color, shape, position); a question counts as right when the
-    answer has the highest :func:`answer_scores`. ``seed_base`` picks the renderings (the
-    default, ``TRAIN_SEEDS``, is the evaluation range; ``VALIDATION_SEEDS`` the model
-    selection range of the base stage).
+
+class EvalSet:
+    """Grounding questions on one rendering per scene of the whole world, never trained on.
+
+    Every scene (72) is rendered once with seed ``seed_base + k``; each has a color, a shape
+    and a position question (216 per language). A question counts as right when its answer has
+    the highest sum of answer-token log-probabilities among the candidates (likelihood
+    ranking), every candidate of every question scored in batches.
     """
-    if split not in ("heldout", "train"):
-        raise ValueError(f"unknown split {split!r}; choose 'heldout' or 'train'")
-    train, held = shapes.split_scenes(seed=0)
-    scenes = held if split == "heldout" else train
-    correct = total = 0
-    for k, scene in enumerate(scenes):
-        img = shapes.render(scene, size, seed=seed_base + k)
-        for q in shapes.questions(scene, lang):
-            scores = answer_scores(model, processor, img, q)
-            correct += int(q.candidates[int(scores.argmax())] == q.answer)
-            total += 1
-    return correct / total
+
+    def __init__(self, processor, size: int = 32, seed_base: int = TRAIN_SEEDS, langs=shapes.LANGS,
+                 batch_rows: int = 128):
+        self.bank = ImageBank(processor, size, lambda k, j: seed_base + k, 1)
+        self.batch_rows = batch_rows
+        self.rows: dict[str, list] = {}
+        self.questions: dict[str, list] = {}
+        for lang in langs:
+            rows, qs = [], []
+            for k, scene in enumerate(self.bank.scenes):
+                for q in shapes.questions(scene, lang):
+                    qs.append((q, len(rows), len(q.candidates)))
+                    rows += [(k, 0, q.prompt, cand) for cand in q.candidates]
+            self.rows[lang], self.questions[lang] = rows, qs
+
+    def scores(self, model, lang: str):
+        """Sum of answer-token log-probabilities of every (question, candidate) row [n_rows]."""
+        import torch
+
+        out = []
+        for i in range(0, len(self.rows[lang]), self.batch_rows):
+            batch = self.bank.batch(self.rows[lang][i:i + self.batch_rows], eos=False)
+            out.append(answer_logprob(model, batch))
+        return torch.cat(out)
+
+    def accuracy(self, model, lang: str) -> dict:
+        """``{"accuracy", "correct", "n", "lo", "hi", "by_attribute"}`` (Wilson 95% interval)."""
+        was_training = model.training
+        model.eval()
+        sc = self.scores(model, lang)
+        model.train(was_training)
+        right: dict[str, list[int]] = {}
+        for q, start, n in self.questions[lang]:
+            best = int(sc[start:start + n].argmax())
+            right.setdefault(q.attribute, []).append(int(q.candidates[best] == q.answer))
+        correct = sum(sum(v) for v in right.values())
+        n = sum(len(v) for v in right.values())
+        lo, hi = wilson_interval(correct, n)
+        return {"accuracy": correct / n, "correct": correct, "n": n, "lo": lo, "hi": hi,
+                "by_attribute": {a: sum(v) / len(v) for a, v in right.items()}}
+
+
+def answer_logprob(model, batch: dict):
+    """Sum over the labelled (answer) tokens of each row's log-probability [B]."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)              # [B, T-1, vocab]
+    target = batch["labels"][:, 1:]                                    # [B, T-1]
+    mask = target != -100
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    return picked.sum(1)                                               # [B]
 
 
 def answer_scores(model, processor, image, question: shapes.Question):
@@ -497,39 +770,47 @@ def answer_scores(model, processor, image, question: shapes.Question):
 
     Returns a float tensor ``[n_candidates]`` in the order of ``question.candidates``.
     """
-    import torch
-
     n = len(question.candidates)
     batch = encode_image_examples(processor, [image] * n, [question.prompt] * n, list(question.candidates),
                                   eos=False)
-    with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)              # [n, T-1, vocab]
-    target = batch["labels"][:, 1:]                                    # [n, T-1]
-    mask = target != -100
-    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-    return picked.sum(1)                                               # [n]
+    return answer_logprob(model, batch)
 
 
 def heldout_ko_texts() -> list[str]:
-    """Held-out Korean text of the world: captions and question/answer text of the held-out scenes.
+    """Korean captions of the held-out scenes (``shapes.split_scenes()[1]``): strings never trained on.
 
-    The adaptation stage's Korean text comes from the training scenes only (``split_scenes()[0]``),
-    so none of these strings was trained on.
+    The continuation stages' text comes from the training scenes only, and image questions have
+    one-word answers, so none of these captions (new combinations of color, shape and place) is
+    a training string (tested).
     """
-    _, held = shapes.split_scenes(seed=0)
-    texts = [shapes.caption(s, "ko") for s in held]
-    texts += [f"질문: {q.prompt} 답: {q.answer}" for s in held for q in shapes.questions(s, "ko")]
-    return texts
+    return [shapes.caption(s, "ko") for s in shapes.split_scenes(seed=0)[1]]
+
+
+def new_form_ko_texts() -> list[str]:
+    """Korean in sentence forms never trained on (:data:`HELDOUT_KO_TEMPLATES`, one per scene)
+    and unseen plain sentences: how far the adaptation generalizes beyond its templates."""
+    out = []
+    for k, s in enumerate(shapes.all_scenes()):
+        t = HELDOUT_KO_TEMPLATES[k % len(HELDOUT_KO_TEMPLATES)]
+        out.append(t.format(color=shapes.COLORS[s.color], shape=shapes.SHAPES[s.shape],
+                            position=shapes.POSITIONS[s.position]))
+    return out + list(HELDOUT_KO_SENTENCES)
+
+
+def seen_ko_texts() -> list[str]:
+    """Korean training strings (captions and question/answer text of training scenes)."""
+    scenes = shapes.split_scenes(seed=0)[0][::3]
+    return [shapes.caption(s, "ko") for s in scenes] + \
+        [QA_TEXT["ko"].format(prompt=q.prompt, answer=q.answer) for s in scenes for q in shapes.questions(s, "ko")]
 
 
 def ko_lm_loss(model, processor, texts: list[str] | None = None) -> float:
-    """Mean token cross-entropy (nats per token) on held-out Korean text, without an image.
+    """Mean token cross-entropy (nats per token) on Korean text, without an image.
 
     Parameters
     ----------
     texts : list of str, optional
-        Default :func:`heldout_ko_texts` (captions and question/answer text of held-out scenes).
+        Default :func:`heldout_ko_texts` (captions of held-out scenes, never trained on).
     """
     import torch
 
@@ -539,48 +820,89 @@ def ko_lm_loss(model, processor, texts: list[str] | None = None) -> float:
         return float(model(**batch, use_cache=False).loss)
 
 
-def evaluate(trajectory: Trajectory, progress: bool = True) -> dict:
-    """Grounding accuracy (en, ko) and Korean LM loss per checkpoint; cached in the trajectory."""
+def _evaluate(trajectory: Trajectory, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
+    ev = {"chance_accuracy": chance_accuracy(), "grounding": {}, "grounding_accuracy": {},
+          "ko_lm_loss": {}, "ko_lm_loss_new_forms": {}, "ko_lm_loss_seen": {}}
+    evalset = None
+    for label, path in tqdm(trajectory.all_checkpoints.items(), desc="evaluate", disable=not progress, leave=False):
+        model, processor = load_checkpoint(path)
+        if evalset is None:
+            evalset = EvalSet(processor, trajectory.recipe.image_size)
+        ev["grounding"][label] = {lang: evalset.accuracy(model, lang) for lang in shapes.LANGS}
+        ev["grounding_accuracy"][label] = {lang: g["accuracy"] for lang, g in ev["grounding"][label].items()}
+        ev["ko_lm_loss"][label] = ko_lm_loss(model, processor)
+        ev["ko_lm_loss_new_forms"][label] = ko_lm_loss(model, processor, new_form_ko_texts())
+        ev["ko_lm_loss_seen"][label] = ko_lm_loss(model, processor, seen_ko_texts())
+    return ev
+
+
+def evaluate(trajectory: Trajectory, progress: bool = True) -> dict:
+    """Grounding (en, ko; accuracy with a Wilson interval and per attribute) and Korean LM loss
+    (held-out captions, new sentence forms, seen text) of every checkpoint of the trajectory
+    and its control.
+
+    Computed at build time and read from the trajectory's ``evaluation.json``.
+    """
     cache = trajectory.root / "evaluation.json"
     if cache.exists():
         ev = json.loads(cache.read_text())
-        if list(ev.get("ko_lm_loss", {})) == list(trajectory.checkpoints):
+        if set(ev.get("ko_lm_loss", {})) == set(trajectory.all_checkpoints):
             return ev
-    ev = {"grounding_accuracy": {}, "ko_lm_loss": {}, "chance_accuracy": chance_accuracy()}
-    for label, path in tqdm(trajectory.checkpoints.items(), desc="evaluate", disable=not progress, leave=False):
-        model, processor = load_checkpoint(path)
-        size = trajectory.recipe.image_size
-        ev["grounding_accuracy"][label] = {lang: grounding_accuracy(model, processor, lang, size=size)
-                                           for lang in shapes.LANGS}
-        ev["ko_lm_loss"][label] = ko_lm_loss(model, processor)
+    ev = _evaluate(trajectory, progress)
     tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ev, indent=2))
+    tmp.write_text(json.dumps(ev, indent=2, ensure_ascii=False))
     tmp.replace(cache)
     return ev
 
 
 # ----------------------------------------------------------------------------- CLI
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-2"`` -> ``[0, 1, 2]``."""
+    out: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
+        except ValueError:
+            raise ValueError(f"--seeds: {text!r} is not a list like 0,1,2 or a range like 0-2") from None
+    if not out or any(s < 0 for s in out) or len(set(out)) != len(out):
+        raise ValueError(f"--seeds: {text!r} must name distinct non-negative seeds")
+    return out
+
+
 def add_parser(sub) -> None:
-    """``driftlens organism build [--out DIR] [--force]``."""
+    """``driftlens organism build [--seeds 0,1,2] [--force]``."""
     p = sub.add_parser("organism", help="build the model organism (a tiny bilingual LLaVA trained here)",
-                       description="Build (or find in the cache) the model organism's trajectory: a base "
-                                   "checkpoint trained on English shapes, then Korean-adaptation checkpoints.")
+                       description="Build (or find in the cache) the model organism for each seed: a base trained "
+                                   "on English shapes, then a Korean adaptation and an English control "
+                                   "continuation from it (5 checkpoints each), evaluated on renderings never "
+                                   "trained on. Missing seeds build in parallel processes.")
     p.add_argument("action", choices=["build"], help="what to do")
-    p.add_argument("--out", default=None, help="trajectory folder (default: the cache)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds to build, e.g. 0,1,2 or 0-4 (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per missing seed, "
+                                                         "at most the CPU count)")
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    traj = build(out=args.out, force=args.force, progress=not args.no_progress)
-    ev = evaluate(traj, progress=not args.no_progress)
-    print(f"organism: {traj.root} (built in {traj.build_seconds:.0f} s)")
-    print(f"chance accuracy {ev['chance_accuracy']:.3f}")
-    for label, path in traj.checkpoints.items():
-        acc = ev["grounding_accuracy"][label]
-        print(f"  {label:>6}: EN {acc['en']:.3f}  KO {acc['ko']:.3f}  KO LM loss {ev['ko_lm_loss'][label]:.3f}  {path}")
+    seeds = parse_seeds(args.seeds)
+    trajs = build_seeds(seeds, force=args.force, progress=not args.no_progress, jobs=args.jobs)
+    for traj in trajs:
+        ev = evaluate(traj, progress=not args.no_progress)
+        print(f"organism seed {traj.seed}: {traj.root} (built in {traj.build_seconds:.0f} s); "
+              f"chance accuracy {ev['chance_accuracy']:.3f}")
+        for label in traj.all_checkpoints:
+            g = ev["grounding"][label]
+            print(f"  {label:>6}: EN {g['en']['accuracy']:.3f} [{g['en']['lo']:.2f}, {g['en']['hi']:.2f}]  "
+                  f"KO {g['ko']['accuracy']:.3f} [{g['ko']['lo']:.2f}, {g['ko']['hi']:.2f}]  "
+                  f"KO LM loss {ev['ko_lm_loss'][label]:.3f} (new forms {ev['ko_lm_loss_new_forms'][label]:.3f}, "
+                  f"seen {ev['ko_lm_loss_seen'][label]:.3f})")
     return 0

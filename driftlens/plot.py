@@ -102,7 +102,7 @@ def per_layer(report, var: str, site: str = "hidden", ax=None, modality: str | N
 
 
 def accuracy_vs_drift(accuracy: dict, drift: dict, ax=None, chance: float | None = None,
-                      xlabel: str = "visual drift (mean MMD^2 over layers)"):
+                      xlabel: str = "visual drift (mean MMD^2 over layers)", tag: str = ""):
     """Grounding accuracy (per language) against mean visual drift, one point per checkpoint.
 
     Parameters
@@ -118,7 +118,7 @@ def accuracy_vs_drift(accuracy: dict, drift: dict, ax=None, chance: float | None
     for lang in langs:
         xs = [drift[c] for c in labels]
         ys = [accuracy[c][lang] for c in labels]
-        ax.plot(xs, ys, marker="o", label=lang)
+        ax.plot(xs, ys, marker="o" if not tag else "s", ls="-" if not tag else "--", label=lang + tag)
         for x, y, c in zip(xs, ys, labels):
             ax.annotate(c, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if chance is not None:
@@ -128,6 +128,31 @@ def accuracy_vs_drift(accuracy: dict, drift: dict, ax=None, chance: float | None
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     ax.set_title("grounding vs drift")
+    return ax
+
+
+def seeds_by_layer(series: dict, ax=None, ylabel: str = "visual MMD^2"):
+    """Per-layer values over seeds: one line per series (its mean), one dot per seed.
+
+    Parameters
+    ----------
+    series : dict
+        ``{label: array [seeds, layers]}``, e.g. the last Korean checkpoint and the control's.
+    """
+    ax = _ax(ax)
+    cmap = _plt().get_cmap("tab10")
+    for i, (label, vals) in enumerate(series.items()):
+        vals = np.asarray(vals, dtype=float)
+        layers = np.arange(vals.shape[1])
+        ax.plot(layers, vals.mean(0), marker="o", color=cmap(i), label=f"{label} (mean of {len(vals)} seeds)")
+        for row in vals:
+            ax.scatter(layers + 0.06 * (i - 0.5), row, s=12, color=cmap(i), alpha=0.5)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(np.arange(np.asarray(next(iter(series.values()))).shape[1]))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title("visual drift by layer: Korean adaptation vs English control", fontsize=9)
+    ax.legend(fontsize=7)
     return ax
 
 

@@ -73,7 +73,7 @@ def test_capture_matches_plain_forward(family, tmp_path):
     model, processor = tiny.build(family, seed=0, n_layers=2)
     spec = load_spec(model)
     probes = subset("photos-bilingual", 4, tmp_path / "probes")
-    out = dl.capture(model, probes, out=tmp_path / "s.zarr", sites=("embed", "hidden", "key"),
+    out = dl.capture(model, probes, out=tmp_path / "s.zarr", sites=("embed", "hidden", "key", "final"),
                      batch_size=2, processor=processor, progress=False)
     ds = dl.open_store(out)
     assert list(ds.checkpoint.values.astype(str)) == ["model"]
@@ -94,6 +94,9 @@ def test_capture_matches_plain_forward(family, tmp_path):
                 np.testing.assert_allclose(got_h, hs[layer + 1][b, p].numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(ds.embed.isel(checkpoint=0, token=rows).values,
                                    hs[0][b, p].numpy(), rtol=1e-5, atol=1e-5)
+        # `final` is the final norm's output: HF's last hidden_states entry
+        np.testing.assert_allclose(ds.final.isel(checkpoint=0, token=rows).values,
+                                   hs[-1][b, p].numpy(), rtol=1e-5, atol=1e-5)
         # coordinates
         ids = batch.inputs["input_ids"]
         mod = ds.modality.values[rows].astype(str)
@@ -105,6 +108,7 @@ def test_capture_matches_plain_forward(family, tmp_path):
             sel = batch.rows_b == j
             assert set(ds.sample.values[rows][sel].astype(str)) == {probes[pi].id}
             assert set(ds.lang.values[rows][sel].astype(str)) == {probes[pi].lang}
+            assert set(ds.cluster.values[rows][sel].astype(str)) == {probes[pi].cluster}
             assert sel.sum() == int(batch.inputs["attention_mask"][j].sum())
 
 

@@ -1,9 +1,13 @@
-"""The model organism: its machinery on a quick recipe, and the done-when figures of the real
-recipe (``slow``: builds the default recipe into the user cache, which test_demo then reuses)."""
+"""The model organism: its machinery on a quick recipe, and what holds for every seed of the real
+recipe (``slow``: builds three seeds into a session-wide temporary cache, see conftest.py).
+
+The slow assertions are facts that hold for every seed and CPU with margin (measured spreads in
+bench/RESULTS.md), never a threshold read off one build."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -12,7 +16,8 @@ from driftlens import organism, shapes
 from driftlens.inputs import model_inputs
 from driftlens.specs import load_spec
 
-QUICK = dataclasses.replace(organism.Recipe(), base_steps=6, ko_steps=10, n_ko_checkpoints=5, batch_size=4)
+QUICK = dataclasses.replace(organism.Recipe(), base_steps=6, base_check_every=3, adapt_steps=10, n_checkpoints=5,
+                            batch_size=4, render_pool=2)
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +27,9 @@ def quick(tmp_path_factory):
 
 def test_trajectory_layout_and_loading(quick):
     assert list(quick.checkpoints) == ["base", "ko-1", "ko-2", "ko-3", "ko-4", "ko-5"]
+    assert list(quick.control) == ["base", "en-1", "en-2", "en-3", "en-4", "en-5"]
+    assert quick.control["base"] == quick.checkpoints["base"]
+    assert list(quick.all_checkpoints)[6:] == ["en-1", "en-2", "en-3", "en-4", "en-5"]
     model, processor = organism.load_checkpoint(quick.checkpoints["ko-3"])
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     spec = load_spec(model)
@@ -44,13 +52,17 @@ def test_cache_hit_and_determinism(quick, tmp_path):
     b, _ = organism.load_checkpoint(other.checkpoints["ko-5"])
     for (n1, p1), (n2, p2) in zip(a.state_dict().items(), b.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
-    # the adaptation stage leaves the vision tower and projector alone
+    # both continuation stages leave the vision tower and projector alone and move the LLM,
+    # differently (Korean vs English data from the same base)
     base, _ = organism.load_checkpoint(quick.checkpoints["base"])
+    en, _ = organism.load_checkpoint(quick.control["en-5"])
     sd = base.state_dict()
-    for name, p in a.state_dict().items():
-        if "vision_tower" in name or "multi_modal_projector" in name:
-            assert torch.equal(p, sd[name]), name
-    assert any(not torch.equal(p, sd[n]) for n, p in a.state_dict().items() if "language_model" in n)
+    for m in (a, en):
+        for name, p in m.state_dict().items():
+            if "vision_tower" in name or "multi_modal_projector" in name:
+                assert torch.equal(p, sd[name]), name
+        assert any(not torch.equal(p, sd[n]) for n, p in m.state_dict().items() if "language_model" in n)
+    assert any(not torch.equal(p, en.state_dict()[n]) for n, p in a.state_dict().items() if "language_model" in n)
 
 
 def test_checkpoints_load_through_plain_from_pretrained(quick):
@@ -99,6 +111,58 @@ def test_scoring_matches_a_manual_log_likelihood(quick):
     assert got.tolist() == pytest.approx(scores, rel=1e-4, abs=1e-4)
 
 
+def test_banked_batches_equal_the_processor_path(quick):
+    """Pre-encoded training / evaluation batches == encode_image_examples on the same images."""
+    _, processor = organism.load_checkpoint(quick.checkpoints["base"])
+    seeds = organism._render_seed(QUICK)
+    bank = organism.ImageBank(processor, QUICK.image_size, seeds, 2)
+    scenes = shapes.all_scenes()
+    items = [(0, 1, "What color is the shape?", "red"), (5, 0, "도형은 어디에 있나요?", "왼쪽 위"),
+             (7, 1, "Describe the image.", shapes.caption(scenes[7], "en"))]
+    got = bank.batch(items)
+    imgs = [shapes.render(scenes[k], QUICK.image_size, seed=seeds(k, j)) for k, j, _, _ in items]
+    ref = organism.encode_image_examples(processor, imgs, [p for _, _, p, _ in items], [a for *_, a in items])
+    for key in ref:
+        assert torch.equal(got[key], ref[key]), key
+
+
+def test_batched_evaluation_equals_one_question_at_a_time(quick):
+    model, processor = organism.load_checkpoint(quick.checkpoints["ko-2"])
+    ev = organism.EvalSet(processor, QUICK.image_size, langs=("ko",), batch_rows=50)
+    scores = ev.scores(model, "ko")
+    right = 0
+    for q, start, n in ev.questions["ko"][:12]:
+        k = start // 13                                   # 13 candidate rows per scene (6 + 3 + 4)
+        img = shapes.render(shapes.all_scenes()[k], QUICK.image_size, seed=organism.TRAIN_SEEDS + k)
+        single = organism.answer_scores(model, processor, img, q)
+        assert scores[start:start + n].tolist() == pytest.approx(single.tolist(), rel=1e-4, abs=1e-4)
+    acc = ev.accuracy(model, "ko")
+    assert acc["n"] == 216 and 0 <= acc["lo"] <= acc["accuracy"] <= acc["hi"] <= 1
+    for q, start, n in ev.questions["ko"]:
+        right += int(q.candidates[int(scores[start:start + n].argmax())] == q.answer)
+    assert acc["correct"] == right
+
+
+def test_korean_evaluation_text_is_never_trained_on():
+    train = set(organism.text_pool("ko"))
+    held = organism.heldout_ko_texts()
+    assert len(held) == 18 and not set(held) & train
+    assert not set(organism.new_form_ko_texts()) & train
+    assert set(organism.seen_ko_texts()) <= train
+    # image questions answer with one word: no caption is ever a training target
+    words = {q.answer for s in shapes.all_scenes() for q in shapes.questions(s, "ko")}
+    assert not set(held) & words
+    assert len(set(organism.text_pool("en")) & set(organism.text_pool("ko"))) == 0
+
+
+def test_wilson_interval_matches_scipy():
+    from scipy.stats import binomtest
+
+    for k, n in ((81, 100), (0, 10), (10, 10), (150, 216)):
+        ref = binomtest(k, n).proportion_ci(method="wilson")
+        assert organism.wilson_interval(k, n) == pytest.approx((ref.low, ref.high), abs=1e-9)
+
+
 def test_ko_lm_loss_is_the_mean_token_cross_entropy(quick):
     model, processor = organism.load_checkpoint(quick.checkpoints["ko-2"])
     texts = organism.heldout_ko_texts()[:3]
@@ -122,9 +186,10 @@ def test_interrupted_build_leaves_no_cache_and_recipe_change_rebuilds(tmp_path, 
         if recipe.seed == 1:
             raise KeyboardInterrupt                      # interrupted mid-build
         (tmp / "base" / "config.json").write_text("{}")
-        return {"base": tmp / "base"}, {}
+        return {"base": tmp / "base"}, {"base": tmp / "base"}, {}
 
     monkeypatch.setattr(organism, "_train_trajectory", fake)
+    monkeypatch.setattr(organism, "_evaluate", lambda traj, progress: {"ko_lm_loss": {}})
     root = tmp_path / "traj"
     (tmp_path / ".traj-building-killed").mkdir()                         # a build killed without cleanup
     with pytest.raises(KeyboardInterrupt):
@@ -152,9 +217,10 @@ def test_concurrent_builds_of_one_folder_train_once(tmp_path, monkeypatch):
         time.sleep(0.5)
         (tmp / "base").mkdir()
         (tmp / "base" / "config.json").write_text("{}")
-        return {"base": tmp / "base"}, {}
+        return {"base": tmp / "base"}, {"base": tmp / "base"}, {}
 
     monkeypatch.setattr(organism, "_train_trajectory", fake)
+    monkeypatch.setattr(organism, "_evaluate", lambda traj, progress: {"ko_lm_loss": {}})
     results = []
     threads = [threading.Thread(target=lambda: results.append(
         organism.build(out=tmp_path / "traj", recipe=QUICK, progress=False))) for _ in range(2)]
@@ -175,30 +241,60 @@ def test_cache_root_honours_the_environment(monkeypatch, tmp_path):
 
 
 def test_recipe_change_builds_elsewhere():
-    assert organism.Recipe().key() != dataclasses.replace(organism.Recipe(), ko_lr=2e-3).key()
+    assert organism.Recipe().key() != dataclasses.replace(organism.Recipe(), adapt_lr=2e-3).key()
+    assert organism.Recipe().key() != organism.Recipe(seed=1).key()
 
 
 def test_evaluation_shape(quick):
     ev = organism.evaluate(quick, progress=False)
-    assert set(ev["grounding_accuracy"]) == set(quick.checkpoints)
+    assert set(ev["grounding_accuracy"]) == set(quick.all_checkpoints)
     assert abs(ev["chance_accuracy"] - (1 / 6 + 1 / 3 + 1 / 4) / 3) < 1e-9
-    for acc in ev["grounding_accuracy"].values():
-        assert set(acc) == {"en", "ko"} and all(0 <= v <= 1 for v in acc.values())
+    for label, acc in ev["grounding"].items():
+        assert set(acc) == {"en", "ko"}
+        for g in acc.values():
+            assert g["n"] == 216 and 0 <= g["lo"] <= g["accuracy"] <= g["hi"] <= 1
+            assert set(g["by_attribute"]) == {"color", "shape", "position"}
+    for key in ("ko_lm_loss", "ko_lm_loss_new_forms", "ko_lm_loss_seen"):
+        assert set(ev[key]) == set(quick.all_checkpoints)
     assert (quick.root / "evaluation.json").exists()
-    assert organism.evaluate(quick, progress=False) == ev          # cached
+    assert organism.evaluate(quick, progress=False) == ev          # written by the build, read back
 
+
+def test_build_seeds_in_parallel_processes(tmp_path):
+    trajs = organism.build_seeds([3, 4], recipe=QUICK, cache=tmp_path, progress=False, jobs=2)
+    assert [t.seed for t in trajs] == [3, 4] and trajs[0].root != trajs[1].root
+    assert all(t.root.parent == tmp_path / "organism" for t in trajs)
+    info = json.loads((trajs[0].root / "trajectory.json").read_text())
+    assert info["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)
+    again = organism.build_seeds([4, 3], recipe=QUICK, cache=tmp_path, progress=False)   # cache hits
+    assert [t.build_seconds for t in again] == [trajs[1].build_seconds, trajs[0].build_seconds]
+    with pytest.raises(ValueError, match="distinct"):
+        organism.build_seeds([1, 1], recipe=QUICK, cache=tmp_path)
+    assert organism.parse_seeds("0,2-4") == [0, 2, 3, 4]
+    with pytest.raises(ValueError, match="--seeds"):
+        organism.parse_seeds("a")
+
+
+# ----------------------------------------------------------------------------- the real recipe (slow)
 
 @pytest.mark.slow
-def test_default_recipe_done_when():
-    """The issue's done-when, measured on the default recipe (built once into the organism cache)."""
-    traj = organism.build(progress=False)
-    ev = organism.evaluate(traj, progress=False)
-    labels = list(traj.checkpoints)
-    assert labels[0] == "base" and len(labels) >= 6
-    acc, loss = ev["grounding_accuracy"], ev["ko_lm_loss"]
-    assert acc["base"]["en"] >= 0.90
-    assert acc["base"]["en"] - acc[labels[-1]]["en"] >= 0.20
-    # Korean LM loss falls along the adaptation, not only at its first checkpoint
-    assert loss[labels[-1]] < loss[labels[1]] < loss["base"]
-    assert 0.2 < ev["chance_accuracy"] < 0.3
-    assert traj.build_seconds < 600          # recorded by the build that made the cache
+def test_every_seed_of_the_default_recipe(organisms):
+    """Facts that hold for every seed with margin (seed-to-seed spread: bench/RESULTS.md)."""
+    chance = organism.chance_accuracy()
+    assert len(organisms) == 3
+    last_ko, last_en = [], []
+    for traj in organisms:
+        ev = organism.evaluate(traj, progress=False)
+        acc, loss = ev["grounding_accuracy"], ev["ko_lm_loss"]
+        ko, en = list(traj.checkpoints), list(traj.control)
+        assert ko[0] == "base" and len(ko) == 6 and len(en) == 6
+        assert acc["base"]["en"] >= chance + 0.4                      # English grounding learned
+        assert acc["base"]["ko"] <= chance + 0.15                     # Korean not yet
+        assert loss[ko[-1]] < loss["base"] - 5                        # Korean text learned (nats/token)
+        assert acc[en[-1]]["en"] >= acc["base"]["en"] - 0.1           # the control keeps English
+        last_ko.append(acc[ko[-1]])
+        last_en.append(acc[en[-1]])
+        assert traj.build_seconds < 600
+    # over seeds: the Korean trajectory learns Korean grounding and loses English grounding
+    assert sum(a["ko"] for a in last_ko) / 3 >= chance + 0.3
+    assert sum(a["en"] for a in last_en) / 3 - sum(a["en"] for a in last_ko) / 3 >= 0.15

@@ -42,12 +42,10 @@ def _brute_u(r, c, cl, sigma, weights=None):
     return num / den
 
 
-def _h(r, c, cl, sigma):
+def _h(r, c, cl, sigma, block_size=4096):
     codes, uniq = I.cluster_codes(cl)
-    codes = torch.as_tensor(codes)
-    rt, ct = torch.as_tensor(r), torch.as_tensor(c)
-    g = [I.cluster_kernel_means(a, b, codes, codes, len(uniq), sigma) for a, b in ((rt, rt), (ct, ct), (rt, ct))]
-    return I.paired_mmd_terms(*g)
+    return I.paired_mmd_matrix(torch.as_tensor(r), torch.as_tensor(c), torch.as_tensor(codes), len(uniq), sigma,
+                               block_size=block_size)
 
 
 def test_cluster_codes_follow_first_appearance():
@@ -55,14 +53,31 @@ def test_cluster_codes_follow_first_appearance():
     assert codes.tolist() == [0, 0, 1, 2, 1] and uniq.tolist() == ["b", "a", "c"]
 
 
-def test_kernel_cluster_means_match_naive():
+def test_pair_term_matches_naive_kernel_means():
     r, c, cl = _data()
-    codes, uniq = I.cluster_codes(cl)
-    got = I.cluster_kernel_means(torch.as_tensor(r), torch.as_tensor(c), torch.as_tensor(codes),
-                                 torch.as_tensor(codes), len(uniq), 1.3, offset=0.2, block_size=4)
-    for i, a in enumerate(uniq):
-        for j, b in enumerate(uniq):
-            assert float(got[i, j]) == pytest.approx(_kbar(r[cl == a], c[cl == b], 1.3) - 0.2, abs=1e-12)
+    _, uniq = I.cluster_codes(cl)
+    for block in (4, 4096):                                   # tiles that cut clusters, and one tile
+        got = _h(r, c, cl, 1.3, block_size=block)
+        for i, a in enumerate(uniq):
+            for j, b in enumerate(uniq):
+                ra, ca, rb, cb = r[cl == a], c[cl == a], r[cl == b], c[cl == b]
+                ref = _kbar(ra, rb, 1.3) + _kbar(ca, cb, 1.3) - _kbar(ra, cb, 1.3) - _kbar(ca, rb, 1.3)
+                assert float(got[i, j]) == pytest.approx(ref, rel=1e-9, abs=1e-13)
+
+
+def test_pair_term_stays_exact_for_float_rounding_differences():
+    """c = r + 1e-6 noise: the pair terms are ~|delta|^2 and still equal the float64 definition
+    (a naive float32 evaluation would be dominated by the rounding of kernel values)."""
+    rng = np.random.default_rng(7)
+    r = rng.normal(size=(60, 8)) * 3
+    c = r + 1e-6 * rng.normal(size=r.shape)
+    cl = np.repeat(np.arange(6), 10)
+    ref = _h(r, c, cl, 2.0)                                   # float64
+    got = _h(r.astype(np.float32), c.astype(np.float32), cl, 2.0)
+    delta32 = c.astype(np.float32).astype(np.float64) - r.astype(np.float32).astype(np.float64)
+    ref32 = _h(r.astype(np.float32).astype(np.float64), r.astype(np.float32).astype(np.float64) + delta32, cl, 2.0)
+    assert float(ref.abs().max()) < 1e-10
+    np.testing.assert_allclose(got.numpy(), ref32.numpy(), rtol=1e-3, atol=1e-16)
 
 
 def test_paired_mmd_effect_is_the_cluster_u_statistic():

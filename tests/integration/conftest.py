@@ -1,0 +1,23 @@
+"""Shared fixtures of the integration tier.
+
+The real model organism (three seeds: base, Korean trajectory, English control) is built once
+per test session into a temporary cache -- never the user's -- by whichever ``slow`` test needs
+it first, so the slow tests do not depend on their order.
+"""
+from __future__ import annotations
+
+import pytest
+
+from driftlens import organism
+from driftlens.demo import DEMO_SEEDS
+
+
+@pytest.fixture(scope="session")
+def organism_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("organism-cache")
+
+
+@pytest.fixture(scope="session")
+def organisms(organism_cache):
+    """The default recipe over the demo's seeds, built (in parallel processes) into the session cache."""
+    return organism.build_seeds(DEMO_SEEDS, cache=organism_cache, progress=False)
