@@ -289,7 +289,6 @@ def test_every_seed_of_the_default_recipe(organisms):
         ko, en = list(traj.checkpoints), list(traj.control)
         assert ko[0] == "base" and len(ko) == 6 and len(en) == 6
         assert acc["base"]["en"] >= chance + 0.4                      # English grounding learned
-        assert acc["base"]["ko"] <= chance + 0.15                     # Korean not yet
         assert loss[ko[-1]] < loss["base"] - 5                        # Korean text learned (nats/token)
         assert acc[en[-1]]["en"] >= acc["base"]["en"] - 0.1           # the control keeps English
         last_ko.append(acc[ko[-1]])
@@ -298,3 +297,30 @@ def test_every_seed_of_the_default_recipe(organisms):
     # over seeds: the Korean trajectory learns Korean grounding and loses English grounding
     assert sum(a["ko"] for a in last_ko) / 3 >= chance + 0.3
     assert sum(a["en"] for a in last_en) / 3 - sum(a["en"] for a in last_ko) / 3 >= 0.15
+
+
+@pytest.mark.slow
+def test_float_rounding_is_not_drift(organisms, tmp_path):
+    """The base captured again at another batch size, and with its activations' last bits flipped
+    at random (what another reduction order does): no cell is significant after correction."""
+    import numpy as np
+    import xarray as xr
+
+    import driftlens as dl
+    from driftlens.demo import DEMO_PROBES
+    from driftlens.probes import ProbeSet, make_shapes_probes
+
+    base = organisms[0].checkpoints["base"]
+    probes = ProbeSet.load(make_shapes_probes(tmp_path / "probes", size=32, **DEMO_PROBES))
+    stores = [dl.capture(base, probes, {label: base}, out=tmp_path / f"{label}.zarr", batch_size=bs, progress=False)
+              for label, bs in (("base", 16), ("base-bs5", 5))]
+    a, b = (dl.open_store(s).load() for s in stores)
+    rng = np.random.default_rng(0)
+    ulp = a.copy(deep=True).assign_coords(checkpoint=["base-ulp"])
+    for site in ("hidden", "key"):
+        v = ulp[site].values
+        ulp[site].values = np.nextafter(v, np.where(rng.random(v.shape) < 0.5, np.inf, -np.inf)).astype(v.dtype)
+    ds = xr.concat([a, b, ulp], "checkpoint")
+    rep = dl.drift(ds, reference="base", metrics=("mmd",), progress=False)
+    assert rep.attrs["n_tests"] == 2 * 4 * 2 * 2            # 2 checkpoints x 4 layers x 2 sites x 2 modalities
+    assert float(rep.mmd_q.sel(checkpoint=["base-bs5", "base-ulp"]).min()) > 0.05
