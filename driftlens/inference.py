@@ -23,7 +23,6 @@ the same for every cell of a report (so per-layer resamples can be summed across
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -314,17 +313,6 @@ def check_clusters(k: int, what: str) -> None:
     if k < MIN_CLUSTERS:
         raise ValueError(f"{what}: {k} cluster(s); drift inference resamples clusters and needs at least "
                          f"{MIN_CLUSTERS} (a probe set's `cluster` names its independent units)")
-
-
-def smallest_p(n_draws: int) -> float:
-    """The smallest p-value ``B`` draws can give."""
-    return 1.0 / (n_draws + 1)
-
-
-def n_possible_flips(k: int) -> float:
-    """Distinct sign-flip patterns up to a global sign (``2^(K-1)``); with few clusters the
-    p-value cannot go below ``1 / 2^(K-1)`` whatever the number of draws."""
-    return math.pow(2.0, k - 1)
 
 
 def paired_mmd(r, c, clusters, sigma=None, n_permutations: int = 1000, n_bootstrap: int = 1000,

@@ -282,8 +282,6 @@ def encode_image_examples(processor, images, prompts, answers, eos: bool = True)
     The prompt goes through the processor (the real path: chat template, image-token
     expansion, pixel values); answer tokens are appended, so labels mark exactly them.
     """
-    import torch
-
     enc = processor(text=[_prompt(processor, p) for p in prompts], images=[[im] for im in images],
                     return_tensors="pt", padding=True)
     rows, labels = [], []
@@ -887,6 +885,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", default="0,1,2", help="seeds to build, e.g. 0,1,2 or 0-4 (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per missing seed, "
                                                          "at most the CPU count)")
+    p.add_argument("--cache", default=None,
+                   help="cache root of the builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
@@ -894,7 +894,7 @@ def add_parser(sub) -> None:
 
 def _run(args) -> int:
     seeds = parse_seeds(args.seeds)
-    trajs = build_seeds(seeds, force=args.force, progress=not args.no_progress, jobs=args.jobs)
+    trajs = build_seeds(seeds, force=args.force, progress=not args.no_progress, jobs=args.jobs, cache=args.cache)
     for traj in trajs:
         ev = evaluate(traj, progress=not args.no_progress)
         print(f"organism seed {traj.seed}: {traj.root} (built in {traj.build_seconds:.0f} s); "

@@ -70,7 +70,8 @@ def drift_heatmap(report, var: str = "mmd", site: str = "hidden", modality: str 
             star = "*" if sig is not None and np.isfinite(sig[i, j]) and sig[i, j] <= alpha else ""
             ax.text(j, i, f"{v:.3g}{star}", ha="center", va="center", fontsize=7,
                     color="white" if v < mid else "black")
-    ax.figure.colorbar(im, ax=ax, label=f"{report[var].attrs.get('units', '')}")
+    units = report[var].attrs.get("units", "")
+    ax.figure.colorbar(im, ax=ax, label=var + (f" ({units})" if units and units != "1" else ""))
     return ax
 
 

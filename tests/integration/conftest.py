@@ -2,9 +2,14 @@
 
 The real model organism (three seeds: base, Korean trajectory, English control) is built once
 per test session into a temporary cache -- never the user's -- by whichever ``slow`` test needs
-it first, so the slow tests do not depend on their order.
+it first, so the slow tests do not depend on their order. ``DRIFTLENS_TEST_CACHE=DIR`` points
+the session at a cache you choose instead (built there when missing): to rerun the slow tier
+without rebuilding, or to run it against a build made with another thread count.
 """
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +19,8 @@ from driftlens.demo import DEMO_SEEDS
 
 @pytest.fixture(scope="session")
 def organism_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("organism-cache")
+    chosen = os.environ.get("DRIFTLENS_TEST_CACHE")
+    return Path(chosen) if chosen else tmp_path_factory.mktemp("organism-cache")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ import json
 import re
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
