@@ -227,7 +227,8 @@ def _mir_cell(v, t, cv, ct, k, counts, level):
 
     Outlier replacement is decided once on the full sample (the 3-std rule is scale-free); each
     draw recomputes the text-norm scale, the means and the unbiased covariances from per-cluster
-    sums, and the Frechet distance exactly (Cholesky + symmetric eigenvalues, float64).
+    sums (float64), and the Frechet distance (Cholesky in float64, symmetric eigenvalues in
+    float32). The value itself is :func:`driftlens.metrics.mir`, exact in float64.
     """
     import torch
 
