@@ -1,6 +1,7 @@
 """Figures of a drift report (matplotlib; every function takes an optional ``ax`` and returns it)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +163,9 @@ def save(ax, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = ax.figure
-    fig.tight_layout()
+    with warnings.catch_warnings():      # a colorbar makes tight_layout say it changed the layout
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     _plt().close(fig)
     return path
