@@ -28,6 +28,7 @@ DEFINITIONS = {
     "grounding_accuracy": "likelihood ranking of the candidate answers to color / shape / position questions, one "
                           "rendering never trained on per scene of the world (216 questions per language)",
     "ko_lm_loss": "mean token cross-entropy (nats) on Korean text in sentence forms never trained on",
+    "ko_lm_loss_new_forms": "the same on Korean sentence forms and plain sentences never trained on",
     "ko_lm_loss_seen": "the same on Korean training strings (captions, question/answer text)",
     "visual_drift_effect": "paired cluster MMD^2 between the base's and the checkpoint's visual-token hidden "
                            "states, per layer (report variable `mmd`, site hidden, modality visual)",
@@ -40,18 +41,18 @@ DEFINITIONS = {
     "spread": "standard deviation over seeds (ddof=1) of each per-seed value",
 }
 PER_LAYER = ("visual_drift_effect", "visual_drift_lo", "visual_drift_hi", "visual_drift_p")
+LOSSES = ("ko_lm_loss", "ko_lm_loss_new_forms", "ko_lm_loss_seen")
 
 
 def seed_values(report, evaluation: dict, labels: list[str]) -> dict:
     """One seed's figures for the checkpoints ``labels`` (first is the reference)."""
     sel = {"site": "hidden", "modality": "visual"}
     q = report["mmd_q" if "mmd_q" in report else "mmd_p"].sel(**sel)
-    out = {k: {} for k in ("grounding_accuracy", "ko_lm_loss", "ko_lm_loss_seen", *PER_LAYER,
-                           "layers_significant_fraction")}
+    out = {k: {} for k in ("grounding_accuracy", *LOSSES, *PER_LAYER, "layers_significant_fraction")}
     for c in labels:
         out["grounding_accuracy"][c] = dict(evaluation["grounding_accuracy"][c])
-        out["ko_lm_loss"][c] = float(evaluation["ko_lm_loss"][c])
-        out["ko_lm_loss_seen"][c] = float(evaluation["ko_lm_loss_seen"][c])
+        for key in LOSSES:
+            out[key][c] = float(evaluation[key][c])
         for key, var in zip(PER_LAYER, ("mmd", "mmd_lo", "mmd_hi")):
             out[key][c] = [float(v) for v in report[var].sel(checkpoint=c, **sel).values]
         qc = q.sel(checkpoint=c).values
@@ -75,7 +76,7 @@ def combine(per_seed: dict, labels: list[str]) -> tuple[dict, dict]:
     for key in ("grounding_accuracy",):
         mean[key] = {c: {lang: float(stack(key, c, lang).mean()) for lang in ("en", "ko")} for c in labels}
         spread[key] = {c: {lang: float(sd(stack(key, c, lang))) for lang in ("en", "ko")} for c in labels}
-    for key in ("ko_lm_loss", "ko_lm_loss_seen", "layers_significant_fraction"):
+    for key in (*LOSSES, "layers_significant_fraction"):
         mean[key] = {c: float(stack(key, c).mean()) for c in labels}
         spread[key] = {c: float(sd(stack(key, c))) for c in labels}
     for key in PER_LAYER:

@@ -166,9 +166,12 @@ class _Rows:
         return (signs[self.codes.cpu()] < 0).to(self.rows.device)
 
 
-def _mmd_cell(r, c, rows: _Rows, sigma, cache, flips, counts, level):
+def _mmd_cell(r, c, rows: _Rows, sigma, cache, flips, counts, level, where: str):
     h = I.paired_mmd_matrix(r, c, rows.codes, rows.k, sigma, cache=cache)
-    return I.u_statistic_inference(h.cpu(), flips, counts, level)
+    try:
+        return I.u_statistic_inference(h.cpu(), flips, counts, level)
+    except FloatingPointError as exc:
+        raise DriftError(f"mmd at {where}: {exc} (sigma {sigma:.4g}); please report this with the store") from exc
 
 
 def _shift_cell(r, c, rows: _Rows, counts, level):
@@ -496,7 +499,8 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
                 r, c = pm["r"], cur[rows.rows]
                 if "mmd" in dist:
                     inf = _mmd_cell(r, c, rows, pm["sigma"], pm.get("cache"),
-                                    flips_for(rows.k, n_permutations), counts_for(rows.k, n_bootstrap), level)
+                                    flips_for(rows.k, n_permutations), counts_for(rows.k, n_bootstrap), level,
+                                    f"checkpoint {label!r}, site {site!r}, layer {layer}, {mod} tokens")
                     _put(res, "mmd", (ci, li, si, mi), inf)
                 for m, f in fns.items():
                     inf = _transport_cell(lambda a, b: f(a, b, pm["sigma"]), r, c, rows,

@@ -124,6 +124,8 @@ def u_statistic_inference(h: torch.Tensor, flips: torch.Tensor, counts: torch.Te
     k = h.shape[0]
     if k < MIN_CLUSTERS:
         raise ValueError(f"a cluster U-statistic needs at least {MIN_CLUSTERS} clusters, got {k}")
+    if not bool(torch.isfinite(h).all()):
+        raise FloatingPointError(f"the pair terms hold {int((~torch.isfinite(h)).sum())} non-finite value(s)")
     ones = torch.ones(k, 1, dtype=torch.float64, device=h.device)
     effect = float(quadratic_u(h, ones)[0])
     null = quadratic_u(h, flips, signs=True)
@@ -199,9 +201,10 @@ def paired_mmd_matrix(r: torch.Tensor, c: torch.Tensor, codes: torch.Tensor, k: 
     Computed without cancellation: with ``delta = c - r``, ``A = -gamma (d^2(r_i, c_j) - d^2(r_i, r_j))``,
     ``B = -gamma (d^2(c_i, r_j) - d^2(r_i, r_j))`` (both from ``r . delta`` products, never as a
     difference of large distances), the four-term sum per pair is exactly
-    ``k(r_i, r_j) [expm1(A) expm1(B) + exp(A + B) expm1(2 gamma delta_i . delta_j)]``. A checkpoint
-    that differs from the reference by float rounding gives pair terms of the size of
-    ``|delta|^2``, not of float32 rounding of kernel values (which would not be exchangeable).
+    ``k(r_i, r_j) [expm1(A) expm1(B) + exp(A + B) expm1(2 gamma delta_i . delta_j)]`` where the
+    shifts are small (the four kernels summed from their log values elsewhere: :func:`_pair_terms`).
+    A checkpoint that differs from the reference by float rounding gives pair terms of the size
+    of ``|delta|^2``, not of float32 rounding of kernel values (which would not be exchangeable).
 
     Parameters
     ----------
@@ -241,13 +244,31 @@ def paired_mmd_matrix(r: torch.Tensor, c: torch.Tensor, codes: torch.Tensor, k: 
                     cache[key] = krr
             a = (ri @ dj.T).mul_(2.0).sub_(dn[j0:j1][None, :]).mul_(gamma)       # -gamma (d2(r_i,c_j) - d2(r_i,r_j))
             b = (di @ rj.T).mul_(2.0).sub_(dn[i0:i1][:, None]).mul_(gamma)       # -gamma (d2(c_i,r_j) - d2(r_i,r_j))
-            dd = (di @ dj.T).mul_(2.0 * gamma).expm1_()                            # expm1(2 gamma delta_i.delta_j)
-            t = torch.exp(a + b).mul_(dd).add_(torch.expm1(a).mul_(torch.expm1(b))).mul_(krr)
+            e = (di @ dj.T).mul_(2.0 * gamma)                                      # 2 gamma delta_i . delta_j
+            t = _pair_terms(krr, a, b, e)
             rows[:, j0:j1] += torch.zeros(k, j1 - j0, dtype=t.dtype, device=t.device).index_add_(
                 0, codes[i0:i1], t).to(torch.float64)
         out += torch.zeros(k, k, dtype=torch.float64, device=r.device).index_add_(1, codes, rows)
     counts = torch.bincount(codes, minlength=k).to(torch.float64)
     return out / (counts[:, None] * counts[None, :]).clamp(min=1.0)
+
+
+def _pair_terms(krr: torch.Tensor, a: torch.Tensor, b: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``k(r_i,r_j) + k(c_i,c_j) - k(r_i,c_j) - k(c_i,r_j)`` from ``k(r_i,r_j)`` and the exponent shifts.
+
+    ``k(r_i,c_j) = krr e^a``, ``k(c_i,r_j) = krr e^b``, ``k(c_i,c_j) = krr e^(a+b+e)``. Where the
+    shifts are small (|a|, |b|, |e| < 1: the checkpoint is near the reference) the sum is
+    ``krr [expm1(a) expm1(b) + e^(a+b) expm1(e)]``, free of cancellation; elsewhere the four
+    kernels are summed directly from their (never positive) log values, free of overflow.
+    """
+    small = (a.abs() < 1) & (b.abs() < 1) & (e.abs() < 1)
+    ac, bc, ec = a.clamp(-1, 1), b.clamp(-1, 1), e.clamp(-1, 1)
+    near = torch.expm1(ac).mul_(torch.expm1(bc)).add_(torch.exp(ac + bc).mul_(torch.expm1(ec))).mul_(krr)
+    if bool(small.all()):
+        return near
+    log_k = torch.log(krr)
+    far = krr + torch.exp(log_k + a + b + e) - torch.exp(log_k + a) - torch.exp(log_k + b)
+    return torch.where(small, near, far)
 
 
 def paired_shift_terms(r: torch.Tensor, c: torch.Tensor, codes: torch.Tensor, k: int):

@@ -65,6 +65,30 @@ def test_pair_term_matches_naive_kernel_means():
                 assert float(got[i, j]) == pytest.approx(ref, rel=1e-9, abs=1e-13)
 
 
+@pytest.mark.parametrize("case", ["swapped rows", "far shift", "mixed"])
+def test_pair_term_stays_finite_and_exact_for_large_drift(case):
+    """Large moves (a token landing where another was, or 30 sigma away) use the direct kernel sum:
+    no overflow of the near-reference form, same values as the definition."""
+    rng = np.random.default_rng(11)
+    r = rng.normal(size=(40, 3)) * 4
+    cl = np.repeat(np.arange(8), 5)
+    if case == "swapped rows":
+        c = r[rng.permutation(40)]
+    elif case == "far shift":
+        c = r + 30.0
+    else:
+        c = r.copy()
+        c[::2] += rng.normal(size=(20, 3)) * 6                    # half the rows move far, half stay
+    got = _h(r, c, cl, 1.0, block_size=16)
+    assert bool(torch.isfinite(got).all())
+    _, uniq = I.cluster_codes(cl)
+    for i, a in enumerate(uniq[:4]):
+        for j, b in enumerate(uniq[:4]):
+            ra, ca, rb, cb = r[cl == a], c[cl == a], r[cl == b], c[cl == b]
+            ref = _kbar(ra, rb, 1.0) + _kbar(ca, cb, 1.0) - _kbar(ra, cb, 1.0) - _kbar(ca, rb, 1.0)
+            assert float(got[i, j]) == pytest.approx(ref, rel=1e-7, abs=1e-12)
+
+
 def test_pair_term_stays_exact_for_float_rounding_differences():
     """c = r + 1e-6 noise: the pair terms are ~|delta|^2 and still equal the float64 definition
     (a naive float32 evaluation would be dominated by the rounding of kernel values)."""
