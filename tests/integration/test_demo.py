@@ -45,7 +45,6 @@ def test_demo_end_to_end(organisms, organism_cache, tmp_path, capsys):
     # spreads are reported with the means
     assert set(summary["spread"]["visual_drift_effect"]) == set(ko)
     assert all(s >= 0 for s in summary["spread"]["visual_drift_effect"][ko[-1]])
-    assert summary["seconds"]["total"] < 120 + summary["seconds"]["organism"]
     for name in ("drift_heatmap", "drift_ko_vs_control", "modality_gap", "mir", "accuracy_vs_drift", "ranks_plot"):
         assert summary["files"][name].endswith(".png") and (out / "figures").exists()
     assert (out / "ranks.json").exists() and all((out / f"seed-{s}" / "drift.nc").exists() for s in (0, 1, 2))

@@ -293,7 +293,6 @@ def test_every_seed_of_the_default_recipe(organisms):
         assert acc[en[-1]]["en"] >= acc["base"]["en"] - 0.1           # the control keeps English
         last_ko.append(acc[ko[-1]])
         last_en.append(acc[en[-1]])
-        assert traj.build_seconds < 600
     # over seeds: the Korean trajectory learns Korean grounding and loses English grounding
     assert sum(a["ko"] for a in last_ko) / 3 >= chance + 0.3
     assert sum(a["en"] for a in last_en) / 3 - sum(a["en"] for a in last_ko) / 3 >= 0.15
