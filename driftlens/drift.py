@@ -150,9 +150,7 @@ class _Rows:
         self.rows = torch.as_tensor(rows, device=dev)
         self.codes = torch.as_tensor(codes, device=dev)
         self.k = len(uniq)
-        order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(self.k + 1))
-        self.by_cluster = [torch.as_tensor(order[bounds[a]:bounds[a + 1]], device=dev) for a in range(self.k)]
+        self.by_cluster = [torch.as_tensor(ix, device=dev) for ix in I.rows_by_cluster(codes, self.k)]
 
     def resample(self, counts):
         """Row indices of one bootstrap draw (cluster a repeated counts[a] times)."""
@@ -247,10 +245,7 @@ def _mir_cell(v, t, cv, ct, k, counts, level):
         a = a.cpu()
         n = torch.bincount(cpu, minlength=k).to(torch.float64)
         s = torch.zeros(k, a.shape[1], dtype=torch.float64).index_add_(0, cpu, a)
-        order = torch.argsort(cpu, stable=True)
-        bounds = torch.searchsorted(cpu[order], torch.arange(k + 1)).tolist()
-        outer = torch.stack([a[order[bounds[j]:bounds[j + 1]]].T @ a[order[bounds[j]:bounds[j + 1]]]
-                             for j in range(k)])
+        outer = torch.stack([a[ix].T @ a[ix] for ix in map(torch.as_tensor, I.rows_by_cluster(cpu, k))])
         return n, s, outer
 
     nv, sv, ov = stats(v64, cv)
@@ -406,7 +401,8 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     modality = ds["modality"].values.astype(str)
     cluster, cluster_coord, notes = _cluster_labels(ds)
     after = _text_after_image(ds)
-    vis_mask = modality == "visual"
+    vis = torch.as_tensor(modality == "visual", device=dev)      # cross-modal rows: visual tokens ...
+    txt = torch.as_tensor(after, device=dev)                      # ... and the text after the image
 
     mod_rows = {}
     for mod in modalities:
@@ -511,7 +507,6 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
                     for suf, v in zip(("", "_lo", "_hi"), vals):
                         res["paired_shift" + suf][ci, li, si, mi] = v
             if gap is not None:
-                vis, txt = torch.as_tensor(vis_mask, device=dev), torch.as_tensor(after, device=dev)
                 vals = _gap_cell(cur_raw[vis], cur_raw[txt], all_codes[vis], all_codes[txt], k_all,
                                  counts_for(k_all, n_bootstrap), level)
                 for suf, v in zip(("", "_lo", "_hi"), vals):
@@ -521,7 +516,6 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
         use_final = final_state and layer == last_layer
         for ci, label in enumerate(labels):
             cur = load(label, "final", None) if use_final else load(label, "hidden", layer)
-            vis, txt = torch.as_tensor(vis_mask, device=dev), torch.as_tensor(after, device=dev)
             value, lo, hi, boot = _mir_cell(cur[vis], cur[txt], all_codes[vis], all_codes[txt], k_all,
                                             counts_for(k_all, n_mir), level)
             if not np.isfinite(value):

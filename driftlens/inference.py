@@ -38,6 +38,7 @@ __all__ = [
     "paired_mmd_matrix",
     "paired_shift",
     "quadratic_u",
+    "rows_by_cluster",
     "sign_flips",
     "u_statistic_inference",
 ]
@@ -53,6 +54,14 @@ def cluster_codes(labels) -> tuple[np.ndarray, np.ndarray]:
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     return rank[inverse.reshape(-1)].astype(np.int64), uniq[order]
+
+
+def rows_by_cluster(codes, k: int) -> list[np.ndarray]:
+    """Row indices of each cluster (0..K-1), from per-row codes."""
+    codes = np.asarray(codes.cpu() if isinstance(codes, torch.Tensor) else codes)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(k + 1))
+    return [order[bounds[a]:bounds[a + 1]] for a in range(k)]
 
 
 def sign_flips(n_clusters: int, n_draws: int, seed: int) -> torch.Tensor:
