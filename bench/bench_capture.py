@@ -24,7 +24,8 @@ import torch
 
 import driftlens as dl
 from driftlens import tiny
-from driftlens.capture import plan_tokens, resolve_device
+from driftlens.capture import plan_tokens
+from driftlens.devices import resolve_device
 from driftlens.probes import ProbeSet
 from driftlens.specs import load_spec
 

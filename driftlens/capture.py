@@ -15,9 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from driftlens.devices import resolve_device
+from driftlens.errors import CheckpointIdentityError, DataError, EnvironmentProblem, UsageError
 from driftlens.sources import (
     SourceError,
     describe,
+    identity,
     load_model_dir,
     load_processor,
     load_source,
@@ -30,7 +33,7 @@ SITES = ("embed", "hidden", "key", "query", "final")
 SITE_ORDER = {s: i for i, s in enumerate(SITES)}
 
 
-class CaptureError(RuntimeError):
+class CaptureError(DataError, RuntimeError):
     """A capture cannot proceed; the message says which checkpoint, module or input."""
 
 
@@ -64,15 +67,6 @@ class Plan:
         return h.hexdigest()[:16]
 
 
-def resolve_device(device: str | None = "auto"):
-    """``"auto"`` -> CUDA when present, else CPU; anything else is passed to torch.device."""
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def plan_tokens(processor, spec, config, probes, batch_size: int = 8,
                 tokens_per_sample: int | None = None, seed: int = 0) -> Plan:
     """Tokenize every probe and choose the captured token rows.
@@ -84,8 +78,9 @@ def plan_tokens(processor, spec, config, probes, batch_size: int = 8,
     """
     from driftlens.inputs import model_inputs
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_count("batch_size", batch_size)
+    if tokens_per_sample is not None:
+        _check_count("tokens_per_sample", tokens_per_sample)
     image_id = spec.image_token_id(config)
     batches: list[Batch] = []
     cols: dict[str, list] = {"sample": [], "group": [], "cluster": [], "position": [], "modality": [], "lang": []}
@@ -214,7 +209,8 @@ def _config_of(model):
 def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidden", "key", "final"),
             layers=None, batch_size: int = 8, device="auto", *, processor=None, spec=None,
             dtype: str = "float32", tokens_per_sample: int | None = None, seed: int = 0,
-            progress: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False):
+            progress: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False,
+            overwrite=()):
     """Capture token vectors of a probe set across a trajectory of checkpoints into a store.
 
     Parameters
@@ -229,8 +225,10 @@ def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidde
         The trajectory, in order. A source is an ``nn.Module``, a model directory or a PEFT
         adapter directory. Default: ``{"model": model}``.
     out : str or Path
-        Store folder (zarr). Completed checkpoints already in it are skipped; an
-        interrupted one is redone; new labels are appended.
+        Store folder (zarr). Completed checkpoints already in it are skipped (after checking
+        that their label still names the same weights); an interrupted one is redone; new
+        labels are appended. Every value is checked before any model is loaded: another probe
+        set, architecture, site / layer / dtype selection or token selection is refused.
     sites : tuple of str
         Any of ``"embed"``, ``"hidden"``, ``"key"``, ``"query"``, ``"final"`` (the decoder's
         final-norm output, HF's last ``hidden_states`` entry: what MIR's last layer uses).
@@ -254,6 +252,11 @@ def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidde
         Show tqdm progress bars.
     allow_pickle, trust_remote_code : bool
         Off by default: safetensors only, no remote code.
+    overwrite : sequence of str
+        Labels of completed checkpoints to capture again (replacing their rows), for example
+        after their source changed or ``driftlens check`` found a damaged chunk. Without it, a
+        completed label whose source (weights fingerprint) differs from the recorded one is
+        refused.
 
     Returns
     -------
@@ -266,14 +269,18 @@ def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidde
     from driftlens.probes import ProbeSet
     from driftlens.specs import Spec, load_spec
 
-    sites = tuple(sorted(dict.fromkeys(sites), key=lambda s: SITE_ORDER.get(s, 99)))
-    bad = [s for s in sites if s not in SITES]
-    if bad or not sites:
-        raise ValueError(f"unknown site(s) {bad}; choose from {SITES}")
+    sites = _check_sites(sites)
     if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        raise UsageError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    _check_count("batch_size", batch_size)
+    if tokens_per_sample is not None:
+        _check_count("tokens_per_sample", tokens_per_sample)
+    layers = _check_layers(layers)
+    dev = resolve_device(device)
+    out = _check_out(out)
     probes = probes if isinstance(probes, ProbeSet) else ProbeSet.load(probes)
     ckpts = normalize_checkpoints(model, checkpoints)
+    overwrite = _check_overwrite(overwrite, ckpts)
     for label, src in ckpts.items():
         source_kind(src)                       # fail early on a missing/odd directory
     config = _config_of(model)
@@ -281,19 +288,34 @@ def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidde
         spec = load_spec(config)
     elif not isinstance(spec, Spec):
         spec = load_spec(path=spec)
+    n_config = _config_layers(config)
+    if layers is not None and n_config is not None:
+        _layers_in_range(layers, n_config, describe(model))
     if processor is None:
         where = model if isinstance(model, (str, Path)) else getattr(config, "_name_or_path", "")
         if not where or not Path(where).is_dir():
             raise CaptureError("`model` is an in-memory module without a saved processor: pass processor=")
         processor = load_processor(where, trust_remote_code=trust_remote_code)
     plan = plan_tokens(processor, spec, config, probes, batch_size, tokens_per_sample, seed)
-    dev = resolve_device(device)
-    out = Path(out)
-    _precheck_store(out, probes, config, spec)
+    options = {"sites": list(sites), "dtype": dtype, "tokens_per_sample": tokens_per_sample, "seed": int(seed),
+               "batch_size": int(batch_size), "token_selection": plan.selection_hash()}
+    want = {"probe_fingerprint": probes.fingerprint, "model_type": config.model_type, "sites": list(sites),
+            "dtype": dtype, "token_selection": plan.selection_hash(), "n_layers": n_config,
+            "layers": None if layers is None and n_config is None else
+            (list(range(n_config)) if layers is None else layers)}
+    _precheck_store(out, want)
+    idents = {label: identity(src, model if source_kind(src) == "adapter_dir" else None)
+              for label, src in ckpts.items()}
+    done = set(_peek(out).get("completed", []))
+    _check_identities(out, ckpts, idents, done - set(overwrite))
+    if overwrite and done & set(overwrite):
+        from driftlens.store import unmark_complete
+
+        unmark_complete(out, [lab for lab in overwrite if lab in done])
+        done -= set(overwrite)
 
     store = None
     base_cache: dict = {}
-    done = set(_peek(out).get("completed", []))
     bar = tqdm(total=len(ckpts), desc="checkpoints", disable=not progress, unit="ckpt")
     for label, src in ckpts.items():
         if label in done:
@@ -308,14 +330,13 @@ def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidde
             )
         spec.validate(net)
         n_layers = spec.num_layers(net)
-        layer_ids = list(range(n_layers)) if layers is None else [int(i) for i in layers]
-        badl = [i for i in layer_ids if not 0 <= i < n_layers]
-        if badl:
-            raise ValueError(f"layers {badl} out of range: {describe(src)} has {n_layers} decoder layers")
+        layer_ids = list(range(n_layers)) if layers is None else layers
+        _layers_in_range(layer_ids, n_layers, describe(src))
         net = net.to(dev)
         store = _capture_one(net, spec, plan, label, layer_ids, sites, dev, out, store,
                              {"probes": probes, "config": config, "n_layers": n_layers,
-                              "dtype": dtype}, progress, src)
+                              "dtype": dtype, "identity": {**idents[label], "options": options}},
+                             progress, src)
         loaded = not isinstance(src, torch.nn.Module)
         del net
         if loaded:                  # free a model we loaded before the next one arrives
@@ -350,21 +371,132 @@ def _peek(out: Path) -> dict:
         raise StoreMismatchError(f"{f} is unreadable: {exc}") from exc
 
 
-def _precheck_store(out: Path, probes, config, spec) -> None:
-    """Refuse a store of another probe set or architecture before loading any model."""
+def _precheck_store(out: Path, want: dict) -> None:
+    """Refuse a store of another probe set, architecture or selection before loading any model."""
     have = _peek(out)
     if not have:
         return
-    checks = {
-        "probe_fingerprint": (probes.fingerprint, "another probe set (or an edited one)"),
-        "model_type": (config.model_type, "another architecture"),
+    what = {
+        "probe_fingerprint": "another probe set (or an edited one)",
+        "model_type": "another architecture",
+        "n_layers": "another architecture (layer count)",
+        "layers": "another layer selection (--layers)",
+        "sites": "another site selection (--sites)",
+        "dtype": "another storage dtype (--dtype)",
+        "token_selection": "another token selection (--tokens-per-sample / --seed / --batch-size)",
     }
-    for key, (want, what) in checks.items():
-        if have.get(key) != want:
+    for key, text in what.items():
+        if want.get(key) is None:
+            continue
+        if have.get(key) != want[key]:
             raise StoreMismatchError(
-                f"{out} holds data from {what}: store has {key}={have.get(key)!r}, "
-                f"this capture has {key}={want!r}. Write to a new `out` instead."
+                f"{out} holds data from {text}: store has {key}={have.get(key)!r}, "
+                f"this capture has {key}={want[key]!r}. Write to a new --out, or repeat the store's options."
             )
+
+
+def _check_identities(out: Path, ckpts: dict, idents: dict, completed: set) -> None:
+    """Refuse a completed label whose recorded source has other weights than this capture's."""
+    import warnings
+
+    from driftlens.store import read_record
+
+    order = list(_peek(out).get("checkpoints", []))
+    for label in ckpts:
+        if label not in completed:
+            continue
+        record = read_record(out, order.index(label)) or {}
+        had = record.get("identity")
+        if had is None:
+            warnings.warn(f"{out}: checkpoint {label!r} was captured before driftlens recorded sources; "
+                          f"it is kept without checking that {describe(ckpts[label])} is the same checkpoint",
+                          stacklevel=3)
+            continue
+        now = idents[label]
+        for key in ("fingerprint", "base_fingerprint"):
+            if had.get(key) != now.get(key):
+                what = "weights" if key == "fingerprint" else "base model's weights"
+                raise CheckpointIdentityError(
+                    f"{out}: checkpoint {label!r} was captured from {had.get('source')} "
+                    f"({what} fingerprint {had.get(key)}), this capture names {now.get('source')} "
+                    f"(fingerprint {now.get(key)}). Use another label, or --overwrite {label} to replace it."
+                )
+
+
+def _check_sites(sites) -> tuple[str, ...]:
+    if isinstance(sites, str):
+        sites = (sites,)
+    sites = tuple(sorted(dict.fromkeys(sites), key=lambda s: SITE_ORDER.get(s, 99)))
+    bad = [s for s in sites if s not in SITES]
+    if bad or not sites:
+        raise UsageError(f"unknown site(s) {bad or '(none given)'}; choose from {SITES}")
+    return sites
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_layers(layers) -> list[int] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, (int, np.integer)):
+        layers = [layers]
+    try:
+        ids = [int(i) for i in layers]
+    except (TypeError, ValueError):
+        raise UsageError(f"layers must be integers, got {layers!r}") from None
+    if not ids:
+        raise UsageError("layers is empty (leave it out to capture every layer)")
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise UsageError(f"layers {ids} repeat {dup}; give each decoder layer once")
+    return sorted(ids)
+
+
+def _layers_in_range(layers: list[int], n_layers: int, where: str) -> None:
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise UsageError(f"layers {bad} out of range: {where} has {n_layers} decoder layers (0..{n_layers - 1})")
+
+
+def _config_layers(config) -> int | None:
+    """Decoder layer count from a config (None when the config does not say)."""
+    try:
+        text = config.get_text_config()
+    except (AttributeError, TypeError, ValueError):
+        text = config
+    n = getattr(text, "num_hidden_layers", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def _check_out(out) -> Path:
+    """The store folder: not a file, not a non-store folder, and writable -- checked before any work."""
+    import os
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; a store is a folder")
+    if out.is_dir() and not (out / "zarr.json").exists() and any(out.iterdir()):
+        raise StoreMismatchError(f"{out} exists and is not a driftlens store (no zarr.json); "
+                                 "choose another --out or remove the folder")
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise UsageError(f"--out {out}: {probe} is a file, so the store folder cannot be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise EnvironmentProblem(f"--out {out}: {probe} is not writable")
+    return out
+
+
+def _check_overwrite(overwrite, ckpts: dict) -> list[str]:
+    if isinstance(overwrite, str):
+        overwrite = [overwrite]
+    overwrite = list(overwrite or ())
+    unknown = [lab for lab in overwrite if lab not in ckpts]
+    if unknown:
+        raise UsageError(f"--overwrite {unknown}: not among this capture's checkpoints {list(ckpts)}")
+    return overwrite
 
 
 def _capture_one(net, spec, plan: Plan, label, layer_ids, sites, dev, out, store, ctx,
@@ -387,7 +519,7 @@ def _capture_one(net, spec, plan: Plan, label, layer_ids, sites, dev, out, store
     finally:
         if writer is not None:       # also on an error mid-checkpoint: finish queued writes, close files
             writer.close()
-    store.mark_complete(label)       # only after every row is on disk
+    store.mark_complete(label, ctx["identity"])   # only after every row is on disk
     return store
 
 

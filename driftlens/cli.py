@@ -17,6 +17,63 @@ def _checkpoint_arg(text: str) -> tuple[str, str]:
     return label, path
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonneg(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a float strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _trajectory(pairs: list[tuple[str, str]]) -> dict[str, str] | None:
+    """``-c LABEL=PATH`` pairs as an ordered mapping; a label given twice is refused."""
+    from driftlens.errors import UsageError
+
+    seen: dict[str, str] = {}
+    for label, path in pairs:
+        if label in seen:
+            raise UsageError(f"-c {label}=...: label {label!r} is given twice ({seen[label]} and {path}); "
+                             f"each checkpoint needs its own label")
+        seen[label] = path
+    return seen or None
+
+
 def _add_capture(sub) -> None:
     p = sub.add_parser(
         "capture",
@@ -35,12 +92,16 @@ def _add_capture(sub) -> None:
     p.add_argument("--sites", nargs="+", default=["hidden", "key", "final"],
                    choices=["embed", "hidden", "key", "query", "final"],
                    help="what to capture (default: hidden key final; final = the decoder's final-norm output)")
-    p.add_argument("--layers", nargs="+", type=int, default=None, help="decoder layers (default: all)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--layers", nargs="+", type=_nonneg, default=None,
+                   help="decoder layers, each once (default: all)")
+    p.add_argument("--batch-size", type=_count, default=8)
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
-    p.add_argument("--tokens-per-sample", type=int, default=None,
+    p.add_argument("--tokens-per-sample", type=_count, default=None,
                    help="keep at most N visual and N text tokens per probe (fixed-seed rows)")
+    p.add_argument("--overwrite", action="append", default=[], metavar="LABEL",
+                   help="capture this completed checkpoint again, replacing its rows (after its source "
+                        "changed or `driftlens check` found it damaged); repeat for several")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights you trust")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
@@ -52,12 +113,12 @@ def _run_capture(args) -> int:
     from driftlens.capture import capture
     from driftlens.store import open_store
 
-    checkpoints = dict(args.checkpoint) if args.checkpoint else None
+    checkpoints = _trajectory(args.checkpoint)
     out = capture(
         args.model, args.probes, checkpoints, out=args.out, sites=tuple(args.sites), layers=args.layers,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         tokens_per_sample=args.tokens_per_sample, seed=args.seed, progress=not args.no_progress,
-        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
     )
     ds = open_store(out)
     print(f"store: {out}")
@@ -81,15 +142,18 @@ def _add_drift(sub) -> None:
     p.add_argument("--reference", default=None, help="reference checkpoint label (default: the first)")
     p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=list(ALL_METRICS) + ["shift"])
     p.add_argument("--sites", nargs="+", default=None, help="layered sites (default: all in the store)")
-    p.add_argument("--permutations", type=int, default=1000,
+    p.add_argument("--permutations", type=_count, default=1000,
                    help="cluster sign flips per cell for the p-values (default: %(default)s)")
-    p.add_argument("--bootstrap", type=int, default=1000,
+    p.add_argument("--bootstrap", type=_count, default=1000,
                    help="cluster-bootstrap draws per cell for the intervals (default: %(default)s)")
-    p.add_argument("--level", type=float, default=0.95, help="interval coverage (default: %(default)s)")
+    p.add_argument("--level", type=_fraction, default=0.95, help="interval coverage (default: %(default)s)")
     p.add_argument("--correction", choices=["bh", "holm", "none"], default="bh",
                    help="multiple-testing adjustment over the grid (default: %(default)s)")
-    p.add_argument("--blur", type=float, default=0.1,
+    p.add_argument("--blur", type=_positive, default=0.1,
                    help="Sinkhorn blur as a fraction of the reference's median-heuristic sigma")
+    p.add_argument("--verify", choices=["full", "fast", "none"], default="full",
+                   help="store integrity check before computing: full = chunk checksums, fast = presence "
+                        "and sizes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", "-o", default="report.nc", help="netCDF output (default: %(default)s)")
@@ -103,7 +167,8 @@ def _run_drift(args) -> int:
     rep = drift(args.store, reference=args.reference, metrics=tuple(args.metrics), sites=args.sites,
                 n_permutations=args.permutations, n_bootstrap=args.bootstrap, level=args.level,
                 correction=None if args.correction == "none" else args.correction, seed=args.seed,
-                device=args.device, blur=args.blur, progress=not args.no_progress, out=args.out)
+                device=args.device, blur=args.blur, progress=not args.no_progress, out=args.out,
+                verify=args.verify)
     print(f"report: {args.out}")
     if "mmd" in rep:
         sel = {"modality": "visual", "site": "hidden" if "hidden" in rep.site.values else str(rep.site.values[0])}
@@ -116,8 +181,34 @@ def _run_drift(args) -> int:
                      zip(eff.sel(checkpoint=c).values, lo.sel(checkpoint=c).values,
                          hi.sel(checkpoint=c).values, p.sel(checkpoint=c).values)]
             print(f"  {str(c):>12}: " + " | ".join(cells))
-    for w in filter(None, str(rep.attrs.get("warnings", "")).split("\n")):
-        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+def _add_check(sub) -> None:
+    p = sub.add_parser(
+        "check", help="verify an activation store: every chunk of every completed checkpoint, and its sources",
+        description="Verify an activation store written by `driftlens capture`: for every completed checkpoint, "
+                    "that each chunk file is present with the size and CRC32 recorded at capture; list the "
+                    "checkpoints' sources and the captures that did not finish. Exit 0 when intact, 3 when "
+                    "a chunk is damaged (with the `capture --overwrite` that repairs it).",
+    )
+    p.add_argument("store", help="activation store folder")
+    p.add_argument("--fast", action="store_true", help="presence and sizes only (no checksums)")
+    p.set_defaults(func=_run_check)
+
+
+def _run_check(args) -> int:
+    from driftlens.errors import StoreIntegrityError
+    from driftlens.store import describe_store, integrity_message, verify_store
+
+    problems, notes = verify_store(args.store, "fast" if args.fast else "full")
+    for line in describe_store(args.store):
+        print(line)
+    for n in notes:
+        print(f"note: {n}")
+    if problems:
+        raise StoreIntegrityError(integrity_message(args.store, problems, show=len(problems)))
+    print(f"store {args.store}: intact ({'sizes' if args.fast else 'sizes and checksums'} of every chunk checked)")
     return 0
 
 
@@ -196,17 +287,28 @@ def _run_demo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error: ``driftlens <command>: error: ... (see --help)``, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="driftlens",
         description="Measure, layer by layer and against a null, how visual tokens drift while a "
                     "vision-language model is fine-tuned.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (default: one line)")
+    parser.add_argument("--version", action="version", version=f"driftlens {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
     _add_organism(sub)
     _add_capture(sub)
     _add_drift(sub)
+    _add_check(sub)
     _add_ranks(sub)
     _add_plot(sub)
     return parser
@@ -221,16 +323,72 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _version() -> str:
+    from driftlens._version import __version__
+
+    return __version__
+
+
+def _say(command: str, kind: str, message: str) -> None:
+    """One ``driftlens <command>: <kind>: <message>`` line (further lines of the message indented)."""
+    first, *rest = str(message).strip().split("\n") or [""]
+    print(f"driftlens {command}: {kind}: {first}", file=sys.stderr)
+    for line in rest:
+        print(f"  {line}" if not line.startswith("  ") else line, file=sys.stderr)
+
+
+def _warnings_as_lines(command: str) -> None:
+    """Python warnings reach a CLI user as ``driftlens <command>: warning: ...`` (no source lines)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        _say(command, "warning", str(message))
+
+    warnings.showwarning = show
+
+
+def _error_line(exc: BaseException) -> str:
+    from driftlens.errors import DriftlensError
+
+    if isinstance(exc, DriftlensError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}" if exc.strerror else str(exc)
+    return (f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback "
+            f"and please report it")
+
+
+INTERRUPTED = ("interrupted; nothing completed is lost -- completed checkpoints and finished files are kept, "
+               "and rerunning the same command resumes")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 internal, 2 usage, 3 data, 4 environment, 130 Ctrl-C)."""
+    from driftlens.errors import exit_code_of
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv              # accepted anywhere on the line, not only before COMMAND
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
+    if not args.debug:
+        _warnings_as_lines(args.command)
     if args.command in ("demo", "organism", "capture", "ranks"):   # the commands that load models
         _quiet_transformers()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"driftlens {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(file=sys.stderr)
+        _say(args.command, "error", INTERRUPTED)
+        return exit_code_of(KeyboardInterrupt())
+    except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
+        if args.debug:
+            raise
+        _say(args.command, "error", _error_line(exc))
+        return exit_code_of(exc)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from driftlens import inference as I
+from driftlens.errors import UsageError
 
 DISTRIBUTIONAL = ("mmd", "sinkhorn", "sliced_w", "gauss_w2")
 TRANSPORT = ("sinkhorn", "sliced_w", "gauss_w2")
@@ -95,7 +96,7 @@ DEFINITIONS = {
 }
 
 
-class DriftError(ValueError):
+class DriftError(UsageError):
     """The report cannot be computed from this input; the message names the store, cell or value."""
 
 
@@ -307,7 +308,8 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
           n_permutations: int = 1000, n_bootstrap: int = 1000, level: float = 0.95,
           correction: str | None = "bh", transport_resamples: int = 200, mir_bootstrap: int | None = None,
           seed: int = 0, device="auto",
-          blur: float = 0.1, n_projections: int = 128, progress: bool = True, out=None):
+          blur: float = 0.1, n_projections: int = 128, progress: bool = True, out=None,
+          verify: str = "full"):
     """Drift of every captured (checkpoint, layer, site, modality) against a reference.
 
     Parameters
@@ -352,7 +354,11 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     progress : bool
         tqdm bar over the grid.
     out : str or Path, optional
-        Also save the report as netCDF here.
+        Also save the report as netCDF here (checked writable before anything is computed).
+    verify : {"full", "fast", "none"}
+        Integrity check of the store before any metric is computed (see
+        :func:`driftlens.store.verify_store`): ``full`` (default) compares every chunk's CRC32
+        with the one recorded at capture; ``fast`` checks presence and sizes only.
 
     Returns
     -------
@@ -368,11 +374,17 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
 
     from driftlens import metrics as M
     from driftlens._version import __version__
-    from driftlens.capture import resolve_device
-    from driftlens.store import open_store
+    from driftlens.devices import resolve_device
+    from driftlens.store import VERIFY_LEVELS, check_store, open_store
 
+    if verify not in VERIFY_LEVELS:
+        raise DriftError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
+    if out is not None:
+        out = check_report_path(out)
     if not hasattr(ds, "data_vars"):
-        ds = open_store(ds)
+        ds = open_store(ds, verify=verify)
+    elif ds.encoding.get("driftlens_store") and verify == "full" != ds.encoding.get("driftlens_verified"):
+        check_store(ds.encoding["driftlens_store"], "full", [str(c) for c in ds.checkpoint.values.astype(str)])
     metrics = _normalize_metrics(metrics)
     for name, val in (("n_permutations", n_permutations), ("n_bootstrap", n_bootstrap),
                       ("transport_resamples", transport_resamples), ("n_projections", n_projections),
@@ -400,6 +412,12 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     layers = [int(v) for v in ds.layer.values]
     modality = ds["modality"].values.astype(str)
     cluster, cluster_coord, notes = _cluster_labels(ds)
+    unfinished = [c for c in ds.attrs.get("checkpoints", []) if c not in ds.attrs.get("completed", c)]
+    if unfinished:
+        notes.append(f"checkpoint(s) {unfinished} were started but their capture did not finish; the report "
+                     f"leaves them out (rerun the capture to complete them)")
+    if len(labels) < 2:
+        notes.append(f"the store holds only the reference checkpoint {labels}: there is no drift to report")
     after = _text_after_image(ds)
     vis = torch.as_tensor(modality == "visual", device=dev)      # cross-modal rows: visual tokens ...
     txt = torch.as_tensor(after, device=dev)                      # ... and the text after the image
@@ -409,7 +427,11 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
         rows = np.flatnonzero(modality == mod)
         if rows.size:
             mod_rows[mod] = _Rows(rows, cluster, dev)
-            I.check_clusters(mod_rows[mod].k, f"{mod} tokens")
+            try:
+                I.check_clusters(mod_rows[mod].k, f"{mod} tokens")
+            except ValueError as exc:
+                raise DriftError(f"{exc} (the store's `{cluster_coord}` coordinate; add probes of more "
+                                 f"scenes / source images)") from None
             if mod_rows[mod].k < FEW_CLUSTERS:
                 notes.append(f"{mod} tokens come from {mod_rows[mod].k} clusters (< {FEW_CLUSTERS}): "
                              f"intervals and p-values are rough")
@@ -631,22 +653,58 @@ def _attrs(name: str, level, n_perm, n_boot, n_tr) -> dict:
     return {"long_name": long_name, "units": units, "definition": definition}
 
 
-def save_report(report, path) -> Path:
-    """Write a drift report as netCDF (h5netcdf engine); returns the path."""
+def check_report_path(path) -> Path:
+    """An output file path that can be written: not a folder, its parent a writable folder."""
+    import os
+
+    from driftlens.errors import EnvironmentProblem
+
     path = Path(path)
+    if path.is_dir():
+        raise DriftError(f"--out {path} is a folder; give a file name such as {path / 'report.nc'}")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise DriftError(f"--out {path}: {parent} is a file, so {path.parent} cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise EnvironmentProblem(f"--out {path}: not writable")
+    return path
+
+
+def save_report(report, path) -> Path:
+    """Write a drift report as netCDF (h5netcdf engine), atomically; returns the path."""
+    path = check_report_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    report.to_netcdf(tmp, engine="h5netcdf")
-    tmp.replace(path)
+    try:
+        report.to_netcdf(tmp, engine="h5netcdf")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
 def load_report(path):
-    """Read a drift report written by :func:`save_report`."""
+    """Read a drift report written by :func:`save_report`.
+
+    Raises :class:`~driftlens.errors.DataError` when the file is not a readable netCDF drift report.
+    """
     import xarray as xr
+
+    from driftlens.errors import DataError
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no drift report at {path}")
-    with xr.open_dataset(path, engine="h5netcdf") as ds:
-        return ds.load()
+    if path.is_dir():
+        raise DriftError(f"{path} is a folder, not a drift report (a .nc file written by `driftlens drift`)")
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            rep = ds.load()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path} is not a readable drift report ({type(exc).__name__}: {exc})") from exc
+    if "checkpoint" not in rep.dims or "layer" not in rep.dims:
+        raise DataError(f"{path} is a netCDF file but not a driftlens drift report (it has dims "
+                        f"{dict(rep.sizes)}, a report has checkpoint and layer)")
+    if rep.sizes["checkpoint"] == 0:
+        raise DataError(f"{path}: the report holds no checkpoint")
+    return rep

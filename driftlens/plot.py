@@ -34,10 +34,24 @@ def _ax(ax, size=(6, 4)):
     return ax
 
 
-def _select(report, var, site, modality):
+def _select(report, var, site, modality, need_values: bool = False):
+    from driftlens.errors import UsageError
+
+    if var not in report.data_vars:
+        raise UsageError(f"{var!r} is not in the report; it has {sorted(report.data_vars)}")
     da = report[var]
     sel = {k: v for k, v in (("site", site), ("modality", modality)) if k in da.dims and v is not None}
-    return da.sel(sel), sel
+    for dim, value in sel.items():
+        have = [str(v) for v in da[dim].values]
+        if str(value) not in have:
+            raise UsageError(f"{dim} {value!r} is not in the report; it has {have}")
+    for dim in ("checkpoint", "layer"):
+        if dim in da.dims and da.sizes[dim] == 0:
+            raise UsageError(f"the report has no {dim}: nothing to draw")
+    out = da.sel(sel)
+    if need_values and not np.isfinite(out.values).any():
+        raise UsageError(f"{var} ({', '.join(map(str, sel.values()))}) holds no finite value: nothing to draw")
+    return out, sel
 
 
 def drift_heatmap(report, var: str = "mmd", site: str = "hidden", modality: str = "visual", ax=None,
@@ -47,9 +61,7 @@ def drift_heatmap(report, var: str = "mmd", site: str = "hidden", modality: str 
     Cells whose adjusted p-value (``{var}_q``, else ``{var}_p``) is at most ``alpha`` are marked
     with ``*``.
     """
-    if var not in report.data_vars:
-        raise ValueError(f"{var!r} is not in the report; it has {sorted(report.data_vars)}")
-    da, sel = _select(report, var, site, modality)
+    da, sel = _select(report, var, site, modality, need_values=True)
     sig_var = next((v for v in (f"{var}_q", f"{var}_p") if v in report.data_vars), None)
     sig = _select(report, sig_var, site, modality)[0].transpose("checkpoint", "layer").values \
         if sig_var else None
@@ -79,9 +91,7 @@ def drift_heatmap(report, var: str = "mmd", site: str = "hidden", modality: str 
 def per_layer(report, var: str, site: str = "hidden", ax=None, modality: str | None = "visual"):
     """One line per checkpoint of a per-layer variable, with its interval band when the report
     has ``{var}_lo`` / ``{var}_hi`` (``gap``, ``mir``, ``mmd``, ``paired_shift`` ...)."""
-    if var not in report.data_vars:
-        raise ValueError(f"{var!r} is not in the report; it has {sorted(report.data_vars)}")
-    da, sel = _select(report, var, site, modality)
+    da, sel = _select(report, var, site, modality, need_values=True)
     band = all(f"{var}_{s}" in report.data_vars for s in ("lo", "hi"))
     ax = _ax(ax)
     cmap = _plt().get_cmap("viridis")

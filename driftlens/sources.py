@@ -17,10 +17,12 @@ import copy
 from collections.abc import Mapping
 from pathlib import Path
 
+from driftlens.errors import DataError
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class SourceError(ValueError):
+class SourceError(DataError):
     """A checkpoint source cannot be loaded; the message names it."""
 
 
@@ -185,3 +187,79 @@ def normalize_checkpoints(model, checkpoints) -> dict:
         if not isinstance(label, str) or not label:
             raise ValueError(f"checkpoint labels must be non-empty strings, got {label!r}")
     return dict(checkpoints)
+
+
+# ---------------------------------------------------------------------------------------------
+# identity: what a checkpoint label is bound to in a store
+# ---------------------------------------------------------------------------------------------
+
+_SAMPLE_BLOCKS = 16          # blocks of 64 KiB read per weight file, spread over the file
+_SAMPLE_BYTES = 2**16
+_WHOLE_FILE = 64 * 2**20     # files up to this size (adapters) are hashed whole
+
+
+def _file_digest(h, f: Path) -> None:
+    """Feed ``f``'s name, size, safetensors header and sampled content into hash ``h``."""
+    size = f.stat().st_size
+    h.update(f"{f.name}\0{size}\0".encode())
+    with open(f, "rb") as fh:
+        if size <= _WHOLE_FILE:
+            while block := fh.read(2**24):
+                h.update(block)
+            return
+        if f.suffix == ".safetensors":          # the header: tensor names, dtypes, shapes, offsets
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 2**26)))
+        for k in range(_SAMPLE_BLOCKS):          # spread samples of the weights themselves
+            fh.seek((size - _SAMPLE_BYTES) * k // (_SAMPLE_BLOCKS - 1))
+            h.update(fh.read(_SAMPLE_BYTES))
+
+
+def _module_digest(h, module) -> None:
+    """Feed every parameter's name, shape, dtype and strided sample of values into ``h``."""
+    import torch
+
+    with torch.no_grad():
+        for name, t in sorted(module.state_dict().items()):
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
+            h.update(flat[::step].to("cpu", torch.float32).numpy().tobytes())
+
+
+def fingerprint(source) -> str:
+    """A cheap fingerprint of a checkpoint's weights (16 hex digits).
+
+    A directory: the names, sizes and safetensors headers of its weight files and 16 blocks of
+    64 KiB spread over each (files up to 64 MiB, such as adapters, are hashed whole) -- about
+    1 MiB read per weight file. An ``nn.Module``: every parameter's name, shape, dtype and 4096
+    evenly strided values. Two checkpoints of one fine-tuning run differ in it; copying or
+    moving a directory does not change it.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    kind = source_kind(source)
+    if kind == "module":
+        _module_digest(h, source)
+    else:
+        path = Path(source)
+        weights = sorted(p for p in path.iterdir() if p.is_file() and
+                         (p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES))
+        for name in ("adapter_config.json", "config.json"):
+            if (path / name).is_file():
+                weights.append(path / name)
+        for f in weights:
+            _file_digest(h, f)
+    return h.hexdigest()[:16]
+
+
+def identity(source, base=None) -> dict:
+    """What a store records about a checkpoint's source: kind, path, fingerprint (and base's for adapters)."""
+    kind = source_kind(source)
+    out = {"kind": kind, "source": describe(source) if kind == "module" else str(Path(source).resolve()),
+           "fingerprint": fingerprint(source)}
+    if kind == "adapter_dir" and base is not None:
+        out["base"] = describe(base) if not isinstance(base, (str, Path)) else str(Path(base).resolve())
+        out["base_fingerprint"] = fingerprint(base)
+    return out

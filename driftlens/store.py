@@ -24,22 +24,40 @@ A checkpoint that is started but not completed is redone by the next capture;
 :func:`open_store` shows only completed ones. A store
 refuses data from another probe set (fingerprint), another architecture (model type, layer
 count, feature sizes) or another token selection.
+
+Nothing silently damaged: when a checkpoint completes, a record of it is written to
+``checkpoint/records/<slot>.json`` (inside the folder of the ``checkpoint`` coordinate, which
+zarr does not list): the size and CRC32 of every chunk file of that checkpoint, and the
+checkpoint's identity (its source path, a fingerprint of its weights, the capture options).
+:func:`open_store` checks presence and size of every chunk of the checkpoints it shows (a stat
+per chunk); :func:`driftlens.drift` and ``driftlens check`` also compare the checksums. A chunk
+deleted, cut or altered after capture is reported with its checkpoint, site, layer and token
+rows -- never read back as zeros.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from driftlens.errors import DataError
 
 SITE_DIMS = {"embed": "hidden_dim", "hidden": "hidden_dim", "key": "key_dim", "query": "query_dim",
              "final": "hidden_dim"}
 UNLAYERED = ("embed", "final")     # sites with one vector per token and checkpoint, no layer dim
 TOKEN_COORDS = ("sample", "group", "cluster", "position", "modality", "lang")
 CHUNK_BYTES = 8 * 2**20
+RECORDS = ("checkpoint", "records")   # folder of the per-checkpoint records, inside the `checkpoint` array
+RECORD_FORMAT = "driftlens-record/1"
+VERIFY_LEVELS = ("full", "fast", "none")
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(DataError):
     """The store at a path holds data that cannot be mixed with what is being written."""
 
 
@@ -212,10 +230,20 @@ class ActivationStore:
         """A buffered writer of one checkpoint's rows (writes whole chunks only)."""
         return CheckpointWriter(self, index)
 
-    def mark_complete(self, label: str) -> None:
+    def mark_complete(self, label: str, identity: dict | None = None) -> None:
+        """Record the checkpoint's chunk sizes and checksums (and ``identity``), then mark it complete."""
+        write_record(self.path, label, self.checkpoints.index(label), self.meta["sites"], identity)
         done = self.completed
         if label not in done:
             self.root.attrs["completed"] = done + [label]
+
+    def forget(self, label: str) -> None:
+        """Unmark a completed checkpoint (its slot and chunk files stay and are rewritten next)."""
+        done = self.completed
+        if label in done:
+            self.root.attrs["completed"] = [c for c in done if c != label]
+        if label in self.checkpoints:
+            remove_record(self.path, self.checkpoints.index(label))
 
 
 class CheckpointWriter:
@@ -327,7 +355,7 @@ def _jsonable(meta: dict) -> dict:
     return json.loads(json.dumps(meta, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def open_store(path, include_incomplete: bool = False):
+def open_store(path, include_incomplete: bool = False, verify: str = "fast"):
     """Open an activation store lazily as an :class:`xarray.Dataset`.
 
     Parameters
@@ -336,6 +364,13 @@ def open_store(path, include_incomplete: bool = False):
         The store folder written by :func:`driftlens.capture`.
     include_incomplete : bool
         Keep checkpoints whose capture was interrupted (their unwritten rows read as 0).
+    verify : {"fast", "full", "none"}
+        Integrity check of the completed checkpoints before anything is read (see
+        :func:`verify_store`): ``fast`` (default) stats every chunk file (presence and size),
+        ``full`` also compares CRC32 checksums (reads the store once; :func:`driftlens.drift`
+        does this before computing). A damaged chunk raises
+        :class:`~driftlens.errors.StoreIntegrityError` naming the checkpoint, site, layer,
+        token rows and file, and how to recapture.
 
     Returns
     -------
@@ -348,12 +383,20 @@ def open_store(path, include_incomplete: bool = False):
     """
     import xarray as xr
 
+    from driftlens.errors import StoreIntegrityError
+
     path = Path(path)
-    if not (path / "zarr.json").exists():
-        raise FileNotFoundError(f"no driftlens store at {path} (missing {path / 'zarr.json'})")
-    ds = xr.open_zarr(str(path), consolidated=False)
-    if ds.attrs.get("format") != "driftlens-store/1":
-        raise StoreMismatchError(f"{path} is a zarr store but not a driftlens store.")
+    if not path.is_dir():
+        raise FileNotFoundError(f"no driftlens store at {path}" + (" (it is a file, not a store folder)"
+                                                                   if path.exists() else ""))
+    _root_attrs(path)                     # a driftlens store with readable metadata, else a clear error
+    if verify != "none":
+        check_store(path, verify)
+    try:
+        ds = xr.open_zarr(str(path), consolidated=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreIntegrityError(f"{path}: zarr cannot open the store ({type(exc).__name__}: {exc}); "
+                                  f"its metadata is damaged") from exc
     ds = ds.set_coords([c for c in TOKEN_COORDS if c in ds.data_vars])
     strings = {c: (ds[c].dims, _strs(ds[c].values)) for c in ("checkpoint",) + TOKEN_COORDS
                if c in ds.coords and c != "position"}
@@ -361,4 +404,311 @@ def open_store(path, include_incomplete: bool = False):
     if not include_incomplete:
         done = list(ds.attrs.get("completed", []))
         ds = ds.sel(checkpoint=[c for c in ds.checkpoint.values if c in done])
+    ds.encoding["driftlens_store"] = str(path)
+    ds.encoding["driftlens_verified"] = verify
     return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# integrity: per-checkpoint records and their verification
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """One damaged chunk of a completed checkpoint.
+
+    ``file`` is relative to the store; ``layer`` is None for unlayered sites; ``rows`` is the
+    half-open range of token rows the chunk holds.
+    """
+
+    label: str
+    site: str
+    layer: int | None
+    rows: tuple[int, int]
+    file: str
+    what: str
+
+    def __str__(self) -> str:
+        where = f"checkpoint {self.label!r}, site {self.site!r}"
+        where += f", layer {self.layer}" if self.layer is not None else ""
+        return f"{where}, token rows {self.rows[0]}..{self.rows[1] - 1} (chunk file {self.file}): {self.what}"
+
+
+def _array_meta(path: Path, site: str) -> dict:
+    f = path / site / "zarr.json"
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        from driftlens.errors import StoreIntegrityError
+
+        raise StoreIntegrityError(f"{path}: the metadata of site {site!r} ({f}) is missing; "
+                                  f"the store is damaged") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        from driftlens.errors import StoreIntegrityError
+
+        raise StoreIntegrityError(f"{path}: the metadata of site {site!r} ({f}) is unreadable: {exc}") from exc
+
+
+def _chunk_key(meta: dict, coords: tuple[int, ...]) -> str:
+    """zarr v3's chunk key of ``coords`` (``default`` or ``v2`` chunk-key encoding)."""
+    enc = meta.get("chunk_key_encoding", {"name": "default"})
+    name = enc.get("name", "default")
+    sep = enc.get("configuration", {}).get("separator", "/" if name == "default" else ".")
+    parts = sep.join(str(c) for c in coords)
+    return f"c{sep}{parts}" if name == "default" else parts
+
+
+def _plain_chunk_bytes(meta: dict) -> int | None:
+    """Size of every chunk file of an uncompressed array (None when chunks are encoded)."""
+    codecs = meta.get("codecs", [])
+    if len(codecs) != 1 or codecs[0].get("name") != "bytes":
+        return None
+    shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    return int(np.prod(shape)) * np.dtype(meta["data_type"]).itemsize
+
+
+def checkpoint_chunks(path, site: str, index: int) -> list[tuple[str, int | None, tuple[int, int]]]:
+    """The chunk files of one checkpoint of one site, in a fixed order.
+
+    Returns
+    -------
+    list of (file relative to the store, layer or None, (first row, end row))
+    """
+    meta = _array_meta(Path(path), site)
+    shape = meta["shape"]
+    chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    n_tok, rows = shape[-2], chunks[-2]
+    layered = len(shape) == 4
+    out = []
+    for coords in itertools.product(*(range(-(-s // c)) for s, c in zip(shape[1:], chunks[1:]))):
+        tchunk = coords[-2]
+        layer = coords[0] if layered else None
+        span = (tchunk * rows, min(n_tok, (tchunk + 1) * rows))
+        out.append((f"{site}/{_chunk_key(meta, (index,) + coords)}", layer, span))
+    return out
+
+
+def _crc32(file: Path, block: int = 2**24) -> int:
+    crc = 0
+    with open(file, "rb") as fh:
+        while chunk := fh.read(block):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _record_file(path: Path, index: int) -> Path:
+    return path.joinpath(*RECORDS, f"{index}.json")
+
+
+def write_record(path, label: str, index: int, sites, identity: dict | None = None) -> Path:
+    """Record what verifies a just-completed checkpoint: every chunk file's size and CRC32.
+
+    Written atomically next to the store's ``checkpoint`` coordinate (zarr ignores the folder),
+    before the label is marked complete. ``identity`` (the checkpoint's source, fingerprint and
+    capture options) is stored with it.
+    """
+    path = Path(path)
+    chunks = {}
+    for site in sites:
+        files = checkpoint_chunks(path, site, index)
+        sizes, crcs = [], []
+        for rel, _, _ in files:
+            f = path / rel
+            if f.exists():
+                sizes.append(f.stat().st_size)
+                crcs.append(_crc32(f))
+            else:                      # an all-fill chunk zarr chose not to write (encoded stores)
+                sizes.append(None)
+                crcs.append(None)
+        chunks[site] = {"n": len(files), "size": sizes, "crc32": crcs}
+    body = {"format": RECORD_FORMAT, "label": label, "index": int(index), "chunks": chunks,
+            **({"identity": identity} if identity else {})}
+    out = _record_file(path, index)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_jsonable(body)))
+    os.replace(tmp, out)
+    return out
+
+
+def read_record(path, index: int) -> dict | None:
+    """The record of checkpoint slot ``index`` (None when the store predates records)."""
+    f = _record_file(Path(path), index)
+    if not f.exists():
+        return None
+    try:
+        body = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        from driftlens.errors import StoreIntegrityError
+
+        raise StoreIntegrityError(f"{path}: the integrity record {f} is unreadable ({exc})") from exc
+    if not isinstance(body, dict) or body.get("format") != RECORD_FORMAT:
+        from driftlens.errors import StoreIntegrityError
+
+        raise StoreIntegrityError(f"{path}: {f} is not a driftlens checkpoint record")
+    return body
+
+
+def remove_record(path, index: int) -> None:
+    _record_file(Path(path), index).unlink(missing_ok=True)
+
+
+def verify_store(path, level: str = "fast", labels=None) -> tuple[list[ChunkProblem], list[str]]:
+    """Check the completed checkpoints of a store against their records.
+
+    Parameters
+    ----------
+    path : str or Path
+        The store folder.
+    level : {"fast", "full", "none"}
+        ``fast``: every chunk file exists with its recorded size (a stat per chunk).
+        ``full``: also its CRC32 (reads the whole store). ``none``: nothing.
+    labels : sequence of str, optional
+        Checkpoints to check (default: every completed one).
+
+    Returns
+    -------
+    problems : list of ChunkProblem
+        Empty when every checked chunk is intact.
+    notes : list of str
+        What could not be checked (checkpoints completed before records existed are checked
+        for presence and size only, from the array metadata).
+    """
+    if level not in VERIFY_LEVELS:
+        from driftlens.errors import UsageError
+
+        raise UsageError(f"verify must be one of {VERIFY_LEVELS}, got {level!r}")
+    path = Path(path)
+    attrs = _root_attrs(path)
+    problems: list[ChunkProblem] = []
+    notes: list[str] = []
+    if level == "none":
+        return problems, notes
+    order = list(attrs.get("checkpoints", []))
+    done = list(attrs.get("completed", []))
+    for label in done if labels is None else labels:
+        if label not in order:
+            from driftlens.errors import StoreIntegrityError
+
+            raise StoreIntegrityError(f"{path}: checkpoint {label!r} is marked complete but has no slot "
+                                      f"in the store's checkpoint list {order}")
+        index = order.index(label)
+        record = read_record(path, index)
+        if record is not None and record.get("label") != label:
+            problems.append(ChunkProblem(label, "*", None, (0, 0), str(_record_file(path, index).relative_to(path)),
+                                         f"the record names checkpoint {record.get('label')!r}"))
+            continue
+        if record is None:
+            notes.append(f"checkpoint {label!r} has no integrity record (captured before driftlens recorded "
+                         f"checksums): only chunk presence and sizes were checked")
+        for site in attrs.get("sites", []):
+            problems += _verify_site(path, label, index, site, record, level)
+    return problems, notes
+
+
+def _verify_site(path: Path, label: str, index: int, site: str, record: dict | None, level: str):
+    files = checkpoint_chunks(path, site, index)
+    plain = _plain_chunk_bytes(_array_meta(path, site))
+    rec = None if record is None else record["chunks"].get(site)
+    if record is not None and (rec is None or rec.get("n") != len(files)):
+        return [ChunkProblem(label, site, None, (0, 0), site, "the record lists "
+                             f"{None if rec is None else rec.get('n')} chunk(s), the array has {len(files)}")]
+    out = []
+    for j, (rel, layer, span) in enumerate(files):
+        f = path / rel
+        want = plain if rec is None else rec["size"][j]
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            if want is not None:
+                out.append(ChunkProblem(label, site, layer, span, rel, "missing"))
+            continue
+        if want is None:
+            if rec is not None:
+                out.append(ChunkProblem(label, site, layer, span, rel, "present but recorded as absent"))
+            continue
+        if size != want:
+            out.append(ChunkProblem(label, site, layer, span, rel, f"{size} bytes, expected {want}"))
+        elif level == "full" and rec is not None and _crc32(f) != rec["crc32"][j]:
+            out.append(ChunkProblem(label, site, layer, span, rel, "contents changed (CRC32 differs from the "
+                                                                    "one recorded at capture)"))
+    return out
+
+
+def _root_attrs(path: Path) -> dict:
+    f = path / "zarr.json"
+    try:
+        body = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no driftlens store at {path} (missing {f})") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        from driftlens.errors import StoreIntegrityError
+
+        raise StoreIntegrityError(f"{path}: the store's metadata {f} is unreadable ({exc})") from exc
+    attrs = body.get("attributes", {}) if isinstance(body, dict) else {}
+    if attrs.get("format") != "driftlens-store/1":
+        raise StoreMismatchError(f"{path} is not a driftlens store ({f} has no driftlens format tag)")
+    return attrs
+
+
+def check_store(path, level: str = "fast", labels=None) -> list[str]:
+    """Raise :class:`~driftlens.errors.StoreIntegrityError` when a completed checkpoint is damaged.
+
+    The message lists the damaged chunks (checkpoint, site, layer, token rows, file) and how to
+    recapture. Returns the notes of :func:`verify_store`.
+    """
+    problems, notes = verify_store(path, level, labels)
+    if problems:
+        from driftlens.errors import StoreIntegrityError
+
+        raise StoreIntegrityError(integrity_message(path, problems))
+    return notes
+
+
+def integrity_message(path, problems: list[ChunkProblem], show: int = 5) -> str:
+    """One message for a list of damaged chunks, with the way out."""
+    labels = list(dict.fromkeys(p.label for p in problems))
+    lines = [f"store {path}: {len(problems)} damaged chunk(s) in completed checkpoint(s) {labels}:"]
+    lines += [f"  {p}" for p in problems[:show]]
+    if len(problems) > show:
+        lines.append(f"  ... and {len(problems) - show} more (driftlens check {path} lists them all)")
+    lines.append(f"recapture: rerun the same `driftlens capture ... --out {path}` with "
+                 + " ".join(f"--overwrite {lab}" for lab in labels)
+                 + " (the other checkpoints are kept)")
+    return "\n".join(lines)
+
+
+def unmark_complete(path, labels) -> None:
+    """Unmark completed checkpoints (``--overwrite``): their records go, their rows are rewritten next."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r+")
+    order = list(root.attrs.get("checkpoints", []))
+    root.attrs["completed"] = [c for c in root.attrs.get("completed", []) if c not in labels]
+    for label in labels:
+        if label in order:
+            remove_record(path, order.index(label))
+
+
+def describe_store(path) -> list[str]:
+    """Human-readable lines: the store's identity and, per checkpoint, its status and recorded source."""
+    path = Path(path)
+    attrs = _root_attrs(path)
+    done = set(attrs.get("completed", []))
+    lines = [f"store {path}: probe set {attrs.get('probe_set')!r}, model_type {attrs.get('model_type')!r}, "
+             f"{len(attrs.get('layers', []))} of {attrs.get('n_layers')} layers, sites {attrs.get('sites')}, "
+             f"dtype {attrs.get('dtype')}"]
+    for index, label in enumerate(attrs.get("checkpoints", [])):
+        if label not in done:
+            lines.append(f"  {label}: capture started but not finished (hidden; the next capture redoes it)")
+            continue
+        ident = (read_record(path, index) or {}).get("identity")
+        if ident is None:
+            lines.append(f"  {label}: complete (no source recorded)")
+            continue
+        opts = ident.get("options", {})
+        base = f", adapter on {ident['base']}" if ident.get("base") else ""
+        lines.append(f"  {label}: complete; {ident.get('kind')} {ident.get('source')}{base}; weights fingerprint "
+                     f"{ident.get('fingerprint')}; tokens_per_sample {opts.get('tokens_per_sample')}, "
+                     f"seed {opts.get('seed')}")
+    return lines

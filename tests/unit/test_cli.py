@@ -46,6 +46,6 @@ def test_drift_and_plot_commands(store, tmp_path, capsys):  # noqa: F811
 
 
 def test_errors_are_one_line(store, tmp_path, capsys):  # noqa: F811
-    assert main(["drift", str(store), "--reference", "nope", "--out", str(tmp_path / "x.nc")]) == 1
+    assert main(["drift", str(store), "--reference", "nope", "--out", str(tmp_path / "x.nc")]) == 2   # usage
     err = capsys.readouterr().err
     assert "driftlens drift: error: reference 'nope' is not a checkpoint" in err
