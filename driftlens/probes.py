@@ -29,13 +29,15 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
+from driftlens.errors import DataError
+
 FIELDS = ("id", "image", "lang", "prompt", "answer", "group", "cluster")
 REQUIRED = FIELDS[:-1]              # ``cluster`` defaults to ``group``
 CAPTION_PROMPTS = {"en": "Describe the image.", "ko": "이미지를 설명하세요."}
 MANIFEST = "manifest.jsonl"
 
 
-class ProbeError(ValueError):
+class ProbeError(DataError):
     """A probe set is missing, malformed or points at a bad image; the message names it."""
 
 
@@ -137,35 +139,70 @@ def _parse(manifest: Path) -> list[Probe]:
         if not line.strip():
             continue
         where = f"{manifest}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ProbeError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(obj, dict):
-            raise ProbeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        missing = [f for f in REQUIRED if f not in obj]
-        if missing:
-            raise ProbeError(f"{where}: missing required field(s) {', '.join(map(repr, missing))}; "
-                             f"a probe needs {list(REQUIRED)} (and may name its `cluster`)")
-        obj.setdefault("cluster", obj["group"])
-        bad = [f for f in FIELDS if not isinstance(obj[f], str) or (f != "answer" and not obj[f].strip())]
-        if bad:
-            raise ProbeError(f"{where}: field(s) {', '.join(map(repr, bad))} must be non-empty strings "
-                             f"(answer may be empty)")
+        obj = _fields(line, where)
         pid = obj["id"]
         if pid in seen:
             raise ProbeError(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
         seen[pid] = n
-        rel = obj["image"]
-        if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute():
-            raise ProbeError(f"{where}: image path {rel!r} must be relative to the manifest's folder")
-        image = manifest.parent / rel
-        if not image.is_file():
-            raise ProbeError(f"{where}: image {rel!r} not found (looked for {image})")
-        items.append(Probe(**{f: obj[f] for f in FIELDS}))
+        _check_image(obj["image"], where, manifest.parent)
+        items.append(Probe(**obj))
     if not items:
         raise ProbeError(f"{manifest} holds no probes")
     return items
+
+
+def _json_line(line: str, where: str):
+    """The JSON value of one manifest line; :class:`ProbeError` for anything ``json`` refuses."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ProbeError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
+    except RecursionError:
+        raise ProbeError(f"{where}: malformed JSON (nested too deeply)") from None
+    except ValueError as exc:                    # e.g. an integer beyond the str -> int digit limit
+        raise ProbeError(f"{where}: malformed JSON ({exc})") from None
+
+
+def _fields(line: str, where: str) -> dict[str, str]:
+    """The :data:`FIELDS` of one manifest line, checked to be text (``where`` is ``file:line``)."""
+    obj = _json_line(line, where)
+    if not isinstance(obj, dict):
+        raise ProbeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [f for f in REQUIRED if f not in obj]
+    if missing:
+        raise ProbeError(f"{where}: missing required field(s) {', '.join(map(repr, missing))}; "
+                         f"a probe needs {list(REQUIRED)} (and may name its `cluster`)")
+    obj.setdefault("cluster", obj["group"])
+    bad = [f for f in FIELDS if not isinstance(obj[f], str) or (f != "answer" and not obj[f].strip())]
+    if bad:
+        raise ProbeError(f"{where}: field(s) {', '.join(map(repr, bad))} must be non-empty strings "
+                         f"(answer may be empty)")
+    bad = [f for f in FIELDS if not _is_unicode(obj[f])]
+    if bad:
+        raise ProbeError(f"{where}: field(s) {', '.join(map(repr, bad))} hold an unpaired surrogate escape "
+                         f"(\\ud800-\\udfff alone), which is not Unicode text")
+    return {f: obj[f] for f in FIELDS}
+
+
+def _is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_image(rel: str, where: str, root: Path) -> None:
+    """:class:`ProbeError` unless ``rel`` is a relative path to an existing file under ``root``."""
+    if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute():
+        raise ProbeError(f"{where}: image path {rel!r} must be relative to the manifest's folder")
+    image = root / rel
+    try:
+        found = image.is_file()
+    except OSError as exc:                       # a name too long for the file system, a loop, no access
+        raise ProbeError(f"{where}: image {rel!r} cannot be used as a path ({exc.strerror or exc})") from None
+    if not found:
+        raise ProbeError(f"{where}: image {rel!r} not found (looked for {image})")
 
 
 # --------------------------------------------------------------------------- the set

@@ -27,10 +27,17 @@ is the caller's responsibility (MMD^2 lies in [0, 2] at every site; distances in
 A conservative choice is the lower end of the interval (``"mmd_lo"``): capacity goes where the
 drift is certain, not where it is noisy.
 
-Signal values that are NaN or negative are set to 0 before allocation: a negative effect (less
-drift than the null) or a missing measurement is no evidence that a layer needs capacity; ``+inf``
-(a null with zero spread) counts as the largest finite value. If every signal is 0, every rule falls
-back to ``uniform``.
+Signal values that are negative are set to 0 before allocation: a negative effect (less drift than
+the null) is no evidence that a layer needs capacity. If every signal is 0, every rule falls back to
+``uniform``. :func:`allocate_ranks` refuses a profile with a NaN or infinite value at the selected
+checkpoint (:class:`ScheduleError` naming the signal, the checkpoint and the layers): a missing
+measurement there is a damaged or degenerate report, not "no drift". :func:`allocate` over plain
+arrays still cleans them (:func:`clean_signal`): NaN -> 0, ``+inf`` (a null with zero spread) -> the
+largest finite value.
+
+Targets are relative to one decoder block; a spec's optional ``block_modules`` lists the valid ones,
+and a target outside it is refused before any schedule is written (with a model, every scheduled
+path is checked against the model instead).
 
 Rules (``lo = min_rank``, ``hi = max_rank``, ``B = budget``, ``s_i`` the clipped signal):
 
@@ -82,6 +89,8 @@ from pathlib import Path
 
 import numpy as np
 
+from driftlens.errors import EXIT_DATA, DataError, UsageError
+
 RULES = ("proportional", "waterfill", "cumulative", "uniform")
 FORMATS = ("peft", "axolotl")
 DEFAULT_SITE = "hidden"
@@ -93,8 +102,14 @@ _AXOLOTL_META = "# driftlens-schedule: "
 _MIN_PEFT = (0, 15)  # "^" in rank_pattern keys anchors from peft 0.15 on
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UsageError):
     """A rank schedule cannot be built, read or applied (the message names the offending thing)."""
+
+
+class ScheduleFileError(ScheduleError, DataError):
+    """A rank-schedule file is unreadable, damaged or holds impossible values (a data error: exit code 3)."""
+
+    exit_code = EXIT_DATA
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,45 +676,218 @@ class RankSchedule:
 
         Ranks and alphas come from the config fields (``rank_pattern`` / ``lora_rank_pattern``), so a
         hand-edited file is honoured; layer, target and signal come from the driftlens metadata.
+
+        Raises
+        ------
+        FileNotFoundError
+            No file at ``path``.
+        ScheduleFileError
+            (a :class:`ScheduleError`) The file is not UTF-8, not JSON / YAML, not a mapping, has no
+            rank pattern or no driftlens metadata, or holds a value a schedule cannot have: a rank
+            that is not a positive integer, an alpha that is negative or not finite, a metadata field
+            missing or of the wrong type. The message names the file and the module path or field.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no rank schedule at {path}")
-        text = path.read_text()
-        if text.lstrip().startswith("{"):
-            body = json.loads(text)
-            meta = body.get("driftlens")
-            rp, ap, rs = body.get("rank_pattern"), body.get("alpha_pattern") or {}, body.get("use_rslora", False)
-            alpha0 = body.get("lora_alpha")
-        else:
-            import yaml
-
-            body = yaml.safe_load(text) or {}
-            meta = None
-            for line in text.splitlines():
-                if line.startswith(_AXOLOTL_META):
-                    meta = json.loads(line[len(_AXOLOTL_META):])
-            rp, ap = body.get("lora_rank_pattern"), body.get("lora_alpha_pattern") or {}
-            rs, alpha0 = bool(body.get("peft_use_rslora", False)), body.get("lora_alpha")
-        if not isinstance(rp, dict) or not rp:
-            raise ScheduleError(f"{path}: no rank pattern (rank_pattern / lora_rank_pattern) found")
+        body, meta = _read_schedule(path)
+        cfg = _config_fields(body, path)
         if meta is None:
-            raise ScheduleError(f"{path}: not a driftlens rank schedule (no driftlens metadata)")
-        ranks = {key_to_path(k): int(v) for k, v in rp.items()}
-        alphas = {key_to_path(k): v for k, v in ap.items()}
+            raise ScheduleFileError(f"{path}: not a driftlens rank schedule (no driftlens metadata)")
+        meta = _check_meta(meta, path)
+        ranks, alphas = cfg["ranks"], cfg["alphas"]
         units = []
         for u in meta.pop("modules"):
             r = ranks.pop(u["path"], 0)
-            a = alpha0 if rs else alphas.get(u["path"], u["alpha"])
-            units.append(ModuleRank(u["path"], int(u["layer"]), u["module"], float(u["signal"]), r,
-                                    _num(a) if r else 0))
+            a = cfg["lora_alpha"] if cfg["use_rslora"] else alphas.pop(u["path"], u["alpha"])
+            units.append(ModuleRank(u["path"], u["layer"], u["module"], float(u["signal"]), r, _num(a) if r else 0))
         if ranks:
-            raise ScheduleError(f"{path}: rank pattern names modules that the metadata does not list: "
-                                f"{sorted(ranks)[:3]}")
-        meta["use_rslora"] = rs
-        if rs:
-            meta["lora_alpha"] = alpha0
+            raise ScheduleFileError(f"{path}: rank pattern names modules that the metadata does not list: "
+                                    f"{sorted(ranks)[:3]}")
+        if alphas and not cfg["use_rslora"]:
+            raise ScheduleFileError(f"{path}: alpha pattern names modules that the metadata does not list: "
+                                    f"{sorted(alphas)[:3]}")
+        meta["use_rslora"] = cfg["use_rslora"]
+        if cfg["use_rslora"]:
+            meta["lora_alpha"] = cfg["lora_alpha"]
         return cls(tuple(units), meta)
+
+
+# the metadata fields a schedule reads back; every file RankSchedule.save writes has them
+_META_REQUIRED = ("modules", "n_layers", "decoder_layers", "targets", "family", "model_type", "rule", "alpha_ratio")
+_UNIT_REQUIRED = ("path", "layer", "module", "signal", "alpha")
+_MAX_RANK = 2 ** 31 - 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _read_schedule(path: Path) -> tuple[dict, object]:
+    """(config mapping, driftlens metadata or None) of a schedule file; JSON when it starts with ``{``."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ScheduleFileError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    if text.lstrip().startswith("{"):
+        body = _json_value(text, path, "the file")
+        if not isinstance(body, dict):  # pragma: no cover - a text starting with "{" parses to a dict or fails
+            raise ScheduleFileError(f"{path}: expected a JSON object, got {type(body).__name__}")
+        return body, body.get("driftlens")
+    body = _yaml_value(text, path)
+    meta = None
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.startswith(_AXOLOTL_META):
+            meta = _json_value(line[len(_AXOLOTL_META):], path, f"line {n} (driftlens metadata)")
+    return body, meta
+
+
+def _json_value(text: str, path: Path, what: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ScheduleFileError(f"{path}: {what} is not valid JSON ({exc.msg} at line {exc.lineno}, "
+                                f"column {exc.colno})") from None
+    except RecursionError:
+        raise ScheduleFileError(f"{path}: {what} is not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer beyond the str -> int digit limit
+        raise ScheduleFileError(f"{path}: {what} is not valid JSON ({_one_line(exc)})") from None
+
+
+def _yaml_value(text: str, path: Path) -> dict:
+    import yaml
+
+    try:
+        body = yaml.safe_load(text)
+    except RecursionError:
+        raise ScheduleFileError(f"{path}: not valid YAML (nested too deeply)") from None
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:  # bad dates, tags, keys
+        raise ScheduleFileError(f"{path}: not valid YAML ({_one_line(exc)})") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise ScheduleFileError(f"{path}: expected a mapping of PEFT fields (JSON object) or axolotl fields "
+                                f"(YAML mapping), got a {type(body).__name__}")
+    return body
+
+
+def _config_fields(body: dict, path: Path) -> dict:
+    """Ranks, alphas and the rsLoRA fields of a PEFT (JSON) or axolotl (YAML) body, checked."""
+    peft = "rank_pattern" in body or "lora_rank_pattern" not in body
+    names = (("rank_pattern", "alpha_pattern", "use_rslora") if peft
+             else ("lora_rank_pattern", "lora_alpha_pattern", "peft_use_rslora"))
+    rp, ap, rs = (body.get(k) for k in names)
+    if not isinstance(rp, dict) or not rp:
+        raise ScheduleFileError(f"{path}: no rank pattern (rank_pattern / lora_rank_pattern) found")
+    rs = False if rs is None else rs
+    if not isinstance(rs, bool):
+        raise ScheduleFileError(f"{path}: {names[2]} must be true or false, got {rs!r}")
+    ranks = {p: _rank(v, path, p) for p, v in _pattern(rp, path, names[0]).items()}
+    alphas = {p: _alpha(v, path, f"alpha of {p!r}") for p, v in _pattern(ap or {}, path, names[1]).items()}
+    alpha0 = _alpha(body.get("lora_alpha"), path, "lora_alpha (the rsLoRA alpha)") if rs else None
+    return {"ranks": ranks, "alphas": alphas, "use_rslora": rs, "lora_alpha": alpha0}
+
+
+def _pattern(pattern, path: Path, name: str) -> dict:
+    """``{module path: value}`` from a ``rank_pattern``-like mapping of anchored keys."""
+    if not isinstance(pattern, dict):
+        raise ScheduleFileError(f"{path}: {name} must be a mapping of module patterns, got {type(pattern).__name__}")
+    bad = [k for k in pattern if not isinstance(k, str) or not k]
+    if bad:
+        raise ScheduleFileError(f"{path}: {name} has a key {bad[0]!r} that is not a module pattern string")
+    out = {key_to_path(k): v for k, v in pattern.items()}
+    if len(out) < len(pattern):
+        twice = Counter(key_to_path(k) for k in pattern).most_common(1)[0][0]
+        raise ScheduleFileError(f"{path}: {name} names module {twice!r} twice")
+    return out
+
+
+def _rank(value, path: Path, module: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_RANK:
+        raise ScheduleFileError(f"{path}: rank of {module!r} must be a positive integer, got {value!r} "
+                                f"(leave a module out of the rank pattern to not adapt it)")
+    return int(value)
+
+
+def _finite(value) -> bool:
+    """Whether ``value`` is an int or float (not a bool) with a finite float value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond the float range
+        return False
+
+
+def _alpha(value, path: Path, what: str):
+    """``value`` if it is a finite number >= 0, else :class:`ScheduleFileError` naming ``what``."""
+    if not _finite(value) or value < 0:
+        raise ScheduleFileError(f"{path}: {what} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _check_meta(meta, path: Path) -> dict:
+    """The driftlens metadata block, checked field by field; returns a copy."""
+    where = f"{path}: driftlens metadata"
+    if not isinstance(meta, dict):
+        raise ScheduleFileError(f"{where} must be a mapping, got {type(meta).__name__}")
+    missing = [k for k in _META_REQUIRED if k not in meta]
+    if missing:
+        raise ScheduleFileError(f"{where} lacks field(s) {missing}; it was not written by driftlens or was cut")
+    meta = dict(meta)
+    n = meta["n_layers"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ScheduleFileError(f"{where}: n_layers must be a positive integer, got {n!r}")
+    checks = (("decoder_layers", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+              ("targets", lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v),
+               "a non-empty list of strings"),
+              ("family", lambda v: v is None or isinstance(v, str), "a string or null"),
+              ("model_type", lambda v: v is None or isinstance(v, str), "a string or null"),
+              ("rule", lambda v: isinstance(v, str), "a string"),
+              ("signals", lambda v: v is None or isinstance(v, dict), "a mapping or null"),
+              ("modules", lambda v: isinstance(v, list) and bool(v), "a non-empty list of units"))
+    for key, ok, kind in checks:
+        if key in meta and not ok(meta[key]):
+            raise ScheduleFileError(f"{where}: {key} must be {kind}, got {meta[key]!r}")
+    _alpha(meta["alpha_ratio"], path, "driftlens metadata: alpha_ratio")
+    meta["modules"] = _check_units(meta, path)
+    return meta
+
+
+def _check_units(meta: dict, path: Path) -> list[dict]:
+    """Every unit of ``meta["modules"]``: fields present and typed, path = decoder_layers.layer.module."""
+    units, seen = [], set()
+    for i, u in enumerate(meta["modules"]):
+        where = f"{path}: driftlens metadata, modules[{i}]"
+        if not isinstance(u, dict):
+            raise ScheduleFileError(f"{where} must be a mapping, got {type(u).__name__}")
+        missing = [k for k in _UNIT_REQUIRED if k not in u]
+        if missing:
+            raise ScheduleFileError(f"{where} ({u.get('path', '?')!r}) lacks field(s) {missing}")
+        p, layer, module, signal = u["path"], u["layer"], u["module"], u["signal"]
+        if not isinstance(p, str) or not isinstance(module, str):
+            raise ScheduleFileError(f"{where}: path and module must be strings, got {p!r} and {module!r}")
+        if module not in meta["targets"]:
+            raise ScheduleFileError(f"{where} ({p!r}): module {module!r} is not one of the metadata's targets "
+                                    f"{meta['targets']}")
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < meta["n_layers"]:
+            raise ScheduleFileError(f"{where} ({p!r}): layer must be an integer in 0..{meta['n_layers'] - 1}, "
+                                    f"got {layer!r}")
+        if p != f"{meta['decoder_layers']}.{layer}.{module}":
+            raise ScheduleFileError(f"{where}: path {p!r} is not decoder_layers.layer.module = "
+                                    f"{meta['decoder_layers']!r}.{layer}.{module!r}")
+        if p in seen:
+            raise ScheduleFileError(f"{where}: module {p!r} is listed twice")
+        seen.add(p)
+        if not _finite(signal):
+            raise ScheduleFileError(f"{where} ({p!r}): signal must be a finite number, got {signal!r}")
+        _alpha(u["alpha"], path, f"driftlens metadata, modules[{i}] ({p!r}): alpha")
+        units.append(u)
+    covered = {u["layer"] for u in units}
+    if covered != set(range(meta["n_layers"])):
+        raise ScheduleFileError(f"{path}: driftlens metadata has n_layers {meta['n_layers']} but lists units for "
+                                f"layers {sorted(covered)}")
+    return units
 
 
 def _check_peft(version: str) -> None:
@@ -779,6 +967,47 @@ def _resolve_signals(signal, targets, site_for_module, site, modality) -> dict[s
     return out
 
 
+def _check_targets(modules, spec, model) -> tuple[str, ...]:
+    """The LoRA targets as a tuple: distinct strings relative to one decoder block and, when no model
+    is given and the spec lists its ``block_modules``, among those (a model checks them itself)."""
+    if isinstance(modules, str):
+        modules = [modules]
+    targets = tuple(modules)
+    if not targets or len(set(targets)) != len(targets) or not all(isinstance(t, str) and t for t in targets):
+        raise ScheduleError(f"modules must be a non-empty list of distinct targets, got {list(targets)}")
+    for t in targets:
+        if t.startswith(spec.decoder_layers) or re.match(r"^\d+\.", t):
+            raise ScheduleError(f"module {t!r} must be relative to one decoder block, e.g. 'self_attn.q_proj'")
+    known = tuple(getattr(spec, "block_modules", ()) or ())
+    unknown = [t for t in targets if t not in known]
+    if model is None and known and unknown:
+        t = unknown[0]
+        raise ScheduleError(
+            f"module {t!r} is not a module of a {spec.family!r} decoder block (block_modules in "
+            f"{getattr(spec, 'path', 'the spec')}); nearest: {_nearest(t, known)}; all: {list(known)}"
+            + (f" ({len(unknown)} unknown targets: {unknown})" if len(unknown) > 1 else "")
+        )
+    return targets
+
+
+def _check_finite(profiles: Mapping[str, np.ndarray], ck, report) -> None:
+    """Refuse a signal profile holding NaN or +-inf at the selected checkpoint, naming the layers."""
+    for expr in sorted(profiles):
+        values = profiles[expr]  # [n_layers]
+        bad = np.flatnonzero(~np.isfinite(values))
+        if not bad.size:
+            continue
+        layers = [int(report["layer"].values[i]) for i in bad]
+        shown = ", ".join(f"layer {lay}: {values[i]}" for lay, i in list(zip(layers, bad))[:8])
+        at = f" at checkpoint {ck!r}" if ck is not None else ""
+        why = (f"; {ck!r} is the report's reference checkpoint, which is not tested against itself"
+               if ck is not None and ck == report.attrs.get("reference") else "")
+        raise ScheduleError(
+            f"signal {expr!r}{at} is not finite at {len(layers)} layer(s) {layers} ({shown}){why}; a missing "
+            f"measurement is no evidence of no drift: choose another checkpoint or signal, or recompute the report"
+        )
+
+
 def allocate_ranks(report, budget: int, signal: str | Mapping[str, str] = "mmd", rule: str = "proportional",
                    min_rank: int = 1, max_rank: int = 64, modules: Sequence[str] | None = None, *,
                    checkpoint=None, site: str = DEFAULT_SITE, modality: str = DEFAULT_MODALITY,
@@ -800,7 +1029,9 @@ def allocate_ranks(report, budget: int, signal: str | Mapping[str, str] = "mmd",
     min_rank, max_rank : int
         Floor and ceiling of every adapted module's rank.
     modules : sequence of str, optional
-        Targets relative to one decoder block; default ``spec.lora_targets``.
+        Targets relative to one decoder block; default ``spec.lora_targets``. Without ``model``,
+        each must be one of the spec's ``block_modules`` (when it lists them), or ScheduleError
+        names the bad target, the spec file and the nearest valid names.
     checkpoint : str or int, optional
         Report checkpoint the signal is read at; default the last.
     site, modality : str
@@ -823,19 +1054,21 @@ def allocate_ranks(report, budget: int, signal: str | Mapping[str, str] = "mmd",
     Returns
     -------
     RankSchedule
+
+    Raises
+    ------
+    ScheduleError
+        A target outside the spec's ``block_modules``, a signal with a NaN / infinite value at
+        the selected checkpoint (the layers are named), a budget the ranks cannot meet, ...
     """
     spec = _resolve_spec(report, spec, model)
     n_layers = _report_layers(report, spec, model)
-    targets = tuple(spec.lora_targets if modules is None else modules)
-    if not targets or len(set(targets)) != len(targets):
-        raise ScheduleError(f"modules must be a non-empty list of distinct targets, got {list(targets)}")
-    for t in targets:
-        if t.startswith(spec.decoder_layers) or re.match(r"^\d+\.", t):
-            raise ScheduleError(f"module {t!r} must be relative to one decoder block, e.g. 'self_attn.q_proj'")
+    targets = _check_targets(spec.lora_targets if modules is None else modules, spec, model)
     exprs = _resolve_signals(signal, targets, site_for_module, site, modality)
     ck = _select_checkpoint(report, checkpoint) if "checkpoint" in report.coords else None
     profiles = {e: signal_profile(report, e, checkpoint=ck, site=site, modality=modality)
                 for e in set(exprs.values())}  # expr -> [n_layers]
+    _check_finite(profiles, ck, report)
 
     paths, layer_of, mod_of, raw = [], [], [], []
     for i in range(n_layers):
@@ -957,8 +1190,8 @@ def add_parser(subparsers):
     p.add_argument("--rule", default="proportional", choices=list(RULES))
     p.add_argument("--min-rank", type=int, default=1)
     p.add_argument("--max-rank", type=int, default=64)
-    p.add_argument("--modules", nargs="+", default=None, help="targets relative to a decoder block "
-                   "(default: the spec's lora_targets)")
+    p.add_argument("--modules", nargs="+", default=None, help="targets relative to a decoder block, among "
+                   "the spec's block_modules (default: the spec's lora_targets)")
     p.add_argument("--checkpoint", default=None, help="report checkpoint (default: the last)")
     p.add_argument("--site", default=DEFAULT_SITE)
     p.add_argument("--modality", default=DEFAULT_MODALITY)

@@ -13,12 +13,20 @@ Example spec (``driftlens/hooks/llava.toml``)::
     key_proj = "self_attn.k_proj"
     query_proj = "self_attn.q_proj"
     lora_targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    block_modules = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     vision_tower = "model.vision_tower"
     projector = "model.multi_modal_projector"
     embed = "model.language_model.embed_tokens"
     final_norm = "model.language_model.norm"
     image_token = ["image_token_id", "image_token_index"]
     prompt_template = "USER: <image>\\n{prompt} ASSISTANT:"
+
+``block_modules`` (optional) lists every module of one decoder block that LoRA may adapt (its
+``Linear`` layers: attention and MLP projections). When a spec has it, ``driftlens ranks
+--modules`` / :func:`driftlens.ranks.allocate_ranks` refuse a target outside it before any file is
+written, and :meth:`Spec.validate` checks each entry exists in block 0; without it targets are
+checked only against a loaded model.
 """
 from __future__ import annotations
 
@@ -28,10 +36,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from driftlens.errors import DataError
+
 _STR_FIELDS = ("family", "decoder_layers", "key_proj", "query_proj", "vision_tower", "projector", "embed",
                "final_norm")
 _LIST_FIELDS = ("model_types", "lora_targets", "image_token")
-_OPTIONAL = ("prompt_template",)
+_OPTIONAL = ("prompt_template", "block_modules")
 
 HOW_TO_ADD = (
     "To add a model, write a TOML spec (copy driftlens/hooks/llava.toml and list your "
@@ -40,7 +50,7 @@ HOW_TO_ADD = (
 )
 
 
-class SpecError(ValueError):
+class SpecError(DataError):
     """A spec is missing, malformed, or does not match the model; the message says where."""
 
 
@@ -69,6 +79,9 @@ class Spec:
         ``str.format`` template with ``{prompt}``, used only when the processor has no chat template.
     path : pathlib.Path
         The TOML file the spec came from.
+    block_modules : tuple of str
+        Every module of one decoder block LoRA may adapt (relative to the block); empty when the
+        spec does not say (optional field).
     """
 
     family: str
@@ -84,6 +97,7 @@ class Spec:
     image_token: tuple[str, ...]
     prompt_template: str | None
     path: Path
+    block_modules: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ paths
     def layer_path(self, i: int) -> str:
@@ -119,8 +133,8 @@ class Spec:
     def validate(self, model) -> None:
         """Check every path of the spec on ``model``; raise :class:`SpecError` listing each problem.
 
-        Checked: ``decoder_layers`` (a non-empty ModuleList), ``key_proj``, ``query_proj`` and
-        every ``lora_targets`` entry in block 0, ``vision_tower``, ``projector``, ``embed``,
+        Checked: ``decoder_layers`` (a non-empty ModuleList), ``key_proj``, ``query_proj``,
+        every ``lora_targets`` and ``block_modules`` entry in block 0, ``vision_tower``, ``projector``, ``embed``,
         ``final_norm``, and
         that one of the ``image_token`` config fields is set. A PEFT model is unwrapped first.
         """
@@ -139,6 +153,7 @@ class Spec:
         else:
             rels = [("key_proj", self.key_proj), ("query_proj", self.query_proj)]
             rels += [("lora_targets", t) for t in self.lora_targets]
+            rels += [("block_modules", t) for t in self.block_modules if t not in {r for _, r in rels}]
             for field, rel in rels:
                 full = self.module_path(0, rel)
                 if self._find(model, full) is None:
@@ -225,6 +240,7 @@ def _from_dict(data: dict, path: Path) -> Spec:
         v = data[k]
         if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
             raise SpecError(f"spec {path}: field {k!r} must be a non-empty list of strings, got {v!r}")
+    block_modules = _block_modules(data, path)
     template = data.get("prompt_template")
     if template is not None and (not isinstance(template, str) or "{prompt}" not in template):
         raise SpecError(f"spec {path}: prompt_template must be a string containing '{{prompt}}', got {template!r}")
@@ -233,8 +249,25 @@ def _from_dict(data: dict, path: Path) -> Spec:
         decoder_layers=data["decoder_layers"], key_proj=data["key_proj"], query_proj=data["query_proj"],
         lora_targets=tuple(data["lora_targets"]), vision_tower=data["vision_tower"],
         projector=data["projector"], embed=data["embed"], final_norm=data["final_norm"], image_token=tuple(data["image_token"]),
-        prompt_template=template, path=path,
+        prompt_template=template, path=path, block_modules=block_modules,
     )
+
+
+def _block_modules(data: dict, path: Path) -> tuple[str, ...]:
+    """The optional ``block_modules`` list: distinct non-empty strings relative to one decoder block."""
+    v = data.get("block_modules")
+    if v is None:
+        return ()
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x.strip() for x in v):
+        raise SpecError(f"spec {path}: field 'block_modules' must be a non-empty list of strings, got {v!r}")
+    twice = sorted({x for x in v if v.count(x) > 1})
+    if twice:
+        raise SpecError(f"spec {path}: block_modules lists {twice} more than once")
+    absolute = [x for x in v if x.startswith(data["decoder_layers"] + ".") or x[0].isdigit()]
+    if absolute:
+        raise SpecError(f"spec {path}: block_modules entries must be relative to one decoder block "
+                        f"(e.g. 'self_attn.q_proj'), got {absolute}")
+    return tuple(v)
 
 
 def list_specs() -> list[Spec]:
