@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from driftlens.devices import resolve_device
-from driftlens.errors import CheckpointIdentityError, DataError, EnvironmentProblem, UsageError
+from driftlens.errors import (
+    CheckpointIdentityError,
+    DataError,
+    EnvironmentProblem,
+    UsageError,
+    raise_if_interrupted,
+)
 from driftlens.sources import (
     SourceError,
     describe,
@@ -318,6 +324,7 @@ def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidde
     base_cache: dict = {}
     bar = tqdm(total=len(ckpts), desc="checkpoints", disable=not progress, unit="ckpt")
     for label, src in ckpts.items():
+        raise_if_interrupted()
         if label in done:
             bar.update(1)
             continue
@@ -402,15 +409,14 @@ def _check_identities(out: Path, ckpts: dict, idents: dict, completed: set) -> N
     from driftlens.store import read_record
 
     order = list(_peek(out).get("checkpoints", []))
+    unrecorded = []
     for label in ckpts:
         if label not in completed:
             continue
         record = read_record(out, order.index(label)) or {}
         had = record.get("identity")
         if had is None:
-            warnings.warn(f"{out}: checkpoint {label!r} was captured before driftlens recorded sources; "
-                          f"it is kept without checking that {describe(ckpts[label])} is the same checkpoint",
-                          stacklevel=3)
+            unrecorded.append(label)
             continue
         now = idents[label]
         for key in ("fingerprint", "base_fingerprint"):
@@ -421,6 +427,10 @@ def _check_identities(out: Path, ckpts: dict, idents: dict, completed: set) -> N
                     f"({what} fingerprint {had.get(key)}), this capture names {now.get('source')} "
                     f"(fingerprint {now.get(key)}). Use another label, or --overwrite {label} to replace it."
                 )
+    if unrecorded:
+        warnings.warn(f"{out}: checkpoint(s) {unrecorded} were captured before driftlens recorded sources; they "
+                      f"are kept without checking that this capture names the same weights (--overwrite a label "
+                      f"to capture it again with a record)", stacklevel=3)
 
 
 def _check_sites(sites) -> tuple[str, ...]:
@@ -509,6 +519,7 @@ def _capture_one(net, spec, plan: Plan, label, layer_ids, sites, dev, out, store
     writer = None
     try:
         for batch in tqdm(plan.batches, desc=f"capture {label}", leave=False, disable=not progress):
+            raise_if_interrupted()
             arrays = _trace_arrays(nmodel, spec, batch, layer_ids, sites, dev, fdtype, label, src)
             if store is None:
                 store = ActivationStore(out, _meta(ctx, spec, layer_ids, sites, arrays, plan), plan.tokens)

@@ -359,6 +359,32 @@ def _error_line(exc: BaseException) -> str:
             f"and please report it")
 
 
+def _quiet_interrupts() -> None:
+    """Ctrl-C: remembered (so a loop still stops if Python swallows the exception inside a
+    destructor) and never printed as an "Exception ignored" traceback."""
+    import signal
+
+    from driftlens.errors import INTERRUPT
+
+    def on_sigint(signum, frame):
+        INTERRUPT.set()
+        raise KeyboardInterrupt
+
+    def unraisable(info):
+        if not issubclass(info.exc_type, KeyboardInterrupt):
+            sys.__unraisablehook__(info)
+
+    if threading_main():
+        signal.signal(signal.SIGINT, on_sigint)
+    sys.unraisablehook = unraisable
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 INTERRUPTED = ("interrupted; nothing completed is lost -- completed checkpoints and finished files are kept, "
                "and rerunning the same command resumes")
 
@@ -374,10 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = debug
     if not args.debug:
         _warnings_as_lines(args.command)
+        _quiet_interrupts()
     if args.command in ("demo", "organism", "capture", "ranks"):   # the commands that load models
         _quiet_transformers()
+    from driftlens.errors import INTERRUPT
+
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if INTERRUPT.is_set():        # an interrupt Python swallowed after the last check
+            raise KeyboardInterrupt
+        return code
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -8,7 +8,9 @@ drift report against ``base`` -> means and spreads over seeds, figures, a rank s
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,8 +147,9 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
     from driftlens import organism
     from driftlens.capture import capture
     from driftlens.drift import drift
+    from driftlens.errors import CheckpointIdentityError
     from driftlens.probes import ProbeSet, make_shapes_probes
-    from driftlens.store import open_store
+    from driftlens.store import StoreMismatchError, open_store
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -162,8 +165,14 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
         tick = time.perf_counter()
         ckpts = traj.all_checkpoints
         store_path = out / f"seed-{traj.seed}" / "activations.zarr"
-        capture(ckpts["base"], probes, ckpts, out=store_path, sites=DEMO_SITES, batch_size=16, device=device,
-                progress=progress)
+        kw = dict(out=store_path, sites=DEMO_SITES, batch_size=16, device=device, progress=progress)
+        try:
+            capture(ckpts["base"], probes, ckpts, **kw)
+        except (CheckpointIdentityError, StoreMismatchError) as exc:   # the demo's own output, from an
+            warnings.warn(f"{store_path} was captured from another organism build or probe set; "   # older build
+                          f"capturing it again ({str(exc).splitlines()[0]})", stacklevel=2)
+            shutil.rmtree(store_path)
+            capture(ckpts["base"], probes, ckpts, **kw)
         seconds["capture"] += time.perf_counter() - tick
         tick = time.perf_counter()
         report = drift(open_store(store_path), reference="base", metrics=DEMO_METRICS, sites=("hidden",),

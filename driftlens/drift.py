@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from driftlens import inference as I
-from driftlens.errors import UsageError
+from driftlens.errors import UsageError, raise_if_interrupted
 
 DISTRIBUTIONAL = ("mmd", "sinkhorn", "sliced_w", "gauss_w2")
 TRANSPORT = ("sinkhorn", "sliced_w", "gauss_w2")
@@ -304,6 +304,25 @@ def _frechet_many(m1, c1, m2, c2, eig_dtype=None):
 # ----------------------------------------------------------------------------- the report
 
 
+def _as_drift_error(fn):
+    """Numeric refusals of the metric functions (plain ``ValueError``) reach the user as :class:`DriftError`."""
+    import functools
+
+    from driftlens.errors import DriftlensError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FloatingPointError) as exc:
+            if isinstance(exc, DriftlensError):
+                raise
+            raise DriftError(f"the report cannot be computed from this store: {exc}") from exc
+
+    return wrapper
+
+
+@_as_drift_error
 def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("visual", "text"),
           n_permutations: int = 1000, n_bootstrap: int = 1000, level: float = 0.95,
           correction: str | None = "bh", transport_resamples: int = 200, mir_bootstrap: int | None = None,
@@ -383,8 +402,8 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
         out = check_report_path(out)
     if not hasattr(ds, "data_vars"):
         ds = open_store(ds, verify=verify)
-    elif ds.encoding.get("driftlens_store") and verify == "full" != ds.encoding.get("driftlens_verified"):
-        check_store(ds.encoding["driftlens_store"], "full", [str(c) for c in ds.checkpoint.values.astype(str)])
+    elif ds.attrs.get("store_path") and verify == "full" != ds.attrs.get("store_verified"):
+        check_store(ds.attrs["store_path"], "full", [str(c) for c in ds.checkpoint.values.astype(str)])
     metrics = _normalize_metrics(metrics)
     for name, val in (("n_permutations", n_permutations), ("n_bootstrap", n_bootstrap),
                       ("transport_resamples", transport_resamples), ("n_projections", n_projections),
@@ -412,7 +431,7 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     layers = [int(v) for v in ds.layer.values]
     modality = ds["modality"].values.astype(str)
     cluster, cluster_coord, notes = _cluster_labels(ds)
-    unfinished = [c for c in ds.attrs.get("checkpoints", []) if c not in ds.attrs.get("completed", c)]
+    unfinished = [c for c in ds.attrs.get("checkpoints", []) if c not in ds.attrs.get("completed", [c])]
     if unfinished:
         notes.append(f"checkpoint(s) {unfinished} were started but their capture did not finish; the report "
                      f"leaves them out (rerun the capture to complete them)")
@@ -488,6 +507,7 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     mir_grid = [(li, layer) for li, layer in enumerate(layers)] if do_mir else []
     bar = tqdm(total=(len(grid) + len(mir_grid)) * C, desc="drift", disable=not progress, unit="cell")
     for si, site, li, layer in grid:
+        raise_if_interrupted()
         ref_raw = load(reference, site, layer)                # [T, d]
         centre = ref_raw.mean(0, dtype=torch.float64).to(ref_raw.dtype)
         ref = ref_raw - centre          # kernels and distances are translation-invariant; centring keeps float32 exact
@@ -584,7 +604,7 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
                                     "bandwidth for every checkpoint and resample, and the unit of the Sinkhorn blur"})
     report = xr.Dataset(data, coords=coords)
     for w in notes:
-        warnings.warn(w, stacklevel=2)
+        warnings.warn(w, stacklevel=3)   # the caller of drift(), past its error wrapper
     report.attrs.update({
         "reference": reference,
         "model_type": str(ds.attrs.get("model_type", "")),

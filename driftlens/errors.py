@@ -23,6 +23,8 @@ Each specific error also derives from the builtin it refines (``ValueError``, ``
 """
 from __future__ import annotations
 
+import threading
+
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_DATA = 3
@@ -73,3 +75,15 @@ def exit_code_of(exc: BaseException) -> int:
     if isinstance(exc, OSError):
         return EXIT_ENVIRONMENT
     return EXIT_INTERNAL
+
+
+# Set by the CLI's SIGINT handler. Python may swallow the KeyboardInterrupt of a Ctrl-C that lands
+# inside a destructor or weakref callback ("Exception ignored in ..."); long loops call
+# :func:`raise_if_interrupted` between steps so such an interrupt still stops the work.
+INTERRUPT = threading.Event()
+
+
+def raise_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` when an interrupt was requested and not yet delivered."""
+    if INTERRUPT.is_set():
+        raise KeyboardInterrupt

@@ -71,9 +71,19 @@ def sign_flips(n_clusters: int, n_draws: int, seed: int) -> torch.Tensor:
 
 
 def bootstrap_counts(n_clusters: int, n_draws: int, seed: int) -> torch.Tensor:
-    """[K, B] float64 multinomial counts: column b draws K clusters with replacement."""
+    """[K, B] float64 multinomial counts: column b draws K clusters with replacement.
+
+    A draw that holds one distinct cluster only (probability ``K^(1-K)``: a half at K = 2, under
+    1e-4 from K = 7) is drawn again: a U-statistic over pairs of distinct clusters is undefined
+    on it, so the bootstrap is conditional on at least two distinct clusters.
+    """
     g = torch.Generator().manual_seed(int(seed))
     idx = torch.randint(0, n_clusters, (n_draws, n_clusters), generator=g)     # [B, K]
+    while n_clusters > 1:
+        single = (idx == idx[:, :1]).all(1)                                     # [B]
+        if not bool(single.any()):
+            break
+        idx[single] = torch.randint(0, n_clusters, (int(single.sum()), n_clusters), generator=g)
     counts = torch.zeros(n_draws, n_clusters, dtype=torch.float64)
     counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
     return counts.T.contiguous()                                                # [K, B]

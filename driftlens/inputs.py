@@ -8,6 +8,8 @@ tiles, LLaVA-NeXT/OneVision anyres ``image_sizes``, the PaliGemma prefix, ...).
 """
 from __future__ import annotations
 
+from driftlens.errors import UsageError
+
 # Training-only outputs some processors add (PaliGemma builds ``labels`` from the prefix).
 _DROP = ("labels",)
 
@@ -49,10 +51,10 @@ def model_inputs(processor, spec, images, prompts):
     """
     images, prompts = list(images), list(prompts)
     if len(images) != len(prompts):
-        raise ValueError(f"model_inputs needs one image per prompt, got {len(images)} images "
+        raise UsageError(f"model_inputs needs one image per prompt, got {len(images)} images "
                          f"and {len(prompts)} prompts")
     if not images:
-        raise ValueError("model_inputs needs at least one (image, prompt) pair")
+        raise UsageError("model_inputs needs at least one (image, prompt) pair")
     images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
     texts = [prompt_text(processor, spec, p) for p in prompts]
     # images nested one per sample ([[im], [im], ...]): every processor reads that as

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from driftlens import shapes
+from driftlens.errors import DataError, UsageError
 
 CODE_VERSION = "organism-7"
 TRAIN_SEEDS = 10**6          # training renderings use seeds below this, evaluation seeds above
@@ -557,11 +558,11 @@ def build_seeds(seeds, recipe: Recipe | None = None, force: bool = False, progre
     recipe = recipe or Recipe()
     seeds = [int(s) for s in seeds]
     if not seeds:
-        raise ValueError("seeds: give at least one seed")
+        raise UsageError("seeds: give at least one seed")
     if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
-        raise ValueError(f"seeds: {seeds} must be distinct and >= 0")
+        raise UsageError(f"seeds: {seeds} must be distinct and >= 0")
     if jobs is not None and jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
+        raise UsageError(f"jobs must be >= 1, got {jobs}")
     base = Path(cache) if cache is not None else cache_root()
     plan = [(dataclasses.replace(recipe, seed=s), base / "organism" / dataclasses.replace(recipe, seed=s).key())
             for s in seeds]
@@ -579,12 +580,23 @@ def _build_in_processes(missing, force: bool, jobs: int) -> None:
     Plain subprocesses (not multiprocessing): they work from scripts without a ``__main__``
     guard and from notebooks. Each gets ``max(1, cores // jobs)`` torch threads.
     """
-    import subprocess
-    import sys
-
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     queue, running, failed = list(missing), [], []
+    try:
+        _drain(queue, running, failed, force, threads, jobs, env)
+    finally:                                  # an interrupt or error here: no build left running
+        for _, proc in running:
+            proc.kill()
+            proc.wait()
+    if failed:
+        raise DataError("organism build failed for " + "; ".join(failed))
+
+
+def _drain(queue, running, failed, force, threads, jobs, env) -> None:
+    import subprocess
+    import sys
+
     while queue or running:
         while queue and len(running) < jobs:
             r, root = queue.pop(0)
@@ -593,12 +605,11 @@ def _build_in_processes(missing, force: bool, jobs: int) -> None:
             proc = subprocess.Popen([sys.executable, "-c", "import driftlens.organism as o; o._worker_main()", arg],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
             running.append((r, proc))
-        r, proc = running.pop(0)
+        r, proc = running[0]
         err = proc.communicate()[1].decode(errors="replace")
+        running.pop(0)
         if proc.returncode != 0:
             failed.append(f"seed {r.seed} (exit {proc.returncode}): {err.strip().splitlines()[-1] if err.strip() else ''}")
-    if failed:
-        raise RuntimeError("organism build failed for " + "; ".join(failed))
 
 
 def _worker_main() -> None:
@@ -609,7 +620,10 @@ def _worker_main() -> None:
 
     job = json.loads(sys.argv[1])
     torch.set_num_threads(int(job["threads"]))
-    build(out=Path(job["root"]), recipe=Recipe(**job["recipe"]), force=bool(job["force"]), progress=False)
+    try:
+        build(out=Path(job["root"]), recipe=Recipe(**job["recipe"]), force=bool(job["force"]), progress=False)
+    except KeyboardInterrupt:            # Ctrl-C reaches the whole process group: leave quietly
+        sys.exit(130)
 
 
 @contextlib.contextmanager
@@ -692,7 +706,7 @@ def chance_accuracy() -> float:
 def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """Wilson score interval (95% by default) of a binomial proportion."""
     if n <= 0:
-        raise ValueError("wilson_interval: n must be >= 1")
+        raise UsageError("wilson_interval: n must be >= 1")
     p = correct / n
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
@@ -868,9 +882,9 @@ def parse_seeds(text: str) -> list[int]:
         try:
             out += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
         except ValueError:
-            raise ValueError(f"--seeds: {text!r} is not a list like 0,1,2 or a range like 0-2") from None
+            raise UsageError(f"--seeds: {text!r} is not a list like 0,1,2 or a range like 0-2") from None
     if not out or any(s < 0 for s in out) or len(set(out)) != len(out):
-        raise ValueError(f"--seeds: {text!r} must name distinct non-negative seeds")
+        raise UsageError(f"--seeds: {text!r} must name distinct non-negative seeds")
     return out
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from driftlens.errors import UsageError
+
 COLORS: dict[str, str] = {
     "red": "빨간색", "green": "초록색", "blue": "파란색",
     "yellow": "노란색", "purple": "보라색", "orange": "주황색",
@@ -53,7 +55,7 @@ class Scene:
         for value, table, what in ((self.color, COLORS, "color"), (self.shape, SHAPES, "shape"),
                                    (self.position, POSITIONS, "position")):
             if value not in table:
-                raise ValueError(f"unknown {what} {value!r}; choose from {list(table)}")
+                raise UsageError(f"unknown {what} {value!r}; choose from {list(table)}")
 
     @property
     def key(self) -> str:
@@ -72,7 +74,7 @@ class Question:
 
 def _check_lang(lang: str) -> None:
     if lang not in LANGS:
-        raise ValueError(f"unknown language {lang!r}; choose from {LANGS}")
+        raise UsageError(f"unknown language {lang!r}; choose from {LANGS}")
 
 
 def _word(table: dict[str, str], key: str, lang: str) -> str:
@@ -121,7 +123,7 @@ def split_scenes(seed: int = 0, heldout_fraction: float = 0.25) -> tuple[list[Sc
     training (held-out scenes are new *combinations*).
     """
     if not 0 < heldout_fraction < 1:
-        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+        raise UsageError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
     scenes = all_scenes()
     rng = random.Random(seed)
     order = scenes[:]

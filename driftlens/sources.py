@@ -17,7 +17,7 @@ import copy
 from collections.abc import Mapping
 from pathlib import Path
 
-from driftlens.errors import DataError
+from driftlens.errors import DataError, UsageError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -87,8 +87,8 @@ def load_model_dir(path, allow_pickle: bool = False, trust_remote_code: bool = F
             str(path), use_safetensors=safe, trust_remote_code=trust_remote_code,
             local_files_only=True, **({"dtype": dtype} if dtype is not None else {}),
         )
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"cannot load the model in {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - safetensors, json, torch and config errors alike
+        raise SourceError(f"cannot load the model in {path}: {type(exc).__name__}: {exc}") from exc
     return model.eval()
 
 
@@ -148,8 +148,9 @@ def apply_adapter(base, path, allow_pickle: bool = False):
     model = copy.deepcopy(base)
     try:
         peft_model = PeftModel.from_pretrained(model, str(path), use_safetensors=safe)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise SourceError(f"cannot apply the PEFT adapter in {path} to the base model: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - safetensors, json, shape and key errors alike
+        raise SourceError(f"cannot apply the PEFT adapter in {path} to the base model: "
+                          f"{type(exc).__name__}: {exc}") from exc
     return peft_model.merge_and_unload().eval()
 
 
@@ -182,10 +183,10 @@ def normalize_checkpoints(model, checkpoints) -> dict:
     if not isinstance(checkpoints, Mapping):
         raise TypeError("checkpoints must be an ordered mapping label -> source (e.g. a dict)")
     if not checkpoints:
-        raise ValueError("checkpoints is empty")
+        raise UsageError("checkpoints is empty")
     for label in checkpoints:
         if not isinstance(label, str) or not label:
-            raise ValueError(f"checkpoint labels must be non-empty strings, got {label!r}")
+            raise UsageError(f"checkpoint labels must be non-empty strings, got {label!r}")
     return dict(checkpoints)
 
 

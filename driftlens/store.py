@@ -404,8 +404,8 @@ def open_store(path, include_incomplete: bool = False, verify: str = "fast"):
     if not include_incomplete:
         done = list(ds.attrs.get("completed", []))
         ds = ds.sel(checkpoint=[c for c in ds.checkpoint.values if c in done])
-    ds.encoding["driftlens_store"] = str(path)
-    ds.encoding["driftlens_verified"] = verify
+    ds.attrs["store_path"] = str(path)          # kept through selections: drift's full check finds the files
+    ds.attrs["store_verified"] = verify
     return ds
 
 

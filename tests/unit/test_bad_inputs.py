@@ -1,0 +1,262 @@
+"""Bad inputs and faults through the CLI (subprocesses) and the API, on synthetic stores (no model).
+
+Every case asserts what a user sees: the exit code of its kind (usage 2, data 3, environment 4),
+one ``driftlens <command>: error:`` line naming the file / flag / value at fault, no traceback, and
+stores and reports on disk unchanged. The capture-side cases (a model is loaded) are in
+``tests/integration/test_bad_inputs_capture.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import driftlens as dl
+from driftlens.errors import DataError, DriftlensError, StoreIntegrityError
+from driftlens.store import open_store, verify_store
+from driftlens.testing import make_store
+
+from ..badinput import clean_exit, cli, refused, snapshot
+
+FAST = ("--permutations", "20", "--bootstrap", "20", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A synthetic store (24 scenes x 2 renders, 3 checkpoints) and its report."""
+    root = tmp_path_factory.mktemp("bad")
+    store = make_store(root / "s.zarr")
+    report = root / "r.nc"
+    dl.drift(store, metrics=("mmd",), n_permutations=20, n_bootstrap=20, progress=False, out=report)
+    return store, report
+
+
+@pytest.fixture
+def store(pristine, tmp_path):
+    """A fresh copy of the synthetic store, to damage."""
+    return shutil.copytree(pristine[0], tmp_path / "s.zarr")
+
+
+def _chunk(store, label="shifted", site="hidden", layer=1):
+    from driftlens.store import checkpoint_chunks
+
+    index = json.loads((store / "zarr.json").read_text())["attributes"]["checkpoints"].index(label)
+    rel = next(r for r, lay, _ in checkpoint_chunks(store, site, index) if lay == layer)
+    return store / rel
+
+
+# ------------------------------------------------------------------ store integrity (silent case 1)
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "alter"])
+def test_damaged_chunk_is_refused_before_any_metric(store, tmp_path, damage):
+    f = _chunk(store)
+    if damage == "delete":
+        f.unlink()
+    elif damage == "truncate":
+        f.write_bytes(f.read_bytes()[:100])
+    else:
+        data = bytearray(f.read_bytes())
+        data[40] ^= 0xFF
+        f.write_bytes(bytes(data))
+    before = snapshot(store)
+    out = tmp_path / "r.nc"
+    err = refused(cli("drift", store, "--out", out, *FAST), "data",
+                  "checkpoint 'shifted'", "site 'hidden'", "layer 1", f.relative_to(store).as_posix(),
+                  "--overwrite shifted")
+    assert {"delete": "missing", "truncate": "bytes, expected", "alter": "CRC32"}[damage] in err
+    assert not out.exists() and not out.with_suffix(".nc.tmp").exists()
+    assert snapshot(store) == before
+    refused(cli("check", store), "data", "shifted")
+    with pytest.raises(StoreIntegrityError, match="shifted"):       # the API: before anything is read
+        dl.drift(store, progress=False)
+    if damage != "alter":                                           # presence and size: on every open
+        with pytest.raises(StoreIntegrityError):
+            open_store(store)
+    else:                                  # contents: drift checks a store opened and selected by the user
+        ds = open_store(store).sel(layer=[0, 1])
+        with pytest.raises(StoreIntegrityError, match="layer 1"):
+            dl.drift(ds, metrics=("mmd",), progress=False)
+
+
+def test_every_single_chunk_damage_is_detected(pristine, tmp_path):
+    """Deleting, cutting or flipping a byte of any one chunk file is found by the full check."""
+    from driftlens.store import checkpoint_chunks
+
+    store = shutil.copytree(pristine[0], tmp_path / "s.zarr")
+    attrs = json.loads((store / "zarr.json").read_text())["attributes"]
+    files = [store / rel for site in attrs["sites"] for i, _ in enumerate(attrs["completed"])
+             for rel, _, _ in checkpoint_chunks(store, site, i)]
+    assert len(files) >= 9
+    for f in files:
+        original = f.read_bytes()
+        for damage in (b"", original[:-4], original[:8] + bytes([original[8] ^ 1]) + original[9:]):
+            f.write_bytes(damage)
+            problems, _ = verify_store(store, "full")
+            assert [p.file for p in problems] == [f.relative_to(store).as_posix()], f
+        f.write_bytes(original)
+    assert verify_store(store, "full") == ([], [])
+
+
+def test_check_on_intact_store(pristine):
+    out = clean_exit(cli("check", pristine[0]))
+    assert out == ""
+
+
+def test_damaged_metadata_is_named(store):
+    (store / "zarr.json").write_text("{not json")
+    refused(cli("drift", store, *FAST), "data", "zarr.json")
+    refused(cli("check", store), "data", "zarr.json")
+
+
+def test_damaged_record_is_named(store):
+    rec = store / "checkpoint" / "records" / "1.json"
+    rec.write_text("[]")
+    refused(cli("drift", store, *FAST), "data", "1.json")
+
+
+# ------------------------------------------------------------------ drift: values at the edge
+
+@pytest.mark.parametrize("args, kind, named", [
+    (("--blur", "-1"), "usage", "--blur"),
+    (("--permutations", "0"), "usage", "--permutations"),
+    (("--bootstrap", "-5"), "usage", "--bootstrap"),
+    (("--level", "1.5"), "usage", "--level"),
+    (("--sites", "hiden"), "usage", "hiden"),
+    (("--reference", "nope"), "usage", "nope"),
+    (("--metrics", "mmdd"), "usage", "mmdd"),
+    (("--device", "cuda:0"), "environment", "cuda"),
+    (("--device", "tpu9"), "usage", "tpu9"),
+])
+def test_drift_flags(pristine, tmp_path, args, kind, named):
+    if kind == "environment":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+    out = tmp_path / "r.nc"
+    refused(cli("drift", pristine[0], "--out", out, *args, *FAST), kind, named)
+    assert not out.exists()
+
+
+def test_drift_out_paths_checked_before_computing(pristine, tmp_path):
+    refused(cli("drift", pristine[0], "--out", tmp_path, *FAST), "usage", str(tmp_path), "folder")
+    assert list(tmp_path.iterdir()) == []                       # no <out>.tmp left behind
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    refused(cli("drift", pristine[0], "--out", blocker / "r.nc", *FAST), "usage", "file")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
+def test_drift_out_not_writable(pristine, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        refused(cli("drift", pristine[0], "--out", ro / "r.nc", *FAST), "environment", "not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("what", ["missing", "file", "other folder", "other zarr"])
+def test_not_a_store(tmp_path, what):
+    path = tmp_path / "x"
+    if what == "file":
+        path.write_text("x")
+    elif what == "other folder":
+        path.mkdir()
+        (path / "a.txt").write_text("x")
+    elif what == "other zarr":
+        import zarr
+
+        zarr.open_group(str(path), mode="w", zarr_format=3)
+    refused(cli("drift", path, *FAST), "data", str(path))
+
+
+# ------------------------------------------------------------------ degenerate data (silent cases 5)
+
+def test_two_images_give_finite_values_and_a_recorded_warning(tmp_path):
+    store = make_store(tmp_path / "two.zarr", n_clusters=2, renders=1)
+    out = tmp_path / "r.nc"
+    err = clean_exit(cli("drift", store, "--out", out, *FAST))
+    assert "driftlens drift: warning:" in err and "2 clusters" in err
+    rep = dl.load_report(out)
+    assert "2 clusters" in rep.attrs["warnings"]
+    other = rep.sel(checkpoint=["same", "shifted"])
+    for v in ("mmd", "mmd_lo", "mmd_hi", "mmd_p"):
+        assert np.isfinite(other[v].values).all(), v
+    sched = dl.allocate_ranks(rep, budget=64)
+    assert sched.budget == 64 and all(np.isfinite(m.signal) for m in sched.modules)
+
+
+def test_one_cluster_is_refused(tmp_path):
+    store = make_store(tmp_path / "one.zarr", n_clusters=1, renders=2)
+    refused(cli("drift", store, *FAST), "usage", "1 cluster")
+
+
+def test_incomplete_store_is_reported(store, tmp_path):
+    import zarr
+
+    root = zarr.open_group(str(store), mode="r+")
+    root.attrs["completed"] = ["base"]                              # 'same' and 'shifted' unfinished
+    out = tmp_path / "r.nc"
+    err = clean_exit(cli("drift", store, "--out", out, *FAST))
+    assert "['same', 'shifted'] were started but their capture did not finish" in err
+    assert "only the reference" in err
+    assert "did not finish" in dl.load_report(out).attrs["warnings"]
+
+
+# ------------------------------------------------------------------ plot and ranks on bad reports
+
+def test_plot_refusals(pristine, tmp_path):
+    report = pristine[1]
+    empty = tmp_path / "empty.nc"
+    dl.load_report(report).isel(checkpoint=slice(0, 0)).to_netcdf(empty, engine="h5netcdf")
+    png = tmp_path / "x.png"
+    refused(cli("plot", empty, "--out", png), "data", "no checkpoint")
+    refused(cli("plot", report, "--var", "nope", "--out", png), "usage", "'nope'")
+    refused(cli("plot", report, "--site", "hiden", "--out", png), "usage", "'hiden'")
+    refused(cli("plot", tmp_path / "missing.nc"), "data", "missing.nc")
+    junk = tmp_path / "junk.nc"
+    junk.write_bytes(b"\x89HDF not really")
+    refused(cli("plot", junk, "--out", png), "data", "junk.nc")
+    assert not png.exists()
+
+
+def test_ranks_refuses_a_module_the_family_lacks(pristine, tmp_path):
+    out = tmp_path / "ranks.json"
+    refused(cli("ranks", pristine[1], "--budget", "32", "--modules", "self_attn.kproj", "--out", out),
+            "usage", "self_attn.kproj")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ the error family
+
+def test_every_library_error_is_a_driftlens_error():
+    from driftlens.capture import CaptureError
+    from driftlens.drift import DriftError
+    from driftlens.probes import ProbeError
+    from driftlens.ranks import ScheduleError
+    from driftlens.sources import SourceError
+    from driftlens.specs import SpecError
+    from driftlens.store import StoreMismatchError
+
+    for cls in (CaptureError, DriftError, ProbeError, ScheduleError, SourceError, SpecError,
+                StoreMismatchError, StoreIntegrityError, DataError):
+        assert issubclass(cls, DriftlensError) and issubclass(cls, ValueError), cls
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = cli("--debug", "drift", tmp_path / "missing")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+    r = cli("drift", tmp_path / "missing", "--debug")
+    assert "Traceback" in r.stderr
+
+
+def test_report_and_store_readable_after_refusals(pristine):
+    """The shared fixtures are untouched by every case above (each damaged a copy)."""
+    assert verify_store(pristine[0], "full") == ([], [])
+    assert isinstance(dl.load_report(pristine[1]), xr.Dataset)
