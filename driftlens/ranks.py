@@ -1008,6 +1008,14 @@ def _check_finite(profiles: Mapping[str, np.ndarray], ck, report) -> None:
         )
 
 
+def _pass_on_report_warnings(report) -> None:
+    """A schedule inherits its report's caveats (few clusters, unfinished checkpoints): say them again."""
+    import warnings
+
+    for w in filter(None, str(report.attrs.get("warnings", "")).split("\n")):
+        warnings.warn(f"the drift report says: {w}", stacklevel=3)
+
+
 def allocate_ranks(report, budget: int, signal: str | Mapping[str, str] = "mmd", rule: str = "proportional",
                    min_rank: int = 1, max_rank: int = 64, modules: Sequence[str] | None = None, *,
                    checkpoint=None, site: str = DEFAULT_SITE, modality: str = DEFAULT_MODALITY,
@@ -1062,6 +1070,7 @@ def allocate_ranks(report, budget: int, signal: str | Mapping[str, str] = "mmd",
         the selected checkpoint (the layers are named), a budget the ranks cannot meet, ...
     """
     spec = _resolve_spec(report, spec, model)
+    _pass_on_report_warnings(report)
     n_layers = _report_layers(report, spec, model)
     targets = _check_targets(spec.lora_targets if modules is None else modules, spec, model)
     exprs = _resolve_signals(signal, targets, site_for_module, site, modality)

@@ -188,8 +188,24 @@ def test_two_images_give_finite_values_and_a_recorded_warning(tmp_path):
     other = rep.sel(checkpoint=["same", "shifted"])
     for v in ("mmd", "mmd_lo", "mmd_hi", "mmd_p"):
         assert np.isfinite(other[v].values).all(), v
-    sched = dl.allocate_ranks(rep, budget=64)
+    with pytest.warns(UserWarning, match="2 clusters"):           # the schedule repeats the caveat
+        sched = dl.allocate_ranks(rep, budget=64)
     assert sched.budget == 64 and all(np.isfinite(m.signal) for m in sched.modules)
+    err = clean_exit(cli("ranks", out, "--budget", "64", "--out", tmp_path / "ranks.json"))
+    assert "driftlens ranks: warning: the drift report says:" in err
+
+
+def test_unwritable_output_is_an_environment_error(pristine, tmp_path, monkeypatch):
+    """Permission checks without relying on the user (root writes anywhere): os.access says no."""
+    from driftlens.capture import _check_out
+    from driftlens.drift import check_report_path
+    from driftlens.errors import EnvironmentProblem
+
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    with pytest.raises(EnvironmentProblem, match="not writable"):
+        check_report_path(tmp_path / "r.nc")
+    with pytest.raises(EnvironmentProblem, match="not writable"):
+        _check_out(tmp_path / "s.zarr")
 
 
 def test_one_cluster_is_refused(tmp_path):
