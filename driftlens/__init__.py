@@ -4,14 +4,31 @@ The package namespace only re-exports; importing it loads no model and touches n
 """
 from driftlens import inference, metrics
 from driftlens._version import __version__
-from driftlens.capture import capture
+from driftlens.capture import CaptureError, capture
 from driftlens.drift import DriftError, drift, load_report, save_report
+from driftlens.errors import (
+    CheckpointIdentityError,
+    DataError,
+    DriftlensError,
+    EnvironmentProblem,
+    StoreIntegrityError,
+    UsageError,
+)
 from driftlens.inputs import model_inputs
-from driftlens.probes import Probe, ProbeSet, list_probe_sets
-from driftlens.ranks import RankSchedule, ScheduleError, allocate_ranks
+from driftlens.probes import Probe, ProbeError, ProbeSet, list_probe_sets
+from driftlens.ranks import (
+    RankSchedule,
+    ScheduleError,
+    ScheduleFileError,
+    allocate_ranks,
+)
+from driftlens.sources import SourceError
 from driftlens.specs import Spec, SpecError, list_specs, load_spec
-from driftlens.store import open_store
+from driftlens.store import StoreMismatchError, check_store, open_store, verify_store
 
-__all__ = ["DriftError", "Probe", "ProbeSet", "RankSchedule", "ScheduleError", "Spec", "SpecError", "__version__",
-           "allocate_ranks", "capture", "drift", "inference", "list_probe_sets", "list_specs", "load_report",
-           "load_spec", "metrics", "model_inputs", "open_store", "save_report"]
+__all__ = ["CaptureError", "CheckpointIdentityError", "DataError", "DriftError", "DriftlensError",
+           "EnvironmentProblem", "Probe", "ProbeError", "ProbeSet", "RankSchedule", "ScheduleError",
+           "ScheduleFileError", "SourceError", "Spec", "SpecError", "StoreIntegrityError", "StoreMismatchError",
+           "UsageError", "__version__", "allocate_ranks", "capture", "check_store", "drift", "inference",
+           "list_probe_sets", "list_specs", "load_report", "load_spec", "metrics", "model_inputs", "open_store",
+           "save_report", "verify_store"]
