@@ -22,11 +22,12 @@ from driftlens.ranks import (
     ScheduleFileError,
     allocate_ranks,
 )
+from driftlens.regularizer import AnchorDriftLoss
 from driftlens.sources import SourceError
 from driftlens.specs import Spec, SpecError, list_specs, load_spec
 from driftlens.store import StoreMismatchError, check_store, open_store, verify_store
 
-__all__ = ["CaptureError", "CheckpointIdentityError", "DataError", "DriftError", "DriftlensError",
+__all__ = ["AnchorDriftLoss", "CaptureError", "CheckpointIdentityError", "DataError", "DriftError", "DriftlensError",
            "EnvironmentProblem", "Probe", "ProbeError", "ProbeSet", "RankSchedule", "ScheduleError",
            "ScheduleFileError", "SourceError", "Spec", "SpecError", "StoreIntegrityError", "StoreMismatchError",
            "UsageError", "__version__", "allocate_ranks", "capture", "check_store", "drift", "inference",

@@ -1,0 +1,363 @@
+"""The anchor drift regularizer: a differentiable MMD^2 that keeps visual tokens in distribution.
+
+While the LLM of a VLM adapts (to a new language), its visual tokens drift out of the
+distribution they had at the reference checkpoint (the drift report measures where and how much).
+:class:`AnchorDriftLoss` adds, for chosen decoder layers, the MMD^2 between the current batch's
+visual-token hidden states and *anchor* visual tokens of the reference checkpoint, read from an
+activation store::
+
+    loss_fn = dl.AnchorDriftLoss.from_store(ds, checkpoint="base", layers=[1, 2, 3], mode="tracking")
+    with VisualTap(model, loss_fn.layers) as tap:        # driftlens.training: hooks, no 2nd forward
+        out = model(**batch)
+        loss = out.loss + lam * loss_fn(tap.visual, tap.text)
+
+Two modes
+---------
+``fixed``
+    The current visual tokens are compared with the anchors as they were: the regularizer pulls
+    them back to where the reference model had them (freezing, in distribution).
+``tracking``
+    Both sides are first expressed in their own model's *text frame*: ``z = (x - mu_t) / s_t``,
+    with ``mu_t`` the mean of the text tokens of the same layer and ``s_t`` their mean L2 distance
+    to ``mu_t`` (MIR's text-centric scaling, Huang et al. 2025, with centering added so that a shift
+    of the whole space does not count as drift). The anchors use the reference's text tokens, the
+    current batch uses its own (detached: the regularizer moves visual tokens relative to the
+    text, it does not move the text to meet them). Visual tokens may then follow the LLM's moving
+    embedding space -- a translation and an isotropic rescaling of the layer cost nothing -- but
+    must keep their place relative to text: co-adaptation, not freezing.
+
+Estimator
+---------
+The unbiased MMD^2 (U-statistic): ``mean_{i != j} k(x_i, x_j) + mean_{a != b} k(y_a, y_b) -
+2 mean_{i, a} k(x_i, y_a)`` with ``k = exp(-|x - y|^2 / (2 sigma^2))``. Its expectation is the
+population MMD^2, zero exactly when the batch's visual tokens are distributed as the anchors, so
+the minimizer of the expected loss is the anchor distribution and each step's gradient is an
+unbiased estimate of the population gradient. The biased V-statistic (diagonals kept) is >= 0 but
+adds ``(1 - mean k) / m`` terms that weight the batch's self-similarity by ``(m - 1) / m``: its
+expected minimizer is more concentrated than the anchors, by an amount that depends on the batch
+size. The U-statistic can be slightly negative near the optimum; that is noise around 0, not a
+bug, and it does not push anything (its expected gradient there is 0).
+
+Bounded memory and a fixed kernel
+---------------------------------
+The anchors are a fixed-size sample (``n_anchors``, stratified by cluster: equal shares of the
+probe set's independent units, rows drawn at random within each). Kernel sums are computed in
+row blocks of ``block_size``; with gradients, each block is recomputed in the backward pass
+(activation checkpointing), so memory is O(block_size x max(m, n)) whatever the batch. The
+bandwidth is fixed once from the anchors (median heuristic ``sqrt(median(d^2) / 2)`` over anchor
+pairs, alibi-detect's convention) and kept for the whole run, so the loss's scale does not move
+with the batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from driftlens.errors import UsageError
+
+MODES = ("fixed", "tracking")
+DEFAULT_BLOCK = 2048
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def text_frame(text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text-centric frame of one layer: mean ``[d]`` and scale (mean L2 distance to the mean, scalar).
+
+    Parameters
+    ----------
+    text : tensor [n_t, d]
+        Text-token states of one layer (at least two rows, not all equal).
+    """
+    if text.ndim != 2 or text.shape[0] < 2:
+        raise UsageError(f"text frame: expected [n_text >= 2, d] text states, got shape {tuple(text.shape)}")
+    mean = text.mean(0)                                     # [d]
+    scale = (text - mean).norm(dim=1).mean()                # []
+    if not bool(scale > 0):
+        raise UsageError("text frame: every text token has the same state; the scale is undefined")
+    return mean, scale
+
+
+def to_frame(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / scale`` -- states expressed in a text frame."""
+    return (x - mean) / scale
+
+
+def _block_kernel_sum(xb: torch.Tensor, y: torch.Tensor, gamma: float, diag_from: int | None) -> torch.Tensor:
+    """``sum_{i, a} exp(-gamma |xb_i - y_a|^2)`` over one row block; ``diag_from`` = index of
+    ``xb``'s first row in ``y`` when pairs (i, i) are to be left out (within-sample sums)."""
+    from driftlens.metrics import _sq_dists
+
+    k = torch.exp(-gamma * _sq_dists(xb, y))                # [b, n]
+    if diag_from is not None:
+        rows = torch.arange(xb.shape[0], device=xb.device)
+        k = k.index_put((rows, rows + diag_from), torch.zeros((), dtype=k.dtype, device=k.device))
+    return k.sum()
+
+
+def kernel_sum(x: torch.Tensor, y: torch.Tensor, gamma: float, within: bool = False,
+               block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """``sum k(x_i, y_a)`` over all pairs (``within=True``: ``y is x`` and pairs ``i == a`` are left out).
+
+    Rows of ``x`` are processed in blocks of ``block_size``; when ``x`` needs gradients and there
+    is more than one block, each block is recomputed in the backward pass (checkpointing), so the
+    kernel tiles of all blocks are never held at once.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    m = x.shape[0]
+    grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    total = x.new_zeros(())
+    for start in range(0, m, block_size):
+        xb = x[start:start + block_size]                    # [b, d]
+        diag = start if within else None
+        if grad and m > block_size:
+            part = checkpoint(_block_kernel_sum, xb, y, gamma, diag, use_reentrant=False)
+        else:
+            part = _block_kernel_sum(xb, y, gamma, diag)
+        total = total + part
+    return total
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, sigma: float, yy: torch.Tensor | None = None,
+                  block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """Differentiable unbiased MMD^2 between rows of ``x`` [m, d] and ``y`` [n, d] with a fixed sigma.
+
+    ``yy`` may pass the precomputed mean of ``k(y_a, y_b)`` over ``a != b`` (constant anchors).
+    """
+    m, n = x.shape[0], y.shape[0]
+    if m < 2 or n < 2:
+        raise UsageError(f"MMD^2 needs at least 2 rows per side, got {m} current and {n} anchor rows")
+    gamma = 1.0 / (2.0 * float(sigma) ** 2)
+    xx = kernel_sum(x, x, gamma, within=True, block_size=block_size) / (m * (m - 1))
+    if yy is None:
+        yy = kernel_sum(y, y, gamma, within=True, block_size=block_size) / (n * (n - 1))
+    xy = kernel_sum(x, y, gamma, block_size=block_size) / (m * n)
+    return xx + yy.to(xx.dtype) - 2.0 * xy
+
+
+# ----------------------------------------------------------------------------- anchors from a store
+
+def stratified_rows(clusters: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """At most ``n`` row indices spread evenly over clusters (round robin over shuffled clusters,
+    random rows within each), sorted."""
+    rng = np.random.default_rng(seed)
+    uniq = rng.permutation(np.unique(clusters))
+    pools = [list(rng.permutation(np.flatnonzero(clusters == c))) for c in uniq]
+    out: list[int] = []
+    depth = 0
+    while len(out) < n and any(depth < len(p) for p in pools):
+        for p in pools:
+            if depth < len(p) and len(out) < n:
+                out.append(int(p[depth]))
+        depth += 1
+    return np.sort(np.asarray(out, dtype=np.int64))
+
+
+def _cluster_of(ds) -> np.ndarray:
+    for name in ("cluster", "group", "sample"):
+        if name in ds.coords:
+            return np.asarray(ds[name].values).astype(str)
+    raise UsageError("the store has no per-token cluster, group or sample coordinate")
+
+
+def report_weights(report, layers: Sequence[int], var: str = "mmd", checkpoint=None, site: str = "hidden",
+                   modality: str = "visual") -> dict[int, float]:
+    """Per-layer weights from a drift report: the effect at ``checkpoint`` (default the last),
+    clipped at 0 and normalized to sum 1 (equal weights when every effect is <= 0)."""
+    if var not in report.data_vars:
+        raise UsageError(f"the report has no {var!r}; it has {sorted(report.data_vars)}")
+    da = report[var]
+    labels = [str(c) for c in report.checkpoint.values]
+    ck = labels[-1] if checkpoint is None else str(checkpoint)
+    if ck not in labels:
+        raise UsageError(f"checkpoint {ck!r} is not in the report; it has {labels}")
+    sel = {"checkpoint": ck}
+    sel.update({k: v for k, v in (("site", site), ("modality", modality)) if k in da.dims})
+    prof = da.sel(sel)
+    have = [int(v) for v in prof.layer.values]
+    missing = [layer for layer in layers if layer not in have]
+    if missing:
+        raise UsageError(f"layers {missing} are not in the report; it has {have}")
+    vals = np.array([float(prof.sel(layer=layer)) for layer in layers])
+    if not np.isfinite(vals).all():
+        raise UsageError(f"the report's {var} at {ck!r} is not finite at layers "
+                         f"{[la for la, v in zip(layers, vals) if not np.isfinite(v)]}")
+    vals = np.clip(vals, 0.0, None)
+    vals = np.ones_like(vals) if vals.sum() <= 0 else vals
+    return {int(la): float(v) for la, v in zip(layers, vals / vals.sum())}
+
+
+# ----------------------------------------------------------------------------- the module
+
+class AnchorDriftLoss(torch.nn.Module):
+    """Weighted sum over layers of the unbiased MMD^2 between current visual tokens and anchors.
+
+    Parameters
+    ----------
+    anchors : mapping layer -> tensor [n, d]
+        Reference visual-token states per decoder layer.
+    mode : {"fixed", "tracking"}
+        See the module docstring.
+    anchor_text : mapping layer -> tensor [n_t, d], optional
+        Reference text-token states per layer (needed for ``tracking``: their text frame).
+    weights : mapping layer -> float, optional
+        Per-layer weights (default ``1 / n_layers`` each).
+    block_size : int
+        Rows per kernel block (memory bound, see the module docstring).
+
+    Attributes
+    ----------
+    layers : list of int
+    sigma : dict layer -> float
+        The fixed bandwidth per layer (median heuristic over anchor pairs, in the mode's frame).
+    last : dict layer -> float
+        The per-layer terms of the last call (detached; for logging).
+    """
+
+    def __init__(self, anchors: Mapping[int, torch.Tensor], mode: str = "fixed",
+                 anchor_text: Mapping[int, torch.Tensor] | None = None,
+                 weights: Mapping[int, float] | None = None, block_size: int = DEFAULT_BLOCK):
+        super().__init__()
+        from driftlens.metrics import median_sigma
+
+        if mode not in MODES:
+            raise UsageError(f"mode must be one of {MODES}, got {mode!r}")
+        if not anchors:
+            raise UsageError("anchors is empty: give at least one layer")
+        if block_size < 1:
+            raise UsageError(f"block_size must be >= 1, got {block_size}")
+        self.mode, self.block_size = mode, int(block_size)
+        self.layers = sorted(int(k) for k in anchors)
+        weights = {la: 1.0 / len(self.layers) for la in self.layers} if weights is None else dict(weights)
+        unknown = sorted(set(map(int, weights)) - set(self.layers))
+        if unknown or any(la not in weights for la in self.layers):
+            raise UsageError(f"weights must name exactly the anchor layers {self.layers}, got {sorted(weights)}")
+        if any(not np.isfinite(w) or w < 0 for w in weights.values()):
+            raise UsageError(f"weights must be finite and >= 0, got {weights}")
+        self.weights = {int(k): float(v) for k, v in weights.items()}
+        if mode == "tracking" and (anchor_text is None or any(la not in anchor_text for la in self.layers)):
+            raise UsageError("mode='tracking' needs anchor_text (the reference's text-token states) for every layer")
+        self.sigma: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        for la in self.layers:
+            a = torch.as_tensor(anchors[la])                # [n, d]
+            if a.ndim != 2 or a.shape[0] < 2:
+                raise UsageError(f"anchors of layer {la}: expected [n >= 2, d], got {tuple(a.shape)}")
+            if not bool(torch.isfinite(a).all()):
+                raise UsageError(f"anchors of layer {la} hold NaN/Inf")
+            if mode == "tracking":
+                mean, scale = text_frame(torch.as_tensor(anchor_text[la]).to(a.dtype))
+                a = to_frame(a, mean, scale)
+            a = a.detach()
+            sigma = median_sigma(a, pairs="reference", max_points=None)
+            gamma = 1.0 / (2.0 * sigma ** 2)
+            yy = kernel_sum(a, a, gamma, within=True, block_size=self.block_size) / (a.shape[0] * (a.shape[0] - 1))
+            self.register_buffer(f"anchor_{la}", a)
+            self.register_buffer(f"anchor_yy_{la}", yy.detach())
+            self.sigma[la] = float(sigma)
+
+    def extra_repr(self) -> str:
+        n = {la: int(getattr(self, f"anchor_{la}").shape[0]) for la in self.layers}
+        return f"mode={self.mode!r}, layers={self.layers}, anchors={n}, block_size={self.block_size}"
+
+    def anchors(self, layer: int) -> torch.Tensor:
+        """The anchor states of ``layer`` in the mode's frame ``[n, d]``."""
+        return getattr(self, f"anchor_{layer}")
+
+    def term(self, layer: int, visual: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """Unbiased MMD^2 of one layer between ``visual`` [m, d] and the anchors (differentiable)."""
+        a = self.anchors(layer)
+        x = visual.to(a.dtype) if visual.dtype != a.dtype else visual
+        if self.mode == "tracking":
+            if text is None:
+                raise UsageError(f"mode='tracking' needs the current text-token states of layer {layer}")
+            mean, scale = text_frame(text.detach().to(a.dtype))
+            x = to_frame(x, mean, scale)
+        if x.shape[-1] != a.shape[-1]:
+            raise UsageError(f"layer {layer}: current states have {x.shape[-1]} features, anchors {a.shape[-1]}")
+        return mmd2_unbiased(x, a, self.sigma[layer], yy=getattr(self, f"anchor_yy_{layer}"),
+                             block_size=self.block_size)
+
+    def forward(self, visual: Mapping[int, torch.Tensor],
+                text: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """``sum_l w_l MMD^2_l``; ``visual`` / ``text`` map each anchor layer to ``[rows, d]`` states
+        (``VisualTap.visual`` / ``.text``). The per-layer terms are kept in :attr:`last`."""
+        missing = [la for la in self.layers if la not in visual]
+        if missing:
+            raise UsageError(f"no current visual states for layer(s) {missing} (the tap must read {self.layers})")
+        total = None
+        self.last = {}
+        for la in self.layers:
+            t = self.term(la, visual[la], None if text is None else text.get(la))
+            self.last[la] = float(t.detach())
+            total = self.weights[la] * t if total is None else total + self.weights[la] * t
+        return total
+
+    # ------------------------------------------------------------------ construction from a store
+    @classmethod
+    def from_store(cls, ds, checkpoint: str | None = None, layers: Sequence[int] | None = None,
+                   mode: str = "fixed", n_anchors: int = 1024, weights=None, site: str = "hidden",
+                   seed: int = 0, dtype=torch.float32, device=None,
+                   block_size: int = DEFAULT_BLOCK) -> AnchorDriftLoss:
+        """Anchors from a reference checkpoint of an activation store.
+
+        Parameters
+        ----------
+        ds : xarray.Dataset or path
+            An activation store (:func:`driftlens.open_store`).
+        checkpoint : str, optional
+            The reference checkpoint (default: the store's first).
+        layers : sequence of int, optional
+            Decoder layers (default: every captured layer).
+        mode : {"fixed", "tracking"}
+        n_anchors : int
+            Anchor visual tokens per layer (the same rows for every layer), stratified by cluster.
+        weights : mapping layer -> float, or a drift report (xarray.Dataset), optional
+            Per-layer weights; a report gives :func:`report_weights` (its visual ``mmd`` at the last
+            checkpoint, clipped at 0, normalized). Default equal weights summing to 1.
+        site : str
+            Store variable (default ``hidden``).
+        seed : int
+            Seed of the anchor sample.
+        """
+        from driftlens.store import open_store
+
+        if not hasattr(ds, "data_vars"):
+            ds = open_store(ds)
+        if isinstance(n_anchors, bool) or int(n_anchors) < 2:
+            raise UsageError(f"n_anchors must be >= 2, got {n_anchors!r}")
+        if site not in ds.data_vars or "layer" not in ds[site].dims:
+            raise UsageError(f"site {site!r} is not a layered variable of the store; it has {list(ds.data_vars)}")
+        labels = [str(c) for c in ds.checkpoint.values.astype(str)]
+        if not labels:
+            raise UsageError("the store holds no completed checkpoint")
+        checkpoint = labels[0] if checkpoint is None else str(checkpoint)
+        if checkpoint not in labels:
+            raise UsageError(f"checkpoint {checkpoint!r} is not in the store; it has {labels}")
+        have = [int(v) for v in ds.layer.values]
+        layers = have if layers is None else [int(la) for la in layers]
+        missing = [la for la in layers if la not in have]
+        if missing or not layers or len(set(layers)) != len(layers):
+            raise UsageError(f"layers {list(layers)} must be distinct captured layers; the store has {have}")
+        if weights is not None and hasattr(weights, "data_vars"):
+            weights = report_weights(weights, layers, site=site)
+        modality = np.asarray(ds["modality"].values).astype(str)
+        vis_rows = np.flatnonzero(modality == "visual")
+        txt_rows = np.flatnonzero(modality == "text")
+        if vis_rows.size < 2:
+            raise UsageError("the store has fewer than 2 visual tokens")
+        rows = vis_rows[stratified_rows(_cluster_of(ds)[vis_rows], int(n_anchors), seed)]
+        data = ds[site].sel(checkpoint=checkpoint)
+        anchors, text = {}, {}
+        for la in layers:
+            block = np.asarray(data.sel(layer=la).values)                    # [T, d]
+            anchors[la] = torch.as_tensor(block[rows], dtype=dtype, device=device)
+            if mode == "tracking":
+                text[la] = torch.as_tensor(block[txt_rows], dtype=dtype, device=device)
+        loss = cls(anchors, mode=mode, anchor_text=text or None, weights=weights, block_size=block_size)
+        loss.source = {"checkpoint": checkpoint, "site": site, "n_anchors": int(rows.size),
+                       "n_clusters": int(np.unique(_cluster_of(ds)[rows]).size), "seed": int(seed)}
+        return loss
