@@ -768,13 +768,11 @@ def answer_logprob(model, batch: dict):
     """Sum over the labelled (answer) tokens of each row's log-probability [B]."""
     import torch
 
+    from driftlens.regularizer import label_logprobs
+
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)              # [B, T-1, vocab]
-    target = batch["labels"][:, 1:]                                    # [B, T-1]
-    mask = target != -100
-    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-    return picked.sum(1)                                               # [B]
+    return label_logprobs(logits, batch["labels"], reduce="sum")      # [B]
 
 
 def answer_scores(model, processor, image, question: shapes.Question):
