@@ -304,6 +304,20 @@ def _frechet_many(m1, c1, m2, c2, eig_dtype=None):
 # ----------------------------------------------------------------------------- the report
 
 
+def _check_opened_store(ds) -> None:
+    """Full integrity check of the store a Dataset was opened from, when every checkpoint is its own.
+
+    A Dataset assembled from several stores (``xr.concat``) keeps the first one's attrs; its
+    checkpoints are then not all in that store, and the check is left to each store's own open.
+    """
+    from driftlens.store import check_store, completed_labels
+
+    path = Path(ds.attrs["store_path"])
+    labels = [str(c) for c in ds.checkpoint.values.astype(str)]
+    if path.is_dir() and set(labels) <= set(completed_labels(path)):
+        check_store(path, "full", labels)
+
+
 def _as_drift_error(fn):
     """Numeric refusals of the metric functions (plain ``ValueError``) reach the user as :class:`DriftError`."""
     import functools
@@ -394,7 +408,7 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     from driftlens import metrics as M
     from driftlens._version import __version__
     from driftlens.devices import resolve_device
-    from driftlens.store import VERIFY_LEVELS, check_store, open_store
+    from driftlens.store import VERIFY_LEVELS, open_store
 
     if verify not in VERIFY_LEVELS:
         raise DriftError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
@@ -403,7 +417,7 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     if not hasattr(ds, "data_vars"):
         ds = open_store(ds, verify=verify)
     elif ds.attrs.get("store_path") and verify == "full" != ds.attrs.get("store_verified"):
-        check_store(ds.attrs["store_path"], "full", [str(c) for c in ds.checkpoint.values.astype(str)])
+        _check_opened_store(ds)
     metrics = _normalize_metrics(metrics)
     for name, val in (("n_permutations", n_permutations), ("n_bootstrap", n_bootstrap),
                       ("transport_resamples", transport_resamples), ("n_projections", n_projections),

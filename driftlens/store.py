@@ -651,6 +651,11 @@ def _root_attrs(path: Path) -> dict:
     return attrs
 
 
+def completed_labels(path) -> list[str]:
+    """The completed checkpoints of the store at ``path`` (from its metadata; nothing else read)."""
+    return list(_root_attrs(Path(path)).get("completed", []))
+
+
 def check_store(path, level: str = "fast", labels=None) -> list[str]:
     """Raise :class:`~driftlens.errors.StoreIntegrityError` when a completed checkpoint is damaged.
 

@@ -101,6 +101,16 @@ def test_every_single_chunk_damage_is_detected(pristine, tmp_path):
     assert verify_store(store, "full") == ([], [])
 
 
+def test_dataset_assembled_from_two_stores_is_not_checked_against_one(pristine, tmp_path):
+    """xr.concat keeps the first store's attrs: drift must not verify the other's labels there."""
+    other = make_store(tmp_path / "o.zarr", seed=1)
+    a = open_store(pristine[0]).sel(checkpoint=["base"])
+    b = open_store(other).sel(checkpoint=["shifted"]).assign_coords(checkpoint=["other-shifted"])
+    rep = dl.drift(xr.concat([a, b], "checkpoint"), metrics=("mmd",), n_permutations=20, n_bootstrap=20,
+                   progress=False)
+    assert list(rep.checkpoint.values) == ["base", "other-shifted"]
+
+
 def test_check_on_intact_store(pristine):
     out = clean_exit(cli("check", pristine[0]))
     assert out == ""
