@@ -26,10 +26,12 @@ from driftlens.regularizer import AnchorDriftLoss
 from driftlens.sources import SourceError
 from driftlens.specs import Spec, SpecError, list_specs, load_spec
 from driftlens.store import StoreMismatchError, check_store, open_store, verify_store
+from driftlens.trainer import DriftObjective
+from driftlens.training import VisualTap
 
 __all__ = ["AnchorDriftLoss", "CaptureError", "CheckpointIdentityError", "DataError", "DriftError", "DriftlensError",
            "EnvironmentProblem", "Probe", "ProbeError", "ProbeSet", "RankSchedule", "ScheduleError",
            "ScheduleFileError", "SourceError", "Spec", "SpecError", "StoreIntegrityError", "StoreMismatchError",
-           "UsageError", "__version__", "allocate_ranks", "capture", "check_store", "drift", "inference",
+           "UsageError", "VisualTap", "DriftObjective", "__version__", "allocate_ranks", "capture", "check_store", "drift", "inference",
            "list_probe_sets", "list_specs", "load_report", "load_spec", "metrics", "model_inputs", "open_store",
            "save_report", "verify_store"]

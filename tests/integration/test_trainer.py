@@ -1,0 +1,145 @@
+"""Training with the regularizer on the organism's tiny LLaVA (random init, a few steps, CPU).
+
+A plain loop and a transformers ``Trainer`` run: every loss term is logged, the drift term is
+read from the training forward itself (text-only batches skip it), and the callback logs the
+probe set's drift per layer with its interval.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from driftlens import organism
+from driftlens.probes import ProbeSet, make_shapes_probes
+from driftlens.regularizer import AnchorDriftLoss
+from driftlens.specs import load_spec
+from driftlens.trainer import DriftObjective, probe_batches, train_steps, visual_states
+
+LAYERS = [1, 3]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    recipe = organism.Recipe()
+    processor = organism.make_processor(recipe)
+    torch.manual_seed(0)
+    model = organism.make_model(recipe, processor.tokenizer)
+    spec = load_spec(model)
+    probes = ProbeSet.load(make_shapes_probes(tmp_path_factory.mktemp("probes"), seed=0, n_scenes=6,
+                                              size=recipe.image_size, kinds=("caption",), renders=2))
+    batches, clusters = probe_batches(probes, processor, spec, model.config, batch_size=6)
+    bank = organism.ImageBank(processor, recipe.image_size, organism._render_seed(recipe), 2)
+    return {"recipe": recipe, "processor": processor, "model": model, "spec": spec, "batches": batches,
+            "clusters": clusters, "bank": bank}
+
+
+def _anchor_loss(s, mode="tracking", batches=None):
+    from driftlens.training import VisualTap
+
+    vis, txt = {la: [] for la in LAYERS}, {la: [] for la in LAYERS}
+    s["model"].eval()
+    with torch.no_grad(), VisualTap(s["model"], LAYERS) as tap:
+        for b in s["batches"] if batches is None else batches:
+            s["model"](**b, use_cache=False)
+            for la in LAYERS:
+                vis[la].append(tap.visual[la])
+                txt[la].append(tap.text[la])
+    return AnchorDriftLoss({la: torch.cat(vis[la]) for la in LAYERS}, mode=mode,
+                           anchor_text={la: torch.cat(txt[la]) for la in LAYERS})
+
+
+def _mixed_batches(s, seed=0):
+    rng = random.Random(seed)
+
+    def batch(step):
+        if step % 2 == 0:
+            return s["bank"].question_batch(rng, "ko", 4)
+        return organism.encode_text(s["processor"], ["빨간 원이 있다.", "파란 네모가 있다."])
+    return batch
+
+
+def test_plain_loop_logs_every_term_and_skips_drift_on_text_batches(setup):
+    import copy
+
+    s = dict(setup, model=copy.deepcopy(setup["model"]))
+    objective = DriftObjective(s["model"], drift=_anchor_loss(s), drift_weight=1.0, contrast_weight=0.5)
+    opt = torch.optim.AdamW([p for p in s["model"].parameters() if p.requires_grad], lr=1e-3)
+    history = train_steps(s["model"], _mixed_batches(s), objective, opt, steps=4)
+    objective.detach()
+    assert [("drift_loss" in h) for h in history] == [True, False, True, False]
+    assert [("contrast_loss" in h) for h in history] == [True, False, True, False]
+    for h in history:
+        assert np.isfinite(h["lm_loss"]) and np.isfinite(h["loss"])
+    img = history[0]
+    assert img["loss"] == pytest.approx(img["lm_loss"] + img["drift_loss"] + 0.5 * img["contrast_loss"], rel=1e-5)
+    assert all(f"drift_loss/layer_{la}" in img for la in LAYERS)
+
+
+def test_drift_term_pulls_visual_tokens_back(setup):
+    """With the regularizer alone (no LM loss gradient on the LLM), drift toward the anchors shrinks."""
+    import copy
+
+    s = dict(setup, model=copy.deepcopy(setup["model"]))
+    loss_fn = _anchor_loss(s, mode="fixed", batches=s["batches"][:1])   # anchors: these very images
+    torch.manual_seed(1)
+    with torch.no_grad():                      # move the LLM away from the anchors first
+        for name, p in s["model"].named_parameters():
+            if "language_model" in name and p.dim() == 2:
+                p.add_(0.02 * torch.randn_like(p))
+    objective = DriftObjective(s["model"], drift=loss_fn, drift_weight=1.0)
+    params = [p for n, p in s["model"].named_parameters() if "language_model" in n]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    values = []
+    for _ in range(40):             # the anchors' own images: the minimum (the unperturbed LLM) is 0
+        batch = s["batches"][0]
+        s["model"].train()
+        s["model"](**batch, use_cache=False)            # the tap reads this forward
+        d = loss_fn(objective.tap.visual, objective.tap.text)
+        opt.zero_grad()
+        d.backward()
+        opt.step()
+        objective.tap.clear()
+        values.append(float(d.detach()))
+    objective.detach()
+    assert np.mean(values[-5:]) < 0.6 * np.mean(values[:5]), np.round(values, 3).tolist()     # gradients reach the LLM through the tap
+
+
+def test_trainer_logs_terms_and_the_callbacks_drift(setup, tmp_path):
+    import copy
+
+    from transformers import TrainingArguments
+
+    from driftlens.trainer import make_drift_callback, make_drift_trainer
+
+    s = dict(setup, model=copy.deepcopy(setup["model"]))
+    objective = DriftObjective(s["model"], drift=_anchor_loss(s), drift_weight=1.0, contrast_weight=0.2)
+    batch = _mixed_batches(s)
+    data = [batch(i) for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, logging_steps=1, learning_rate=1e-3,
+                             per_device_train_batch_size=1, report_to=[], save_strategy="no", use_cpu=True,
+                             remove_unused_columns=False, disable_tqdm=True)
+    callback = make_drift_callback()(s["batches"], s["clusters"], layers=LAYERS, every=2, n_bootstrap=50)
+    trainer = make_drift_trainer()(model=s["model"], args=args, train_dataset=data, data_collator=lambda xs: xs[0],
+                                   objective=objective, callbacks=[callback])
+    trainer.train()
+    objective.detach()
+    logs = trainer.state.log_history
+    steps = [entry for entry in logs if "lm_loss" in entry]
+    assert len(steps) == 4
+    assert any("drift_loss" in e for e in steps) and any("contrast_loss" in e for e in steps)
+    drift_logs = [e for e in logs if "drift_mmd/layer_1" in e]
+    assert [e["step"] for e in drift_logs] == [2, 4]
+    for e in drift_logs:
+        for la in LAYERS:
+            lo, eff, hi = (e[f"drift_mmd/layer_{la}{suf}"] for suf in ("_lo", "", "_hi"))
+            assert np.isfinite([lo, eff, hi]).all()
+    assert len(callback.history) == 2 * len(LAYERS)
+
+
+def test_visual_states_match_the_tapped_rows_and_clusters(setup):
+    states = visual_states(setup["model"], setup["batches"], LAYERS)
+    assert states[1].shape[0] == len(setup["clusters"]) > 0
+    assert len(np.unique(setup["clusters"])) == 6
