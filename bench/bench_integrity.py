@@ -24,21 +24,12 @@ import json
 import platform
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
+from bench_capture import best  # noqa: E402 - the sibling script (bench/ is on sys.path when run)
 from driftlens.store import checkpoint_chunks, open_store, verify_store, write_record
-
-
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def read_all(path: Path) -> None:
