@@ -278,10 +278,7 @@ def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidde
     sites = _check_sites(sites)
     if dtype not in ("float32", "float16"):
         raise UsageError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
-    _check_count("batch_size", batch_size)
-    if tokens_per_sample is not None:
-        _check_count("tokens_per_sample", tokens_per_sample)
-    layers = _check_layers(layers)
+    layers = _check_layers(layers)        # batch_size and tokens_per_sample: plan_tokens, before any load
     dev = resolve_device(device)
     out = _check_out(out)
     probes = probes if isinstance(probes, ProbeSet) else ProbeSet.load(probes)
