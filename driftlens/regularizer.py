@@ -168,8 +168,10 @@ def stratified_rows(clusters: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """At most ``n`` row indices spread evenly over clusters (round robin over shuffled clusters,
     random rows within each), sorted."""
     rng = np.random.default_rng(seed)
-    uniq = rng.permutation(np.unique(clusters))
-    pools = [list(rng.permutation(np.flatnonzero(clusters == c))) for c in uniq]
+    uniq, codes = np.unique(clusters, return_inverse=True)
+    order = np.argsort(codes.reshape(-1), kind="stable")                 # rows grouped by cluster
+    groups = np.split(order, np.cumsum(np.bincount(codes.reshape(-1), minlength=len(uniq)))[:-1])
+    pools = [list(rng.permutation(groups[i])) for i in rng.permutation(len(uniq))]
     out: list[int] = []
     depth = 0
     while len(out) < n and any(depth < len(p) for p in pools):
