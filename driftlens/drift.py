@@ -445,7 +445,8 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     layers = [int(v) for v in ds.layer.values]
     modality = ds["modality"].values.astype(str)
     cluster, cluster_coord, notes = _cluster_labels(ds)
-    unfinished = [c for c in ds.attrs.get("checkpoints", []) if c not in ds.attrs.get("completed", [c])]
+    unfinished = [c for c in ds.attrs.get("checkpoints", [])
+                  if c not in ds.attrs.get("completed", [c]) and c not in labels]   # not opened with include_incomplete
     if unfinished:
         notes.append(f"checkpoint(s) {unfinished} were started but their capture did not finish; the report "
                      f"leaves them out (rerun the capture to complete them)")
