@@ -466,7 +466,26 @@ def _train_trajectory(recipe: Recipe, tmp: Path, progress: bool) -> tuple[dict, 
     return stages["ko"], stages["en"], info
 
 
-def _continue(model, processor, bank: "ImageBank", recipe: Recipe, lang: str, tmp: Path, progress: bool) -> dict:
+def continuation_batches(processor, bank: ImageBank, recipe: Recipe, lang: str):
+    """The continuation stages' batch stream: ``batch(step) -> dict``, one call per step in order.
+
+    ``adapt_image_fraction`` of the batches are image questions in ``lang``, the rest text-only
+    (captions, question/answer text, plain sentences of the training scenes); the stream depends
+    only on the recipe's seed (the same kinds and scenes for the Korean stage, its English control
+    and every arm of the regularizer experiment).
+    """
+    rng = random.Random(f"{recipe.seed}-continuation")
+    scenes = shapes.split_scenes(seed=0)[0]        # text of the held-out scenes is never trained on
+
+    def batch(step):
+        if rng.random() < recipe.adapt_image_fraction:
+            return bank.question_batch(rng, lang, recipe.batch_size)
+        return encode_text(processor, [_text(rng, lang, scenes) for _ in range(recipe.batch_size)])
+
+    return batch
+
+
+def _continue(model, processor, bank: ImageBank, recipe: Recipe, lang: str, tmp: Path, progress: bool) -> dict:
     """One continuation stage from the base: LLM only (vision tower and projector frozen), a
     constant learning rate after warmup, ``adapt_image_fraction`` of the batches image questions
     in ``lang``, the rest text; checkpoints ``{lang}-1 ...``."""
@@ -474,15 +493,9 @@ def _continue(model, processor, bank: "ImageBank", recipe: Recipe, lang: str, tm
     for name, p in model.named_parameters():
         p.requires_grad_(not any(f in name for f in frozen))
     params = [p for p in model.parameters() if p.requires_grad]
-    rng = random.Random(f"{recipe.seed}-continuation")
-    scenes = shapes.split_scenes(seed=0)[0]        # text of the held-out scenes is never trained on
+    batch = continuation_batches(processor, bank, recipe, lang)
     every = recipe.adapt_steps // recipe.n_checkpoints
     ckpts = {}
-
-    def batch(step):
-        if rng.random() < recipe.adapt_image_fraction:
-            return bank.question_batch(rng, lang, recipe.batch_size)
-        return encode_text(processor, [_text(rng, lang, scenes) for _ in range(recipe.batch_size)])
 
     def save(step):
         if step % every == 0 and step // every <= recipe.n_checkpoints:
