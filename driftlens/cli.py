@@ -230,6 +230,12 @@ def _add_ranks(sub) -> None:
     add_parser(sub)
 
 
+def _add_experiment(sub) -> None:
+    from driftlens.experiment import add_parser
+
+    add_parser(sub)
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="the whole pipeline on the built-in model organism, over seeds (CPU, no download)",
@@ -289,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_ranks(sub)
     _add_plot(sub)
+    _add_experiment(sub)
     return parser
 
 

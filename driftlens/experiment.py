@@ -347,7 +347,7 @@ def arm_drift(seed: int, traj, demo_dir: Path, out: Path, arms, progress: bool =
 
 def run_experiment(out="driftlens-experiment", demo_dir=None, seeds=(0, 1, 2), arms=ARMS, cache=None,
                    settings: Settings | None = None, progress: bool = True) -> dict:
-    """Run the experiment; returns (and writes to ``out/regularizer.json``) the results.
+    """Run the experiment; returns the results, also written by :func:`write_outputs` into ``out``.
 
     Parameters
     ----------
@@ -399,7 +399,158 @@ def run_experiment(out="driftlens-experiment", demo_dir=None, seeds=(0, 1, 2), a
         "organism": {"adapt_lr": recipe.adapt_lr, "batch_size": recipe.batch_size,
                      "adapt_image_fraction": recipe.adapt_image_fraction, "warmup": recipe.warmup},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "regularizer.json"
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    write_outputs(result, out)
     return result
+
+
+# ----------------------------------------------------------------------------- reading the result
+
+REGULARIZED = ("lora_schedule_anchor_fixed", "lora_schedule_anchor_tracking", "lora_schedule_contrast")
+
+
+def _ms(values) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def targets(result: dict, reference: str = "lora_uniform") -> dict:
+    """The issue's targets for each regularized arm present, read as written down before the run.
+
+    * ``english_kept``: mean English grounding >= the base's - 0.05;
+    * ``korean_as_good``: mean Korean grounding >= the reference's mean - the larger of the two
+      arms' standard deviations over seeds (the seeds' spread), and held-out Korean LM loss <= the
+      reference's + that spread;
+    * ``drift_halved``: mean final visual drift effect <= 0.5 x the reference's.
+    """
+    arms = result["arms"]
+    if reference not in arms:
+        return {}
+    ref = arms[reference]
+    out = {}
+    for arm in (a for a in REGULARIZED if a in arms):
+        a = arms[arm]
+        en, _ = _ms(a["en_acc"])
+        ko, ko_sd = _ms(a["ko_acc"])
+        rko, rko_sd = _ms(ref["ko_acc"])
+        lm, lm_sd = _ms(a["ko_lm_loss"])
+        rlm, rlm_sd = _ms(ref["ko_lm_loss"])
+        dr, _ = _ms(a["drift_effect_mean"])
+        rdr, _ = _ms(ref["drift_effect_mean"])
+        checks = {"english_kept": en >= result["base"]["en_acc"] - 0.05,
+                  "korean_as_good": ko >= rko - max(ko_sd, rko_sd) and lm <= rlm + max(lm_sd, rlm_sd),
+                  "drift_halved": dr <= 0.5 * rdr}
+        out[arm] = {**checks, "all": all(checks.values()), "drift_change": dr / rdr - 1 if rdr > 0 else float("nan")}
+    return out
+
+
+def markdown_table(result: dict) -> str:
+    """The result as a markdown table (mean ± standard deviation over seeds)."""
+    base = result["base"]
+    ref = result["arms"].get("lora_uniform")
+    rdr = _ms(ref["drift_effect_mean"])[0] if ref else float("nan")
+    header = ("| arm | EN grounding | KO grounding | KO LM loss (held-out) | visual drift (mean over layers) "
+              "| vs lora_uniform | s / step |")
+    lines = [header, "|---|---|---|---|---|---|---|",
+             f"| base | {base['en_acc']:.3f} | {base['ko_acc']:.3f} | {base['ko_lm_loss']:.2f} | 0 | | |"]
+    for arm, a in result["arms"].items():
+        cells = []
+        for key, fmt in (("en_acc", ".3f"), ("ko_acc", ".3f"), ("ko_lm_loss", ".2f"), ("drift_effect_mean", ".3f")):
+            m, s = _ms(a[key])
+            cells.append(f"{m:{fmt}}±{s:{fmt}}")
+        dr = _ms(a["drift_effect_mean"])[0]
+        change = f"{100 * (dr / rdr - 1):+.0f}%" if rdr > 0 else ""
+        cells += [change, f"{_ms(a['seconds_per_step'])[0]:.3f}"]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_arms(result: dict, ax=None, chance: float | None = None):
+    """English vs Korean grounding per arm, one point per seed, the arm's mean as a larger marker."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 5.0), layout="constrained")
+    colors = plt.get_cmap("tab10").colors
+    markers = "osD^v<>Ph"
+    for i, (arm, a) in enumerate(result["arms"].items()):
+        c, m = colors[i % len(colors)], markers[i % len(markers)]
+        ax.scatter(a["en_acc"], a["ko_acc"], color=c, marker=m, s=22, alpha=0.55)
+        ax.scatter([np.mean(a["en_acc"])], [np.mean(a["ko_acc"])], color=c, marker=m, s=90, edgecolor="black",
+                   linewidth=0.8, label=arm)
+    base = result["base"]
+    ax.scatter([base["en_acc"]], [base["ko_acc"]], marker="*", s=200, color="black", label="base")
+    ax.axvline(base["en_acc"] - 0.05, color="gray", ls="--", lw=0.8)
+    ax.text(base["en_acc"] - 0.05, 1.0, " base EN - 5 points", color="gray", fontsize=8, va="top", rotation=90)
+    if chance is not None:
+        ax.axhline(chance, color="gray", ls=":", lw=0.8)
+        ax.axvline(chance, color="gray", ls=":", lw=0.8)
+    ax.set_xlabel("English grounding accuracy")
+    ax.set_ylabel("Korean grounding accuracy")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"Korean adaptation arms ({len(result['seeds'])} seeds; small points: seeds, large: mean)",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="lower left", ncols=2)
+    return ax.figure
+
+
+def write_outputs(result: dict, out) -> dict:
+    """``regularizer.json``, ``regularizer.md`` (table + targets) and ``regularizer.png`` in ``out``."""
+    from driftlens import organism, plot
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / "regularizer.json"
+    tmp = js.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(js)
+    lines = [markdown_table(result), ""]
+    for arm, t in targets(result).items():
+        verdict = "met" if t["all"] else "not met"
+        lines.append(f"- {arm}: targets {verdict} (English kept: {t['english_kept']}, Korean as good as "
+                     f"lora_uniform: {t['korean_as_good']}, drift halved: {t['drift_halved']}; drift "
+                     f"{100 * t['drift_change']:+.0f}% vs lora_uniform)")
+    md = out / "regularizer.md"
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    png = plot.save(plot_arms(result, chance=organism.chance_accuracy()), out / "regularizer.png")
+    return {"json": js, "markdown": md, "figure": Path(png)}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_parser(sub) -> None:
+    """``driftlens experiment regularizer [--seeds 0,1,2] [--arms ...] [--steps N]``."""
+    p = sub.add_parser(
+        "experiment", help="the closed-loop regularizer experiment on the model organism",
+        description="From each organism seed's English base, adapt to Korean with the same data and steps in "
+                    f"arms that differ in one factor ({', '.join(ARMS)}); evaluate English and Korean grounding, "
+                    "held-out Korean LM loss and the final visual drift against the base; write "
+                    "regularizer.json, regularizer.md (table, targets) and regularizer.png into --out. Finished "
+                    "(arm, seed) pairs are kept: an interrupted run resumes.")
+    p.add_argument("which", choices=["regularizer"], help="the experiment")
+    p.add_argument("--out", "-o", default="driftlens-experiment", help="output folder (default: %(default)s)")
+    p.add_argument("--demo", default=None, help="a `driftlens demo` output folder for the same seeds (anchors, "
+                                                "rank schedules, probe set); default OUT/demo, run when absent")
+    p.add_argument("--seeds", default="0,1,2", help="organism seeds (default: %(default)s)")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default: all)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the organism's "
+                                                           "adapt_steps, 600)")
+    p.add_argument("--cache", default=None,
+                   help="cache root of the organism builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from driftlens.organism import parse_seeds
+
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    run_experiment(out=args.out, demo_dir=args.demo, seeds=parse_seeds(args.seeds), arms=arms,
+                   cache=args.cache, settings=Settings(steps=args.steps), progress=not args.no_progress)
+    out = Path(args.out)
+    print((out / "regularizer.md").read_text(encoding="utf-8"))
+    for name in ("regularizer.json", "regularizer.md", "regularizer.png"):
+        print(f"  {out / name}")
+    return 0

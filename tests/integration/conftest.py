@@ -27,3 +27,19 @@ def organism_cache(tmp_path_factory):
 def organisms(organism_cache):
     """The default recipe over the demo's seeds, built (in parallel processes) into the session cache."""
     return organism.build_seeds(DEMO_SEEDS, cache=organism_cache, progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_run(organisms, organism_cache, tmp_path_factory):
+    """``driftlens demo`` over the session's organisms, run once: ``(output folder, printed text)``."""
+    import contextlib
+    import io
+
+    from driftlens.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["demo", "--out", str(out), "--cache", str(organism_cache), "--no-progress"])
+    assert code == 0
+    return out, printed.getvalue()

@@ -10,17 +10,13 @@ import json
 import numpy as np
 import pytest
 
-from driftlens.cli import main
-
 KEYS = ("checkpoints", "seeds", "chance_accuracy", "grounding_accuracy", "ko_lm_loss", "visual_drift_effect",
         "visual_drift_lo", "visual_drift_hi", "visual_drift_p", "layers_significant_fraction")
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(organisms, organism_cache, tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--cache", str(organism_cache), "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+def test_demo_end_to_end(demo_run):
+    out, printed = demo_run
     assert "everything is in" in printed and "English control" in printed
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     for key in KEYS:
