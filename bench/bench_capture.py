@@ -2,7 +2,7 @@
 
 Run by hand:  .venv/bin/python bench/bench_capture.py [--layers 8] [--hidden 512] [--repeats 3]
 
-Model: a random-weight LLaVA (driftlens.tiny) with a Llama decoder of ``--layers`` blocks and
+Model: a random-weight LLaVA (driftlens.testing.tiny) with a Llama decoder of ``--layers`` blocks and
 hidden size ``--hidden``; probes: ``photos-bilingual``. Two ratios are reported:
 
 - per batch: nnsight trace + row gather + store write, against ``model(**inputs)`` (the same
@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 import driftlens as dl
-from driftlens import tiny
 from driftlens.capture import plan_tokens
 from driftlens.devices import resolve_device
 from driftlens.probes import ProbeSet
 from driftlens.specs import load_spec
+from driftlens.testing import tiny
 
 
 def repeated(probes, copies: int, dest: Path) -> ProbeSet:
@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--probes", default="photos-bilingual")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
     ap.add_argument("--copies", type=int, default=4,
-                    help="repeat the probe set this many times (distinct ids), so fixed costs amortize as in a real capture")
+                    help="repeat the probe set this many times (distinct ids), so fixed costs amortize "
+                         "as in a real capture")
     args = ap.parse_args()
 
     dev = resolve_device(args.device)

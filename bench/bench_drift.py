@@ -74,7 +74,7 @@ def main():
                      args.repeats)
         rows.append(("current, MMD only (1000 + 1000)", t))
     print(f"\nStore: {args.store} ({shape})\n")
-    print("| report | seconds (best of %d) |" % args.repeats)
+    print(f"| report | seconds (best of {args.repeats}) |")
     print("|---|---|")
     for name, t in rows:
         print(f"| {name} | {t:.1f} |")

@@ -27,8 +27,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from bench_capture import best  # noqa: E402 - the sibling script (bench/ is on sys.path when run)
+
 from driftlens.store import checkpoint_chunks, open_store, verify_store, write_record
 
 

@@ -1,6 +1,6 @@
 """Organism build time (all seeds) and the demo's wall time on this machine (run by hand).
 
-    .venv/bin/python bench/bench_organism.py                 # fresh build of seeds 0,1,2 into a temp cache, then the demo
+    .venv/bin/python bench/bench_organism.py                 # fresh build of seeds 0,1,2 (temp cache), then the demo
     .venv/bin/python bench/bench_organism.py --build-only    # the organism only
     .venv/bin/python bench/bench_organism.py --jobs 1        # seeds one after another, all threads each
 
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=None, help="build processes (default: one per seed)")
     args = ap.parse_args()
     from driftlens import organism
-    from driftlens.demo import run_demo
+    from driftlens.organism.demo import run_demo
 
     tmp = Path(tempfile.mkdtemp())
     seeds = organism.parse_seeds(args.seeds)

@@ -75,7 +75,7 @@ def main() -> None:
     processor = organism.make_processor(recipe)
     torch.manual_seed(0)
     model = organism.make_model(recipe, processor.tokenizer)
-    bank = organism.ImageBank(processor, recipe.image_size, organism._render_seed(recipe), 4)
+    bank = organism.ImageBank(processor, recipe.image_size, organism.render_seed(recipe), 4)
     rng = random.Random(1)
     batches = [bank.question_batch(rng, "ko", args.batch) for _ in range(8)]
     layers = list(range(4))

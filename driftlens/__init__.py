@@ -5,7 +5,7 @@ The package namespace only re-exports; importing it loads no model and touches n
 from driftlens import inference, metrics
 from driftlens._version import __version__
 from driftlens.capture import CaptureError, capture
-from driftlens.drift import DriftError, drift, load_report, save_report
+from driftlens.drift import DriftError, drift
 from driftlens.errors import (
     CheckpointIdentityError,
     DataError,
@@ -25,13 +25,20 @@ from driftlens.ranks import (
 from driftlens.regularizer import AnchorDriftLoss
 from driftlens.sources import SourceError
 from driftlens.specs import Spec, SpecError, list_specs, load_spec
-from driftlens.store import StoreMismatchError, check_store, open_store, verify_store
+from driftlens.store import (
+    StoreMismatchError,
+    check_store,
+    load_report,
+    open_store,
+    save_report,
+    verify_store,
+)
 from driftlens.trainer import DriftObjective
 from driftlens.training import VisualTap
 
-__all__ = ["AnchorDriftLoss", "CaptureError", "CheckpointIdentityError", "DataError", "DriftError", "DriftlensError",
-           "EnvironmentProblem", "Probe", "ProbeError", "ProbeSet", "RankSchedule", "ScheduleError",
-           "ScheduleFileError", "SourceError", "Spec", "SpecError", "StoreIntegrityError", "StoreMismatchError",
-           "UsageError", "VisualTap", "DriftObjective", "__version__", "allocate_ranks", "capture", "check_store", "drift", "inference",
-           "list_probe_sets", "list_specs", "load_report", "load_spec", "metrics", "model_inputs", "open_store",
-           "save_report", "verify_store"]
+__all__ = ["AnchorDriftLoss", "CaptureError", "CheckpointIdentityError", "DataError", "DriftError",
+           "DriftObjective", "DriftlensError", "EnvironmentProblem", "Probe", "ProbeError", "ProbeSet",
+           "RankSchedule", "ScheduleError", "ScheduleFileError", "SourceError", "Spec", "SpecError",
+           "StoreIntegrityError", "StoreMismatchError", "UsageError", "VisualTap", "allocate_ranks", "capture",
+           "check_store", "drift", "inference", "list_probe_sets", "list_specs", "load_report", "load_spec",
+           "metrics", "model_inputs", "open_store", "save_report", "verify_store", "__version__"]

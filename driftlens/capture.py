@@ -64,9 +64,11 @@ class Plan:
 
     @property
     def n_tokens(self) -> int:
+        """Number of selected token rows."""
         return len(self.tokens["sample"])
 
     def selection_hash(self) -> str:
+        """A hash of the token selection (sample, position, modality), stored with the capture."""
         h = hashlib.sha256()
         for name in ("sample", "position", "modality"):
             h.update("\x00".join(map(str, self.tokens[name])).encode())
@@ -284,7 +286,7 @@ def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidde
     probes = probes if isinstance(probes, ProbeSet) else ProbeSet.load(probes)
     ckpts = normalize_checkpoints(model, checkpoints)
     overwrite = _check_overwrite(overwrite, ckpts)
-    for label, src in ckpts.items():
+    for src in ckpts.values():
         source_kind(src)                       # fail early on a missing/odd directory
     config = _config_of(model)
     if spec is None:

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from driftlens.errors import UsageError
+
 
 def _checkpoint_arg(text: str) -> tuple[str, str]:
     label, sep, path = text.partition("=")
@@ -41,8 +43,6 @@ _fraction = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 def _trajectory(pairs: list[tuple[str, str]]) -> dict[str, str] | None:
     """``-c LABEL=PATH`` pairs as an ordered mapping; a label given twice is refused."""
-    from driftlens.errors import UsageError
-
     seen: dict[str, str] = {}
     for label, path in pairs:
         if label in seen:
@@ -61,7 +61,7 @@ def _add_capture(sub) -> None:
     )
     p.add_argument("model", help="base model directory (transformers, safetensors; its processor is loaded from it)")
     p.add_argument("--probes", default="shapes-bilingual",
-                   help="probe-set name under driftlens/data/probes or a manifest.jsonl path (default: %(default)s)")
+                   help="probe-set name under data/probes or a manifest.jsonl path (default: %(default)s)")
     p.add_argument("--checkpoint", "-c", action="append", type=_checkpoint_arg, default=[],
                    metavar="LABEL=PATH",
                    help="a trajectory point, in order: a model directory or a PEFT adapter directory "
@@ -206,7 +206,7 @@ def _add_plot(sub) -> None:
 
 def _run_plot(args) -> int:
     from driftlens import plot
-    from driftlens.drift import load_report
+    from driftlens.store import load_report
 
     rep = load_report(args.report)
     if args.kind == "heatmap":
@@ -219,9 +219,56 @@ def _run_plot(args) -> int:
 
 
 def _add_organism(sub) -> None:
-    from driftlens.organism import add_parser
+    """``driftlens organism build [--seeds 0,1,2] [--force]``."""
+    p = sub.add_parser("organism", help="build the model organism (a tiny bilingual LLaVA trained here)",
+                       description="Build (or find in the cache) the model organism for each seed: a base trained "
+                                   "on English shapes, then a Korean adaptation and an English control "
+                                   "continuation from it (5 checkpoints each), evaluated on renderings never "
+                                   "trained on. Missing seeds build in parallel processes.")
+    p.add_argument("action", choices=["build"], help="what to do")
+    p.add_argument("--seeds", default="0,1,2", help="seeds to build, e.g. 0,1,2 or 0-4 (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per missing seed, "
+                                                         "at most the CPU count)")
+    p.add_argument("--cache", default=None,
+                   help="cache root of the builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
+    p.add_argument("--force", action="store_true", help="rebuild even when cached")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_organism)
 
-    add_parser(sub)
+
+def _run_organism(args) -> int:
+    from driftlens.organism import build_seeds, evaluate
+
+    seeds = parse_seeds(args.seeds)
+    trajs = build_seeds(seeds, force=args.force, progress=not args.no_progress, jobs=args.jobs, cache=args.cache)
+    for traj in trajs:
+        ev = evaluate(traj, progress=not args.no_progress)
+        print(f"organism seed {traj.seed}: {traj.root} (built in {traj.build_seconds:.0f} s); "
+              f"chance accuracy {ev['chance_accuracy']:.3f}")
+        for label in traj.all_checkpoints:
+            g = ev["grounding"][label]
+            print(f"  {label:>6}: EN {g['en']['accuracy']:.3f} [{g['en']['lo']:.2f}, {g['en']['hi']:.2f}]  "
+                  f"KO {g['ko']['accuracy']:.3f} [{g['ko']['lo']:.2f}, {g['ko']['hi']:.2f}]  "
+                  f"KO LM loss {ev['ko_lm_loss'][label]:.3f} (new forms {ev['ko_lm_loss_new_forms'][label]:.3f}, "
+                  f"seen {ev['ko_lm_loss_seen'][label]:.3f})")
+    return 0
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-2"`` -> ``[0, 1, 2]``."""
+    out: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
+        except ValueError:
+            raise UsageError(f"--seeds: {text!r} is not a list like 0,1,2 or a range like 0-2") from None
+    if not out or any(s < 0 for s in out) or len(set(out)) != len(out):
+        raise UsageError(f"--seeds: {text!r} must name distinct non-negative seeds")
+    return out
 
 
 def _add_ranks(sub) -> None:
@@ -231,9 +278,43 @@ def _add_ranks(sub) -> None:
 
 
 def _add_experiment(sub) -> None:
-    from driftlens.experiment import add_parser
+    """``driftlens experiment regularizer [--seeds 0,1,2] [--arms ...] [--steps N]``."""
+    from driftlens.organism.experiment import ARMS
 
-    add_parser(sub)
+    p = sub.add_parser(
+        "experiment", help="the closed-loop regularizer experiment on the model organism",
+        description="From each organism seed's English base, adapt to Korean with the same data and steps in "
+                    f"arms that differ in one factor ({', '.join(ARMS)}); evaluate English and Korean grounding, "
+                    "held-out Korean LM loss and the final visual drift against the base; write "
+                    "regularizer.json, regularizer.md (table, targets) and regularizer.png into --out. Finished "
+                    "(arm, seed) pairs are kept: an interrupted run resumes.")
+    p.add_argument("which", choices=["regularizer"], help="the experiment")
+    p.add_argument("--out", "-o", default="driftlens-experiment", help="output folder (default: %(default)s)")
+    p.add_argument("--demo", default=None, help="a `driftlens demo` output folder for the same seeds (anchors, "
+                                                "rank schedules, probe set); default OUT/demo, run when absent")
+    p.add_argument("--seeds", default="0,1,2", help="organism seeds (default: %(default)s)")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default: all)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the organism's "
+                                                           "adapt_steps, 600)")
+    p.add_argument("--cache", default=None,
+                   help="cache root of the organism builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_experiment)
+
+
+def _run_experiment(args) -> int:
+    from driftlens.organism.experiment import Settings, run_experiment
+
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    run_experiment(out=args.out, demo_dir=args.demo, seeds=parse_seeds(args.seeds), arms=arms,
+                   cache=args.cache, settings=Settings(steps=args.steps), progress=not args.no_progress)
+    out = Path(args.out)
+    print((out / "regularizer.md").read_text(encoding="utf-8"))
+    for name in ("regularizer.json", "regularizer.md", "regularizer.png"):
+        print(f"  {out / name}")
+    return 0
 
 
 def _add_demo(sub) -> None:
@@ -256,8 +337,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from driftlens.demo import run_demo
-    from driftlens.organism import parse_seeds
+    from driftlens.organism.demo import run_demo
 
     summary = run_demo(out=args.out, cache=args.cache, force=args.force, device=args.device,
                        progress=not args.no_progress, seeds=parse_seeds(args.seeds))
@@ -279,6 +359,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``driftlens`` argument parser with every command."""
     parser = _Parser(
         prog="driftlens",
         description="Measure, layer by layer and against a null, how visual tokens drift while a "
@@ -365,6 +446,7 @@ def _quiet_interrupts() -> None:
 
 
 def threading_main() -> bool:
+    """Whether this is the main thread (signal handlers can only be set there)."""
     import threading
 
     return threading.current_thread() is threading.main_thread()

@@ -51,6 +51,7 @@ import numpy as np
 
 from driftlens import inference as I
 from driftlens.errors import UsageError, raise_if_interrupted
+from driftlens.store import check_report_path, save_report
 
 DISTRIBUTIONAL = ("mmd", "sinkhorn", "sliced_w", "gauss_w2")
 TRANSPORT = ("sinkhorn", "sliced_w", "gauss_w2")
@@ -265,7 +266,7 @@ def _frechet_batch(w, nv, sv, ov, nt, st, ot, tn, chunk: int = 128):
     for b0 in range(0, w.shape[0], chunk):
         wb = w[b0:b0 + chunk]                                               # [b, K]
 
-        def moments(n, s, o):
+        def moments(n, s, o, wb=wb):
             nn = wb @ n                                                     # [b]
             mu = (wb @ s) / nn[:, None]                                     # [b, d]
             sec = (wb @ o.reshape(o.shape[0], -1)).reshape(-1, *o.shape[1:])  # [b, d, d]
@@ -556,7 +557,7 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
                                     f"checkpoint {label!r}, site {site!r}, layer {layer}, {mod} tokens")
                     _put(res, "mmd", (ci, li, si, mi), inf)
                 for m, f in fns.items():
-                    inf = _transport_cell(lambda a, b: f(a, b, pm["sigma"]), r, c, rows,
+                    inf = _transport_cell(lambda a, b, f=f, s=pm["sigma"]: f(a, b, s), r, c, rows,
                                           flips_for(rows.k, n_tr[0]), counts_for(rows.k, n_tr[1]), level)
                     _put(res, m, (ci, li, si, mi), inf)
                 if "paired_shift" in metrics:
@@ -686,60 +687,3 @@ def _attrs(name: str, level, n_perm, n_boot, n_tr) -> dict:
                 "definition": f"(1 + k) / (1 + {perm}), k cluster sign flips (reference and checkpoint tokens of "
                               f"whole clusters swapped) whose statistic is >= the observed one; one-sided"}
     return {"long_name": long_name, "units": units, "definition": definition}
-
-
-def check_report_path(path) -> Path:
-    """An output file path that can be written: not a folder, its parent a writable folder."""
-    import os
-
-    from driftlens.errors import EnvironmentProblem
-
-    path = Path(path)
-    if path.is_dir():
-        raise DriftError(f"--out {path} is a folder; give a file name such as {path / 'report.nc'}")
-    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise DriftError(f"--out {path}: {parent} is a file, so {path.parent} cannot be created")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise EnvironmentProblem(f"--out {path}: not writable")
-    return path
-
-
-def save_report(report, path) -> Path:
-    """Write a drift report as netCDF (h5netcdf engine), atomically; returns the path."""
-    path = check_report_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        report.to_netcdf(tmp, engine="h5netcdf")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def load_report(path):
-    """Read a drift report written by :func:`save_report`.
-
-    Raises :class:`~driftlens.errors.DataError` when the file is not a readable netCDF drift report.
-    """
-    import xarray as xr
-
-    from driftlens.errors import DataError
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no drift report at {path}")
-    if path.is_dir():
-        raise DriftError(f"{path} is a folder, not a drift report (a .nc file written by `driftlens drift`)")
-    try:
-        with xr.open_dataset(path, engine="h5netcdf") as ds:
-            rep = ds.load()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path} is not a readable drift report ({type(exc).__name__}: {exc})") from exc
-    if "checkpoint" not in rep.dims or "layer" not in rep.dims:
-        raise DataError(f"{path} is a netCDF file but not a driftlens drift report (it has dims "
-                        f"{dict(rep.sizes)}, a report has checkpoint and layer)")
-    if rep.sizes["checkpoint"] == 0:
-        raise DataError(f"{path}: the report holds no checkpoint")
-    return rep

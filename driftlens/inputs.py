@@ -65,3 +65,27 @@ def model_inputs(processor, spec, images, prompts):
     for k in _DROP:
         batch.pop(k, None)
     return batch
+
+
+def chat_template(user: str, image: str, end_user: str, assistant: str, end_assistant: str,
+                   bos: str = "") -> str:
+    """A minimal Jinja chat template in the layout of a real model's.
+
+    Messages are ``{"role", "content"}`` with content a string or a list of
+    ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts; an image part renders
+    as ``image`` (the processor expands it to the model's placeholder tokens).
+    """
+    return (
+        bos
+        + "{% for m in messages %}"
+        "{% if m['role'] == 'user' %}" + user
+        + "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+          "{% for c in m['content'] %}{% if c['type'] == 'image' %}" + image
+        + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}" + end_user
+        + "{% else %}" + assistant
+        + "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+          "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+          "{% endif %}" + end_assistant
+        + "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}" + assistant + "{% endif %}"
+    )

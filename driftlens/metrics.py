@@ -35,7 +35,8 @@ Conventions (DESIGN.md, "Conventions"):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch

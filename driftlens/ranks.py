@@ -468,6 +468,7 @@ class RankSchedule:
     # --- views ---------------------------------------------------------------------------------
     @property
     def adapted(self) -> list[ModuleRank]:
+        """The modules with rank > 0."""
         return [m for m in self.modules if m.rank > 0]
 
     @property
@@ -477,26 +478,32 @@ class RankSchedule:
 
     @property
     def alphas(self) -> dict[str, float]:
+        """``{module path: alpha}`` of the adapted modules."""
         return {m.path: m.alpha for m in self.adapted}
 
     @property
     def budget(self) -> int:
+        """Sum of the ranks."""
         return int(sum(m.rank for m in self.modules))
 
     @property
     def n_layers(self) -> int:
+        """Decoder layers of the model the schedule is for."""
         return int(self.meta.get("n_layers", max(m.layer for m in self.modules) + 1))
 
     @property
     def family(self):
+        """The spec family (or None)."""
         return self.meta.get("family")
 
     @property
     def model_type(self):
+        """The model's ``config.model_type`` (or None)."""
         return self.meta.get("model_type")
 
     @property
     def use_rslora(self) -> bool:
+        """Whether the schedule exports ``use_rslora=True``."""
         return bool(self.meta.get("use_rslora", False))
 
     def layer_ranks(self) -> np.ndarray:
@@ -523,16 +530,19 @@ class RankSchedule:
 
     @property
     def base_alpha(self):
+        """The exported ``lora_alpha``."""
         if self.use_rslora:
             return self.meta["lora_alpha"]
         return _num(self.meta.get("alpha_ratio", 2.0) * self.base_rank)
 
     @property
     def rank_pattern(self) -> dict[str, int]:
+        """PEFT ``rank_pattern``: anchored full module names -> rank."""
         return {pattern_key(m.path): m.rank for m in self.adapted}
 
     @property
     def alpha_pattern(self) -> dict[str, float]:
+        """PEFT ``alpha_pattern``: anchored full module names -> alpha (empty with rsLoRA)."""
         if self.use_rslora:
             return {}
         return {pattern_key(m.path): m.alpha for m in self.adapted}
@@ -1216,22 +1226,11 @@ def add_parser(subparsers):
     return p
 
 
-def _load_report(path):
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no drift report at {path}")
-    try:
-        from driftlens.drift import load_report
-    except ImportError:  # pragma: no cover
-        import xarray as xr
-
-        return xr.load_dataset(path, engine="h5netcdf")
-    return load_report(path)
-
-
 def run_ranks(args) -> int:
     """Handler of ``driftlens ranks``."""
-    report = _load_report(args.report)
+    from driftlens.store import load_report
+
+    report = load_report(args.report)
     spec = None
     if args.spec:
         from driftlens.specs import load_spec

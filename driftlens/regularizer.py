@@ -297,6 +297,7 @@ class AnchorDriftLoss(torch.nn.Module):
             self.sigmas[la] = sigmas
 
     def extra_repr(self) -> str:
+        """Mode, layers, anchor counts and block size (for ``repr``)."""
         n = {la: int(getattr(self, f"anchor_{la}").shape[0]) for la in self.layers}
         return f"mode={self.mode!r}, layers={self.layers}, anchors={n}, block_size={self.block_size}"
 
@@ -491,6 +492,7 @@ class GroundingContrast(torch.nn.Module):
         self.last: dict[str, float] = {}
 
     def forward(self, model, batch: Mapping, logits_image: torch.Tensor) -> torch.Tensor:
+        """The mean hinge over the batch's image rows (one text-only forward)."""
         if "labels" not in batch:
             raise UsageError("the grounding contrast needs `labels` (answer tokens, -100 elsewhere) in the batch")
         text = text_only_batch(batch, self.image_token_id, self.pad_token_id)

@@ -1,11 +1,11 @@
 """Architecture specs: where the decoder blocks, keys, vision tower and projector live.
 
-One TOML file per VLM family under ``driftlens/hooks/`` (shipped in the wheel) says where to
+One TOML file per VLM family under ``hooks/`` (shipped in the wheel) says where to
 look -- no code per model. A spec is picked by ``config.model_type`` and checked against the
 loaded model before anything is traced; a wrong path fails with a message naming the spec
 file, the path and the nearest module names that do exist.
 
-Example spec (``driftlens/hooks/llava.toml``)::
+Example spec (``hooks/llava.toml``)::
 
     family = "llava"
     model_types = ["llava"]
@@ -31,6 +31,7 @@ checked only against a loaded model.
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -43,10 +44,11 @@ _STR_FIELDS = ("family", "decoder_layers", "key_proj", "query_proj", "vision_tow
 _LIST_FIELDS = ("model_types", "lora_targets", "image_token")
 _OPTIONAL = ("prompt_template", "block_modules")
 
+SEARCH_PATH_ENV = "DRIFTLENS_HOOKS"
 HOW_TO_ADD = (
-    "To add a model, write a TOML spec (copy driftlens/hooks/llava.toml and list your "
-    "config.model_type in `model_types`) into driftlens/hooks/, or pass it explicitly: "
-    "load_spec(path='my_model.toml') / capture(..., spec='my_model.toml')."
+    "To add a model, write a TOML spec (copy hooks/llava.toml and list your config.model_type in "
+    f"`model_types`) into a directory named by ${SEARCH_PATH_ENV} (several: separated by os.pathsep), "
+    "or pass it explicitly: load_spec(path='my_model.toml') / capture(..., spec='my_model.toml')."
 )
 
 
@@ -209,7 +211,26 @@ def _names(model) -> list[str]:
 # ---------------------------------------------------------------------- reading specs
 
 def _hooks_dir():
-    return resources.files("driftlens") / "hooks"
+    return resources.files("driftlens.hooks")
+
+
+def search_path() -> list[Path]:
+    """The user's spec directories, from ``$DRIFTLENS_HOOKS`` (``os.pathsep``-separated), in order.
+
+    Their specs come before the shipped ones: a user spec replaces the shipped spec of the same
+    ``family`` and wins the ``model_type`` it claims. A named directory that does not exist is an
+    error (a typo would otherwise silently fall back to the shipped spec).
+    """
+    raw = os.environ.get(SEARCH_PATH_ENV, "")
+    dirs = [Path(d).expanduser() for d in raw.split(os.pathsep) if d.strip()]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise SpecError(f"${SEARCH_PATH_ENV} names {', '.join(missing)}, which is not a directory")
+    return dirs
+
+
+def _user_specs() -> list[Spec]:
+    return [parse_spec(f) for d in search_path() for f in sorted(d.glob("*.toml"))]
 
 
 def parse_spec(path) -> Spec:
@@ -248,7 +269,8 @@ def _from_dict(data: dict, path: Path) -> Spec:
         family=data["family"], model_types=tuple(data["model_types"]),
         decoder_layers=data["decoder_layers"], key_proj=data["key_proj"], query_proj=data["query_proj"],
         lora_targets=tuple(data["lora_targets"]), vision_tower=data["vision_tower"],
-        projector=data["projector"], embed=data["embed"], final_norm=data["final_norm"], image_token=tuple(data["image_token"]),
+        projector=data["projector"], embed=data["embed"], final_norm=data["final_norm"],
+        image_token=tuple(data["image_token"]),
         prompt_template=template, path=path, block_modules=block_modules,
     )
 
@@ -270,15 +292,23 @@ def _block_modules(data: dict, path: Path) -> tuple[str, ...]:
     return tuple(v)
 
 
-def list_specs() -> list[Spec]:
-    """Every spec shipped in ``driftlens/hooks/``, sorted by family."""
-    hooks = _hooks_dir()
+def _shipped_specs() -> list[Spec]:
     specs = []
-    for entry in hooks.iterdir():
+    for entry in _hooks_dir().iterdir():
         if entry.name.endswith(".toml"):
             with resources.as_file(entry) as p:
                 specs.append(parse_spec(p))
-    return sorted(specs, key=lambda s: s.family)
+    return specs
+
+
+def list_specs() -> list[Spec]:
+    """Every spec: the user's (``$DRIFTLENS_HOOKS``) and those shipped in ``hooks/``, sorted by family.
+
+    A user spec replaces the shipped spec of the same family.
+    """
+    user = _user_specs()
+    families = {s.family for s in user}
+    return sorted(user + [s for s in _shipped_specs() if s.family not in families], key=lambda s: s.family)
 
 
 def _available() -> str:
@@ -323,7 +353,9 @@ def load_spec(model_or_config_or_model_type=None, path=None) -> Spec:
         if not model_type:
             raise SpecError(f"cannot tell the model type of {type(obj).__name__}: it has no config.model_type. "
                             + HOW_TO_ADD)
-    matches = [s for s in list_specs() if model_type in s.model_types]
+    matches = [s for s in _user_specs() if model_type in s.model_types]        # the user's first
+    if not matches:
+        matches = [s for s in list_specs() if model_type in s.model_types]
     if not matches:
         raise SpecError(f"no spec for model_type {model_type!r}. Available specs: {_available()}. " + HOW_TO_ADD)
     if len(matches) > 1:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from driftlens.errors import DataError
+from driftlens.errors import DataError, EnvironmentProblem, UsageError
 
 SITE_DIMS = {"embed": "hidden_dim", "hidden": "hidden_dim", "key": "key_dim", "query": "query_dim",
              "final": "hidden_dim"}
@@ -166,10 +166,12 @@ class ActivationStore:
     # -- checkpoints -----------------------------------------------------------------
     @property
     def checkpoints(self) -> list[str]:
+        """Checkpoint labels of the store, in capture order."""
         return list(self.root.attrs.get("checkpoints", []))
 
     @property
     def completed(self) -> list[str]:
+        """Labels of the checkpoints whose capture completed."""
         return list(self.root.attrs.get("completed", []))
 
     def slot(self, label: str) -> int:
@@ -226,7 +228,7 @@ class ActivationStore:
             self._chunk_rows[site] = int(a.chunks[1] if site in UNLAYERED else a.chunks[2])
         return self._chunk_rows[site]
 
-    def writer(self, index: int) -> "CheckpointWriter":
+    def writer(self, index: int) -> CheckpointWriter:
         """A buffered writer of one checkpoint's rows (writes whole chunks only)."""
         return CheckpointWriter(self, index)
 
@@ -337,7 +339,8 @@ class CheckpointWriter:
 def _site_attrs(site: str) -> dict:
     text = {
         "embed": "input of decoder block 0 (HF hidden_states[0]): token embeddings with visual features merged in",
-        "hidden": "output of decoder block `layer` (HF hidden_states[layer + 1]; the last block is before the final norm)",
+        "hidden": "output of decoder block `layer` (HF hidden_states[layer + 1]; the last block is before the "
+                  "final norm)",
         "key": "output of block `layer`'s key projection (k_proj), all key/value heads concatenated",
         "query": "output of block `layer`'s query projection (q_proj), all heads concatenated",
         "final": "output of the decoder's final norm (HF hidden_states[-1]): the last block's output after the norm",
@@ -550,6 +553,7 @@ def read_record(path, index: int) -> dict | None:
 
 
 def remove_record(path, index: int) -> None:
+    """Delete the record of checkpoint ``index`` (its capture is no longer complete)."""
     _record_file(Path(path), index).unlink(missing_ok=True)
 
 
@@ -717,3 +721,56 @@ def describe_store(path) -> list[str]:
                      f"{ident.get('fingerprint')}; tokens_per_sample {opts.get('tokens_per_sample')}, "
                      f"seed {opts.get('seed')}")
     return lines
+
+
+# ----------------------------------------------------------------------------- reports
+
+def check_report_path(path) -> Path:
+    """An output file path that can be written: not a folder, its parent a writable folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; give a file name such as {path / 'report.nc'}")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise UsageError(f"--out {path}: {parent} is a file, so {path.parent} cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise EnvironmentProblem(f"--out {path}: not writable")
+    return path
+
+
+def save_report(report, path) -> Path:
+    """Write a drift report as netCDF (h5netcdf engine), atomically; returns the path."""
+    path = check_report_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        report.to_netcdf(tmp, engine="h5netcdf")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_report(path):
+    """Read a drift report written by :func:`save_report`.
+
+    Raises :class:`~driftlens.errors.DataError` when the file is not a readable netCDF drift report.
+    """
+    import xarray as xr
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no drift report at {path}")
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not a drift report (a .nc file written by `driftlens drift`)")
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            rep = ds.load()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path} is not a readable drift report ({type(exc).__name__}: {exc})") from exc
+    if "checkpoint" not in rep.dims or "layer" not in rep.dims:
+        raise DataError(f"{path} is a netCDF file but not a driftlens drift report (it has dims "
+                        f"{dict(rep.sizes)}, a report has checkpoint and layer)")
+    if rep.sizes["checkpoint"] == 0:
+        raise DataError(f"{path}: the report holds no checkpoint")
+    return rep

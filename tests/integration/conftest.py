@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from driftlens import organism
-from driftlens.demo import DEMO_SEEDS
+from driftlens.organism.demo import DEMO_SEEDS
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import driftlens as dl
-from driftlens import tiny
+from driftlens.testing import tiny
 
 from ..badinput import clean_exit, cli, refused, snapshot
 from .test_capture import subset

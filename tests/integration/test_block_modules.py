@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from driftlens import tiny
 from driftlens.specs import SpecError, list_specs
+from driftlens.testing import tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

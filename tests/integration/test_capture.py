@@ -22,12 +22,12 @@ import pytest
 import torch
 
 import driftlens as dl
-from driftlens import tiny
 from driftlens.capture import CaptureError, plan_tokens
 from driftlens.probes import ProbeSet
 from driftlens.sources import SourceError
 from driftlens.specs import load_spec
 from driftlens.store import StoreMismatchError
+from driftlens.testing import tiny
 
 
 def subset(name: str, n: int, dest: Path) -> ProbeSet:
@@ -125,8 +125,9 @@ def _perturbed(model, scale=0.05, seed=1):
 
 
 def _adapter(model, path: Path, spec):
-    from peft import LoraConfig, get_peft_model
     import copy
+
+    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(3)
     targets = [spec.module_path(i, spec.key_proj) for i in range(spec.num_layers(model))]

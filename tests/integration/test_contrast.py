@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from driftlens import organism, shapes
+from driftlens import organism
+from driftlens.organism import shapes
 from driftlens.regularizer import (
     GroundingContrast,
     grounding_contrast,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from driftlens import tiny
 from driftlens.inputs import model_inputs
 from driftlens.specs import load_spec
+from driftlens.testing import tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

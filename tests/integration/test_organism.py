@@ -12,8 +12,10 @@ import os
 import pytest
 import torch
 
-from driftlens import organism, shapes
+from driftlens import organism
+from driftlens.cli import parse_seeds
 from driftlens.inputs import model_inputs
+from driftlens.organism import shapes
 from driftlens.specs import load_spec
 
 QUICK = dataclasses.replace(organism.Recipe(), base_steps=6, base_check_every=3, adapt_steps=10, n_checkpoints=5,
@@ -114,7 +116,7 @@ def test_scoring_matches_a_manual_log_likelihood(quick):
 def test_banked_batches_equal_the_processor_path(quick):
     """Pre-encoded training / evaluation batches == encode_image_examples on the same images."""
     _, processor = organism.load_checkpoint(quick.checkpoints["base"])
-    seeds = organism._render_seed(QUICK)
+    seeds = organism.render_seed(QUICK)
     bank = organism.ImageBank(processor, QUICK.image_size, seeds, 2)
     scenes = shapes.all_scenes()
     items = [(0, 1, "What color is the shape?", "red"), (5, 0, "도형은 어디에 있나요?", "왼쪽 위"),
@@ -188,8 +190,8 @@ def test_interrupted_build_leaves_no_cache_and_recipe_change_rebuilds(tmp_path, 
         (tmp / "base" / "config.json").write_text("{}")
         return {"base": tmp / "base"}, {"base": tmp / "base"}, {}
 
-    monkeypatch.setattr(organism, "_train_trajectory", fake)
-    monkeypatch.setattr(organism, "_evaluate", lambda traj, progress: {"ko_lm_loss": {}})
+    monkeypatch.setattr(organism.train, "_train_trajectory", fake)
+    monkeypatch.setattr(organism.evaluation, "evaluate_all", lambda traj, progress: {"ko_lm_loss": {}})
     root = tmp_path / "traj"
     (tmp_path / ".traj-building-killed").mkdir()                         # a build killed without cleanup
     with pytest.raises(KeyboardInterrupt):
@@ -219,8 +221,8 @@ def test_concurrent_builds_of_one_folder_train_once(tmp_path, monkeypatch):
         (tmp / "base" / "config.json").write_text("{}")
         return {"base": tmp / "base"}, {"base": tmp / "base"}, {}
 
-    monkeypatch.setattr(organism, "_train_trajectory", fake)
-    monkeypatch.setattr(organism, "_evaluate", lambda traj, progress: {"ko_lm_loss": {}})
+    monkeypatch.setattr(organism.train, "_train_trajectory", fake)
+    monkeypatch.setattr(organism.evaluation, "evaluate_all", lambda traj, progress: {"ko_lm_loss": {}})
     results = []
     threads = [threading.Thread(target=lambda: results.append(
         organism.build(out=tmp_path / "traj", recipe=QUICK, progress=False))) for _ in range(2)]
@@ -249,7 +251,7 @@ def test_evaluation_shape(quick):
     ev = organism.evaluate(quick, progress=False)
     assert set(ev["grounding_accuracy"]) == set(quick.all_checkpoints)
     assert abs(ev["chance_accuracy"] - (1 / 6 + 1 / 3 + 1 / 4) / 3) < 1e-9
-    for label, acc in ev["grounding"].items():
+    for acc in ev["grounding"].values():
         assert set(acc) == {"en", "ko"}
         for g in acc.values():
             assert g["n"] == 216 and 0 <= g["lo"] <= g["accuracy"] <= g["hi"] <= 1
@@ -270,9 +272,9 @@ def test_build_seeds_in_parallel_processes(tmp_path):
     assert [t.build_seconds for t in again] == [trajs[1].build_seconds, trajs[0].build_seconds]
     with pytest.raises(ValueError, match="distinct"):
         organism.build_seeds([1, 1], recipe=QUICK, cache=tmp_path)
-    assert organism.parse_seeds("0,2-4") == [0, 2, 3, 4]
+    assert parse_seeds("0,2-4") == [0, 2, 3, 4]
     with pytest.raises(ValueError, match="--seeds"):
-        organism.parse_seeds("a")
+        parse_seeds("a")
 
 
 # ----------------------------------------------------------------------------- the real recipe (slow)
@@ -306,8 +308,9 @@ def test_float_rounding_is_not_drift(organisms, tmp_path):
     import xarray as xr
 
     import driftlens as dl
-    from driftlens.demo import DEMO_PROBES
-    from driftlens.probes import ProbeSet, make_shapes_probes
+    from driftlens.organism.demo import DEMO_PROBES
+    from driftlens.organism.probe_sets import make_shapes_probes
+    from driftlens.probes import ProbeSet
 
     base = organisms[0].checkpoints["base"]
     probes = ProbeSet.load(make_shapes_probes(tmp_path / "probes", size=32, **DEMO_PROBES))

@@ -14,7 +14,7 @@ from peft.utils.other import get_pattern_key
 from driftlens.ranks import RankSchedule, ScheduleError, add_parser, allocate_ranks, pattern_key
 from driftlens.specs import load_spec
 from driftlens.testing import make_report as _make_report
-from driftlens.tiny import FAMILIES, build
+from driftlens.testing.tiny import FAMILIES, build
 
 
 def make_report(n_layers, model_type, family, seed=0, checkpoints=("base", "ko-600")):
@@ -152,7 +152,7 @@ def test_cli_writes_peft_and_axolotl_files_and_a_plot(tmp_path, capsys):
 
     import yaml
 
-    from driftlens.drift import save_report
+    from driftlens.store import save_report
 
     model, _ = build("llava", seed=0, n_layers=4)
     spec = load_spec(model)

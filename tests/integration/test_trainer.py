@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from driftlens import organism
-from driftlens.probes import ProbeSet, make_shapes_probes
+from driftlens.organism.probe_sets import make_shapes_probes
+from driftlens.probes import ProbeSet
 from driftlens.regularizer import AnchorDriftLoss
 from driftlens.specs import load_spec
 from driftlens.trainer import DriftObjective, probe_batches, train_steps, visual_states
@@ -31,7 +32,7 @@ def setup(tmp_path_factory):
     probes = ProbeSet.load(make_shapes_probes(tmp_path_factory.mktemp("probes"), seed=0, n_scenes=6,
                                               size=recipe.image_size, kinds=("caption",), renders=2))
     batches, clusters = probe_batches(probes, processor, spec, model.config, batch_size=6)
-    bank = organism.ImageBank(processor, recipe.image_size, organism._render_seed(recipe), 2)
+    bank = organism.ImageBank(processor, recipe.image_size, organism.render_seed(recipe), 2)
     return {"recipe": recipe, "processor": processor, "model": model, "spec": spec, "batches": batches,
             "clusters": clusters, "bank": bank}
 

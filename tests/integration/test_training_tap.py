@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import driftlens as dl
-from driftlens import tiny
 from driftlens.errors import UsageError
 from driftlens.inputs import model_inputs
 from driftlens.specs import load_spec, unwrap
+from driftlens.testing import tiny
 from driftlens.training import VisualTap
 
 from .test_capture import subset

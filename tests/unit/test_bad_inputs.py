@@ -22,6 +22,8 @@ from driftlens.testing import make_store
 
 from ..badinput import clean_exit, cli, refused, snapshot
 
+pytestmark = pytest.mark.heavy      # simulations / CLI subprocesses: not in `dev.py test --fast`
+
 FAST = ("--permutations", "20", "--bootstrap", "20", "--no-progress")
 
 

@@ -26,6 +26,8 @@ from driftlens import inference as I
 from driftlens import metrics as M
 from driftlens.testing import ClusteredSpec, clustered_pair, pvalue_calibration, true_mmd2
 
+pytestmark = pytest.mark.heavy      # simulations / CLI subprocesses: not in `dev.py test --fast`
+
 # Share of a visual token's variance shared by its cluster, measured on the organism's store
 # (base checkpoint, 72 scenes, hidden states of layers 0-3): 0.41-0.48 (bench/RESULTS.md). The
 # simulated data must be at least as clustered.

@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 
 import pytest  # noqa: E402
 
-from driftlens.experiment import markdown_table, plot_arms, targets  # noqa: E402
+from driftlens.organism.experiment import markdown_table, plot_arms, targets  # noqa: E402
 
 
 def _result(**arms):

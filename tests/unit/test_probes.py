@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from driftlens import shapes
-from driftlens.probes import (FIELDS, Probe, ProbeError, ProbeSet, list_probe_sets, make_shapes_probes,
-                              png_bytes, write_manifest)
+from driftlens.organism import shapes
+from driftlens.organism.probe_sets import make_shapes_probes
+from driftlens.probes import FIELDS, Probe, ProbeError, ProbeSet, list_probe_sets, png_bytes, write_manifest
 
 SHIPPED = ("shapes-bilingual", "photos-bilingual")
 

@@ -2,7 +2,7 @@
 decoder blocks lack, and non-finite signals -- each with a message naming the file / module / layer.
 
 No model is built here: reports are synthetic (:func:`driftlens.testing.make_report`), specs are read
-from ``driftlens/hooks/``.
+from ``hooks/``.
 """
 from __future__ import annotations
 
@@ -236,7 +236,7 @@ def test_targets_must_be_distinct_strings():
 
 
 def test_cli_refuses_an_unknown_module_before_writing(tmp_path):
-    from driftlens.drift import save_report
+    from driftlens.store import save_report
 
     rp = save_report(make_report(n_layers=3), tmp_path / "report.nc")
     parser = argparse.ArgumentParser(prog="driftlens")

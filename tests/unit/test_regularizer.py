@@ -75,7 +75,7 @@ def test_gradient_matches_finite_differences_float64():
         loss = AnchorDriftLoss(a, mode=mode, anchor_text=t, block_size=4)       # several blocks: checkpointed
         x = {la: (torch.randn(7, 3, generator=g, dtype=torch.float64) + 0.5).requires_grad_() for la in (0, 1)}
         txt = {la: torch.randn(9, 3, generator=g, dtype=torch.float64) for la in (0, 1)}
-        assert torch.autograd.gradcheck(lambda x0, x1: loss({0: x0, 1: x1}, txt), (x[0], x[1]),
+        assert torch.autograd.gradcheck(lambda x0, x1, loss=loss, txt=txt: loss({0: x0, 1: x1}, txt), (x[0], x[1]),
                                         eps=1e-6, atol=1e-7, rtol=1e-5)
 
 

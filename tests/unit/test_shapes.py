@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from driftlens import shapes
+from driftlens.organism import shapes
 
 
 def test_render_is_deterministic_and_correct():

@@ -1,4 +1,4 @@
-"""Architecture specs (driftlens/hooks/*.toml): parsing, lookup, error messages, validation."""
+"""Architecture specs (hooks/*.toml): parsing, lookup, error messages, validation."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +17,7 @@ REQUIRED = ("family", "model_types", "decoder_layers", "key_proj", "query_proj",
             "vision_tower", "projector", "embed", "image_token")
 EXPECTED = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma",
             "internvl", "gemma3"}
-HOOKS = resources.files("driftlens") / "hooks"
+HOOKS = resources.files("driftlens.hooks")
 
 
 def toml_files():
@@ -70,7 +70,7 @@ def test_unknown_model_type_lists_specs_and_how_to_add():
     assert "'blip-2'" in msg
     for family in EXPECTED:
         assert family in msg
-    assert "driftlens/hooks/" in msg and "spec=" in msg and "TOML" in msg
+    assert "hooks/" in msg and "spec=" in msg and "TOML" in msg
 
 
 def test_layer_and_module_paths():
@@ -117,7 +117,7 @@ def test_image_token_lookup():
 
 @pytest.fixture(scope="module")
 def tiny_llava():
-    from driftlens.tiny import build
+    from driftlens.testing.tiny import build
 
     return build("llava", seed=0, n_layers=2)[0]
 

@@ -148,7 +148,8 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
     from driftlens.capture import capture
     from driftlens.drift import drift
     from driftlens.errors import CheckpointIdentityError
-    from driftlens.probes import ProbeSet, make_shapes_probes
+    from driftlens.organism.probe_sets import make_shapes_probes
+    from driftlens.probes import ProbeSet
     from driftlens.store import StoreMismatchError, open_store
 
     t0 = time.perf_counter()

@@ -109,9 +109,10 @@ def trainable_parameters(model, arm: str) -> list:
 
 
 def describe_trainable(model, arm: str, schedule=None) -> str:
+    """What an arm trains, in words (for the result's ``trainable``)."""
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if arm == "full":
-        return f"LLM (all {n:,} weights); vision tower and projector frozen"
+        return f"LLM (all {n:,} weights); projector frozen, vision tower frozen"
     ranks = "" if schedule is None else f"LoRA ranks {sorted(set(schedule.ranks.values()))} on {len(schedule.ranks)} " \
         f"attention projections (budget {schedule.budget}), "
     return f"{ranks}projector, embed_tokens, lm_head ({n:,} weights); vision tower frozen"
@@ -143,6 +144,7 @@ class ViralAlignment:
         self.features = args[0].detach()             # [n_images, tokens, width]
 
     def loss(self):
+        """The alignment loss of the last forward (differentiable); clears the tap."""
         import torch
 
         v = self.tap.visual[self.layer]                                   # [n_visual, hidden]
@@ -153,9 +155,11 @@ class ViralAlignment:
         return 1 - torch.nn.functional.cosine_similarity(self.head(v), f.to(v.dtype), dim=-1).mean()
 
     def paused(self):
+        """A context in which forwards are not read (text-only batches)."""
         return self.tap.paused()
 
     def detach(self) -> None:
+        """Remove the hooks."""
         self.tap.detach()
         self._handle.remove()
 
@@ -230,12 +234,14 @@ def train_arm(arm: str, base_dir, recipe, bank, report, store, settings: Setting
     counts: dict[str, int] = {}
     model.train()
     seconds = 0.0
+    image_steps = 0
     for step in tqdm(range(steps), desc=f"seed {recipe.seed}: {arm}", disable=not progress, leave=False):
         for g in opt.param_groups:
             g["lr"] = min(lr, lr * (step + 1) / recipe.warmup)
         batch = batches(step)
         t0 = time.perf_counter()
         image = objective._has_image(batch)
+        image_steps += int(image)
         if viral is not None and not image:
             with viral.paused():
                 loss, terms = objective(model, batch)
@@ -261,7 +267,8 @@ def train_arm(arm: str, base_dir, recipe, bank, report, store, settings: Setting
     model.eval()
     if schedule is not None:
         model = model.merge_and_unload()
-    info = {"seconds_per_step": seconds / steps, "steps": steps, "lr": lr, "trainable": trainable,
+    info = {"seconds_per_step": seconds / steps, "steps": steps, "image_steps": image_steps, "lr": lr,
+            "trainable": trainable,
             "mean_terms": {k: sums[k] / counts[k] for k in sums},
             "ranks": None if schedule is None else {k: int(v) for k, v in schedule.ranks.items()}}
     return model, processor, info
@@ -271,7 +278,7 @@ def train_arm(arm: str, base_dir, recipe, bank, report, store, settings: Setting
 
 def _demo_inputs(demo_dir: Path, seeds, cache, progress: bool):
     """Each seed's demo store and report (running the demo for the seeds that lack them)."""
-    from driftlens.demo import run_demo
+    from driftlens.organism.demo import run_demo
 
     need = [s for s in seeds if not ((demo_dir / f"seed-{s}" / "drift.nc").exists()
                                      and (demo_dir / f"seed-{s}" / "activations.zarr").exists())]
@@ -308,11 +315,11 @@ def run_seed(seed: int, traj, demo_dir: Path, out: Path, arms, settings: Setting
             continue
         if bank is None:
             _, processor = organism.load_checkpoint(base_dir)
-            bank = organism.ImageBank(processor, recipe.image_size, organism._render_seed(recipe), recipe.render_pool)
+            bank = organism.ImageBank(processor, recipe.image_size, organism.render_seed(recipe), recipe.render_pool)
             evalset = organism.EvalSet(processor, recipe.image_size)
         model, processor, info = train_arm(arm, base_dir, recipe, bank, report, store, settings, progress)
         res = {**_evaluate(model, processor, evalset), **info}
-        organism._save(model, processor, folder / "model")
+        organism.save_checkpoint(model, processor, folder / "model")
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=2, ensure_ascii=False))
         tmp.replace(done)
@@ -480,7 +487,8 @@ def plot_arms(result: dict, ax=None, chance: float | None = None):
     base = result["base"]
     ax.scatter([base["en_acc"]], [base["ko_acc"]], marker="*", s=200, color="black", label="base")
     ax.axvline(base["en_acc"] - 0.05, color="gray", ls="--", lw=0.8)
-    ax.text(base["en_acc"] - 0.05, 1.0, " base EN - 5 points", color="gray", fontsize=8, va="top", rotation=90)
+    ax.text(base["en_acc"] - 0.06, 0.02, "base EN - 5 points", color="gray", fontsize=8, va="bottom", ha="right",
+            rotation=90)
     if chance is not None:
         ax.axhline(chance, color="gray", ls=":", lw=0.8)
         ax.axvline(chance, color="gray", ls=":", lw=0.8)
@@ -514,43 +522,3 @@ def write_outputs(result: dict, out) -> dict:
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     png = plot.save(plot_arms(result, chance=organism.chance_accuracy()), out / "regularizer.png")
     return {"json": js, "markdown": md, "figure": Path(png)}
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def add_parser(sub) -> None:
-    """``driftlens experiment regularizer [--seeds 0,1,2] [--arms ...] [--steps N]``."""
-    p = sub.add_parser(
-        "experiment", help="the closed-loop regularizer experiment on the model organism",
-        description="From each organism seed's English base, adapt to Korean with the same data and steps in "
-                    f"arms that differ in one factor ({', '.join(ARMS)}); evaluate English and Korean grounding, "
-                    "held-out Korean LM loss and the final visual drift against the base; write "
-                    "regularizer.json, regularizer.md (table, targets) and regularizer.png into --out. Finished "
-                    "(arm, seed) pairs are kept: an interrupted run resumes.")
-    p.add_argument("which", choices=["regularizer"], help="the experiment")
-    p.add_argument("--out", "-o", default="driftlens-experiment", help="output folder (default: %(default)s)")
-    p.add_argument("--demo", default=None, help="a `driftlens demo` output folder for the same seeds (anchors, "
-                                                "rank schedules, probe set); default OUT/demo, run when absent")
-    p.add_argument("--seeds", default="0,1,2", help="organism seeds (default: %(default)s)")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default: all)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the organism's "
-                                                           "adapt_steps, 600)")
-    p.add_argument("--cache", default=None,
-                   help="cache root of the organism builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    from driftlens.organism import parse_seeds
-
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    run_experiment(out=args.out, demo_dir=args.demo, seeds=parse_seeds(args.seeds), arms=arms,
-                   cache=args.cache, settings=Settings(steps=args.steps), progress=not args.no_progress)
-    out = Path(args.out)
-    print((out / "regularizer.md").read_text(encoding="utf-8"))
-    for name in ("regularizer.json", "regularizer.md", "regularizer.png"):
-        print(f"  {out / name}")
-    return 0

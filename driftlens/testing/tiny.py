@@ -2,7 +2,7 @@
 
 Each family is built from its transformers config classes (hidden sizes 32-64, two decoder
 blocks by default, 32-64 px images) with a processor assembled from processor classes and
-the offline tokenizer of :mod:`driftlens.tokenizer`. The models keep the real checkpoints'
+the offline tokenizer of :mod:`driftlens.organism.tokenizer`. The models keep the real checkpoints'
 module tree, image-placeholder expansion (tiles, grids, anyres, prefix) and chat layout, so a
 spec, a capture or a PEFT schedule that works here meets the same structure on the real
 model. Nothing is downloaded.
@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from driftlens.inputs import chat_template
 from driftlens.sources import image_only_processor as _image_only
 
 FAMILIES: tuple[str, ...] = (
@@ -32,32 +33,6 @@ IMAGE = 32           # vision tower input resolution (px)
 PATCH = 8            # vision patch size (px): (32 / 8)^2 = 16 patches per tile
 
 
-# ----------------------------------------------------------------------------- chat templates
-
-def _chat_template(user: str, image: str, end_user: str, assistant: str, end_assistant: str,
-                   bos: str = "") -> str:
-    """A minimal Jinja chat template in the layout of a real model's.
-
-    Messages are ``{"role", "content"}`` with content a string or a list of
-    ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts; an image part renders
-    as ``image`` (the processor expands it to the model's placeholder tokens).
-    """
-    return (
-        bos
-        + "{% for m in messages %}"
-        "{% if m['role'] == 'user' %}" + user
-        + "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-          "{% for c in m['content'] %}{% if c['type'] == 'image' %}" + image
-        + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}" + end_user
-        + "{% else %}" + assistant
-        + "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-          "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-          "{% endif %}" + end_assistant
-        + "{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}" + assistant + "{% endif %}"
-    )
-
-
 _CHATML = dict(user="<|im_start|>user\n", end_user="<|im_end|>\n",
                assistant="<|im_start|>assistant\n", end_assistant="<|im_end|>\n")
 
@@ -67,7 +42,7 @@ _CHATML = dict(user="<|im_start|>user\n", end_user="<|im_end|>\n",
 def _tokenizer(extra: tuple[str, ...], named: dict[str, str] | None = None):
     """Offline BPE tokenizer with ``extra`` special tokens; ``named`` registers model-specific
     special-token attributes (e.g. ``tokenizer.image_token``) that save and reload."""
-    from driftlens.tokenizer import build_tokenizer
+    from driftlens.organism.tokenizer import build_tokenizer
 
     tok = build_tokenizer(extra_special_tokens=extra)
     if named:
@@ -144,7 +119,7 @@ def _llava(n_layers, t, v, c):
 
     tok = _tokenizer(("<image>",), {"image_token": "<image>"})
     # llava-1.5-hf: "USER: <image>\n{prompt} ASSISTANT:"
-    template = _chat_template("USER: ", "<image>\n", " ", "ASSISTANT:", "</s>")
+    template = chat_template("USER: ", "<image>\n", " ", "ASSISTANT:", "</s>")
     ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
@@ -166,7 +141,7 @@ def _llava_next(n_layers, t, v, c):
 
     tok = _tokenizer(("<image>",), {"image_token": "<image>"})
     # llava-v1.6-mistral-7b-hf: "[INST] <image>\n{prompt} [/INST]"
-    template = _chat_template("[INST] ", "<image>\n", " [/INST]", "", "</s>", bos="<s>")
+    template = chat_template("[INST] ", "<image>\n", " [/INST]", "", "</s>", bos="<s>")
     ip = LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
                                     image_grid_pinpoints=_PINPOINTS)
     proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH,
@@ -187,7 +162,7 @@ def _llava_onevision(n_layers, t, v, c):
     tok = _tokenizer(("<image>", "<video>", "<|im_start|>", "<|im_end|>"),
                      {"image_token": "<image>", "video_token": "<video>"})
     # llava-onevision-qwen2 (and VARCO-VISION): ChatML with "<image>\n" before the text
-    template = _chat_template(image="<image>\n", **_CHATML)
+    template = chat_template(image="<image>\n", **_CHATML)
     ip = LlavaOnevisionImageProcessorPil(size={"height": IMAGE, "width": IMAGE},
                                          image_grid_pinpoints=_PINPOINTS)
     proc = _with_video(LlavaOnevisionProcessor, "LlavaOnevisionVideoProcessor", image_processor=ip,
@@ -213,7 +188,7 @@ def _qwen_processor(tok, proc_cls):
     from transformers import Qwen2VLImageProcessorPil
 
     # Qwen2-VL: "<|vision_start|><|image_pad|><|vision_end|>" before the text, ChatML turns.
-    template = _chat_template(image="<|vision_start|><|image_pad|><|vision_end|>", **_CHATML)
+    template = chat_template(image="<|vision_start|><|image_pad|><|vision_end|>", **_CHATML)
     factor = PATCH * 2   # patch * spatial merge: images are resized to multiples of 16 px
     ip = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=2, temporal_patch_size=2,
                                   size={"shortest_edge": 4 * factor * factor,
@@ -271,7 +246,7 @@ def _idefics3(n_layers, t, v, c):
     tok = _tokenizer(("<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
                       "<|im_start|>") + rows, {"image_token": "<image>"})
     # SmolVLM: "<|im_start|>User:<image>{prompt}<end_of_utterance>\nAssistant:"
-    template = _chat_template("User:", "<image>", "<end_of_utterance>\n", "Assistant:",
+    template = chat_template("User:", "<image>", "<end_of_utterance>\n", "Assistant:",
                               "<end_of_utterance>\n", bos="<|im_start|>")
     scale = 2
     seq_len = (IMAGE // PATCH) ** 2 // scale ** 2
@@ -309,7 +284,7 @@ def _internvl(n_layers, t, v, c):
                       "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
     # InternVL3-hf: ChatML with "<IMG_CONTEXT>\n" before the text; the processor expands it
     # to "<img>" + "<IMG_CONTEXT>" * (image_seq_length * tiles) + "</img>"
-    template = _chat_template(image="<IMG_CONTEXT>\n", **_CHATML)
+    template = chat_template(image="<IMG_CONTEXT>\n", **_CHATML)
     ratio = 0.5
     seq_len = int((IMAGE // PATCH) ** 2 * ratio ** 2)
     ip = GotOcr2ImageProcessorPil(size={"height": IMAGE, "width": IMAGE}, crop_to_patches=True,
@@ -332,7 +307,7 @@ def _gemma3(n_layers, t, v, c):
                      {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                       "image_token": "<image_soft_token>"})
     # gemma-3-it: "<bos><start_of_turn>user\n<start_of_image>{prompt}<end_of_turn>\n<start_of_turn>model\n"
-    template = _chat_template("<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n",
+    template = chat_template("<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n",
                               "<start_of_turn>model\n", "<end_of_turn>\n", bos="<s>")
     tokens = 4          # mm_tokens_per_image: 4x4 patches average-pooled to 2x2
     ip = Gemma3ImageProcessorPil(size={"height": IMAGE, "width": IMAGE}, do_pan_and_scan=False)

@@ -32,6 +32,7 @@ class ClusteredSpec:
 
     @property
     def total_var(self) -> float:
+        """Total per-coordinate variance of a token."""
         return self.cluster_var + self.token_var + self.checkpoint_cluster_var + self.checkpoint_token_var
 
     @property

@@ -59,6 +59,7 @@ class Scene:
 
     @property
     def key(self) -> str:
+        """A readable unique name of the scene (``color-shape-position``)."""
         return f"{self.color}-{self.shape}-{self.position.replace(' ', '-')}"
 
 

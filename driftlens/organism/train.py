@@ -1,7 +1,7 @@
 """The model organism: a tiny bilingual LLaVA whose Korean adaptation really drifts.
 
 A ``LlavaForConditionalGeneration`` (CLIP-style vision tower, Llama decoder) is trained here,
-on CPU, in minutes, on the :mod:`driftlens.shapes` world, once per seed:
+on CPU, in minutes, on the :mod:`driftlens.organism.shapes` world, once per seed:
 
 1. **base** -- English color / shape / position questions about rendered scenes (all weights
    train; the best state on *validation* renderings is kept);
@@ -41,8 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from driftlens import shapes
 from driftlens.errors import DataError, UsageError
+from driftlens.organism import shapes
 
 CODE_VERSION = "organism-7"
 TRAIN_SEEDS = 10**6          # training renderings use seeds below this, evaluation seeds above
@@ -133,6 +133,7 @@ class Recipe:
     code_version: str = CODE_VERSION
 
     def key(self) -> str:
+        """The first 12 hex digits of the recipe's SHA-256: the cache folder name."""
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -161,6 +162,7 @@ class Trajectory:
 
     @property
     def seed(self) -> int:
+        """The recipe's seed."""
         return self.recipe.seed
 
     @property
@@ -236,15 +238,15 @@ def make_processor(recipe: Recipe):
         LlavaProcessor,
     )
 
-    from driftlens.tiny import _chat_template
-    from driftlens.tokenizer import build_tokenizer
+    from driftlens.inputs import chat_template
+    from driftlens.organism.tokenizer import build_tokenizer
 
     tok = build_tokenizer(corpus=corpus(), vocab_size=recipe.vocab_size, extra_special_tokens=("<image>",))
     tok._set_model_specific_special_tokens({"image_token": "<image>"})
     tok.padding_side = "right"
     size = recipe.image_size
     ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    template = _chat_template("USER: ", "<image>\n", " ", "ASSISTANT:", "</s>")
+    template = chat_template("USER: ", "<image>\n", " ", "ASSISTANT:", "</s>")
     return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=recipe.patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=template)
@@ -416,14 +418,16 @@ def _train(model, batches, steps: int, lr: float, warmup: int, params, progress,
     model.eval()
 
 
-def _save(model, processor, path: Path) -> Path:
+def save_checkpoint(model, processor, path: Path) -> Path:
+    """Save model and processor into ``path`` (a real model directory)."""
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path))
     processor.save_pretrained(str(path))
     return path
 
 
-def _render_seed(recipe: Recipe):
+def render_seed(recipe: Recipe):
+    """``(scene index, rendering) -> render seed`` of the recipe's training renderings."""
     return lambda k, j: (recipe.seed * 100_003 + k * 1_009 + j * 7) % TRAIN_SEEDS
 
 
@@ -436,7 +440,9 @@ def _train_trajectory(recipe: Recipe, tmp: Path, progress: bool) -> tuple[dict, 
     rng = random.Random(recipe.seed)
     processor = make_processor(recipe)
     model = make_model(recipe, processor.tokenizer)
-    bank = ImageBank(processor, recipe.image_size, _render_seed(recipe), recipe.render_pool)
+    bank = ImageBank(processor, recipe.image_size, render_seed(recipe), recipe.render_pool)
+    from driftlens.organism.evaluation import EvalSet
+
     val = EvalSet(processor, recipe.image_size, VALIDATION_SEEDS, langs=("en",))
     B = recipe.batch_size
     best = {"acc": -1.0, "state": None, "step": 0, "curve": []}
@@ -458,7 +464,7 @@ def _train_trajectory(recipe: Recipe, tmp: Path, progress: bool) -> tuple[dict, 
     base_state = best["state"]
     info = {"base_validation_accuracy": best["acc"], "base_steps_kept": best["step"],
             "base_validation_curve": best["curve"]}
-    base_dir = _save(model, processor, tmp / "base")
+    base_dir = save_checkpoint(model, processor, tmp / "base")
     stages = {}
     for lang in ("ko", "en"):        # the same schedule of batch kinds and scenes for both stages
         model.load_state_dict(base_state)
@@ -501,7 +507,7 @@ def _continue(model, processor, bank: ImageBank, recipe: Recipe, lang: str, tmp:
         if step % every == 0 and step // every <= recipe.n_checkpoints:
             label = f"{STAGE_PREFIX[lang]}-{step // every}"
             model.eval()
-            ckpts[label] = _save(model, processor, tmp / label)
+            ckpts[label] = save_checkpoint(model, processor, tmp / label)
             model.train()
 
     _train(model, batch, every * recipe.n_checkpoints, recipe.adapt_lr, recipe.warmup, params, progress,
@@ -615,14 +621,16 @@ def _drain(queue, running, failed, force, threads, jobs, env) -> None:
             r, root = queue.pop(0)
             arg = json.dumps({"recipe": dataclasses.asdict(r), "root": str(root), "force": force,
                               "threads": threads})
-            proc = subprocess.Popen([sys.executable, "-c", "import driftlens.organism as o; o._worker_main()", arg],
+            code = "import driftlens.organism.train as o; o._worker_main()"
+            proc = subprocess.Popen([sys.executable, "-c", code, arg],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
             running.append((r, proc))
         r, proc = running[0]
         err = proc.communicate()[1].decode(errors="replace")
         running.pop(0)
         if proc.returncode != 0:
-            failed.append(f"seed {r.seed} (exit {proc.returncode}): {err.strip().splitlines()[-1] if err.strip() else ''}")
+            last = err.strip().splitlines()[-1] if err.strip() else ""
+            failed.append(f"seed {r.seed} (exit {proc.returncode}): {last}")
 
 
 def _worker_main() -> None:
@@ -669,7 +677,9 @@ def _build(root: Path, recipe: Recipe, progress: bool) -> Trajectory:
         ko, en, base_info = _train_trajectory(recipe, tmp, progress)
         train_seconds = round(time.perf_counter() - t0, 1)
         traj = Trajectory(tmp, ko, en, recipe)
-        ev = _evaluate(traj, progress)
+        from driftlens.organism.evaluation import evaluate_all
+
+        ev = evaluate_all(traj, progress)
         (tmp / "evaluation.json").write_text(json.dumps(ev, indent=2, ensure_ascii=False))
         seconds = round(time.perf_counter() - t0, 1)
         info = {"recipe": dataclasses.asdict(recipe), "build_seconds": seconds, "train_seconds": train_seconds,
@@ -706,228 +716,3 @@ def load_checkpoint(path):
     from driftlens.sources import load_model_dir, load_processor
 
     return load_model_dir(path), load_processor(path)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-def chance_accuracy() -> float:
-    """Mean over the evaluation questions of 1 / number of candidates."""
-    qs = [q for s in shapes.all_scenes() for q in shapes.questions(s, "en")]
-    return sum(1.0 / len(q.candidates) for q in qs) / len(qs)
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval (95% by default) of a binomial proportion."""
-    if n <= 0:
-        raise UsageError("wilson_interval: n must be >= 1")
-    p = correct / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-class EvalSet:
-    """Grounding questions on one rendering per scene of the whole world, never trained on.
-
-    Every scene (72) is rendered once with seed ``seed_base + k``; each has a color, a shape
-    and a position question (216 per language). A question counts as right when its answer has
-    the highest sum of answer-token log-probabilities among the candidates (likelihood
-    ranking), every candidate of every question scored in batches.
-    """
-
-    def __init__(self, processor, size: int = 32, seed_base: int = TRAIN_SEEDS, langs=shapes.LANGS,
-                 batch_rows: int = 128):
-        self.bank = ImageBank(processor, size, lambda k, j: seed_base + k, 1)
-        self.batch_rows = batch_rows
-        self.rows: dict[str, list] = {}
-        self.questions: dict[str, list] = {}
-        for lang in langs:
-            rows, qs = [], []
-            for k, scene in enumerate(self.bank.scenes):
-                for q in shapes.questions(scene, lang):
-                    qs.append((q, len(rows), len(q.candidates)))
-                    rows += [(k, 0, q.prompt, cand) for cand in q.candidates]
-            self.rows[lang], self.questions[lang] = rows, qs
-
-    def scores(self, model, lang: str):
-        """Sum of answer-token log-probabilities of every (question, candidate) row [n_rows]."""
-        import torch
-
-        out = []
-        for i in range(0, len(self.rows[lang]), self.batch_rows):
-            batch = self.bank.batch(self.rows[lang][i:i + self.batch_rows], eos=False)
-            out.append(answer_logprob(model, batch))
-        return torch.cat(out)
-
-    def accuracy(self, model, lang: str) -> dict:
-        """``{"accuracy", "correct", "n", "lo", "hi", "by_attribute"}`` (Wilson 95% interval)."""
-        was_training = model.training
-        model.eval()
-        sc = self.scores(model, lang)
-        model.train(was_training)
-        right: dict[str, list[int]] = {}
-        for q, start, n in self.questions[lang]:
-            best = int(sc[start:start + n].argmax())
-            right.setdefault(q.attribute, []).append(int(q.candidates[best] == q.answer))
-        correct = sum(sum(v) for v in right.values())
-        n = sum(len(v) for v in right.values())
-        lo, hi = wilson_interval(correct, n)
-        return {"accuracy": correct / n, "correct": correct, "n": n, "lo": lo, "hi": hi,
-                "by_attribute": {a: sum(v) / len(v) for a, v in right.items()}}
-
-
-def answer_logprob(model, batch: dict):
-    """Sum over the labelled (answer) tokens of each row's log-probability [B]."""
-    import torch
-
-    from driftlens.regularizer import label_logprobs
-
-    with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-    return label_logprobs(logits, batch["labels"], reduce="sum")      # [B]
-
-
-def answer_scores(model, processor, image, question: shapes.Question):
-    """Sum of the answer tokens' log-probabilities for each candidate, given image + prompt.
-
-    Returns a float tensor ``[n_candidates]`` in the order of ``question.candidates``.
-    """
-    n = len(question.candidates)
-    batch = encode_image_examples(processor, [image] * n, [question.prompt] * n, list(question.candidates),
-                                  eos=False)
-    return answer_logprob(model, batch)
-
-
-def heldout_ko_texts() -> list[str]:
-    """Korean captions of the held-out scenes (``shapes.split_scenes()[1]``): strings never trained on.
-
-    The continuation stages' text comes from the training scenes only, and image questions have
-    one-word answers, so none of these captions (new combinations of color, shape and place) is
-    a training string (tested).
-    """
-    return [shapes.caption(s, "ko") for s in shapes.split_scenes(seed=0)[1]]
-
-
-def new_form_ko_texts() -> list[str]:
-    """Korean in sentence forms never trained on (:data:`HELDOUT_KO_TEMPLATES`, one per scene)
-    and unseen plain sentences: how far the adaptation generalizes beyond its templates."""
-    out = []
-    for k, s in enumerate(shapes.all_scenes()):
-        t = HELDOUT_KO_TEMPLATES[k % len(HELDOUT_KO_TEMPLATES)]
-        out.append(t.format(color=shapes.COLORS[s.color], shape=shapes.SHAPES[s.shape],
-                            position=shapes.POSITIONS[s.position]))
-    return out + list(HELDOUT_KO_SENTENCES)
-
-
-def seen_ko_texts() -> list[str]:
-    """Korean training strings (captions and question/answer text of training scenes)."""
-    scenes = shapes.split_scenes(seed=0)[0][::3]
-    return [shapes.caption(s, "ko") for s in scenes] + \
-        [QA_TEXT["ko"].format(prompt=q.prompt, answer=q.answer) for s in scenes for q in shapes.questions(s, "ko")]
-
-
-def ko_lm_loss(model, processor, texts: list[str] | None = None) -> float:
-    """Mean token cross-entropy (nats per token) on Korean text, without an image.
-
-    Parameters
-    ----------
-    texts : list of str, optional
-        Default :func:`heldout_ko_texts` (captions of held-out scenes, never trained on).
-    """
-    import torch
-
-    texts = heldout_ko_texts() if texts is None else texts
-    batch = encode_text(processor, texts)
-    with torch.no_grad():
-        return float(model(**batch, use_cache=False).loss)
-
-
-def _evaluate(trajectory: Trajectory, progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
-    ev = {"chance_accuracy": chance_accuracy(), "grounding": {}, "grounding_accuracy": {},
-          "ko_lm_loss": {}, "ko_lm_loss_new_forms": {}, "ko_lm_loss_seen": {}}
-    evalset = None
-    for label, path in tqdm(trajectory.all_checkpoints.items(), desc="evaluate", disable=not progress, leave=False):
-        model, processor = load_checkpoint(path)
-        if evalset is None:
-            evalset = EvalSet(processor, trajectory.recipe.image_size)
-        ev["grounding"][label] = {lang: evalset.accuracy(model, lang) for lang in shapes.LANGS}
-        ev["grounding_accuracy"][label] = {lang: g["accuracy"] for lang, g in ev["grounding"][label].items()}
-        ev["ko_lm_loss"][label] = ko_lm_loss(model, processor)
-        ev["ko_lm_loss_new_forms"][label] = ko_lm_loss(model, processor, new_form_ko_texts())
-        ev["ko_lm_loss_seen"][label] = ko_lm_loss(model, processor, seen_ko_texts())
-    return ev
-
-
-def evaluate(trajectory: Trajectory, progress: bool = True) -> dict:
-    """Grounding (en, ko; accuracy with a Wilson interval and per attribute) and Korean LM loss
-    (held-out captions, new sentence forms, seen text) of every checkpoint of the trajectory
-    and its control.
-
-    Computed at build time and read from the trajectory's ``evaluation.json``.
-    """
-    cache = trajectory.root / "evaluation.json"
-    if cache.exists():
-        ev = json.loads(cache.read_text())
-        if set(ev.get("ko_lm_loss", {})) == set(trajectory.all_checkpoints):
-            return ev
-    ev = _evaluate(trajectory, progress)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ev, indent=2, ensure_ascii=False))
-    tmp.replace(cache)
-    return ev
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` or ``"0-2"`` -> ``[0, 1, 2]``."""
-    out: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        lo, sep, hi = part.partition("-")
-        try:
-            out += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
-        except ValueError:
-            raise UsageError(f"--seeds: {text!r} is not a list like 0,1,2 or a range like 0-2") from None
-    if not out or any(s < 0 for s in out) or len(set(out)) != len(out):
-        raise UsageError(f"--seeds: {text!r} must name distinct non-negative seeds")
-    return out
-
-
-def add_parser(sub) -> None:
-    """``driftlens organism build [--seeds 0,1,2] [--force]``."""
-    p = sub.add_parser("organism", help="build the model organism (a tiny bilingual LLaVA trained here)",
-                       description="Build (or find in the cache) the model organism for each seed: a base trained "
-                                   "on English shapes, then a Korean adaptation and an English control "
-                                   "continuation from it (5 checkpoints each), evaluated on renderings never "
-                                   "trained on. Missing seeds build in parallel processes.")
-    p.add_argument("action", choices=["build"], help="what to do")
-    p.add_argument("--seeds", default="0,1,2", help="seeds to build, e.g. 0,1,2 or 0-4 (default: %(default)s)")
-    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per missing seed, "
-                                                         "at most the CPU count)")
-    p.add_argument("--cache", default=None,
-                   help="cache root of the builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
-    p.add_argument("--force", action="store_true", help="rebuild even when cached")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    seeds = parse_seeds(args.seeds)
-    trajs = build_seeds(seeds, force=args.force, progress=not args.no_progress, jobs=args.jobs, cache=args.cache)
-    for traj in trajs:
-        ev = evaluate(traj, progress=not args.no_progress)
-        print(f"organism seed {traj.seed}: {traj.root} (built in {traj.build_seconds:.0f} s); "
-              f"chance accuracy {ev['chance_accuracy']:.3f}")
-        for label in traj.all_checkpoints:
-            g = ev["grounding"][label]
-            print(f"  {label:>6}: EN {g['en']['accuracy']:.3f} [{g['en']['lo']:.2f}, {g['en']['hi']:.2f}]  "
-                  f"KO {g['ko']['accuracy']:.3f} [{g['ko']['lo']:.2f}, {g['ko']['hi']:.2f}]  "
-                  f"KO LM loss {ev['ko_lm_loss'][label]:.3f} (new forms {ev['ko_lm_loss_new_forms'][label]:.3f}, "
-                  f"seen {ev['ko_lm_loss_seen'][label]:.3f})")
-    return 0
