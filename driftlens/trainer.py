@@ -74,7 +74,8 @@ class DriftObjective:
             pad = getattr(base.config.get_text_config(), "pad_token_id", None) if pad is None else pad
             self.contrast = GroundingContrast(self.image_token_id, 0 if pad is None else pad, margin)
 
-    def _has_image(self, batch: Mapping) -> bool:
+    def has_image(self, batch: Mapping) -> bool:
+        """Whether ``batch`` holds image tokens (text-only batches skip both terms)."""
         ids = batch.get("input_ids")
         return ids is not None and bool((ids == self.image_token_id).any())
 
@@ -92,7 +93,7 @@ class DriftObjective:
         """One training forward: ``(loss, terms)`` (and the model outputs with ``return_outputs``)."""
         if "labels" not in batch:
             raise UsageError("the batch has no `labels`: the LM loss needs them")
-        image = self._has_image(batch)
+        image = self.has_image(batch)
         with self._tap_paused(not image):          # a text-only batch: no visual tokens to read
             out = model(**batch, use_cache=False)
         loss = out.loss

@@ -179,12 +179,12 @@ def _objective(arm: str, model, settings: Settings, store, report, seed: int):
     return DriftObjective(model, None)
 
 
-def _schedule(arm: str, report, budget: int):
+def _schedule(arm: str, report, budget: int, checkpoint: str):
     from driftlens.ranks import allocate_ranks
 
     rule = "uniform" if arm in ("lora_uniform", "viral", "replay") else "proportional"
     return allocate_ranks(report, budget=budget, signal="mmd", rule=rule, min_rank=2, max_rank=64,
-                          modules=list(LORA_TARGETS), checkpoint=report.attrs.get("last_korean", None))
+                          modules=list(LORA_TARGETS), checkpoint=checkpoint)
 
 
 def _batches(arm: str, processor, bank, recipe, settings: Settings):
@@ -218,7 +218,8 @@ def train_arm(arm: str, base_dir, recipe, bank, report, store, settings: Setting
     n_layers = int(report.sizes["layer"])
     schedule = None
     if arm != "full":
-        schedule = _schedule(arm, report, settings.rank_per_module * len(LORA_TARGETS) * n_layers)
+        schedule = _schedule(arm, report, settings.rank_per_module * len(LORA_TARGETS) * n_layers,
+                             f"{organism.STAGE_PREFIX['ko']}-{recipe.n_checkpoints}")
         model = schedule.get_peft_model(model, lora_dropout=0.0)
     params = trainable_parameters(model, arm)
     trainable = describe_trainable(model, arm, schedule)
@@ -240,7 +241,7 @@ def train_arm(arm: str, base_dir, recipe, bank, report, store, settings: Setting
             g["lr"] = min(lr, lr * (step + 1) / recipe.warmup)
         batch = batches(step)
         t0 = time.perf_counter()
-        image = objective._has_image(batch)
+        image = objective.has_image(batch)
         image_steps += int(image)
         if viral is not None and not image:
             with viral.paused():
@@ -303,7 +304,6 @@ def run_seed(seed: int, traj, demo_dir: Path, out: Path, arms, settings: Setting
 
     recipe = traj.recipe
     report = xr.load_dataset(demo_dir / f"seed-{seed}" / "drift.nc")
-    report.attrs["last_korean"] = list(traj.checkpoints)[-1]
     store = open_store(demo_dir / f"seed-{seed}" / "activations.zarr")
     base_dir = traj.checkpoints["base"]
     results, bank, evalset = {}, None, None
