@@ -54,7 +54,7 @@ def time_steps(model, objective, batches, steps: int) -> float:
     for i in range(steps + 3):
         batch = batches[i % len(batches)]
         t = time.perf_counter()
-        loss, _ = objective(model, batch)
+        loss, _, _ = objective(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

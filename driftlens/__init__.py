@@ -11,18 +11,16 @@ from driftlens.errors import (
     DataError,
     DriftlensError,
     EnvironmentProblem,
+    ScheduleError,
+    ScheduleFileError,
     StoreIntegrityError,
     UsageError,
 )
 from driftlens.inputs import model_inputs
 from driftlens.probes import Probe, ProbeError, ProbeSet, list_probe_sets
-from driftlens.ranks import (
-    RankSchedule,
-    ScheduleError,
-    ScheduleFileError,
-    allocate_ranks,
-)
+from driftlens.ranks import allocate_ranks
 from driftlens.regularizer import AnchorDriftLoss
+from driftlens.schedule import RankSchedule
 from driftlens.sources import SourceError
 from driftlens.specs import Spec, SpecError, list_specs, load_spec
 from driftlens.store import (

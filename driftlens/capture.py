@@ -10,8 +10,11 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -23,6 +26,7 @@ from driftlens.errors import (
     UsageError,
     raise_if_interrupted,
 )
+from driftlens.schema import SITES, UNLAYERED, Site
 from driftlens.sources import (
     SourceError,
     describe,
@@ -33,9 +37,14 @@ from driftlens.sources import (
     normalize_checkpoints,
     source_kind,
 )
-from driftlens.store import UNLAYERED, ActivationStore, StoreMismatchError
+from driftlens.store import ActivationStore, StoreMismatchError
 
-SITES = ("embed", "hidden", "key", "query", "final")
+if TYPE_CHECKING:
+    import torch
+
+    from driftlens.probes import ProbeSet
+    from driftlens.specs import Spec
+
 SITE_ORDER = {s: i for i, s in enumerate(SITES)}
 
 
@@ -214,11 +223,14 @@ def _config_of(model):
     return model.config
 
 
-def capture(model, probes, checkpoints=None, out="driftlens.zarr", sites=("hidden", "key", "final"),
-            layers=None, batch_size: int = 8, device="auto", *, processor=None, spec=None,
-            dtype: str = "float32", tokens_per_sample: int | None = None, seed: int = 0,
+def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str | os.PathLike,
+            checkpoints: Mapping[str, torch.nn.Module | str | os.PathLike] | None = None,
+            out: str | os.PathLike = "driftlens.zarr", sites: Sequence[Site] = ("hidden", "key", "final"),
+            layers: Sequence[int] | None = None, batch_size: int = 8, device: str | torch.device = "auto", *,
+            processor: Any = None, spec: Spec | str | os.PathLike | None = None,
+            dtype: Literal["float32", "float16"] = "float32", tokens_per_sample: int | None = None, seed: int = 0,
             progress: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False,
-            overwrite=()):
+            overwrite: Sequence[str] = ()) -> Path:
     """Capture token vectors of a probe set across a trajectory of checkpoints into a store.
 
     Parameters

@@ -271,10 +271,80 @@ def parse_seeds(text: str) -> list[int]:
     return out
 
 
-def _add_ranks(sub) -> None:
-    from driftlens.ranks import add_parser
+def _signal_arg(values: list[str] | None) -> str | dict[str, str]:
+    """``--signal`` values: one expression, or ``MODULE=EXPR`` pairs as a mapping."""
+    if not values:
+        return "mmd"
+    if len(values) == 1 and "=" not in values[0]:
+        return values[0]
+    out = {}
+    for v in values:
+        mod, sep, expr = v.partition("=")
+        if not sep or not mod or not expr:
+            raise UsageError(f"--signal {v!r}: with several signals write MODULE=EXPR (MODULE may be '*')")
+        out[mod] = expr
+    return out
 
-    add_parser(sub)
+
+def _add_ranks(sub) -> None:
+    """``driftlens ranks REPORT --budget N [...]``."""
+    from driftlens.allocation import RULES
+    from driftlens.ranks import DEFAULT_MODALITY, DEFAULT_SITE
+    from driftlens.schedule import FORMATS
+
+    p = sub.add_parser(
+        "ranks",
+        help="allocate layer-wise LoRA ranks from a drift report (PEFT / axolotl export)",
+        description="Turn a per-layer drift signal into integer LoRA ranks summing exactly to a budget, "
+                    "one anchored module path per adapted module, and export them as a PEFT config (JSON) "
+                    "or an axolotl fragment (YAML).",
+    )
+    p.add_argument("report", help="drift report (netCDF) written by 'driftlens drift'")
+    p.add_argument("--budget", type=int, required=True, help="sum of ranks over all adapted modules")
+    p.add_argument("--signal", action="append", default=None, metavar="EXPR|MODULE=EXPR",
+                   help="NAME[@SITE][:MODALITY], e.g. mmd or mmd@key; repeat as MODULE=EXPR for per-module "
+                        "signals ('*=EXPR' is the fallback). Default: mmd")
+    p.add_argument("--rule", default="proportional", choices=list(RULES))
+    p.add_argument("--min-rank", type=int, default=1)
+    p.add_argument("--max-rank", type=int, default=64)
+    p.add_argument("--modules", nargs="+", default=None, help="targets relative to a decoder block, among "
+                   "the spec's block_modules (default: the spec's lora_targets)")
+    p.add_argument("--checkpoint", default=None, help="report checkpoint (default: the last)")
+    p.add_argument("--site", default=DEFAULT_SITE)
+    p.add_argument("--modality", default=DEFAULT_MODALITY)
+    p.add_argument("--share", type=float, default=0.9, help="cumulative rule: share of signal kept")
+    p.add_argument("--alpha-ratio", type=float, default=2.0, help="alpha / r (default: %(default)s)")
+    p.add_argument("--rslora", action="store_true", help="use rsLoRA scaling with one alpha")
+    p.add_argument("--spec", default=None, help="hooks TOML file (default: by the report's model_type)")
+    p.add_argument("--out", "-o", default="ranks.json", help="output file (default: %(default)s)")
+    p.add_argument("--format", choices=list(FORMATS), default=None,
+                   help="peft (JSON) or axolotl (YAML); default from the --out suffix")
+    p.add_argument("--plot", default=None, help="also write a PNG of rank per layer beside the signal")
+    p.set_defaults(func=_run_ranks)
+
+
+def _run_ranks(args) -> int:
+    from driftlens.plot import rank_schedule, save
+    from driftlens.ranks import allocate_ranks
+    from driftlens.store import load_report
+
+    report = load_report(args.report)
+    spec = None
+    if args.spec:
+        from driftlens.specs import load_spec
+
+        spec = load_spec(path=args.spec)
+    sched = allocate_ranks(report, args.budget, _signal_arg(args.signal), args.rule, args.min_rank, args.max_rank,
+                           args.modules, checkpoint=args.checkpoint, site=args.site, modality=args.modality,
+                           share=args.share, alpha_ratio=args.alpha_ratio, use_rslora=args.rslora, spec=spec,
+                           source=str(args.report))
+    out = sched.save(args.out, format=args.format)
+    print(f"schedule: {out} ({len(sched.adapted)} modules, budget {sched.budget})")
+    print(f"rank per layer: {sched.layer_ranks().tolist()}")
+    if args.plot:
+        save(rank_schedule(sched, report), args.plot)
+        print(f"plot: {args.plot}")
+    return 0
 
 
 def _add_experiment(sub) -> None:

@@ -44,15 +44,25 @@ paper's ``hidden_states[-1]``), and ``mir_total = log10(sum over layers)``.
 """
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from driftlens import inference as I
 from driftlens.errors import UsageError, raise_if_interrupted
-from driftlens.store import check_report_path, save_report
+from driftlens.schema import CLUSTER_COORDS, MODALITIES, REPORT_DIMS, Modality, Site
+from driftlens.store import Verify, check_report_path, save_report
 
+if TYPE_CHECKING:
+    import torch
+    import xarray as xr
+
+Metric = Literal["mmd", "sinkhorn", "sliced_w", "gauss_w2", "paired_shift", "shift", "gap", "mir"]
+Correction = Literal["bh", "holm"] | None
 DISTRIBUTIONAL = ("mmd", "sinkhorn", "sliced_w", "gauss_w2")
 TRANSPORT = ("sinkhorn", "sliced_w", "gauss_w2")
 PAIRED = ("paired_shift",)
@@ -106,7 +116,7 @@ class DriftError(UsageError):
 
 def _cluster_labels(ds) -> tuple[np.ndarray, str, list[str]]:
     """Per-token cluster labels, the coordinate they came from, and warnings."""
-    for name in ("cluster", "group", "sample"):
+    for name in CLUSTER_COORDS:
         if name in ds.coords:
             notes = [] if name == "cluster" else [
                 f"the store has no `cluster` coordinate (captured before clusters existed); resampling "
@@ -338,12 +348,13 @@ def _as_drift_error(fn):
 
 
 @_as_drift_error
-def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("visual", "text"),
-          n_permutations: int = 1000, n_bootstrap: int = 1000, level: float = 0.95,
-          correction: str | None = "bh", transport_resamples: int = 200, mir_bootstrap: int | None = None,
-          seed: int = 0, device="auto",
-          blur: float = 0.1, n_projections: int = 128, progress: bool = True, out=None,
-          verify: str = "full"):
+def drift(ds: xr.Dataset | str | os.PathLike, reference: str | None = None,
+          metrics: Sequence[Metric] = DEFAULT_METRICS, sites: Sequence[Site] | None = None,
+          modalities: Sequence[Modality] = MODALITIES, n_permutations: int = 1000, n_bootstrap: int = 1000,
+          level: float = 0.95, correction: Correction = "bh", transport_resamples: int = 200,
+          mir_bootstrap: int | None = None, seed: int = 0, device: str | torch.device = "auto",
+          blur: float = 0.1, n_projections: int = 128, progress: bool = True,
+          out: str | os.PathLike | None = None, verify: Verify = "full") -> xr.Dataset:
     """Drift of every captured (checkpoint, layer, site, modality) against a reference.
 
     Parameters
@@ -584,7 +595,7 @@ def drift(ds, reference=None, metrics=DEFAULT_METRICS, sites=None, modalities=("
     bar.close()
 
     coords = {"checkpoint": labels, "layer": layers, "site": list(sites), "modality": list(modalities)}
-    dims4 = ("checkpoint", "layer", "site", "modality")
+    dims4 = REPORT_DIMS
     data = {name: (dims4, arr, _attrs(name, level, n_permutations, n_bootstrap, n_tr)) for name, arr in res.items()}
     n_tests = {}
     if correction is not None:

@@ -58,6 +58,16 @@ class CheckpointIdentityError(DataError):
     """A checkpoint label of a store is bound to another source or other capture options."""
 
 
+class ScheduleError(UsageError):
+    """A rank schedule cannot be built, read or applied (the message names the offending thing)."""
+
+
+class ScheduleFileError(ScheduleError, DataError):
+    """A rank-schedule file is unreadable, damaged or holds impossible values (a data error: exit code 3)."""
+
+    exit_code = EXIT_DATA
+
+
 class EnvironmentProblem(DriftlensError, OSError):
     """The machine cannot do what is asked: a path is not writable, a device is not available."""
 

@@ -23,7 +23,7 @@ the same for every cell of a report (so per-layer resamples can be summed across
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -166,7 +166,7 @@ def percentile_interval(values: torch.Tensor | np.ndarray, level: float = 0.95) 
     return float(lo), float(hi)
 
 
-def adjust_pvalues(p, method: str = "bh") -> np.ndarray:
+def adjust_pvalues(p, method: Literal["bh", "holm"] = "bh") -> np.ndarray:
     """Multiplicity-adjusted p-values (same shape; NaN entries are left out and stay NaN).
 
     ``"bh"``: Benjamini-Hochberg (false discovery rate); ``"holm"``: Holm (family-wise error).

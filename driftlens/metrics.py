@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -48,13 +48,20 @@ __all__ = [
     "median_sigma",
     "mir",
     "mir_total",
+    "TokenShift",
     "mmd2",
+    "mmd2_loss",
     "mmd_test",
     "modality_gap",
+    "modality_gap_vector",
     "shift",
+    "token_shift",
     "sinkhorn",
     "sliced_wasserstein",
 ]
+
+Sigma = Literal["median"] | float | Sequence[float] | None   # a kernel bandwidth, or several
+MedianPairs = Literal["pooled", "reference"]
 
 DEFAULT_BLOCK_SIZE = 2048
 MEDIAN_MAX_POINTS = 2000
@@ -162,7 +169,7 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d2.add_((a * a).sum(1)[:, None]).clamp_(min=0.0)
 
 
-def median_sigma(x, y=None, *, pairs: str = "pooled", max_points: int | None = MEDIAN_MAX_POINTS,
+def median_sigma(x, y=None, *, pairs: MedianPairs = "pooled", max_points: int | None = MEDIAN_MAX_POINTS,
                  seed: int = 0) -> float:
     """Median-heuristic bandwidth ``sqrt(median(d^2) / 2)``.
 
@@ -300,9 +307,8 @@ def _prepare(x, y, sigma, median_pairs, median_max_points, seed):
     return x, y, z, sig, gammas
 
 
-def mmd2(x, y, sigma=None, *, block_size: int = DEFAULT_BLOCK_SIZE, median_pairs: str = "pooled",
-         median_max_points: int | None = MEDIAN_MAX_POINTS, seed: int = 0,
-         return_sigma: bool = False, as_tensor: bool = False):
+def mmd2(x, y, sigma: Sigma = None, *, block_size: int = DEFAULT_BLOCK_SIZE, median_pairs: MedianPairs = "pooled",
+         median_max_points: int | None = MEDIAN_MAX_POINTS, seed: int = 0) -> float:
     """Unbiased MMD^2 with a Gaussian kernel, computed block by block.
 
     Parameters
@@ -322,29 +328,32 @@ def mmd2(x, y, sigma=None, *, block_size: int = DEFAULT_BLOCK_SIZE, median_pairs
         Fixed-seed subsample size for the median heuristic.
     seed : int
         Seed of the median subsample.
-    return_sigma : bool
-        Also return the sigma(s) used, as a tuple of floats.
-    as_tensor : bool
-        Return a 0-d float64 tensor on the input's device instead of a float. It is
-        differentiable w.r.t. ``x`` and ``y`` (sigma from the median heuristic is treated as a
-        constant), e.g. for a training loss.
 
     Returns
     -------
-    float or tensor, or (value, sigmas)
+    float
+        The estimate; the sigma the median heuristic picks is :func:`median_sigma` with the same
+        ``median_pairs``, ``median_max_points`` and ``seed``. :func:`mmd2_loss` is the same estimate
+        as a differentiable tensor.
+    """
+    with torch.no_grad():
+        return float(mmd2_loss(x, y, sigma, block_size=block_size, median_pairs=median_pairs,
+                               median_max_points=median_max_points, seed=seed))
+
+
+def mmd2_loss(x, y, sigma: Sigma = None, *, block_size: int = DEFAULT_BLOCK_SIZE,
+              median_pairs: MedianPairs = "pooled", median_max_points: int | None = MEDIAN_MAX_POINTS,
+              seed: int = 0) -> torch.Tensor:
+    """:func:`mmd2` as a 0-d float64 tensor on the input's device, differentiable w.r.t. ``x`` and ``y``.
+
+    A sigma from the median heuristic is treated as a constant. Parameters as :func:`mmd2`.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    x, y, z, sig, gammas = _prepare(x, y, sigma, median_pairs, median_max_points, seed)
+    x, y, z, _, gammas = _prepare(x, y, sigma, median_pairs, median_max_points, seed)
     offset = _kernel_offset(z, gammas, seed)
-    if as_tensor:
-        sums, _, _ = _kernel_pass(z, x.shape[0], gammas, offset, block_size)
-        val = _mmd_from_sums(sums, x.shape[0], y.shape[0])
-    else:
-        with torch.no_grad():
-            sums, _, _ = _kernel_pass(z, x.shape[0], gammas, offset, block_size)
-        val = float(_mmd_from_sums(sums, x.shape[0], y.shape[0]))
-    return (val, tuple(sig)) if return_sigma else val
+    sums, _, _ = _kernel_pass(z, x.shape[0], gammas, offset, block_size)
+    return _mmd_from_sums(sums, x.shape[0], y.shape[0])
 
 
 class MMDTestResult(NamedTuple):
@@ -374,7 +383,7 @@ def _permutation_indicators(n: int, m: int, n_permutations: int, seed: int) -> t
 
 
 def mmd_test(x, y, n_permutations: int = 1000, sigma=None, seed: int = 0, *,
-             block_size: int = DEFAULT_BLOCK_SIZE, median_pairs: str = "pooled",
+             block_size: int = DEFAULT_BLOCK_SIZE, median_pairs: MedianPairs = "pooled",
              median_max_points: int | None = MEDIAN_MAX_POINTS) -> MMDTestResult:
     """Permutation two-sample test on the unbiased MMD^2, all permutations in one kernel pass.
 
@@ -445,7 +454,7 @@ def mmd_test(x, y, n_permutations: int = 1000, sigma=None, seed: int = 0, *,
 
 def sinkhorn(x, y, blur: float = 0.05, p: int = 2, scaling: float = 0.9, *,
              max_points: int | None = SINKHORN_MAX_POINTS, seed: int = 0,
-             backend: str = "tensorized", return_info: bool = False):
+             backend: Literal["tensorized", "online", "multiscale"] = "tensorized") -> float:
     """Debiased Sinkhorn divergence (geomloss ``SamplesLoss("sinkhorn")``), uniform weights.
 
     Parameters
@@ -458,24 +467,21 @@ def sinkhorn(x, y, blur: float = 0.05, p: int = 2, scaling: float = 0.9, *,
         The dense ("tensorized") backend keeps three N x M cost matrices; on 2 CPU cores at
         d = 1024 it took 2.6 s (1000 points per side), 6.4 s (2000) and 44 s (4000). Each side
         above ``max_points`` is therefore replaced by a fixed-seed random subsample of
-        ``max_points`` rows (reported with ``return_info``). None disables subsampling (use with
+        ``max_points`` rows (each side uses ``min(n, max_points)`` rows). None disables subsampling (use with
         ``backend="online"`` when pykeops is installed, or on a GPU with enough memory).
     seed : int
         Seed of the subsample.
     backend : str
         geomloss backend. Default "tensorized" (explicit: "auto" switches to "online" for large
         inputs, which needs pykeops).
-    return_info : bool
-        Also return a dict ``{"n_x", "n_y", "subsampled", "backend", "blur"}``.
 
     Returns
     -------
-    float, or (float, dict)
+    float
     """
     from geomloss import SamplesLoss
 
     x, y = _check(x, y, names=["x", "y"], min_rows=1)
-    n0, m0 = x.shape[0], y.shape[0]
     xs = _subsample(x, max_points, seed)
     ys = _subsample(y, max_points, seed + 1)
     loss = SamplesLoss("sinkhorn", p=p, blur=blur, scaling=scaling, debias=True, backend=backend)
@@ -483,11 +489,6 @@ def sinkhorn(x, y, blur: float = 0.05, p: int = 2, scaling: float = 0.9, *,
         val = float(loss(xs.contiguous(), ys.contiguous()))
     if not math.isfinite(val):
         raise FloatingPointError(f"sinkhorn: geomloss returned {val} (blur={blur}, backend={backend})")
-    if return_info:
-        info = {"n_x": xs.shape[0], "n_y": ys.shape[0],
-                "subsampled": xs.shape[0] < n0 or ys.shape[0] < m0,
-                "backend": backend, "blur": blur}
-        return val, info
     return val
 
 
@@ -617,7 +618,7 @@ def _row_norms_nonzero(a: torch.Tensor, name: str) -> torch.Tensor:
     return norms
 
 
-def modality_gap(v, t, return_vector: bool = False):
+def modality_gap(v, t) -> float:
     """Modality gap of Liang et al. (2022): ``|mean(normalize(v)) - mean(normalize(t))|_2``.
 
     Parameters
@@ -626,21 +627,35 @@ def modality_gap(v, t, return_vector: bool = False):
         Visual tokens.
     t : tensor [m, d]
         Text tokens.
-    return_vector : bool
-        Also return the gap vector (float64 tensor [d] on the input's device).
 
     Returns
     -------
-    float, or (float, tensor [d])
+    float
+        The norm of :func:`modality_gap_vector`.
+    """
+    return float(modality_gap_vector(v, t).norm())
+
+
+def modality_gap_vector(v, t) -> torch.Tensor:
+    """The gap vector ``mean(normalize(v)) - mean(normalize(t))`` (float64 ``[d]``, on the input's device).
+
+    Parameters
+    ----------
+    v : tensor [n, d]
+        Visual tokens.
+    t : tensor [m, d]
+        Text tokens.
+
+    Returns
+    -------
+    tensor [d]
     """
     v, t = _check(v, t, names=["v (visual)", "t (text)"], min_rows=1)
     with torch.no_grad():
         v64, t64 = v.to(torch.float64), t.to(torch.float64)
         vn = v64 / _row_norms_nonzero(v64, "v (visual)")[:, None]
         tn = t64 / _row_norms_nonzero(t64, "t (text)")[:, None]
-        gap = vn.mean(0) - tn.mean(0)  # [d]
-        dist = float(gap.norm())
-    return (dist, gap) if return_vector else dist
+        return vn.mean(0) - tn.mean(0)  # [d]
 
 
 def _replace_outliers(a: torch.Tensor) -> torch.Tensor:
@@ -704,27 +719,48 @@ def mir_total(per_layer_values) -> float:
 
 
 class Shift(NamedTuple):
-    """Paired per-token displacement: mean cosine distance ``1 - cos`` and mean L2 distance
-    (floats), or per-token tensors [n] when ``per_token=True``."""
+    """Paired displacement of token rows: mean cosine distance ``1 - cos`` and mean L2 distance."""
 
     cosine: float
     l2: float
 
 
-def shift(a, b, per_token: bool = False) -> Shift:
+class TokenShift(NamedTuple):
+    """Per-token displacement: cosine distances and L2 distances, float64 tensors ``[n]``."""
+
+    cosine: torch.Tensor
+    l2: torch.Tensor
+
+
+def shift(a, b) -> Shift:
+    """Mean paired displacement of the same token rows between two checkpoints (means of :func:`token_shift`).
+
+    Parameters
+    ----------
+    a, b : tensor [n, d]
+        The same tokens (same row order) at two checkpoints.
+
+    Returns
+    -------
+    Shift(cosine, l2)
+    """
+    per = token_shift(a, b)
+    return Shift(cosine=float(per.cosine.mean()), l2=float(per.l2.mean()))
+
+
+def token_shift(a, b) -> TokenShift:
     """Paired displacement of the same token rows between two checkpoints.
 
     Parameters
     ----------
     a, b : tensor [n, d]
         The same tokens (same row order) at two checkpoints.
-    per_token : bool
-        Return per-token float64 tensors [n] instead of means.
 
     Returns
     -------
-    Shift(cosine, l2)
-        Cosine distance convention for zero rows: 0 when both rows are zero, 1 when only one is.
+    TokenShift(cosine, l2)
+        Float64 tensors ``[n]``. Cosine distance convention for zero rows: 0 when both rows are
+        zero, 1 when only one is.
     """
     a, b = _check(a, b, names=["a", "b"], min_rows=1, same_rows=True)
     with torch.no_grad():
@@ -735,6 +771,4 @@ def shift(a, b, per_token: bool = False) -> Shift:
                           torch.where((na == 0) & (nb == 0), 1.0, 0.0).to(a64))
         cosd = (1.0 - cos).clamp(min=0.0, max=2.0)  # [n]
         l2 = (a64 - b64).norm(dim=1)  # [n]
-    if per_token:
-        return Shift(cosine=cosd, l2=l2)
-    return Shift(cosine=float(cosd.mean()), l2=float(l2.mean()))
+    return TokenShift(cosine=cosd, l2=l2)

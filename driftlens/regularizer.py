@@ -59,13 +59,16 @@ beyond what an MMD penalty pulls back in 40 steps.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 
 from driftlens.errors import UsageError
+from driftlens.schema import Modality, Site
 
-MODES = ("fixed", "tracking")
+AnchorMode = Literal["fixed", "tracking"]
+MODES: tuple[AnchorMode, ...] = ("fixed", "tracking")
 DEFAULT_BLOCK = 2048
 DEFAULT_SCALES = (0.5, 1.0, 2.0, 4.0, 8.0)    # bandwidths, in units of the anchors' median-heuristic sigma
 
@@ -189,8 +192,8 @@ def _cluster_of(ds) -> np.ndarray:
     raise UsageError("the store has no per-token cluster, group or sample coordinate")
 
 
-def report_weights(report, layers: Sequence[int], var: str = "mmd", checkpoint=None, site: str = "hidden",
-                   modality: str = "visual") -> dict[int, float]:
+def report_weights(report, layers: Sequence[int], var: str = "mmd", checkpoint=None, site: Site = "hidden",
+                   modality: Modality = "visual") -> dict[int, float]:
     """Per-layer weights from a drift report: the effect at ``checkpoint`` (default the last),
     clipped at 0 and normalized to sum 1 (equal weights when every effect is <= 0)."""
     if var not in report.data_vars:
@@ -248,7 +251,7 @@ class AnchorDriftLoss(torch.nn.Module):
         The per-layer terms of the last call (detached; for logging).
     """
 
-    def __init__(self, anchors: Mapping[int, torch.Tensor], mode: str = "fixed",
+    def __init__(self, anchors: Mapping[int, torch.Tensor], mode: AnchorMode = "fixed",
                  anchor_text: Mapping[int, torch.Tensor] | None = None,
                  weights: Mapping[int, float] | None = None, block_size: int = DEFAULT_BLOCK,
                  scales: Sequence[float] = DEFAULT_SCALES):
@@ -337,7 +340,7 @@ class AnchorDriftLoss(torch.nn.Module):
     # ------------------------------------------------------------------ construction from a store
     @classmethod
     def from_store(cls, ds, checkpoint: str | None = None, layers: Sequence[int] | None = None,
-                   mode: str = "fixed", n_anchors: int = 1024, weights=None, site: str = "hidden",
+                   mode: AnchorMode = "fixed", n_anchors: int = 1024, weights=None, site: Site = "hidden",
                    seed: int = 0, dtype=torch.float32, device=None,
                    block_size: int = DEFAULT_BLOCK, scales: Sequence[float] = DEFAULT_SCALES) -> AnchorDriftLoss:
         """Anchors from a reference checkpoint of an activation store.
@@ -407,7 +410,7 @@ class AnchorDriftLoss(torch.nn.Module):
 TEXT_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids")
 
 
-def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, reduce: Literal["mean", "sum"] = "mean") -> torch.Tensor:
     """Log-probability of each row's labelled tokens (labels ``!= -100``), differentiable.
 
     Parameters

@@ -42,19 +42,21 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from driftlens.errors import DataError, EnvironmentProblem, UsageError
+from driftlens.schema import SITE_DIMS, TOKEN_COORDS, UNLAYERED
 
-SITE_DIMS = {"embed": "hidden_dim", "hidden": "hidden_dim", "key": "key_dim", "query": "query_dim",
-             "final": "hidden_dim"}
-UNLAYERED = ("embed", "final")     # sites with one vector per token and checkpoint, no layer dim
-TOKEN_COORDS = ("sample", "group", "cluster", "position", "modality", "lang")
+if TYPE_CHECKING:
+    import xarray as xr
+
 CHUNK_BYTES = 8 * 2**20
 RECORDS = ("checkpoint", "records")   # folder of the per-checkpoint records, inside the `checkpoint` array
 RECORD_FORMAT = "driftlens-record/1"
-VERIFY_LEVELS = ("full", "fast", "none")
+Verify = Literal["full", "fast", "none"]
+VERIFY_LEVELS: tuple[Verify, ...] = ("full", "fast", "none")
 
 
 class StoreMismatchError(DataError):
@@ -358,7 +360,7 @@ def _jsonable(meta: dict) -> dict:
     return json.loads(json.dumps(meta, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def open_store(path, include_incomplete: bool = False, verify: str = "fast"):
+def open_store(path: str | os.PathLike, include_incomplete: bool = False, verify: Verify = "fast") -> xr.Dataset:
     """Open an activation store lazily as an :class:`xarray.Dataset`.
 
     Parameters
@@ -557,7 +559,7 @@ def remove_record(path, index: int) -> None:
     _record_file(Path(path), index).unlink(missing_ok=True)
 
 
-def verify_store(path, level: str = "fast", labels=None) -> tuple[list[ChunkProblem], list[str]]:
+def verify_store(path, level: Verify = "fast", labels=None) -> tuple[list[ChunkProblem], list[str]]:
     """Check the completed checkpoints of a store against their records.
 
     Parameters
@@ -660,7 +662,7 @@ def completed_labels(path) -> list[str]:
     return list(_root_attrs(Path(path)).get("completed", []))
 
 
-def check_store(path, level: str = "fast", labels=None) -> list[str]:
+def check_store(path, level: Verify = "fast", labels=None) -> list[str]:
     """Raise :class:`~driftlens.errors.StoreIntegrityError` when a completed checkpoint is damaged.
 
     The message lists the damaged chunks (checkpoint, site, layer, token rows, file) and how to

@@ -8,7 +8,7 @@ text-only forward)::
     objective = DriftObjective(model, drift=dl.AnchorDriftLoss.from_store(ds, layers=[1, 2, 3]),
                                drift_weight=1.0, contrast_weight=0.1)
     for batch in loader:                                   # a plain PyTorch loop
-        loss, terms = objective(model, batch)              # terms: lm, drift, contrast, total (floats)
+        loss, terms, _ = objective(model, batch)           # terms: lm, drift, contrast, total (floats)
         loss.backward(); opt.step(); opt.zero_grad()
 
     trainer = DriftTrainer(model=model, args=args, train_dataset=ds, objective=objective,
@@ -23,6 +23,7 @@ user sees drift while training, not after.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +33,14 @@ from driftlens.errors import UsageError
 
 def _labels_free(batch: Mapping) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
+
+
+class ObjectiveStep(NamedTuple):
+    """What one :class:`DriftObjective` call returns."""
+
+    loss: torch.Tensor          # the total loss to backpropagate (0-d)
+    terms: dict[str, float]     # lm_loss, drift_loss (+ per layer), contrast_loss, loss
+    outputs: Any                # the model's outputs of the training forward
 
 
 class DriftObjective:
@@ -89,8 +98,8 @@ class DriftObjective:
         if self.tap is not None:
             self.tap.detach()
 
-    def __call__(self, model, batch: Mapping, return_outputs: bool = False):
-        """One training forward: ``(loss, terms)`` (and the model outputs with ``return_outputs``)."""
+    def __call__(self, model, batch: Mapping) -> ObjectiveStep:
+        """One training forward: ``ObjectiveStep(loss, terms, outputs)`` (unpacks as a 3-tuple)."""
         if "labels" not in batch:
             raise UsageError("the batch has no `labels`: the LM loss needs them")
         image = self.has_image(batch)
@@ -111,7 +120,7 @@ class DriftObjective:
             terms["contrast_loss"] = float(c.detach())
             terms["contrast_delta"] = self.contrast.last["delta"]
         terms["loss"] = float(loss.detach())
-        return (loss, terms, out) if return_outputs else (loss, terms)
+        return ObjectiveStep(loss, terms, out)
 
 
 def train_steps(model, batches, objective: DriftObjective, optimizer, steps: int, on_step=None) -> list[dict]:
@@ -122,7 +131,7 @@ def train_steps(model, batches, objective: DriftObjective, optimizer, steps: int
     history = []
     model.train()
     for step in range(steps):
-        loss, terms = objective(model, batches(step))
+        loss, terms, _ = objective(model, batches(step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -173,7 +182,7 @@ def make_drift_trainer():
             self._terms = _TermLog()
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, terms, out = self.objective(model, inputs, return_outputs=True)
+            loss, terms, out = self.objective(model, inputs)
             if model.training:
                 self._terms.add(terms)
             return (loss, out) if return_outputs else loss

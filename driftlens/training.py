@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Self
+from typing import Literal, Self
 
 from driftlens.errors import UsageError
 from driftlens.specs import Spec, load_spec, unwrap
@@ -79,7 +79,7 @@ class VisualTap:
         The image-placeholder token id (``spec.image_token_id`` of the model's config).
     """
 
-    def __init__(self, model, layers=None, spec=None, site: str = "hidden", keep_text: bool = True):
+    def __init__(self, model, layers=None, spec=None, site: Literal["hidden"] = "hidden", keep_text: bool = True):
         if site not in SITES:
             raise UsageError(f"VisualTap site must be one of {SITES}, got {site!r}")
         self.model = model

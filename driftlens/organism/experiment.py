@@ -245,9 +245,9 @@ def train_arm(arm: str, base_dir, recipe, bank, report, store, settings: Setting
         image_steps += int(image)
         if viral is not None and not image:
             with viral.paused():
-                loss, terms = objective(model, batch)
+                loss, terms, _ = objective(model, batch)
         else:
-            loss, terms = objective(model, batch)
+            loss, terms, _ = objective(model, batch)
         if viral is not None and image:
             v = viral.loss()
             loss = loss + settings.viral_weight * v

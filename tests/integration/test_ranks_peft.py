@@ -11,7 +11,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import get_pattern_key
 
-from driftlens.ranks import RankSchedule, ScheduleError, add_parser, allocate_ranks, pattern_key
+from driftlens.cli import build_parser
+from driftlens.errors import ScheduleError
+from driftlens.ranks import allocate_ranks
+from driftlens.schedule import RankSchedule, pattern_key
 from driftlens.specs import load_spec
 from driftlens.testing import make_report as _make_report
 from driftlens.testing.tiny import FAMILIES, build
@@ -148,7 +151,6 @@ def test_clear_errors_for_mismatched_models():
 
 
 def test_cli_writes_peft_and_axolotl_files_and_a_plot(tmp_path, capsys):
-    import argparse
 
     import yaml
 
@@ -157,8 +159,7 @@ def test_cli_writes_peft_and_axolotl_files_and_a_plot(tmp_path, capsys):
     model, _ = build("llava", seed=0, n_layers=4)
     spec = load_spec(model)
     rp = save_report(make_report(4, "llava", spec.family, seed=5), tmp_path / "report.nc")
-    parser = argparse.ArgumentParser(prog="driftlens")
-    add_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
 
     args = parser.parse_args(["ranks", str(rp), "--budget", "40", "--signal", "self_attn.q_proj=mmd@key",
                               "--signal", "*=mmd", "--rule", "waterfill", "--max-rank", "8",

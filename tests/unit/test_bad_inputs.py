@@ -266,8 +266,8 @@ def test_ranks_refuses_a_module_the_family_lacks(pristine, tmp_path):
 def test_every_library_error_is_a_driftlens_error():
     from driftlens.capture import CaptureError
     from driftlens.drift import DriftError
+    from driftlens.errors import ScheduleError
     from driftlens.probes import ProbeError
-    from driftlens.ranks import ScheduleError
     from driftlens.sources import SourceError
     from driftlens.specs import SpecError
     from driftlens.store import StoreMismatchError

@@ -2,7 +2,7 @@
 
 For arbitrary bytes, text, JSON values and mutations of a valid file, each parser either returns a
 usable result or raises its own error (:class:`~driftlens.probes.ProbeError`,
-:class:`~driftlens.ranks.ScheduleError`) -- never a ``KeyError`` / ``TypeError`` / json / yaml
+:class:`~driftlens.errors.ScheduleError`) -- never a ``KeyError`` / ``TypeError`` / json / yaml
 traceback. Valid files round-trip. Hypothesis runs with modest ``max_examples`` and no deadline, so
 the file takes a few seconds; temporary files live in a module-scoped folder (hypothesis does not
 mix with the function-scoped ``tmp_path``).
@@ -17,9 +17,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from driftlens.errors import DriftlensError
+from driftlens.errors import DriftlensError, ScheduleError
 from driftlens.probes import FIELDS, MANIFEST, Probe, ProbeError, _parse, write_manifest
-from driftlens.ranks import _AXOLOTL_META, RankSchedule, ScheduleError, allocate_ranks
+from driftlens.ranks import allocate_ranks
+from driftlens.schedule import _AXOLOTL_META, RankSchedule
 from driftlens.specs import load_spec
 from driftlens.testing import make_report
 

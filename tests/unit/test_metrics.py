@@ -71,8 +71,7 @@ def test_mmd2_matches_naive_single_sigma(seed):
 def test_mmd2_multiple_sigmas_is_mean_of_kernels(seed):
     x, y = _pair(seed)
     sig = [0.7, 2.0, 5.5]
-    val, used = M.mmd2(x, y, sigma=sig, return_sigma=True)
-    assert used == tuple(sig)
+    val = M.mmd2(x, y, sigma=sig)
     assert val == pytest.approx(naive_mmd2(x, y, sig), rel=1e-10, abs=1e-13)
 
 
@@ -98,8 +97,8 @@ def test_median_sigma_pooled_matches_naive(seed):
     x, y = _pair(seed)
     z = np.concatenate([x.numpy(), y.numpy()])
     s_ref = naive_median_sigma(z)
-    val, used = M.mmd2(x, y, return_sigma=True)
-    assert used[0] == pytest.approx(s_ref, rel=1e-10)
+    val = M.mmd2(x, y)
+    assert val == M.mmd2(x, y, sigma=M.median_sigma(x, y))
     assert val == pytest.approx(naive_mmd2(x, y, [s_ref]), rel=1e-9, abs=1e-13)
     assert M.median_sigma(x, y) == pytest.approx(s_ref, rel=1e-10)
 
@@ -116,7 +115,8 @@ def test_median_sigma_subsample_is_fixed_seed_and_close():
 def test_mmd2_autograd_matches_torch_reference():
     x, y = _pair(8, n=12, m=10, d=3)
     x1, y1 = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
-    v = M.mmd2(x1, y1, sigma=1.5, block_size=4, as_tensor=True)
+    v = M.mmd2_loss(x1, y1, sigma=1.5, block_size=4)
+    assert float(v.detach()) == pytest.approx(M.mmd2(x, y, sigma=1.5, block_size=4), rel=1e-12)
     v.backward()
     x2, y2 = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
 
@@ -284,11 +284,12 @@ def test_sinkhorn_small_blur_is_half_w2_squared(seed):
 
 def test_sinkhorn_subsamples_above_max_points_and_reports_it():
     x, y = _pair(62, n=300, m=200, d=3)
-    val, info = M.sinkhorn(x, y, blur=0.1, max_points=100, return_info=True)
-    assert info["n_x"] == 100 and info["n_y"] == 100 and info["subsampled"]
+    val = M.sinkhorn(x, y, blur=0.1, max_points=100)
     assert math.isfinite(val)
-    val2, info2 = M.sinkhorn(x, y, blur=0.1, max_points=None, return_info=True)
-    assert info2 == {"n_x": 300, "n_y": 200, "subsampled": False, "backend": "tensorized", "blur": 0.1}
+    xs, ys = M._subsample(x, 100, 0), M._subsample(y, 100, 1)     # the documented fixed-seed subsample
+    assert xs.shape[0] == ys.shape[0] == 100
+    assert val == M.sinkhorn(xs, ys, blur=0.1, max_points=None)
+    assert M.sinkhorn(x, y, blur=0.1, max_points=None) != val
     assert val == M.sinkhorn(x, y, blur=0.1, max_points=100)  # fixed seed
     assert M.sinkhorn(x, x, blur=0.1) == pytest.approx(0.0, abs=1e-6)
 
@@ -303,7 +304,8 @@ def test_modality_gap_matches_liang_formula(seed):
     t = r.normal(size=(20, 8)) * 3
     vec = (v / np.linalg.norm(v, axis=1, keepdims=True)).mean(0) - (
         t / np.linalg.norm(t, axis=1, keepdims=True)).mean(0)
-    dist, gap = M.modality_gap(torch.from_numpy(v), torch.from_numpy(t), return_vector=True)
+    dist = M.modality_gap(torch.from_numpy(v), torch.from_numpy(t))
+    gap = M.modality_gap_vector(torch.from_numpy(v), torch.from_numpy(t))
     assert dist == pytest.approx(np.linalg.norm(vec), rel=1e-12)
     np.testing.assert_allclose(gap.numpy(), vec, rtol=1e-12, atol=1e-15)
     assert M.modality_gap(torch.from_numpy(v).float(), torch.from_numpy(t).float()) == pytest.approx(
@@ -356,11 +358,11 @@ def test_shift_matches_numpy():
     res = M.shift(torch.from_numpy(a), torch.from_numpy(b))
     assert res.cosine == pytest.approx((1 - cos).mean(), rel=1e-12)
     assert res.l2 == pytest.approx(np.linalg.norm(a - b, axis=1).mean(), rel=1e-12)
-    per = M.shift(torch.from_numpy(a), torch.from_numpy(b), per_token=True)
+    per = M.token_shift(torch.from_numpy(a), torch.from_numpy(b))
     np.testing.assert_allclose(per.cosine.numpy(), 1 - cos, rtol=1e-10, atol=1e-14)
     z = torch.zeros(2, 3, dtype=torch.float64)
     o = torch.tensor([[0.0, 0, 0], [1.0, 0, 0]], dtype=torch.float64)
-    assert M.shift(z, o, per_token=True).cosine.tolist() == [0.0, 1.0]
+    assert M.token_shift(z, o).cosine.tolist() == [0.0, 1.0]
 
 
 # ---------------------------------------------------------------- degenerate input
@@ -416,8 +418,7 @@ def test_not_2d_and_paired_rows():
 def test_identical_points_defined_values():
     x = torch.ones(10, 3, dtype=torch.float64)
     y = torch.ones(8, 3, dtype=torch.float64)
-    val, sig = M.mmd2(x, y, return_sigma=True)
-    assert sig == (1.0,) and val == 0.0
+    assert M.median_sigma(x, y) == 1.0 and M.mmd2(x, y) == 0.0
     res = M.mmd_test(x, y, n_permutations=30)
     assert res.statistic == 0.0 and res.p_value == 1.0
     assert M.gaussian_w2(x, y) == 0.0

@@ -10,18 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from driftlens.ranks import (
-    RankSchedule,
-    ScheduleError,
-    allocate,
-    allocate_ranks,
-    clean_signal,
-    key_to_path,
-    parse_signal,
-    pattern_key,
-    plot_schedule,
-    signal_profile,
-)
+from driftlens.allocation import allocate, clean_signal
+from driftlens.errors import ScheduleError
+from driftlens.plot import rank_schedule
+from driftlens.ranks import allocate_ranks, parse_signal, signal_profile
+from driftlens.schedule import RankSchedule, key_to_path, pattern_key
 from driftlens.specs import load_spec
 from driftlens.testing import make_report
 
@@ -377,10 +370,10 @@ def test_load_honours_a_hand_edited_rank(tmp_path):
         RankSchedule.load(tmp_path / "missing.json")
 
 
-def test_plot_schedule_bars_are_the_layer_ranks(tmp_path):
+def test_rank_schedule_plot_bars_are_the_layer_ranks(tmp_path):
     rep = make_report(n_layers=6, seed=8)
     sch = allocate_ranks(rep, 64, "mmd", "proportional", 1, 8, spec=SPEC)
-    ax = plot_schedule(sch, rep)
+    ax = rank_schedule(sch, rep)
     heights = np.zeros(6)
     for patch in ax.patches:
         heights[int(round(patch.get_x() + patch.get_width() / 2))] += patch.get_height()

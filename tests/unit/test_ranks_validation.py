@@ -6,7 +6,6 @@ from ``hooks/``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -14,17 +13,10 @@ import re
 import numpy as np
 import pytest
 
-from driftlens.errors import EXIT_DATA, EXIT_USAGE, DataError, exit_code_of
-from driftlens.ranks import (
-    _AXOLOTL_META,
-    RankSchedule,
-    ScheduleError,
-    ScheduleFileError,
-    add_parser,
-    allocate_ranks,
-    key_to_path,
-    pattern_key,
-)
+from driftlens.cli import build_parser
+from driftlens.errors import EXIT_DATA, EXIT_USAGE, DataError, ScheduleError, ScheduleFileError, exit_code_of
+from driftlens.ranks import allocate_ranks
+from driftlens.schedule import _AXOLOTL_META, RankSchedule, key_to_path, pattern_key
 from driftlens.specs import SpecError, list_specs, load_spec
 from driftlens.testing import make_report
 
@@ -239,8 +231,7 @@ def test_cli_refuses_an_unknown_module_before_writing(tmp_path):
     from driftlens.store import save_report
 
     rp = save_report(make_report(n_layers=3), tmp_path / "report.nc")
-    parser = argparse.ArgumentParser(prog="driftlens")
-    add_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     out = tmp_path / "ranks.json"
     args = parser.parse_args(["ranks", str(rp), "--budget", "32", "--modules", "self_attn.kproj", "--out", str(out)])
     with pytest.raises(ScheduleError, match=r"'self_attn\.kproj'.*nearest: \['self_attn\.k_proj'"):
