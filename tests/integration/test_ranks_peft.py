@@ -16,12 +16,10 @@ from driftlens.errors import ScheduleError
 from driftlens.ranks import allocate_ranks
 from driftlens.schedule import RankSchedule, pattern_key
 from driftlens.specs import load_spec
-from driftlens.testing import make_report as _make_report
+from driftlens.testing import make_report
 from driftlens.testing.tiny import FAMILIES, build
 
-
-def make_report(n_layers, model_type, family, seed=0, checkpoints=("base", "ko-600")):
-    return _make_report(n_layers, checkpoints, seed, model_type, family, loc=2.0, scale=4.0)
+EFFECTS = {"checkpoints": ("base", "ko-600"), "loc": 2.0, "scale": 4.0}   # mostly positive signals
 
 
 def lora_layers(peft_model) -> dict[str, LoraLayer]:
@@ -54,7 +52,7 @@ def test_exported_config_gives_every_module_its_rank(family, tmp_path):
     model, _ = build(family, seed=0, n_layers=3)
     spec = load_spec(model)
     n = spec.num_layers(model)
-    report = make_report(n, model.config.model_type, spec.family, seed=FAMILIES.index(family))
+    report = make_report(n, model_type=model.config.model_type, family=spec.family, seed=FAMILIES.index(family), **EFFECTS)
     n_units = n * len(spec.lora_targets)
     budget = 3 * n_units + 5
     sched = allocate_ranks(report, budget, "mmd", "proportional", 1, 8, model=model)
@@ -84,7 +82,7 @@ def test_many_targets_dropped_layers_and_file_round_trip(rule, tmp_path):
     family = FAMILIES[0]
     model, _ = build(family, seed=1, n_layers=6)
     spec = load_spec(model)
-    report = make_report(6, model.config.model_type, spec.family, seed=11)
+    report = make_report(6, model_type=model.config.model_type, family=spec.family, seed=11, **EFFECTS)
     sig = {spec.lora_targets[0]: "mmd@key", "*": "mmd@hidden"}
     sched = allocate_ranks(report, 6 * len(spec.lora_targets) * 2, sig, rule, 1, 6, model=model, share=0.6)
     if rule == "cumulative":
@@ -123,12 +121,12 @@ def test_naive_suffix_key_would_hit_the_vision_tower():
 def test_clear_errors_for_mismatched_models():
     model, _ = build("llava", seed=0, n_layers=2)
     spec = load_spec(model)
-    report = make_report(2, "llava", spec.family)
+    report = make_report(2, model_type="llava", family=spec.family, seed=0, **EFFECTS)
     sched = allocate_ranks(report, 16, "mmd", "proportional", 1, 8, model=model)
 
     # a report whose layers do not match the model
     with pytest.raises(ScheduleError, match=r"report's layers \[0, 1, 2\] do not match the model's 2 decoder layers"):
-        allocate_ranks(make_report(3, "llava", spec.family), 24, model=model)
+        allocate_ranks(make_report(3, model_type="llava", family=spec.family, seed=0, **EFFECTS), 24, model=model)
     # the same architecture with another depth
     deeper, _ = build("llava", seed=0, n_layers=3)
     with pytest.raises(ScheduleError, match="covers 2 decoder layers but the model has 3"):
@@ -158,7 +156,7 @@ def test_cli_writes_peft_and_axolotl_files_and_a_plot(tmp_path, capsys):
 
     model, _ = build("llava", seed=0, n_layers=4)
     spec = load_spec(model)
-    rp = save_report(make_report(4, "llava", spec.family, seed=5), tmp_path / "report.nc")
+    rp = save_report(make_report(4, model_type="llava", family=spec.family, seed=5, **EFFECTS), tmp_path / "report.nc")
     parser = build_parser()
 
     args = parser.parse_args(["ranks", str(rp), "--budget", "40", "--signal", "self_attn.q_proj=mmd@key",
