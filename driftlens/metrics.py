@@ -733,17 +733,8 @@ class TokenShift(NamedTuple):
 
 
 def shift(a, b) -> Shift:
-    """Mean paired displacement of the same token rows between two checkpoints (means of :func:`token_shift`).
-
-    Parameters
-    ----------
-    a, b : tensor [n, d]
-        The same tokens (same row order) at two checkpoints.
-
-    Returns
-    -------
-    Shift(cosine, l2)
-    """
+    """Mean paired displacement of the same token rows ``a``, ``b`` ``[n, d]`` at two checkpoints:
+    the means of :func:`token_shift`'s per-token distances, as ``Shift(cosine, l2)`` floats."""
     per = token_shift(a, b)
     return Shift(cosine=float(per.cosine.mean()), l2=float(per.l2.mean()))
 
