@@ -43,7 +43,7 @@ PY = BIN / ("python.exe" if os.name == "nt" else "python")
 
 TORCH_PIN = "torch==2.13.0"
 REFERENCE_NODEPS = ["alibi-detect==0.13.0", "catalogue", "dill", "toml"]
-TEST_COMMAND = ["-m", "pytest", "tests", "notebooks", "--nbmake", "-p", "no:cacheprovider", "-q"]
+TEST_COMMAND = ["-m", "pytest", "tests", "notebooks", "--nbmake", "-p", "no:cacheprovider", "-q", "--durations=20"]
 FAST_COMMAND = ["-m", "pytest", "tests/unit", "-m", "not heavy", "-p", "no:cacheprovider", "-q"]
 EXTRAS = {"run": "", "test": "[test]", "setup": "[test,notebooks]"}
 
