@@ -2,7 +2,7 @@
 
 The package namespace only re-exports; importing it loads no model and touches no file.
 """
-from driftlens import inference, metrics
+from driftlens import inference, metrics, plot
 from driftlens._version import __version__
 from driftlens.capture import CaptureError, capture
 from driftlens.drift import DriftError, drift
@@ -18,6 +18,7 @@ from driftlens.errors import (
 )
 from driftlens.inputs import model_inputs
 from driftlens.probes import Probe, ProbeError, ProbeSet, list_probe_sets
+from driftlens.probing import probe
 from driftlens.ranks import allocate_ranks
 from driftlens.regularizer import AnchorDriftLoss
 from driftlens.schedule import RankSchedule
@@ -39,4 +40,4 @@ __all__ = ["AnchorDriftLoss", "CaptureError", "CheckpointIdentityError", "DataEr
            "RankSchedule", "ScheduleError", "ScheduleFileError", "SourceError", "Spec", "SpecError",
            "StoreIntegrityError", "StoreMismatchError", "UsageError", "VisualTap", "allocate_ranks", "capture",
            "check_store", "drift", "inference", "list_probe_sets", "list_specs", "load_report", "load_spec",
-           "metrics", "model_inputs", "open_store", "save_report", "verify_store", "__version__"]
+           "metrics", "model_inputs", "open_store", "plot", "probe", "save_report", "verify_store", "__version__"]

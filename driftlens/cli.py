@@ -192,29 +192,34 @@ def _run_check(args) -> int:
 
 def _add_plot(sub) -> None:
     p = sub.add_parser(
-        "plot", help="figures of a drift report (heatmap, per-layer curves)",
-        description="Draw a checkpoint x layer heatmap of a report variable, or per-layer curves.",
+        "plot", help="every figure of a drift report (heatmaps, per-layer curves with intervals, gap, MIR)",
+        description="Write every figure a drift report supports into --out: per distributional metric and "
+                    "paired_shift, site and modality a checkpoint x layer heatmap (significance marks) and "
+                    "per-layer curves with interval bands; the modality gap and MIR by layer; with --schedule "
+                    "the rank schedule beside its signal. PNG; SVG too with --svg.",
     )
     p.add_argument("report", help="netCDF report written by `driftlens drift`")
-    p.add_argument("--var", default="mmd", help="report variable (default: %(default)s)")
-    p.add_argument("--kind", choices=["heatmap", "layers"], default="heatmap")
-    p.add_argument("--site", default="hidden")
-    p.add_argument("--modality", default="visual")
-    p.add_argument("--out", "-o", default=None, help="PNG path (default: <var>_<kind>.png)")
+    p.add_argument("--out", "-o", default="figures", help="output folder (default: %(default)s)")
+    p.add_argument("--var", nargs="+", default=None, metavar="VAR",
+                   help="only these report variables (e.g. mmd gap mir; default: all it has)")
+    p.add_argument("--site", nargs="+", default=None, metavar="SITE", help="only these sites (default: all)")
+    p.add_argument("--svg", action="store_true", help="also write SVG")
+    p.add_argument("--schedule", default=None, help="a rank schedule (`driftlens ranks --out`) to draw too")
     p.set_defaults(func=_run_plot)
 
 
 def _run_plot(args) -> int:
     from driftlens import plot
+    from driftlens.schedule import RankSchedule
     from driftlens.store import load_report
 
     rep = load_report(args.report)
-    if args.kind == "heatmap":
-        ax = plot.drift_heatmap(rep, args.var, site=args.site, modality=args.modality)
-    else:
-        ax = plot.per_layer(rep, args.var, site=args.site, modality=args.modality)
-    path = plot.save(ax, args.out or f"{args.var}_{args.kind}.png")
-    print(f"figure: {path}")
+    schedule = RankSchedule.load(args.schedule) if args.schedule else None
+    paths = plot.plot_report(rep, args.out, formats=("png", "svg") if args.svg else ("png",), schedule=schedule,
+                             variables=args.var, sites=args.site)
+    print(f"{len(paths)} figure file(s) in {args.out}:")
+    for path in paths:
+        print(f"  {path}")
     return 0
 
 

@@ -1,181 +1,936 @@
-"""Figures of a drift report (matplotlib; every function takes an optional ``ax`` and returns it)."""
+"""Figures of drift reports, rank schedules and probe results: every driftlens figure lives here.
+
+Conventions
+-----------
+- **matplotlib's object API.** Each function draws into ``ax`` when given one and returns that
+  ``Axes``; without ``ax`` it makes a new figure and returns its (main) ``Axes``, whose figure is
+  ``ax.figure``. Nothing here calls ``matplotlib.use`` or changes ``rcParams``.
+- **New figures.** Outside IPython a new figure is a bare :class:`matplotlib.figure.Figure`: no
+  pyplot, no backend, no global figure registry, so drawing works headless, in threads and in
+  servers, and never leaks figures (a figure is freed with its last reference; :func:`save` needs
+  nothing closed). Inside IPython (a notebook, an IPython console) a new figure is made through
+  ``pyplot.figure``, under whatever backend the session chose, because that is what makes it show
+  up inline the way every other library's figures do; a bare ``Figure`` would display nothing
+  when a function returns its ``Axes``. ``pyplot`` is imported then and only then.
+- **Layout.** New figures use the constrained layout engine (colorbars and outside legends are
+  given room); :func:`save` leaves the layout of a figure you made yourself alone unless it has no
+  layout engine, then it applies ``tight_layout`` once.
+- **Colours.** Categories use the Okabe-Ito palette and heatmaps ``cividis``, both readable with
+  the common colour-vision deficiencies and in greyscale. Checkpoints are grouped by their label
+  without a trailing step number (``ko-1`` ... ``ko-5`` is one trajectory): a group gets one hue
+  and one marker, its steps go from light to full colour, the report's reference is black. Colour
+  is never the only cue: groups differ by marker, transfer and control series by line style.
+- **Labels.** Axis and colorbar labels carry the variable's ``units`` attribute (``1`` is written
+  *dimensionless*); titles name the site, modality and what the bands or marks mean.
+- **Intervals.** Wherever the report has ``{var}_lo`` / ``{var}_hi`` the interval is drawn as a band
+  (``fill_between``); nowhere else.
+- **Errors.** A variable, site or modality the report does not have is a
+  :class:`driftlens.errors.UsageError` naming what it has.
+
+Functions: :func:`drift_heatmap`, :func:`drift_by_layer`, :func:`modality_gap_by_layer`,
+:func:`mir_by_layer`, :func:`rank_schedule`, :func:`grounding_vs_drift`, :func:`seeds_by_layer`,
+:func:`probe_accuracy`, :func:`save`, :func:`plot_report`. Importing this module imports neither
+matplotlib nor pyplot; each function imports what it needs.
+"""
 from __future__ import annotations
 
+import re
+import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import xarray as xr
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-def _plt():
-    import matplotlib
+    from driftlens.schedule import RankSchedule
+    from driftlens.schema import Modality, Site
 
-    if matplotlib.get_backend().lower() not in ("agg",) and not _interactive():
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+__all__ = ["OKABE_ITO", "drift_by_layer", "drift_heatmap", "grounding_vs_drift", "mir_by_layer",
+           "modality_gap_by_layer", "plot_report", "probe_accuracy", "rank_schedule", "save",
+           "seeds_by_layer"]
 
-    return plt
+#: Okabe & Ito (2008) colour-blind-safe palette, in the order categories take them (black, kept
+#: for the reference, and yellow, too pale on white for lines, come last)
+OKABE_ITO: tuple[str, ...] = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+_GROUP_COLORS = OKABE_ITO[:6]
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+_REFERENCE_COLOR = "#000000"
+_GREY = "#7f7f7f"
+_HEATMAP_CMAP = "cividis"
+#: report variables measured against the reference checkpoint (its own row is 0 by construction)
+_VS_REFERENCE = ("mmd", "sinkhorn", "sliced_w", "gauss_w2", "paired_shift")
+_DISTRIBUTIONAL = ("mmd", "sinkhorn", "sliced_w", "gauss_w2")
+_SHORT = {"mmd": "MMD$^2$", "sinkhorn": "Sinkhorn divergence", "sliced_w": "sliced $W_2$",
+          "gauss_w2": "Gaussian $W_2$", "paired_shift": "paired token shift", "gap": "modality gap",
+          "mir": "MIR (per-layer term)", "mir_total": "MIR total", "sigma": "kernel bandwidth"}
+
+_CORRECTIONS = {"bh": "Benjamini-Hochberg", "holm": "Holm"}
+
+Annotate = Literal["all", "ends", "none"]
 
 
-def _interactive() -> bool:
-    try:
-        from IPython import get_ipython
-
-        return get_ipython() is not None
-    except ImportError:
-        return False
+# ----------------------------------------------------------------------------- helpers
 
 
-def _ax(ax, size=(6, 4)):
-    if ax is not None:
-        return ax
-    plt = _plt()
-    _, ax = plt.subplots(figsize=size)
-    return ax
+def _in_ipython() -> bool:
+    """Whether an IPython shell is running (checked without importing IPython)."""
+    ipython = sys.modules.get("IPython")
+    get = getattr(ipython, "get_ipython", None)
+    return get is not None and get() is not None
 
 
-def _select(report, var, site, modality, need_values: bool = False):
+def _new_axes(size: tuple[float, float]) -> Axes:
+    """A fresh Axes on a new constrained-layout figure (see the module docstring)."""
+    if _in_ipython():
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=size, layout="constrained")
+    else:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=size, layout="constrained")
+    return fig.add_subplot()
+
+
+def _units_text(units) -> str:
+    units = str(units or "").strip()
+    if units in ("", "1"):
+        return "dimensionless"
+    units = units.replace("log10", "log$_{10}$")
+    return re.sub(r"\^(\d+)", r"$^\1$", units)
+
+
+def _short(var: str) -> str:
+    return _SHORT.get(var, var)
+
+
+def _axis_label(var: str, attrs: Mapping, prefix: str = "") -> str:
+    """``"visual MMD$^2$ (dimensionless)"``: short name and units of a report variable."""
+    return f"{prefix}{_short(var)} ({_units_text(attrs.get('units'))})"
+
+
+def _reference(report) -> str | None:
+    ref = report.attrs.get("reference") if hasattr(report, "attrs") else None
+    return None if ref is None else str(ref)
+
+
+def _have(da, dim: str) -> list[str]:
+    return [str(v) for v in da[dim].values]
+
+
+def _select(report, var: str, *, site=None, modality=None, dims: Sequence[str] = ("checkpoint", "layer"),
+            need_values: bool = True):
+    """``report[var]`` at ``site`` / ``modality`` (where it has those dims), left with ``dims`` only.
+
+    Returns the DataArray and the selection made (``{dim: value}``); raises UsageError naming
+    what the report has.
+    """
     from driftlens.errors import UsageError
 
     if var not in report.data_vars:
-        raise UsageError(f"{var!r} is not in the report; it has {sorted(report.data_vars)}")
+        raise UsageError(f"{var!r} is not in the report; it has {sorted(map(str, report.data_vars))}")
     da = report[var]
-    sel = {k: v for k, v in (("site", site), ("modality", modality)) if k in da.dims and v is not None}
-    for dim, value in sel.items():
-        have = [str(v) for v in da[dim].values]
-        if str(value) not in have:
-            raise UsageError(f"{dim} {value!r} is not in the report; it has {have}")
-    for dim in ("checkpoint", "layer"):
-        if dim in da.dims and da.sizes[dim] == 0:
+    missing = [d for d in dims if d not in da.dims]
+    if missing:
+        fit = sorted(str(k) for k, v in report.data_vars.items() if set(dims) <= set(v.dims))
+        raise UsageError(f"{var!r} has dims {tuple(da.dims)}, not {tuple(dims)}: it cannot be drawn here; "
+                         f"variables that can: {fit}")
+    sel = {}
+    for dim, value in (("site", site), ("modality", modality)):
+        if dim in da.dims and dim not in dims and value is not None:
+            if str(value) not in _have(da, dim):
+                raise UsageError(f"{dim} {value!r} is not in the report; it has {_have(da, dim)}")
+            sel[dim] = str(value)
+    for dim in dims:
+        if da.sizes[dim] == 0:
             raise UsageError(f"the report has no {dim}: nothing to draw")
-    out = da.sel(sel)
+    out = da.sel(sel) if sel else da
+    extra = [d for d in out.dims if d not in dims]
+    if extra:
+        raise UsageError(f"{var!r} still has dims {extra} after selecting {sel or 'nothing'}: name the "
+                         f"{' and '.join(extra)}")
+    out = out.transpose(*dims)
     if need_values and not np.isfinite(out.values).any():
-        raise UsageError(f"{var} ({', '.join(map(str, sel.values()))}) holds no finite value: nothing to draw")
+        where = ", ".join(sel.values())
+        raise UsageError(f"{var}{f' ({where})' if where else ''} holds no finite value: nothing to draw")
     return out, sel
 
 
-def drift_heatmap(report, var: str = "mmd", site: str = "hidden", modality: str = "visual", ax=None,
-                  annotate: bool = True, alpha: float = 0.05):
-    """Checkpoint x layer heatmap of one report variable (default: the visual MMD^2 effect).
+def _band(report, var: str, sel: Mapping, dims: Sequence[str]):
+    """``({var}_lo, {var}_hi)`` at the same selection, or None when the report has no interval."""
+    if not all(f"{var}_{s}" in report.data_vars for s in ("lo", "hi")):
+        return None
+    return tuple(report[f"{var}_{s}"].sel(dict(sel)).transpose(*dims) for s in ("lo", "hi"))
 
-    Cells whose adjusted p-value (``{var}_q``, else ``{var}_p``) is at most ``alpha`` are marked
-    with ``*``.
-    """
-    da, sel = _select(report, var, site, modality, need_values=True)
-    sig_var = next((v for v in (f"{var}_q", f"{var}_p") if v in report.data_vars), None)
-    sig = _select(report, sig_var, site, modality)[0].transpose("checkpoint", "layer").values \
-        if sig_var else None
-    ax = _ax(ax, (1.6 + 0.8 * da.sizes["layer"], 1.0 + 0.45 * da.sizes["checkpoint"]))
-    vals = da.transpose("checkpoint", "layer").values
-    im = ax.imshow(vals, aspect="auto", cmap="magma")
-    ax.set_xticks(range(da.sizes["layer"]), [str(v) for v in da.layer.values])
-    ax.set_yticks(range(da.sizes["checkpoint"]), [str(v) for v in da.checkpoint.values])
-    ax.set_xlabel("layer")
-    ax.set_ylabel("checkpoint")
-    title = f"{var} ({', '.join(f'{v}' for v in sel.values())})"
-    if sig_var:
-        title += f"; * {sig_var.rsplit('_', 1)[1]} <= {alpha:g}"
+
+def _level(report) -> str:
+    level = report.attrs.get("level") if hasattr(report, "attrs") else None
+    try:
+        return f"{float(level):.0%} " if level is not None else ""
+    except (TypeError, ValueError):
+        return ""
+
+
+_STEP = re.compile(r"[\s_.:/-]*\d+$")
+
+
+def _group(label: str) -> str:
+    """A checkpoint's trajectory: its label without a trailing step number (``ko-3`` -> ``ko``)."""
+    return _STEP.sub("", label) or label
+
+
+def _mix(color, t: float) -> tuple[float, float, float]:
+    """``color`` blended with white: ``t = 1`` is the colour, ``t = 0`` white."""
+    from matplotlib.colors import to_rgb
+
+    return tuple(1.0 - t * (1.0 - c) for c in to_rgb(color))
+
+
+def _checkpoint_styles(labels: Sequence[str], reference: str | None = None) -> dict[str, dict]:
+    """``{label: {"color", "marker"}}``: the reference black, a hue and marker per trajectory,
+    steps from light to full colour."""
+    groups: dict[str, list[str]] = {}
+    for lab in labels:
+        if lab != reference:
+            groups.setdefault(_group(lab), []).append(lab)
+    styles = {}
+    if reference in labels:
+        styles[reference] = {"color": _REFERENCE_COLOR, "marker": "o"}
+    if len(groups) > len(_GROUP_COLORS):        # no trajectory structure to show: one ordered colour scale
+        from matplotlib import colormaps
+
+        cmap = colormaps["viridis"]
+        rest = [lab for lab in labels if lab != reference]
+        for i, lab in enumerate(rest):
+            styles[lab] = {"color": cmap(0.9 * i / max(1, len(rest) - 1)), "marker": _MARKERS[i % len(_MARKERS)]}
+        return styles
+    for g, (_, labs) in enumerate(groups.items()):
+        n = len(labs)
+        for k, lab in enumerate(labs):
+            t = 1.0 if n == 1 else 0.4 + 0.6 * k / (n - 1)
+            styles[lab] = {"color": _mix(_GROUP_COLORS[g], t), "marker": _MARKERS[(g + 1) % len(_MARKERS)]}
+    return styles
+
+
+def _layer_ticks(ax, layers) -> None:
+    layers = np.asarray(layers)
+    if layers.size <= 24 and np.issubdtype(layers.dtype, np.number):
+        ax.set_xticks(layers)
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend_outside(ax, **kw):
+    """Legend right of the axes (never over the data)."""
+    kw = {"fontsize": "small", "frameon": False, **kw}
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kw)
+
+
+def _pick_checkpoints(da, checkpoints, reference, drop_zero_reference: bool) -> list[str]:
+    from driftlens.errors import UsageError
+
+    have = _have(da, "checkpoint")
+    if checkpoints is None:
+        chosen = list(have)
+        if drop_zero_reference and reference in chosen:
+            ref = np.asarray(da.sel(checkpoint=reference).values, dtype=float)
+            if not np.any(np.isfinite(ref) & (ref != 0)):      # a metric of the reference against itself
+                chosen.remove(reference)
+        return chosen
+    if isinstance(checkpoints, str):
+        checkpoints = [checkpoints]
+    chosen = [str(c) for c in checkpoints]
+    unknown = [c for c in chosen if c not in have]
+    if unknown:
+        raise UsageError(f"checkpoints {unknown} are not in the report; it has {have}")
+    if not chosen:
+        raise UsageError("no checkpoint chosen: nothing to draw")
+    return chosen
+
+
+def _lines_by_layer(report, var: str, *, site, modality, checkpoints, ax, labels: Mapping[str, str] | None = None,
+                    legend_title: str | None = None, title: str | None = None, ylabel: str | None = None):
+    """The per-layer line plot behind drift_by_layer, modality_gap_by_layer and mir_by_layer."""
+    dims = ("checkpoint", "layer")
+    da, sel = _select(report, var, site=site, modality=modality, dims=dims)
+    band = _band(report, var, sel, dims)
+    reference = _reference(report)
+    vs_ref = var in _VS_REFERENCE
+    chosen = _pick_checkpoints(da, checkpoints, reference, drop_zero_reference=vs_ref)
+    styles = _checkpoint_styles(_have(da, "checkpoint"), reference)
+    ax = ax if ax is not None else _new_axes((7.2, 4.2))
+    layers = da["layer"].values
+    for ck in chosen:
+        st = styles[ck]
+        ax.plot(layers, da.sel(checkpoint=ck).values, color=st["color"], marker=st["marker"], ms=4.5, lw=1.6,
+                label=(labels or {}).get(ck, ck), zorder=3)
+        if band is not None:
+            ax.fill_between(layers, band[0].sel(checkpoint=ck).values, band[1].sel(checkpoint=ck).values,
+                            color=st["color"], alpha=0.14, lw=0, zorder=1)
+    if vs_ref:
+        ax.axhline(0.0, color=_GREY, lw=0.8, zorder=0)
+    _layer_ticks(ax, layers)
+    ax.set_xlabel("decoder layer")
+    where = ", ".join(sel.values())
+    ax.set_ylabel(ylabel or _axis_label(var, da.attrs, prefix=f"{sel['modality']} " if "modality" in sel else ""))
+    if title is None:
+        title = str(da.attrs.get("long_name", var))
+        second = [where] if where else []
+        if vs_ref and reference is not None:
+            second.append(f"vs {reference}")
+        if band is not None:
+            second.append(f"bands: {_level(report)}interval")
+        if second:
+            title += "\n" + "; ".join(second)
     ax.set_title(title, fontsize=9)
-    if annotate:
-        finite = vals[np.isfinite(vals)]
-        mid = float(np.median(finite)) if finite.size else 0.0
-        for (i, j), v in np.ndenumerate(vals):
-            star = "*" if sig is not None and np.isfinite(sig[i, j]) and sig[i, j] <= alpha else ""
-            ax.text(j, i, f"{v:.3g}{star}", ha="center", va="center", fontsize=7,
-                    color="white" if v < mid else "black")
-    units = report[var].attrs.get("units", "")
-    ax.figure.colorbar(im, ax=ax, label=var + (f" ({units})" if units and units != "1" else ""))
+    ax.grid(axis="y", color="#e6e6e6", lw=0.6, zorder=0)
+    ax.set_axisbelow(True)
+    _legend_outside(ax, title=legend_title or "checkpoint", title_fontsize="small")
     return ax
 
 
-def per_layer(report, var: str, site: str = "hidden", ax=None, modality: str | None = "visual"):
-    """One line per checkpoint of a per-layer variable, with its interval band when the report
-    has ``{var}_lo`` / ``{var}_hi`` (``gap``, ``mir``, ``mmd``, ``paired_shift`` ...)."""
-    da, sel = _select(report, var, site, modality, need_values=True)
-    band = all(f"{var}_{s}" in report.data_vars for s in ("lo", "hi"))
-    ax = _ax(ax)
-    cmap = _plt().get_cmap("viridis")
-    n = da.sizes["checkpoint"]
-    for i, label in enumerate(da.checkpoint.values):
-        color = cmap(i / max(1, n - 1))
-        ax.plot(da.layer.values, da.sel(checkpoint=label).values, marker="o", color=color, label=str(label))
-        if band:
-            lo = _select(report, f"{var}_lo", site, modality)[0].sel(checkpoint=label).values
-            hi = _select(report, f"{var}_hi", site, modality)[0].sel(checkpoint=label).values
-            ax.fill_between(da.layer.values, lo, hi, color=color, alpha=0.2, lw=0)
-    ax.set_xticks(da.layer.values)                       # layers are integers
-    ax.set_xlabel("layer")
-    units = da.attrs.get("units", "")
-    ax.set_ylabel(f"{var}" + (f" ({units})" if units and units != "1" else ""))
-    where = ", ".join(str(v) for v in sel.values())
-    ax.set_title(f"{da.attrs.get('long_name', var)}" + (f" ({where})" if where else ""), fontsize=9)
-    ax.legend(fontsize=7)
-    return ax
+# ----------------------------------------------------------------------------- report figures
 
 
-def accuracy_vs_drift(accuracy: dict, drift: dict, ax=None, chance: float | None = None,
-                      xlabel: str = "visual drift (mean MMD^2 over layers)", tag: str = ""):
-    """Grounding accuracy (per language) against mean visual drift, one point per checkpoint.
+def drift_heatmap(report: xr.Dataset, var: str = "mmd", site: Site | str = "hidden",
+                  modality: Modality | None = "visual", *, ax: Axes | None = None, alpha: float = 0.05,
+                  annotate: bool = True) -> Axes:
+    """Checkpoint x layer heatmap of one report variable, significant cells marked.
 
     Parameters
     ----------
-    accuracy : dict
-        ``{checkpoint: {"en": float, "ko": float}}``.
-    drift : dict
-        ``{checkpoint: float}`` (e.g. mean over layers of the visual MMD^2 effect).
+    report : xarray.Dataset
+        A drift report (:func:`driftlens.drift`).
+    var : str
+        A variable with ``checkpoint`` and ``layer`` dims (default the MMD^2 effect).
+    site, modality : str
+        Selected where ``var`` has that dim (``modality`` is ignored for ``gap``, both for ``mir``).
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; default a new figure sized to the grid. A colorbar is added beside it.
+    alpha : float
+        Cells whose adjusted p-value ``{var}_q`` (else the raw ``{var}_p``) is at most ``alpha`` get a
+        ``*``; without either variable nothing is marked.
+    annotate : bool
+        Write each cell's value (3 significant digits) in it; the ``*`` marks are drawn either way.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The heatmap's Axes (``ax`` when given).
+
+    Raises
+    ------
+    driftlens.errors.UsageError
+        ``var``, ``site`` or ``modality`` not in the report, or nothing finite to draw.
     """
-    ax = _ax(ax)
-    labels = [c for c in drift if c in accuracy]
-    langs = sorted({lang for c in labels for lang in accuracy[c]})
-    for lang in langs:
-        xs = [drift[c] for c in labels]
-        ys = [accuracy[c][lang] for c in labels]
-        ax.plot(xs, ys, marker="o" if not tag else "s", ls="-" if not tag else "--", label=lang + tag)
-        for x, y, c in zip(xs, ys, labels):
-            ax.annotate(c, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    if chance is not None:
-        ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("grounding accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
-    ax.set_title("grounding vs drift")
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    dims = ("checkpoint", "layer")
+    da, sel = _select(report, var, site=site, modality=modality, dims=dims)
+    sig_var = next((v for v in (f"{var}_q", f"{var}_p") if v in report.data_vars), None)
+    sig = _select(report, sig_var, site=site, modality=modality, dims=dims, need_values=False)[0].values \
+        if sig_var else None
+    n_c, n_l = da.sizes["checkpoint"], da.sizes["layer"]
+    if ax is None:
+        ax = _new_axes((min(16.0, max(4.8, 2.4 + 0.75 * n_l)), min(12.0, max(3.0, 1.4 + 0.42 * n_c))))
+    vals = np.asarray(da.values, dtype=float)
+    finite = vals[np.isfinite(vals)]
+    norm = Normalize(float(finite.min()), float(finite.max()) if np.ptp(finite) > 0 else float(finite.min()) + 1)
+    cmap = colormaps[_HEATMAP_CMAP].with_extremes(bad="#d9d9d9")
+    im = ax.imshow(np.ma.masked_invalid(vals), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    ax.set_xticks(range(n_l), [str(v) for v in da["layer"].values])
+    ax.set_yticks(range(n_c), _have(da, "checkpoint"))
+    ax.tick_params(length=0)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("checkpoint")
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fs = 7 if n_l <= 12 else 6
+    for (i, j), v in np.ndenumerate(vals):
+        star = sig is not None and np.isfinite(sig[i, j]) and sig[i, j] <= alpha
+        if not np.isfinite(v) or not (annotate or star):
+            continue
+        r, g, b, _ = cmap(norm(v))
+        text = (f"{v:.3g}" if annotate else "") + ("*" if star else "")
+        ax.text(j, i, text, ha="center", va="center", fontsize=fs if annotate else 2 * fs,
+                color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+    where = ", ".join(sel.values())
+    reference = _reference(report)
+    title = _short(var) + (f" vs {reference}" if var in _VS_REFERENCE and reference else "") + \
+        (f" ({where})" if where else "")
+    if sig_var:
+        kind = sig_var.rsplit("_", 1)[1]
+        corr = str(report[sig_var].attrs.get("correction", report.attrs.get("correction", "")))
+        how = (_CORRECTIONS.get(corr, corr) + "-adjusted" if corr else "adjusted") if kind == "q" else "unadjusted"
+        title += f"\n* {kind} $\\leq$ {alpha:g} ({how} p-value)"
+    ax.set_title(title, fontsize=9)
+    ax.figure.colorbar(im, ax=ax, label=_axis_label(var, da.attrs), fraction=0.08, pad=0.03)
     return ax
 
 
-def seeds_by_layer(series: dict, ax=None, ylabel: str = "visual MMD^2"):
+def drift_by_layer(report: xr.Dataset, var: str = "mmd", site: Site | str = "hidden",
+                   modality: Modality | None = "visual", checkpoints: Sequence[str] | None = None, *,
+                   ax: Axes | None = None) -> Axes:
+    """One line per checkpoint of a per-layer report variable, with its interval band.
+
+    Parameters
+    ----------
+    report : xarray.Dataset
+        A drift report.
+    var : str
+        Any variable with ``checkpoint`` and ``layer`` dims: ``mmd`` (default), ``sinkhorn``,
+        ``paired_shift``, ``gap``, ``mir`` ...
+    site, modality : str
+        Selected where ``var`` has that dim.
+    checkpoints : sequence of str, optional
+        Which checkpoints, in this order. Default all; for a metric against the reference
+        (``mmd``, ``sinkhorn``, ``sliced_w``, ``gauss_w2``, ``paired_shift``) the reference itself is
+        left out when its row is all 0 (the grey line at 0 stands for it).
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; default a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The Axes drawn into (``ax`` when given). The band of each line is the report's
+        ``{var}_lo`` .. ``{var}_hi`` interval, drawn only where the report has both.
+
+    Raises
+    ------
+    driftlens.errors.UsageError
+        Unknown variable, site, modality or checkpoint, or a variable without a ``layer`` dim.
+    """
+    return _lines_by_layer(report, var, site=site, modality=modality, checkpoints=checkpoints, ax=ax)
+
+
+def modality_gap_by_layer(report: xr.Dataset, site: Site | str = "hidden",
+                          checkpoints: Sequence[str] | None = None, *, ax: Axes | None = None) -> Axes:
+    """The modality gap (``gap``) per layer, one line per checkpoint with its interval band.
+
+    Parameters
+    ----------
+    report : xarray.Dataset
+        A drift report with ``gap`` (``driftlens.drift(..., metrics=[..., "gap"])``).
+    site : str
+        Where the tokens were read.
+    checkpoints : sequence of str, optional
+        Default all (the reference included: its gap is a value, not 0).
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; default a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The Axes drawn into (``ax`` when given).
+
+    Raises
+    ------
+    driftlens.errors.UsageError
+        No ``gap`` in the report, or an unknown site or checkpoint.
+    """
+    return _lines_by_layer(report, "gap", site=site, modality=None, checkpoints=checkpoints, ax=ax,
+                           ylabel=_axis_label("gap", report["gap"].attrs if "gap" in report.data_vars else {},
+                                              prefix="visual-text "))
+
+
+def mir_by_layer(report: xr.Dataset, checkpoints: Sequence[str] | None = None, *, ax: Axes | None = None) -> Axes:
+    """The modality integration rate's per-layer term (``mir``), one line per checkpoint with its
+    interval band; each legend entry carries the checkpoint's ``mir_total``.
+
+    Parameters
+    ----------
+    report : xarray.Dataset
+        A drift report with ``mir`` (and usually ``mir_total``).
+    checkpoints : sequence of str, optional
+        Default all.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; default a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The Axes drawn into (``ax`` when given).
+
+    Raises
+    ------
+    driftlens.errors.UsageError
+        No ``mir`` in the report, or an unknown checkpoint.
+    """
+    labels, legend_title = None, None
+    if "mir_total" in report.data_vars and report["mir_total"].dims == ("checkpoint",):
+        tot = report["mir_total"]
+        labels = {str(c): f"{c}: {float(v):.2f}" for c, v in zip(tot["checkpoint"].values, tot.values)}
+        legend_title = f"checkpoint: MIR total\n({_units_text(tot.attrs.get('units', 'log10'))})"
+    return _lines_by_layer(report, "mir", site=None, modality=None, checkpoints=checkpoints, ax=ax, labels=labels,
+                           legend_title=legend_title)
+
+
+def rank_schedule(schedule: RankSchedule, report: xr.Dataset | None = None, *, ax: Axes | None = None) -> Axes:
+    """LoRA rank per decoder layer (bars stacked by module) beside the signal they came from (line).
+
+    Parameters
+    ----------
+    schedule : driftlens.RankSchedule
+        From :func:`driftlens.allocate_ranks`.
+    report : xarray.Dataset, optional
+        When given and the schedule has one signal expression, the raw (unclipped) profile is drawn
+        from it, with the variable's units; otherwise the cleaned signal the rule saw (mean over the
+        layer's modules).
+    ax : matplotlib.axes.Axes, optional
+        Where to draw the bars; the signal goes on a twin Axes sharing its x axis
+        (``ax.figure.axes`` then holds both). Default a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The bars' Axes (``ax`` when given). Its ``patches`` are the bars; the signal line is the
+        first line of the twin Axes.
+    """
+    from matplotlib.lines import Line2D
+
+    L = schedule.n_layers
+    if ax is None:
+        ax = _new_axes((max(5.6, 0.32 * L + 3.0), 3.8))
+    x = np.arange(L)
+    bottom = np.zeros(L)
+    targets = list(schedule.meta.get("targets") or sorted({m.module for m in schedule.modules}))
+    common = _common_prefix(targets)
+    handles = []
+    for i, t in enumerate(targets):
+        h = np.zeros(L)
+        for m in schedule.modules:
+            if m.module == t:
+                h[m.layer] += m.rank
+        bars = ax.bar(x, h, bottom=bottom, width=0.8, color=OKABE_ITO[i % len(OKABE_ITO)], edgecolor="white",
+                      linewidth=0.5, label=t[len(common):] or t)
+        handles.append(bars)
+        bottom += h
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("LoRA rank (sum over modules)")
+    exprs = sorted(set((schedule.meta.get("signals") or {}).values()))
+    label = exprs[0] if len(exprs) == 1 else "signal (mean over modules)"
+    y = schedule.layer_signal()
+    if report is not None and len(exprs) == 1:
+        from driftlens.ranks import DEFAULT_MODALITY, parse_signal, signal_profile
+
+        y = signal_profile(report, exprs[0], checkpoint=schedule.meta.get("checkpoint"),
+                           modality=schedule.meta.get("modality_default", DEFAULT_MODALITY))
+        name = parse_signal(exprs[0])[0]
+        label = f"{exprs[0]} ({_units_text(report[name].attrs.get('units'))})"
+    ax2 = ax.twinx()
+    ax2.plot(x, y, color="black", marker="o", ms=4.5, lw=1.6, label=label)
+    ax2.axhline(0, color=_GREY, lw=0.6)
+    ax2.set_ylabel("signal: " + label)
+    # same zero, and the largest signal level with the tallest bar: proportional ranks then sit on the line
+    top_bar = float(bottom.max()) if bottom.size else 1.0
+    top_bar = top_bar if top_bar > 0 else 1.0
+    finite = np.asarray(y, dtype=float)[np.isfinite(y)]
+    head = 1.45                                       # room above the tallest bar for the legend
+    ax.set_ylim(0, top_bar * head)
+    if finite.size and finite.min() >= 0 and finite.max() > 0:
+        ax2.set_ylim(0, float(finite.max()) * head)
+    _layer_ticks(ax, x)
+    ax.set_xlim(-0.6, L - 0.4)
+    rule = schedule.meta.get("rule")
+    ck = schedule.meta.get("checkpoint")
+    ax.set_title(f"{rule} ranks, budget {schedule.budget}" + (f"; signal at checkpoint {ck}" if ck else ""),
+                 fontsize=9)
+    line = Line2D([], [], color="black", marker="o", ms=4.5, lw=1.6, label="signal")
+    ax2.legend(handles + [line], [h.get_label() for h in handles] + ["signal"], loc="upper center",
+               ncols=min(len(handles) + 1, 5), fontsize="small", frameon=False,
+               title=f"modules ({common.rstrip('.')})" if common else None, title_fontsize="small")
+    return ax
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    """The dotted prefix shared by every name (``self_attn.``), or ``""``."""
+    if len(names) < 2:
+        return ""
+    parts = [n.split(".") for n in names]
+    common = []
+    for bits in zip(*parts):
+        if len(set(bits)) != 1:
+            break
+        common.append(bits[0])
+    if any(len(p) <= len(common) for p in parts):
+        return ""
+    return ".".join(common) + "." if common else ""
+
+
+# ----------------------------------------------------------------------------- other figures
+
+
+def grounding_vs_drift(accuracy: Mapping[str, Mapping[str, float]], drift: Mapping[str, float], *,
+                       ax: Axes | None = None, chance: float | None = None,
+                       xlabel: str = "visual drift: mean MMD$^2$ over layers (dimensionless)", tag: str = "",
+                       annotate: Annotate = "ends") -> Axes:
+    """Grounding accuracy per language against drift, one point per checkpoint in trajectory order.
+
+    Call it again on the same ``ax`` with a ``tag`` to overlay a second trajectory (a control):
+    a language keeps its colour, the tagged series is dashed with square markers.
+
+    Parameters
+    ----------
+    accuracy : mapping
+        ``{checkpoint: {language: accuracy}}``, accuracies in [0, 1].
+    drift : mapping
+        ``{checkpoint: float}`` (e.g. the mean over layers of the visual MMD^2 effect); its order is
+        the line's order; checkpoints missing from ``accuracy`` are skipped.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; default a new figure.
+    chance : float, optional
+        Chance accuracy, drawn as a grey dashed line.
+    xlabel : str
+        The x axis label (with units).
+    tag : str
+        Appended to the legend labels of this series (``" (control)"``); a non-empty tag draws dashed.
+    annotate : {"ends", "all", "none"}
+        Label the first and last checkpoint of each line, every checkpoint, or none.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The Axes drawn into (``ax`` when given).
+    """
+    ax = ax if ax is not None else _new_axes((7.2, 4.4))
+    labels = [c for c in drift if c in accuracy]
+    langs = sorted({lang for c in labels for lang in accuracy[c]})
+    seen = {(t.get_text(), tuple(np.round(getattr(t, "xy", (np.nan, np.nan)), 9))) for t in ax.texts}
+    for i, lang in enumerate(langs):
+        xs = [float(drift[c]) for c in labels]
+        ys = [float(accuracy[c][lang]) for c in labels]
+        ax.plot(xs, ys, marker="s" if tag else "o", ls="--" if tag else "-", ms=5, lw=1.5,
+                color=OKABE_ITO[i % len(OKABE_ITO)], label=lang + tag, mfc="white" if tag else None)
+        if annotate == "none":
+            continue
+        keep = range(len(labels)) if annotate == "all" else sorted({0, len(labels) - 1})
+        for k in keep:
+            key = (labels[k], tuple(np.round((xs[k], ys[k]), 9)))
+            if key in seen:                       # the shared base point of two series: label it once
+                continue
+            seen.add(key)
+            dx, dy = 1.0, 1.0                     # up and right; a line's last point: onward, off the line
+            if k == len(labels) - 1 and k > 0:
+                span = (max(xs) - min(xs)) or 1.0
+                dx, dy = (xs[k] - xs[k - 1]) / span, ys[k] - ys[k - 1]
+            ax.annotate(labels[k], (xs[k], ys[k]), fontsize=7, color="#333333", textcoords="offset points",
+                        xytext=(4 if dx >= 0 else -4, 4 if dy >= 0 else -4), ha="left" if dx >= 0 else "right",
+                        va="bottom" if dy >= 0 else "top")
+    if chance is not None and not any(line.get_label() == "chance" for line in ax.get_lines()):
+        ax.axhline(chance, color=_GREY, ls=":", lw=1.2, label="chance")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("grounding accuracy (fraction correct)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(color="#e6e6e6", lw=0.6)
+    ax.set_axisbelow(True)
+    ax.set_title("grounding accuracy vs visual drift", fontsize=9)
+    _legend_outside(ax)
+    return ax
+
+
+def seeds_by_layer(series: Mapping[str, np.ndarray], *, ax: Axes | None = None,
+                   ylabel: str = "visual MMD$^2$ (dimensionless)", title: str | None = None,
+                   layers: Sequence[int] | None = None) -> Axes:
     """Per-layer values over seeds: one line per series (its mean), one dot per seed.
 
     Parameters
     ----------
-    series : dict
+    series : mapping
         ``{label: array [seeds, layers]}``, e.g. the last Korean checkpoint and the control's.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; default a new figure.
+    ylabel : str
+        The y axis label (with units).
+    title : str, optional
+        Default ``"per-layer values over seeds"``.
+    layers : sequence of int, optional
+        The x positions (layer numbers); default ``0 .. layers-1``.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The Axes drawn into (``ax`` when given).
     """
-    ax = _ax(ax)
-    cmap = _plt().get_cmap("tab10")
-    for i, (label, vals) in enumerate(series.items()):
-        vals = np.asarray(vals, dtype=float)
-        layers = np.arange(vals.shape[1])
-        ax.plot(layers, vals.mean(0), marker="o", color=cmap(i), label=f"{label} (mean of {len(vals)} seeds)")
+    ax = ax if ax is not None else _new_axes((7.2, 4.2))
+    arrays = {label: np.atleast_2d(np.asarray(vals, dtype=float)) for label, vals in series.items()}  # [seeds, layers]
+    n = len(arrays)
+    n_seeds = {len(v) for v in arrays.values()}
+    xs = None
+    for i, (label, vals) in enumerate(arrays.items()):
+        xs = np.asarray(layers if layers is not None else np.arange(vals.shape[1]))
+        color, marker = OKABE_ITO[i % len(OKABE_ITO)], _MARKERS[i % len(_MARKERS)]
+        ax.plot(xs, vals.mean(0), marker=marker, color=color, lw=1.6,
+                label=label if len(n_seeds) == 1 else f"{label} (mean of {len(vals)} seeds)")
+        off = 0.08 * (i - (n - 1) / 2)
         for row in vals:
-            ax.scatter(layers + 0.06 * (i - 0.5), row, s=12, color=cmap(i), alpha=0.5)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(np.arange(np.asarray(next(iter(series.values()))).shape[1]))
-    ax.set_xlabel("layer")
+            ax.scatter(xs + off, row, s=14, color=color, alpha=0.55, marker=marker, lw=0)
+    ax.axhline(0, color=_GREY, lw=0.8, zorder=0)
+    if xs is not None:
+        _layer_ticks(ax, xs)
+    ax.set_xlabel("decoder layer")
     ax.set_ylabel(ylabel)
-    ax.set_title("visual drift by layer: Korean adaptation vs English control", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(title or "per-layer values over seeds", fontsize=9)
+    ax.grid(axis="y", color="#e6e6e6", lw=0.6)
+    ax.set_axisbelow(True)
+    k = next(iter(n_seeds)) if len(n_seeds) == 1 else None
+    _legend_outside(ax, title=f"line: mean of {k} seeds\ndots: one seed" if k else "dots: one seed",
+                    title_fontsize="small")
     return ax
 
 
-def save(ax, path) -> Path:
-    """Save the figure of ``ax`` to ``path`` (PNG) and close it."""
+def probe_accuracy(probe_ds: xr.Dataset, checkpoints: Sequence[str] | None = None, *,
+                   ax: Axes | None = None) -> Axes:
+    """Linear-probe accuracy per layer, one line per checkpoint with a +-1 sd band.
+
+    Parameters
+    ----------
+    probe_ds : xarray.Dataset
+        A result of :func:`driftlens.probing.probe` on a layered site: dims ``(checkpoint, layer)``;
+        ``accuracy`` (required), and where present ``accuracy_sd`` (the band), ``transfer`` (dashed,
+        same colour: the reference checkpoint's probe applied to this checkpoint; not drawn at the
+        reference, where it equals the accuracy), ``shuffled`` (grey dotted: the same procedure on
+        shuffled labels; left out when all NaN) and ``chance`` (grey dash-dot; a scalar, or per
+        layer). Attributes ``reference``, ``label``, ``site``, ``modality`` go into the legend and
+        title when present.
+    checkpoints : sequence of str, optional
+        Default all.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; default a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The Axes drawn into (``ax`` when given).
+
+    Raises
+    ------
+    driftlens.errors.UsageError
+        No ``accuracy`` variable with those dims, or an unknown checkpoint.
+    """
+    from matplotlib.lines import Line2D
+
+    dims = ("checkpoint", "layer")
+    acc, _ = _select(probe_ds, "accuracy", dims=dims)
+    chosen = _pick_checkpoints(acc, checkpoints, None, drop_zero_reference=False)
+    reference = _reference(probe_ds)
+    styles = _checkpoint_styles(_have(acc, "checkpoint"), reference if reference in _have(acc, "checkpoint") else None)
+    layers = acc["layer"].values
+
+    def get(name):
+        if name not in probe_ds.data_vars:
+            return None
+        da = probe_ds[name]
+        if not set(da.dims) <= set(dims):
+            return None
+        return da.broadcast_like(acc).transpose(*dims)
+
+    sd, transfer, shuffled, chance = get("accuracy_sd"), get("transfer"), get("shuffled"), get("chance")
+    if shuffled is not None and not np.isfinite(shuffled.values).any():      # run without shuffles
+        shuffled = None
+    ax = ax if ax is not None else _new_axes((7.2, 4.2))
+    for ck in chosen:
+        st = styles[ck]
+        y = acc.sel(checkpoint=ck).values
+        ax.plot(layers, y, color=st["color"], marker=st["marker"], ms=4.5, lw=1.6, label=ck, zorder=3)
+        if sd is not None:
+            s = sd.sel(checkpoint=ck).values
+            ax.fill_between(layers, y - s, y + s, color=st["color"], alpha=0.15, lw=0, zorder=1)
+        if transfer is not None and ck != reference:      # at the reference, transfer is the accuracy
+            ax.plot(layers, transfer.sel(checkpoint=ck).values, color=st["color"], ls="--", lw=1.3, zorder=2)
+        if shuffled is not None:
+            ax.plot(layers, shuffled.sel(checkpoint=ck).values, color=_GREY, ls=":", lw=1.0, zorder=2)
+    if chance is not None:
+        c = chance.isel(checkpoint=0).values
+        if np.allclose(c, c[0], equal_nan=True):
+            ax.axhline(float(c[0]), color=_GREY, ls="-.", lw=1.0, zorder=0)
+        else:
+            ax.plot(layers, c, color=_GREY, ls="-.", lw=1.0, zorder=0)
+    _layer_ticks(ax, layers)
+    ax.set_xlabel("decoder layer")
+    units = acc.attrs.get("units")
+    ax.set_ylabel("probe accuracy " + (f"({_units_text(units)})" if units not in (None, "", "1")
+                                       else "(fraction correct)"))
+    vals = np.concatenate([np.ravel(d.values) for d in (acc, transfer, shuffled) if d is not None])
+    vals = vals[np.isfinite(vals)]
+    if vals.size and vals.min() >= 0 and vals.max() <= 1:
+        ax.set_ylim(-0.02, 1.02)
+    ax.grid(axis="y", color="#e6e6e6", lw=0.6)
+    ax.set_axisbelow(True)
+    attrs = probe_ds.attrs
+    what = attrs.get("label") or attrs.get("target")
+    where = ", ".join(str(attrs[k]) for k in ("site", "modality") if attrs.get(k))
+    ax.set_title("linear probe accuracy by layer" + (f": {what}" if what else "") + (f" ({where})" if where else "")
+                 + ("\nbands: $\\pm$1 sd over folds" if sd is not None else ""), fontsize=9)
+    handles, labels = ax.get_legend_handles_labels()
+    extra = [(Line2D([], [], color="black", lw=1.6), "accuracy")]
+    if transfer is not None:
+        extra.append((Line2D([], [], color="black", ls="--", lw=1.3),
+                      f"transfer of the {reference} probe" if reference else "transfer"))
+    if shuffled is not None:
+        extra.append((Line2D([], [], color=_GREY, ls=":", lw=1.0), "shuffled labels"))
+    if chance is not None:
+        extra.append((Line2D([], [], color=_GREY, ls="-.", lw=1.0), "chance"))
+    blank = Line2D([], [], alpha=0)
+    _legend_outside(ax, handles=handles + [blank] + [h for h, _ in extra],
+                    labels=labels + [""] + [lab for _, lab in extra], title="checkpoint", title_fontsize="small")
+    return ax
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save(ax_or_fig: Axes | Figure, path: str | Path, formats: Sequence[str] | None = None, *,
+         dpi: int = 150) -> Path:
+    """Write the figure of an Axes (or a Figure) to ``path``, once per format.
+
+    Parameters
+    ----------
+    ax_or_fig : matplotlib.axes.Axes or matplotlib.figure.Figure
+        What any function here returned, or a figure.
+    path : str or pathlib.Path
+        The file; parent folders are made.
+    formats : sequence of str, optional
+        File formats (``"png"``, ``"svg"``, ``"pdf"`` ...): one file per format, ``path`` with that
+        suffix. Default: the suffix of ``path`` (``png`` when it has none).
+    dpi : int
+        Resolution of raster formats.
+
+    Returns
+    -------
+    pathlib.Path
+        The file of the first format (the others lie beside it, same stem).
+
+    Notes
+    -----
+    A figure made through pyplot (inside IPython) is closed afterwards, so that saving in a
+    loop does not pile figures up; a bare ``Figure`` needs no closing.
+    """
+    from matplotlib.figure import Figure, SubFigure
+
+    fig = ax_or_fig if isinstance(ax_or_fig, (Figure, SubFigure)) else ax_or_fig.figure
+    while isinstance(fig, SubFigure):           # a subfigure's root figure
+        fig = fig.figure
     path = Path(path)
+    if formats is None:
+        formats = (path.suffix.lstrip(".").lower() or "png",)
+    if isinstance(formats, str):
+        formats = (formats,)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = ax.figure
-    with warnings.catch_warnings():      # a colorbar makes tight_layout say it changed the layout
-        warnings.simplefilter("ignore", UserWarning)
-        fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
-    return path
+    if fig.get_layout_engine() is None:
+        with warnings.catch_warnings():      # a colorbar makes tight_layout say it changed the layout
+            warnings.simplefilter("ignore", UserWarning)
+            fig.tight_layout()
+    out = []
+    for fmt in formats:
+        fmt = fmt.lstrip(".").lower()
+        target = path if path.suffix.lstrip(".").lower() == fmt else path.with_suffix(f".{fmt}")
+        fig.savefig(target, dpi=dpi, format=fmt)
+        out.append(target)
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.close(fig)                        # a no-op for a figure pyplot does not manage
+    return out[0]
+
+
+def plot_report(report: xr.Dataset, out_dir: str | Path, formats: Sequence[str] = ("png",),
+                schedule: RankSchedule | None = None, *, variables: Sequence[str] | None = None,
+                sites: Sequence[str] | None = None) -> list[Path]:
+    """Write every figure a drift report supports into ``out_dir``.
+
+    Per distributional metric (``mmd``, ``sinkhorn``, ``sliced_w``, ``gauss_w2``) and ``paired_shift``
+    present, per site and modality: ``{var}_heatmap_{site}_{modality}`` (:func:`drift_heatmap`) and
+    ``{var}_by_layer_{site}_{modality}`` (:func:`drift_by_layer`); per site of ``gap``:
+    ``gap_by_layer_{site}``; with ``mir``: ``mir_by_layer``; with a ``schedule``: ``rank_schedule``.
+    A cell with no finite value is skipped with a warning.
+
+    Parameters
+    ----------
+    report : xarray.Dataset
+        A drift report.
+    out_dir : str or pathlib.Path
+        Folder (made when missing).
+    formats : sequence of str
+        One file per figure and format, e.g. ``("png", "svg")``.
+    schedule : driftlens.RankSchedule, optional
+        Also draw it beside its signal (:func:`rank_schedule`).
+    variables, sites : sequence of str, optional
+        Only the figures of these report variables (``mmd``, ``gap``, ``mir`` ...) and sites.
+
+    Returns
+    -------
+    list of pathlib.Path
+        Every file written, in the order above.
+
+    Raises
+    ------
+    driftlens.errors.UsageError
+        The report has none of the variables above, or ``variables`` / ``sites`` name one it lacks.
+    driftlens.errors.DataError
+        The report has no checkpoint or no layer.
+    """
+    from driftlens.errors import DataError, UsageError
+
+    for dim in ("checkpoint", "layer"):
+        if dim in report.dims and report.sizes[dim] == 0:
+            raise DataError(f"the report has no {dim}: nothing to draw")
+    out_dir = Path(out_dir)
+    formats = tuple(formats)
+    if not formats:
+        raise UsageError("no figure format given")
+    drawable = [v for v in (*_DISTRIBUTIONAL, "paired_shift", "gap", "mir") if v in report.data_vars]
+    unknown = sorted(set(variables or ()) - set(drawable))
+    if unknown:
+        raise UsageError(f"no figure of variable(s) {unknown}: the report's drawable variables are {drawable}")
+    have_sites = sorted({str(s) for s in report["site"].values}) if "site" in report.coords else []
+    unknown = sorted(set(sites or ()) - set(have_sites))
+    if unknown:
+        raise UsageError(f"site(s) {unknown} are not in the report; it has {have_sites}")
+    chosen = [v for v in drawable if variables is None or v in variables]
+
+    def site_list(da):
+        return [s for s in _have(da, "site") if sites is None or s in sites] if "site" in da.dims else [None]
+
+    jobs = []      # (stem, callable returning an Axes)
+    for var in (*_DISTRIBUTIONAL, "paired_shift"):
+        if var not in chosen:
+            continue
+        da = report[var]
+        for site in site_list(da):
+            for mod in (_have(da, "modality") if "modality" in da.dims else [None]):
+                suffix = "".join(f"_{s}" for s in (site, mod) if s is not None)
+                jobs.append((f"{var}_heatmap{suffix}",
+                             lambda v=var, s=site, m=mod: drift_heatmap(report, v, site=s, modality=m)))
+                jobs.append((f"{var}_by_layer{suffix}",
+                             lambda v=var, s=site, m=mod: drift_by_layer(report, v, site=s, modality=m)))
+    if "gap" in chosen:
+        for site in site_list(report["gap"]):
+            jobs.append((f"gap_by_layer{f'_{site}' if site else ''}",
+                         lambda s=site: modality_gap_by_layer(report, site=s)))
+    if "mir" in chosen:
+        jobs.append(("mir_by_layer", lambda: mir_by_layer(report)))
+    if schedule is not None:
+        jobs.append(("rank_schedule", lambda: rank_schedule(schedule, report)))
+    if not jobs:
+        raise UsageError(f"the report has nothing to draw: none of {(*_DISTRIBUTIONAL, 'paired_shift', 'gap', 'mir')} "
+                         f"(it has {sorted(map(str, report.data_vars))})")
+    written = []
+    for stem, draw in jobs:
+        try:
+            ax = draw()
+        except UsageError as exc:
+            if "no finite value" not in str(exc):
+                raise
+            warnings.warn(f"{stem}: {exc}; skipped", stacklevel=2)
+            continue
+        first = save(ax, out_dir / f"{stem}.{formats[0]}", formats)
+        written += [first.with_suffix(f".{f.lstrip('.').lower()}") for f in formats]
+    return written

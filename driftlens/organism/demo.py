@@ -8,9 +8,7 @@ drift report against ``base`` -> means and spreads over seeds, figures, a rank s
 from __future__ import annotations
 
 import json
-import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,41 +143,22 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
     import xarray as xr
 
     from driftlens import organism
-    from driftlens.capture import capture
-    from driftlens.drift import drift
-    from driftlens.errors import CheckpointIdentityError
-    from driftlens.organism.probe_sets import make_shapes_probes
+    from driftlens.organism.example import measure_seed, world_probes
     from driftlens.probes import ProbeSet
-    from driftlens.store import StoreMismatchError, open_store
 
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trajs = organism.build_seeds(seeds, force=force, progress=progress, cache=cache)
-    seconds = {"organism": round(time.perf_counter() - t0, 1), "capture": 0.0, "drift": 0.0}
-    probes = ProbeSet.load(make_shapes_probes(out / "probes" / "organism-world", seed=0,
-                                              size=trajs[0].recipe.image_size, **DEMO_PROBES))
+    seconds = {"organism": round(time.perf_counter() - t0, 1), "capture_and_drift": 0.0}
+    probes = ProbeSet.load(world_probes(out / "probes" / "organism-world", trajs[0].recipe.image_size))
     ko_labels, en_labels = list(trajs[0].checkpoints), list(trajs[0].control)
     per_seed = {"ko": {}, "en": {}}
     reports = []
     for traj in trajs:
         tick = time.perf_counter()
-        ckpts = traj.all_checkpoints
-        store_path = out / f"seed-{traj.seed}" / "activations.zarr"
-        kw = dict(out=store_path, sites=DEMO_SITES, batch_size=16, device=device, progress=progress)
-        try:
-            capture(ckpts["base"], probes, ckpts, **kw)
-        except (CheckpointIdentityError, StoreMismatchError) as exc:   # the demo's own output, from an
-            warnings.warn(f"{store_path} was captured from another organism build or probe set; "   # older build
-                          f"capturing it again ({str(exc).splitlines()[0]})", stacklevel=2)
-            shutil.rmtree(store_path)
-            capture(ckpts["base"], probes, ckpts, **kw)
-        seconds["capture"] += time.perf_counter() - tick
-        tick = time.perf_counter()
-        report = drift(open_store(store_path), reference="base", metrics=DEMO_METRICS, sites=("hidden",),
-                       mir_bootstrap=DEMO_MIR_BOOTSTRAP, progress=progress, device=device,
-                       out=out / f"seed-{traj.seed}" / "drift.nc")
-        seconds["drift"] += time.perf_counter() - tick
+        report = measure_seed(traj, probes, out / f"seed-{traj.seed}", device=device, progress=progress)
+        seconds["capture_and_drift"] += time.perf_counter() - tick
         ev = organism.evaluate(traj, progress=progress)
         per_seed["ko"][traj.seed] = seed_values(report, ev, ko_labels)
         per_seed["en"][traj.seed] = seed_values(report, ev, en_labels)
@@ -225,21 +204,22 @@ def _figures(out: Path, report, per_seed, mean_ko, mean_en, ko_labels, en_labels
     figs = out / "figures"
     files = {}
     ax = plot.drift_heatmap(report, "mmd")
-    ax.set_title(f"visual MMD^2 vs base (hidden), mean of {len(per_seed['ko'])} seeds; * q <= 0.05 in every seed",
-                 fontsize=9)
+    ax.set_title(f"MMD$^2$ vs base (hidden, visual), mean of {len(per_seed['ko'])} seeds\n"
+                 f"* significant in every seed (Benjamini-Hochberg q $\\leq$ {ALPHA:g})", fontsize=9)
     files["drift_heatmap"] = str(plot.save(ax, figs / "drift_heatmap.png"))
     files["drift_ko_vs_control"] = str(plot.save(plot.seeds_by_layer(
         {"Korean " + ko_labels[-1]: _per_layer(per_seed["ko"], ko_labels[-1]),
          "English control " + en_labels[-1]: _per_layer(per_seed["en"], en_labels[-1])},
-        ylabel="visual MMD^2 vs base (hidden)"), figs / "drift_ko_vs_control.png"))
-    files["modality_gap"] = str(plot.save(plot.per_layer(report, "gap"), figs / "modality_gap.png"))
-    files["mir"] = str(plot.save(plot.per_layer(report, "mir"), figs / "mir_by_layer.png"))
+        ylabel="visual MMD$^2$ vs base, hidden (dimensionless)",
+        title="visual drift by layer: Korean adaptation vs English control"), figs / "drift_ko_vs_control.png"))
+    files["modality_gap"] = str(plot.save(plot.modality_gap_by_layer(report), figs / "modality_gap.png"))
+    files["mir"] = str(plot.save(plot.mir_by_layer(report), figs / "mir_by_layer.png"))
     ax = None
     for name, mean, labels in (("ko", mean_ko, ko_labels), ("control", mean_en, en_labels)):
         drift_mean = {c: float(np.mean(mean["visual_drift_effect"][c])) for c in labels}
         acc = {c: mean["grounding_accuracy"][c] for c in labels}
-        ax = plot.accuracy_vs_drift(acc, drift_mean, ax=ax, chance=chance if name == "ko" else None,
-                                    tag=" (control)" if name == "control" else "")
+        ax = plot.grounding_vs_drift(acc, drift_mean, ax=ax, chance=chance if name == "ko" else None,
+                                     tag=" (control)" if name == "control" else "")
     files["accuracy_vs_drift"] = str(plot.save(ax, figs / "accuracy_vs_drift.png"))
     return files
 
@@ -252,7 +232,7 @@ def _per_layer(per_seed: dict, label: str) -> np.ndarray:
 def _ranks(report, out: Path, budget: int | None, checkpoint: str) -> dict:
     """Rank schedule from the mean visual drift of the last Korean checkpoint."""
     from driftlens import plot
-    from driftlens.ranks import allocate_ranks, plot_schedule
+    from driftlens.ranks import allocate_ranks
 
     n_layers = int(report.sizes["layer"])
     budget = budget or 8 * n_layers * 4
@@ -261,4 +241,4 @@ def _ranks(report, out: Path, budget: int | None, checkpoint: str) -> dict:
     path = out / "ranks.json"
     sched.save(path)
     return {"ranks": str(path),
-            "ranks_plot": str(plot.save(plot_schedule(sched, report), out / "figures" / "ranks.png"))}
+            "ranks_plot": str(plot.save(plot.rank_schedule(sched, report), out / "figures" / "ranks.png"))}

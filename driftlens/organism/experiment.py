@@ -473,11 +473,11 @@ def markdown_table(result: dict) -> str:
 
 def plot_arms(result: dict, ax=None, chance: float | None = None):
     """English vs Korean grounding per arm, one point per seed, the arm's mean as a larger marker."""
-    import matplotlib.pyplot as plt
+    from driftlens.plot import OKABE_ITO, _new_axes
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(6.4, 5.0), layout="constrained")
-    colors = plt.get_cmap("tab10").colors
+        ax = _new_axes((6.4, 5.0))
+    colors = OKABE_ITO
     markers = "osD^v<>Ph"
     for i, (arm, a) in enumerate(result["arms"].items()):
         c, m = colors[i % len(colors)], markers[i % len(markers)]

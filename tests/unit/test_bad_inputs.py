@@ -243,10 +243,11 @@ def test_plot_refusals(pristine, tmp_path):
     report = pristine[1]
     empty = tmp_path / "empty.nc"
     dl.load_report(report).isel(checkpoint=slice(0, 0)).to_netcdf(empty, engine="h5netcdf")
-    png = tmp_path / "x.png"
+    png = tmp_path / "figs"
     refused(cli("plot", empty, "--out", png), "data", "no checkpoint")
     refused(cli("plot", report, "--var", "nope", "--out", png), "usage", "'nope'")
     refused(cli("plot", report, "--site", "hiden", "--out", png), "usage", "'hiden'")
+    refused(cli("plot", report, "--schedule", tmp_path / "no-ranks.json", "--out", png), "data", "no-ranks.json")
     refused(cli("plot", tmp_path / "missing.nc"), "data", "missing.nc")
     junk = tmp_path / "junk.nc"
     junk.write_bytes(b"\x89HDF not really")

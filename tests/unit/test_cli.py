@@ -39,10 +39,13 @@ def test_drift_and_plot_commands(store, tmp_path, capsys):  # noqa: F811
                  "--out", str(rep), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert f"report: {rep}" in out and "visual MMD^2 (hidden)" in out and "95% interval" in out
-    png = tmp_path / "h.png"
-    assert main(["plot", str(rep), "--out", str(png)]) == 0
-    assert png.stat().st_size > 1000
-    assert main(["plot", str(rep), "--var", "gap", "--kind", "layers", "--out", str(tmp_path / "g.png")]) == 0
+    figs = tmp_path / "figs"
+    assert main(["plot", str(rep), "--out", str(figs)]) == 0
+    assert (figs / "mmd_heatmap_hidden_visual.png").stat().st_size > 1000
+    assert (figs / "gap_by_layer_hidden.png").is_file()
+    assert main(["plot", str(rep), "--var", "gap", "--svg", "--out", str(tmp_path / "g")]) == 0
+    assert {p.name for p in (tmp_path / "g").iterdir()} >= {"gap_by_layer_hidden.png", "gap_by_layer_hidden.svg"}
+    assert all(p.name.startswith("gap_by_layer_") for p in (tmp_path / "g").iterdir())
 
 
 def test_errors_are_one_line(store, tmp_path, capsys):  # noqa: F811
