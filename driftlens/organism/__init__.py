@@ -5,7 +5,9 @@
 - :mod:`~driftlens.organism.train`: recipe, model, data streams, training, the cached build;
 - :mod:`~driftlens.organism.evaluation`: grounding accuracy and Korean LM loss;
 - :mod:`~driftlens.organism.probe_sets`: probe sets of the world;
+- :mod:`~driftlens.organism.labels`: probe labels of the world (color, shape, position) for ``dl.probe``;
 - :mod:`~driftlens.organism.demo`: ``driftlens demo``;
+- :mod:`~driftlens.organism.example`: one seed measured and cached -- what the notebooks start from;
 - :mod:`~driftlens.organism.experiment`: ``driftlens experiment regularizer``.
 
 This ``__init__`` only re-exports (``from driftlens import organism; organism.build_seeds(...)``).
@@ -24,6 +26,8 @@ from driftlens.organism.evaluation import (  # noqa: F401
     seen_ko_texts,
     wilson_interval,
 )
+from driftlens.organism.example import Example, example
+from driftlens.organism.labels import parse_group, world_label
 from driftlens.organism.train import (  # noqa: F401
     CODE_VERSION,
     EN_SENTENCES,
@@ -55,9 +59,10 @@ from driftlens.organism.train import (  # noqa: F401
 )
 
 __all__ = ["CODE_VERSION", "EN_SENTENCES", "EvalSet", "HELDOUT_KO_SENTENCES", "HELDOUT_KO_TEMPLATES", "ImageBank",
-           "KO_SENTENCES", "PROMPT_CAPTION", "QA_TEXT", "Recipe", "SENTENCES", "STAGE_PREFIX", "TRAIN_SEEDS",
-           "Trajectory", "VALIDATION_SEEDS", "answer_logprob", "answer_scores", "build", "build_seeds",
-           "cache_root", "chance_accuracy", "continuation_batches", "corpus", "encode_image_examples",
-           "encode_text", "evaluate", "evaluate_all", "heldout_ko_texts", "ko_lm_loss", "load_checkpoint",
-           "make_model", "make_processor", "new_form_ko_texts", "render_seed", "save_checkpoint", "seen_ko_texts",
-           "shapes", "text_pool", "tokenizer", "wilson_interval"]
+           "KO_SENTENCES", "PROMPT_CAPTION", "QA_TEXT", "Recipe", "SENTENCES", "STAGE_PREFIX",
+           "TRAIN_SEEDS", "Example", "Trajectory", "VALIDATION_SEEDS", "answer_logprob", "answer_scores",
+           "build", "build_seeds", "cache_root", "chance_accuracy", "continuation_batches", "corpus",
+           "encode_image_examples", "encode_text", "evaluate", "evaluate_all", "example",
+           "heldout_ko_texts", "ko_lm_loss", "load_checkpoint", "make_model", "make_processor",
+           "new_form_ko_texts", "parse_group", "render_seed", "save_checkpoint", "seen_ko_texts", "shapes",
+           "text_pool", "tokenizer", "wilson_interval", "world_label"]

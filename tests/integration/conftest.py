@@ -18,9 +18,8 @@ from driftlens.organism.demo import DEMO_SEEDS
 
 
 @pytest.fixture(scope="session")
-def organism_cache(tmp_path_factory):
-    chosen = os.environ.get("DRIFTLENS_TEST_CACHE")
-    return Path(chosen) if chosen else tmp_path_factory.mktemp("organism-cache")
+def organism_cache():
+    return Path(os.environ["DRIFTLENS_TEST_CACHE"])        # set by tests/conftest.py for the session
 
 
 @pytest.fixture(scope="session")
