@@ -143,7 +143,7 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
     import xarray as xr
 
     from driftlens import organism
-    from driftlens.organism.example import measure_seed, world_probes
+    from driftlens.organism.example import keep_as_example, measure_seed, world_probes
     from driftlens.probes import ProbeSet
 
     t0 = time.perf_counter()
@@ -158,6 +158,7 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
     for traj in trajs:
         tick = time.perf_counter()
         report = measure_seed(traj, probes, out / f"seed-{traj.seed}", device=device, progress=progress)
+        keep_as_example(traj, out / f"seed-{traj.seed}", cache)
         seconds["capture_and_drift"] += time.perf_counter() - tick
         ev = organism.evaluate(traj, progress=progress)
         per_seed["ko"][traj.seed] = seed_values(report, ev, ko_labels)

@@ -5,7 +5,8 @@ English control), the organism-world probe set, the activation store captured ac
 checkpoint and its drift report against ``base`` -- each built when missing, read from the cache
 otherwise (``<cache>/examples/seed-<s>/``). The capture refuses a store whose checkpoints were
 built from other weights (a rebuilt organism): the example is then captured again. The demo runs
-the same two steps per seed (:func:`measure_seed`).
+the same two steps per seed (:func:`measure_seed`) and leaves what it measured in the cache as
+the seed's example (:func:`keep_as_example`), so notebooks run after it start at once.
 """
 from __future__ import annotations
 
@@ -83,6 +84,33 @@ def measure_seed(trajectory, probes, folder, *, device="auto", progress: bool = 
                  mir_bootstrap=DEMO_MIR_BOOTSTRAP, progress=progress, device=device, out=folder / "drift.nc")
 
 
+def _example_folder(seed: int, cache) -> Path:
+    from driftlens.organism.train import cache_root
+
+    return Path(cache or cache_root()) / "examples" / f"seed-{int(seed)}"
+
+
+def _measured(folder: Path, trajectory) -> bool:
+    done = folder / "measured"
+    return done.is_file() and done.read_text() == str(trajectory.root) and (folder / "drift.nc").is_file()
+
+
+def keep_as_example(trajectory, measured, cache=None) -> bool:
+    """Copy a seed's store and report measured by :func:`measure_seed` into the example cache,
+    unless the cache already holds that seed's example for the same build; returns whether it copied."""
+    folder = _example_folder(trajectory.seed, cache)
+    if _measured(folder, trajectory):
+        return False
+    measured = Path(measured)
+    (folder / "measured").unlink(missing_ok=True)
+    world_probes(folder / "probes" / "organism-world", trajectory.recipe.image_size)
+    shutil.rmtree(folder / "activations.zarr", ignore_errors=True)
+    shutil.copytree(measured / "activations.zarr", folder / "activations.zarr")
+    shutil.copy2(measured / "drift.nc", folder / "drift.nc")
+    (folder / "measured").write_text(str(trajectory.root))
+    return True
+
+
 def example(seed: int = 0, *, cache=None, device="auto", progress: bool = True) -> Example:
     """The measured organism seed ``seed``, from the cache or built (organism, capture, report).
 
@@ -104,16 +132,14 @@ def example(seed: int = 0, *, cache=None, device="auto", progress: bool = True) 
         Building the organism takes minutes on 2 cores the first time; the capture and report
         about a minute; from the cache, a second.
     """
-    from driftlens.organism.train import build_seeds, cache_root
+    from driftlens.organism.train import build_seeds
     from driftlens.probes import ProbeSet
 
     traj = build_seeds([seed], progress=progress, cache=cache)[0]
-    folder = Path(cache or cache_root()) / "examples" / f"seed-{int(seed)}"
+    folder = _example_folder(seed, cache)
     probes = world_probes(folder / "probes" / "organism-world", traj.recipe.image_size)
-    report = folder / "drift.nc"
-    done = folder / "measured"
-    if not (done.is_file() and done.read_text() == str(traj.root) and report.is_file()):
-        done.unlink(missing_ok=True)
+    if not _measured(folder, traj):
+        (folder / "measured").unlink(missing_ok=True)
         measure_seed(traj, ProbeSet.load(probes), folder, device=device, progress=progress)
-        done.write_text(str(traj.root))
-    return Example(traj, probes, folder / "activations.zarr", report)
+        (folder / "measured").write_text(str(traj.root))
+    return Example(traj, probes, folder / "activations.zarr", folder / "drift.nc")

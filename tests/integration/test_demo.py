@@ -10,6 +10,8 @@ import json
 import numpy as np
 import pytest
 
+import driftlens as dl
+
 KEYS = ("checkpoints", "seeds", "chance_accuracy", "grounding_accuracy", "ko_lm_loss", "visual_drift_effect",
         "visual_drift_lo", "visual_drift_hi", "visual_drift_p", "layers_significant_fraction")
 
@@ -46,3 +48,21 @@ def test_demo_end_to_end(demo_run):
     assert (out / "ranks.json").exists() and all((out / f"seed-{s}" / "drift.nc").exists() for s in (0, 1, 2))
     md = (out / "summary.md").read_text(encoding="utf-8")
     assert "| checkpoint |" in md and "±" in md and "English control" in md
+
+
+@pytest.mark.slow
+def test_the_demo_leaves_each_seed_as_the_cached_example(demo_run, organism_cache, monkeypatch):
+    import xarray as xr
+
+    from driftlens import organism
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("the example was measured again instead of read from the cache")
+
+    monkeypatch.setattr("driftlens.organism.example.measure_seed", measured_again)
+    out, _ = demo_run
+    ex = organism.example(0, cache=organism_cache, progress=False)
+    assert ex.store.parent == organism_cache / "examples" / "seed-0"
+    xr.testing.assert_identical(ex.load_report(), dl.load_report(out / "seed-0" / "drift.nc"))
+    ds = ex.open_store(verify="full")                   # the copy is intact
+    assert list(ds.checkpoint.values) == list(ex.checkpoints)
