@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from driftlens.schema import Modality, Site
 
 __all__ = ["OKABE_ITO", "drift_by_layer", "drift_heatmap", "grounding_vs_drift", "mir_by_layer",
-           "modality_gap_by_layer", "plot_report", "probe_accuracy", "rank_schedule", "save",
+           "modality_gap_by_layer", "token_map", "plot_report", "probe_accuracy", "rank_schedule", "save",
            "seeds_by_layer"]
 
 #: Okabe & Ito (2008) colour-blind-safe palette, in the order categories take them (black, kept
@@ -783,6 +783,26 @@ def probe_accuracy(probe_ds: xr.Dataset, checkpoints: Sequence[str] | None = Non
     _legend_outside(ax, handles=handles + [blank] + [h for h, _ in extra],
                     labels=labels + [""] + [lab for _, lab in extra], title="checkpoint", title_fontsize="small")
     return ax
+
+
+def token_map(data: xr.Dataset, **kwargs):
+    """A token map: :func:`driftlens.tokenmap.plot_token_map` (the data: :func:`driftlens.tokenmap.token_map_data`).
+
+    Parameters
+    ----------
+    data : xarray.Dataset
+        A token map of :func:`driftlens.tokenmap.token_map_data`.
+    **kwargs
+        ``color``, ``ax``, ``checkpoints``, ``palette`` ... as :func:`driftlens.tokenmap.plot_token_map`.
+
+    Returns
+    -------
+    matplotlib.axes.Axes or numpy.ndarray of Axes
+        One Axes for ``color="checkpoint"``, else one per checkpoint.
+    """
+    from driftlens.tokenmap import plot_token_map
+
+    return plot_token_map(data, **kwargs)
 
 
 # ----------------------------------------------------------------------------- files

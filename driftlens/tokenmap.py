@@ -1,0 +1,553 @@
+"""Token maps: 2-D UMAP pictures of one layer's visual and text tokens across checkpoints.
+
+:func:`token_map_data` reads one layer of an activation store (only the chosen checkpoints and a
+cluster subsample of the tokens), embeds it with umap-learn and returns the maps as an
+:class:`xarray.Dataset` of ``x`` / ``y`` on (checkpoint, token); :func:`plot_token_map` draws
+them with matplotlib's object API (no pyplot: the figure is not registered with a GUI).
+
+umap-learn is an optional dependency (``pip install umap-learn``); its numba code compiles on
+the first fit of a process (tens of seconds), later fits of the same process take about a second.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+
+from driftlens.errors import DataError, EnvironmentProblem, UsageError
+from driftlens.plot import OKABE_ITO
+
+METHODS = ("reference", "aligned")
+CARRIED = ("sample", "group", "cluster", "position", "modality", "lang")
+
+OKABE_ITO_NAMES = {"orange": "#E69F00", "skyblue": "#56B4E9", "sky blue": "#56B4E9", "green": "#009E73",
+                   "bluish green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2", "red": "#D55E00",
+                   "vermillion": "#D55E00", "purple": "#CC79A7", "reddish purple": "#CC79A7", "pink": "#CC79A7",
+                   "black": "#000000"}
+MODALITY_COLORS = {"visual": "#0072B2", "text": "#E69F00"}
+MAX_LEGEND = 12
+SMALL_DATA = 4096          # umap-learn's exact-neighbour threshold; larger maps use its NN-descent
+_QUIET = (".*n_jobs value .* overridden.*", ".*Tensorflow not installed.*", ".*precomputed metric.*",
+          ".*inverse_transform will be unavailable.*")
+
+
+# ----------------------------------------------------------------------------------------- data
+
+def token_map_data(ds, layer, *, checkpoints=None, site: str = "hidden", modalities=("visual", "text"),
+                   max_clusters: int | None = None, max_tokens: int | None = 2000, method: str = "reference",
+                   seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1, reference: str | None = None):
+    """A 2-D UMAP map of one layer's tokens at several checkpoints, the checkpoints' maps aligned.
+
+    Two ways to align the checkpoints' maps:
+
+    ``"reference"`` (default)
+        ``umap.UMAP`` is fitted on the reference checkpoint's tokens and every other checkpoint's
+        tokens are placed into that map with ``UMAP.transform``. All checkpoints share one
+        coordinate system, so a token whose vector drifted visibly moves away from where it was
+        at the reference. ``transform`` places a point at a weighted average of the map
+        positions of its nearest *reference* neighbours: a token that left the reference
+        manifold (moved into a region where no reference token lives) lands next to the
+        reference tokens nearest to it, not somewhere new -- such a token's displacement is a
+        lower bound of its change, and tokens that drifted the same way collapse together. It
+        is the default because there is one coordinate system to read and it is cheaper (one
+        fit, then transforms).
+    ``"aligned"``
+        ``umap.AlignedUMAP`` with relations linking the same token at consecutive checkpoints:
+        each checkpoint gets its own map, fitted on its own tokens (so new structure shows up),
+        regularized towards its neighbours' maps in the order given. Coordinates of two
+        checkpoints are comparable only as far as the regularization holds them together; it
+        costs one fit per checkpoint plus the joint optimization (about 40 s for 3 x 2000 tokens
+        on one core, against 7 s for ``"reference"``). numba's parallel loop runs on one thread
+        during this call so that a seed gives the same maps.
+
+    Distances are Euclidean. Below 4096 tokens they are computed exactly here and handed to UMAP
+    as ``metric="precomputed"`` (umap-learn's own exact path calls its metric once per pair from
+    Python, tens of seconds for 2000 tokens); from 4096 tokens UMAP's NN-descent finds the
+    neighbours.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset or str or Path
+        An activation store opened with :func:`driftlens.open_store` (or its path).
+    layer : int or None
+        The layer (a value of the store's ``layer`` coordinate, not a position). ``None`` for a
+        site without layers (``embed``, ``final``).
+    checkpoints : sequence of str, optional
+        Checkpoints to map, in trajectory order (``"aligned"`` regularizes along this order);
+        default every checkpoint of ``ds``.
+    site : str
+        The store variable: ``hidden`` (default), ``key``, ``query``, ``embed``, ``final``.
+    modalities : sequence of str
+        Token modalities to map (``visual``, ``text``).
+    max_clusters : int, optional
+        At most this many clusters.
+    max_tokens : int or None
+        At most this many tokens per checkpoint (None: no limit). Whole clusters are drawn in
+        a random order (``numpy.random.default_rng(seed)``) and each one that still fits is
+        kept, so the map shows every token of the clusters it shows and the same tokens at
+        every checkpoint.
+    method : {"reference", "aligned"}
+        See above.
+    seed : int
+        Seed of the cluster draw and of UMAP (``random_state``; UMAP then runs single-threaded).
+    n_neighbors, min_dist : int, float
+        UMAP's parameters.
+    reference : str, optional
+        The reference checkpoint of ``"reference"``; default ``ds.attrs["reference"]`` when it is
+        among ``checkpoints``, else the first of ``checkpoints``.
+
+    Returns
+    -------
+    xarray.Dataset
+        Variables ``x`` and ``y`` (checkpoint, token), float64 (NaN for a token UMAP left
+        unconnected, which ``"aligned"`` can do); coordinates ``checkpoint``, ``token`` (the
+        token's row in the store) and the store's ``sample``, ``group``, ``cluster``,
+        ``position``, ``modality``, ``lang``. Attributes: ``site``, ``layer`` (absent for sites
+        without layers), ``method``, ``reference`` (``"reference"`` only), ``modalities``,
+        ``n_tokens`` and ``n_clusters`` (the sample per checkpoint), ``n_tokens_available`` and
+        ``n_clusters_available`` (before subsampling), ``cluster_unit`` (the coordinate the
+        clusters come from), ``seed``, ``n_neighbors``, ``min_dist`` and the store's
+        ``model_type``, ``probe_set``, ``store_path`` when it has them.
+
+    Raises
+    ------
+    driftlens.errors.UsageError
+        An unknown site, layer, checkpoint, modality or method, a bad count, or too few tokens
+        for ``n_neighbors``.
+    driftlens.errors.EnvironmentProblem
+        umap-learn is not installed.
+    driftlens.errors.DataError
+        The selected vectors hold NaN or infinite values.
+
+    Examples
+    --------
+    >>> ds = driftlens.open_store("runs/activations.zarr")            # doctest: +SKIP
+    >>> m = token_map_data(ds, 2, checkpoints=["base", "ko-5", "en-5"])  # doctest: +SKIP
+    >>> plot_token_map(m, color="modality")                          # doctest: +SKIP
+    """
+    import xarray as xr
+
+    if isinstance(ds, (str, os.PathLike)):
+        from driftlens.store import open_store
+
+        ds = open_store(ds)
+    if method not in METHODS:
+        raise UsageError(f"method must be one of {METHODS}, got {method!r}")
+    _check_count("n_neighbors", n_neighbors, 2)
+    if max_tokens is not None:
+        _check_count("max_tokens", max_tokens, 1)
+    if max_clusters is not None:
+        _check_count("max_clusters", max_clusters, 1)
+    if not (isinstance(min_dist, (int, float, np.number)) and 0 <= float(min_dist)):
+        raise UsageError(f"min_dist must be a number >= 0, got {min_dist!r}")
+
+    da, layer_sel = _site_layer(ds, site, layer)
+    labels = [str(c) for c in ds.checkpoint.values]
+    chosen = labels if checkpoints is None else [str(c) for c in _as_list(checkpoints, "checkpoints")]
+    unknown = [c for c in chosen if c not in labels]
+    if unknown or not chosen:
+        raise UsageError(f"checkpoint(s) {unknown} not in the store; it has {labels}" if unknown else
+                         "checkpoints is empty: give at least one checkpoint")
+    if len(set(chosen)) != len(chosen):
+        raise UsageError(f"checkpoints lists a label twice: {chosen}")
+    if reference is None:
+        attr_ref = ds.attrs.get("reference")
+        reference = attr_ref if attr_ref in chosen else chosen[0]
+    elif reference not in chosen:
+        raise UsageError(f"reference {reference!r} is not among the mapped checkpoints {chosen}")
+
+    tokens, n_avail, k_avail, unit = _choose_tokens(ds, modalities, max_clusters, max_tokens, seed)
+    if tokens.size <= n_neighbors:
+        raise UsageError(f"{tokens.size} token(s) selected, too few for a map with n_neighbors={n_neighbors}: "
+                         f"UMAP needs more than n_neighbors tokens (raise max_tokens / max_clusters, add "
+                         f"modalities, or lower n_neighbors)")
+
+    # read only this (site, layer), these checkpoints and these tokens
+    ci = [labels.index(c) for c in chosen]
+    vec = np.asarray(da.isel(checkpoint=ci, token=tokens, **layer_sel).values, dtype=np.float32)
+    bad = ~np.isfinite(vec).all(axis=-1)
+    if bad.any():
+        c, t = np.argwhere(bad)[0]
+        raise DataError(f"{site}{'' if layer is None else f' layer {layer}'}: {int(bad.sum())} selected token "
+                        f"vector(s) hold NaN or infinite values (first: checkpoint {chosen[c]!r}, token row "
+                        f"{int(tokens[t])}); was the store captured in float16 with overflows?")
+
+    umap = _umap()
+    # umap-learn finds the neighbours of fewer than 4096 points exactly by calling its numba metric once
+    # per pair from Python (tens of seconds for 2000 tokens); euclidean distances computed here and
+    # passed as metric="precomputed" give the same neighbours in milliseconds
+    exact = tokens.size < SMALL_DATA
+    kwargs = {"n_neighbors": int(n_neighbors), "min_dist": float(min_dist), "random_state": int(seed),
+              "metric": "precomputed" if exact else "euclidean"}
+    prep = (lambda a, b: _distances(a, b)) if exact else (lambda a, b: a)
+    with warnings.catch_warnings():
+        for message in _QUIET:
+            warnings.filterwarnings("ignore", message=message)
+        if method == "reference":
+            r = chosen.index(reference)
+            model = umap.UMAP(n_jobs=1, **kwargs).fit(prep(vec[r], vec[r]))
+            maps = [model.embedding_ if i == r else model.transform(prep(vec[i], vec[r]))
+                    for i in range(len(chosen))]
+        elif len(chosen) == 1:
+            maps = [umap.UMAP(n_jobs=1, **kwargs).fit(prep(vec[0], vec[0])).embedding_]
+        else:
+            ident = {i: i for i in range(tokens.size)}
+            with _numba_threads(1):
+                aligned = umap.AlignedUMAP(transform_seed=int(seed), **kwargs).fit(
+                    [prep(v, v) for v in vec], relations=[ident] * (len(chosen) - 1))
+            maps = list(aligned.embeddings_)
+    xy = np.stack([np.asarray(m, dtype=np.float64) for m in maps])        # (checkpoint, token, 2)
+
+    coords = {"checkpoint": np.asarray(chosen), "token": tokens}
+    for name in CARRIED:
+        if name in ds.coords and ds[name].dims == ("token",):
+            coords[name] = ("token", ds[name].values[tokens])
+    attrs = {"site": site, "method": method, "modalities": [str(m) for m in modalities],
+             "n_tokens": int(tokens.size), "n_clusters": int(len(np.unique(_units(ds, unit)[tokens]))),
+             "n_tokens_available": int(n_avail), "n_clusters_available": int(k_avail), "cluster_unit": unit,
+             "seed": int(seed), "n_neighbors": int(n_neighbors), "min_dist": float(min_dist)}
+    if layer is not None:
+        attrs["layer"] = int(layer)
+    if method == "reference":
+        attrs["reference"] = reference
+    attrs.update({k: ds.attrs[k] for k in ("model_type", "probe_set", "store_path") if k in ds.attrs})
+    dims = ("checkpoint", "token")
+    x = xr.DataArray(xy[..., 0], dims=dims, attrs={"long_name": "UMAP 1"})
+    y = xr.DataArray(xy[..., 1], dims=dims, attrs={"long_name": "UMAP 2"})
+    return xr.Dataset({"x": x, "y": y}, coords=coords, attrs=attrs)
+
+
+def _check_count(name, value, least) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise UsageError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def _as_list(values, what) -> list:
+    if isinstance(values, str):
+        return [values]
+    try:
+        return list(values)
+    except TypeError:
+        raise UsageError(f"{what} must be a label or a sequence of labels, got {values!r}") from None
+
+
+def _site_layer(ds, site, layer):
+    sites = [v for v in ds.data_vars if "token" in ds[v].dims and "checkpoint" in ds[v].dims]
+    if site not in sites:
+        raise UsageError(f"site {site!r} is not in the store; it has {sites}")
+    da = ds[site]
+    if "layer" not in da.dims:
+        if layer is not None:
+            raise UsageError(f"site {site!r} has no layers (one vector per token); pass layer=None")
+        return da, {}
+    have = [int(v) for v in ds.layer.values]
+    if layer is None or isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or int(layer) not in have:
+        raise UsageError(f"layer {layer!r} is not in the store's {site!r}; it has layers {have}")
+    return da, {"layer": have.index(int(layer))}
+
+
+def _units(ds, unit) -> np.ndarray:
+    return np.asarray(ds[unit].values).astype(str)
+
+
+def _choose_tokens(ds, modalities, max_clusters, max_tokens, seed):
+    """Rows of the tokens to map: whole clusters in a seeded random order until the caps are reached."""
+    if "modality" not in ds.coords:
+        raise UsageError("the store has no `modality` token coordinate")
+    mods = _as_list(modalities, "modalities")
+    have = sorted({str(m) for m in np.unique(ds.modality.values)})
+    unknown = [m for m in mods if str(m) not in have]
+    if unknown or not mods:
+        raise UsageError(f"modality {unknown} not in the store; it has {have}" if unknown else
+                         f"modalities is empty: give at least one of {have}")
+    unit = next((c for c in ("cluster", "group", "sample") if c in ds.coords), None)
+    if unit is None:
+        raise UsageError("the store has none of the token coordinates cluster / group / sample to subsample by")
+    keep = np.isin(np.asarray(ds.modality.values).astype(str), [str(m) for m in mods])
+    units = _units(ds, unit)
+    names, inverse, counts = np.unique(units[keep], return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    cap = np.inf if max_tokens is None else max_tokens
+    taken, total = [], 0
+    for k in order:
+        if max_clusters is not None and len(taken) >= max_clusters:
+            break
+        if total + counts[k] <= cap:
+            taken.append(k)
+            total += counts[k]
+    if not taken:
+        raise UsageError(f"max_tokens={max_tokens} is smaller than every {unit} (the smallest has "
+                         f"{counts.min()} selected tokens): raise max_tokens")
+    rows = np.flatnonzero(keep)[np.isin(inverse.reshape(-1), taken)]
+    return np.sort(rows), int(keep.sum()), len(names), unit
+
+
+def _distances(a, b) -> np.ndarray:
+    """Euclidean distances between the rows of ``a`` and ``b`` (float64, exact zeros kept)."""
+    from scipy.spatial.distance import cdist
+
+    return cdist(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
+
+
+def _umap():
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Tensorflow not installed.*")
+            import umap
+    except ImportError as exc:
+        raise EnvironmentProblem(f"token maps need umap-learn ({exc}); install it: pip install umap-learn") from exc
+    return umap
+
+
+@contextmanager
+def _numba_threads(n: int):
+    """numba's thread count of this thread set to ``n`` for the block (numba's setting is per thread)."""
+    try:
+        import numba
+
+        before = numba.get_num_threads()
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except (ImportError, ValueError, RuntimeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------- plot
+
+def plot_token_map(data, *, color="modality", ax=None, checkpoints=None, palette=None, legend_title=None,
+                   s: float | None = None, alpha: float = 0.7, title: str | None = None, panel_width: float = 3.6):
+    """Draw a token map of :func:`token_map_data`.
+
+    Two layouts, chosen by ``color``:
+
+    - ``color="checkpoint"``: one panel, every checkpoint's tokens drawn over each other, one
+      colour per checkpoint (the reference first, in black; later checkpoints on top). Returns
+      one ``Axes``.
+    - anything else (``"modality"``, the default, another token coordinate, labels): one panel
+      per checkpoint, side by side with shared axes, tokens coloured by the labels. Returns a
+      1-D ``numpy.ndarray`` of ``Axes`` (one per checkpoint, even when there is one).
+
+    Parameters
+    ----------
+    data : xarray.Dataset
+        The result of :func:`token_map_data`.
+    color : str or callable or array-like
+        ``"checkpoint"``, ``"modality"``, the name of another coordinate or variable of
+        ``data`` on ``token`` (``lang``, ``cluster``, ...) or on (checkpoint, token); or labels:
+        an array of one label per token (``data.sizes["token"]``) or per (checkpoint, token) of
+        ``data``, or a callable taking ``data`` and returning such an array. String / boolean
+        labels get a categorical palette and a legend; numbers a continuous colormap (cividis)
+        and a colorbar. Example, the shape colour of the organism world:
+        ``color=lambda d: [g.split("-")[0] for g in d.group.values]``.
+    ax : matplotlib Axes or sequence of Axes, optional
+        Where to draw: one Axes for ``color="checkpoint"``, one per drawn checkpoint otherwise.
+        Default: a new :class:`matplotlib.figure.Figure` (made without pyplot).
+    checkpoints : sequence of str, optional
+        Checkpoints to draw (default all of ``data``).
+    palette : dict or sequence, optional
+        Colours of the categories: a dict label -> colour or a list in label order. Default:
+        Okabe-Ito (colour-blind safe): visual blue, text orange; labels that are colour names
+        (red, blue, green, ...) get their Okabe-Ito colour; more than 8 categories are spread
+        over cividis.
+    legend_title : str, optional
+        Title of the legend / colorbar (default: the name of ``color``).
+    s, alpha : float
+        Marker area (default from the number of points) and opacity.
+    title : str, optional
+        Replaces the default title (site, layer, method, sample size).
+    panel_width : float
+        Width in inches of one panel of a new figure (its height follows the map's aspect).
+
+    Returns
+    -------
+    matplotlib.axes.Axes or numpy.ndarray of Axes
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    for v in ("x", "y"):
+        if v not in data.data_vars or data[v].dims != ("checkpoint", "token"):
+            raise UsageError("data must be the result of token_map_data (variables x, y on checkpoint, token)")
+    labels_all = [str(c) for c in data.checkpoint.values]
+    chosen = labels_all if checkpoints is None else [str(c) for c in _as_list(checkpoints, "checkpoints")]
+    unknown = [c for c in chosen if c not in labels_all]
+    if unknown or not chosen:
+        raise UsageError(f"checkpoint(s) {unknown} not in the map; it has {labels_all}" if unknown else
+                         "checkpoints is empty: give at least one checkpoint")
+    ci = [labels_all.index(c) for c in chosen]
+    xs, ys = data.x.values[ci], data.y.values[ci]
+    ref = data.attrs.get("reference")
+    by_checkpoint = isinstance(color, str) and color == "checkpoint"
+
+    n_panels = 1 if by_checkpoint else len(chosen)
+    axes, own = _axes(ax, n_panels, panel_width, _aspect(xs, ys), Figure)
+    fig = axes[0].figure
+    n_points = xs.size if by_checkpoint else xs.shape[1]
+    size = s if s is not None else float(np.clip(12000.0 / max(1, n_points), 3.0, 30.0))
+
+    if by_checkpoint:
+        order = sorted(range(len(chosen)), key=lambda i: chosen[i] != ref)     # the reference underneath
+        cats = [chosen[i] for i in order]
+        colors = _palette(cats, palette, first_black=ref in chosen)
+        a = axes[0]
+        for i in order:
+            a.scatter(xs[i], ys[i], s=size, c=colors[chosen[i]], alpha=alpha, linewidths=0,
+                      label=chosen[i] + (" (reference)" if chosen[i] == ref else ""), rasterized=n_points > 5000)
+        handles = [Line2D([], [], ls="", marker="o", color=colors[c], markersize=6,
+                          label=c + (" (reference)" if c == ref else "")) for c in cats]
+        a.legend(handles=handles, title=legend_title or "checkpoint", **_LEGEND)
+    else:
+        values, name = _color_values(data, color, ci)
+        numeric = values.dtype.kind in "iuf"
+        if numeric:
+            finite = values[np.isfinite(values)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+            from matplotlib.cm import ScalarMappable
+            from matplotlib.colors import Normalize
+
+            norm = Normalize(lo, hi if hi > lo else lo + 1.0)
+            for p, a in enumerate(axes):
+                a.scatter(xs[p], ys[p], s=size, c=values[p], cmap="cividis", norm=norm, alpha=alpha,
+                          linewidths=0)
+            sm = ScalarMappable(norm=norm, cmap="cividis")
+            fig.colorbar(sm, ax=list(axes), label=legend_title or name, shrink=0.8)
+        else:
+            values = values.astype(str)
+            cats = list(dict.fromkeys(np.unique(values)))
+            if name == "modality":                                   # visual, text, then any other
+                known = list(MODALITY_COLORS)
+                cats = sorted(cats, key=lambda c: (known.index(c) if c in known else len(known), c))
+            colors = _palette(cats, palette, modality=name == "modality")
+            for p, a in enumerate(axes):
+                for cat in cats:
+                    m = values[p] == cat
+                    if m.any():
+                        a.scatter(xs[p][m], ys[p][m], s=size, c=colors[cat], alpha=alpha, linewidths=0,
+                                  label=cat)
+            if len(cats) <= MAX_LEGEND:
+                counts = {c: int((values[0] == c).sum()) for c in cats}
+                handles = [Line2D([], [], ls="", marker="o", color=colors[c], markersize=6,
+                                  label=f"{c} ({counts[c]})") for c in cats]
+                axes[-1].legend(handles=handles, title=legend_title or name, **_LEGEND)
+            else:
+                axes[-1].text(0.99, 0.01, f"{len(cats)} {legend_title or name} values (no legend)",
+                              transform=axes[-1].transAxes, ha="right", va="bottom", fontsize=6, color="0.4")
+        for p, a in enumerate(axes):
+            a.set_title(chosen[p] + (" (reference)" if chosen[p] == ref else ""), fontsize=9)
+
+    for a in axes:
+        a.set_xticks([])
+        a.set_yticks([])
+        # one unit is as long across as up; shared panels keep their box, a lone panel its data limits
+        a.set_aspect("equal", adjustable="box" if len(axes) > 1 else "datalim")
+    axes[0].set_ylabel("UMAP 2", fontsize=8)
+    for a in axes:
+        a.set_xlabel("UMAP 1", fontsize=8)
+    head = title if title is not None else _title(data)
+    if own:
+        fig.suptitle(head, fontsize=9)
+    else:
+        below = axes[0].get_title()
+        axes[0].set_title(head + ("\n" + below if below else ""), fontsize=8)
+    return axes[0] if by_checkpoint else axes
+
+
+_LEGEND = {"fontsize": 7, "title_fontsize": 7, "loc": "upper left", "bbox_to_anchor": (1.02, 1.0),
+           "borderaxespad": 0.0, "frameon": False}
+
+
+def _title(data) -> str:
+    a = data.attrs
+    where = f"{a.get('site', '?')}" + (f" layer {a['layer']}" if "layer" in a else "")
+    how = {"reference": f"UMAP of {a.get('reference')!r}, others placed in it",
+           "aligned": "AlignedUMAP, one map per checkpoint"}.get(a.get("method"), str(a.get("method")))
+    n = f"{a.get('n_tokens')} tokens, {a.get('n_clusters')} {a.get('cluster_unit', 'cluster')}s per checkpoint"
+    return f"{where}: {how}\n{n}"
+
+
+def _aspect(xs, ys) -> float:
+    """Height / width of the drawn points' extent, kept between 0.45 and 1.5."""
+    xr, yr = np.nanmax(xs) - np.nanmin(xs), np.nanmax(ys) - np.nanmin(ys)
+    return float(np.clip(yr / xr, 0.45, 1.5)) if np.isfinite(xr) and xr > 0 and np.isfinite(yr) else 1.0
+
+
+def _axes(ax, n, width, aspect, Figure):
+    """(1-D array of n Axes, whether we created the figure)."""
+    if ax is None:
+        legend_w = 1.4                                     # the legend sits right of the last panel
+        fig = Figure(figsize=(width * n + legend_w + 0.4, width * aspect + 1.0), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, n, sharex=True, sharey=True, squeeze=False)[0])
+        return axes, True
+    axes = np.ravel(np.asarray(ax, dtype=object))
+    if len(axes) != n or not all(hasattr(a, "scatter") for a in axes):
+        raise UsageError(f"ax must be {'one Axes' if n == 1 else f'{n} Axes (one per checkpoint)'}, "
+                         f"got {len(axes)} object(s)")
+    return axes, False
+
+
+def _color_values(data, color, ci):
+    """Labels per (drawn checkpoint, token) and their name."""
+    n_c, n_t = data.sizes["checkpoint"], data.sizes["token"]
+    if isinstance(color, str):
+        if color not in data.variables or color in ("x", "y", "token"):
+            names = sorted(k for k in data.variables if k not in ("x", "y", "checkpoint")
+                           and set(data[k].dims) <= {"checkpoint", "token"} and "token" in data[k].dims)
+            raise UsageError(f"color {color!r} is not a token coordinate of the map; use 'checkpoint', one of "
+                             f"{names}, or pass labels (an array or a callable)")
+        values, name = data[color], color
+    else:
+        name = getattr(color, "__name__", None) or getattr(color, "name", None) or "label"
+        if name == "<lambda>":
+            name = "label"
+        values = color(data) if callable(color) else color
+    if hasattr(values, "dims") and hasattr(values, "transpose"):        # a DataArray
+        if set(values.dims) == {"checkpoint", "token"}:
+            values = values.transpose("checkpoint", "token")
+        elif tuple(values.dims) != ("token",):
+            raise UsageError(f"color labels must be on (token,) or (checkpoint, token), got dims {values.dims}")
+        values = values.values
+    values = np.asarray(values)
+    if values.dtype == object:
+        values = values.astype(str)
+    if values.shape == (n_t,):
+        values = np.broadcast_to(values, (n_c, n_t))
+    if values.shape != (n_c, n_t):
+        raise UsageError(f"color labels have shape {values.shape}; expected one per token ({n_t},) or per "
+                         f"(checkpoint, token) ({n_c}, {n_t})")
+    values = values[ci]
+    if values.dtype.kind == "b":
+        values = values.astype(str)
+    return values, str(name)
+
+
+def _palette(cats, palette, first_black: bool = False, modality: bool = False) -> dict:
+    """Colour of each category."""
+    if palette is not None:
+        if isinstance(palette, dict):
+            missing = [c for c in cats if c not in palette]
+            if missing:
+                raise UsageError(f"palette has no colour for {missing}")
+            return {c: palette[c] for c in cats}
+        pal = list(palette)
+        if len(pal) < len(cats):
+            raise UsageError(f"palette has {len(pal)} colour(s) for {len(cats)} categories")
+        return dict(zip(cats, pal))
+    if modality and all(c in MODALITY_COLORS for c in cats):
+        return {c: MODALITY_COLORS[c] for c in cats}
+    lower = [c.lower() for c in cats]
+    if all(c in OKABE_ITO_NAMES for c in lower) and len({OKABE_ITO_NAMES[c] for c in lower}) == len(cats):
+        return {c: OKABE_ITO_NAMES[c.lower()] for c in cats}
+    if len(cats) <= len(OKABE_ITO):
+        others = tuple(c for c in OKABE_ITO if c != "#000000")
+        pal = ("#000000",) + others if first_black else others + ("#000000",)
+        return dict(zip(cats, pal))
+    from matplotlib import colormaps
+
+    cmap = colormaps["cividis"]
+    return {c: cmap(i / max(1, len(cats) - 1)) for i, c in enumerate(cats)}
