@@ -16,6 +16,7 @@ from driftlens.errors import (
     StoreIntegrityError,
     UsageError,
 )
+from driftlens.explore import explore
 from driftlens.inputs import model_inputs
 from driftlens.probes import Probe, ProbeError, ProbeSet, list_probe_sets
 from driftlens.probing import probe
@@ -39,5 +40,5 @@ __all__ = ["AnchorDriftLoss", "CaptureError", "CheckpointIdentityError", "DataEr
            "DriftObjective", "DriftlensError", "EnvironmentProblem", "Probe", "ProbeError", "ProbeSet",
            "RankSchedule", "ScheduleError", "ScheduleFileError", "SourceError", "Spec", "SpecError",
            "StoreIntegrityError", "StoreMismatchError", "UsageError", "VisualTap", "allocate_ranks", "capture",
-           "check_store", "drift", "inference", "list_probe_sets", "list_specs", "load_report", "load_spec",
+           "check_store", "drift", "explore", "inference", "list_probe_sets", "list_specs", "load_report", "load_spec",
            "metrics", "model_inputs", "open_store", "plot", "probe", "save_report", "verify_store", "__version__"]
