@@ -23,8 +23,15 @@ def organism_cache():
 
 
 @pytest.fixture(scope="session")
-def organisms(organism_cache):
-    """The default recipe over the demo's seeds, built (in parallel processes) into the session cache."""
+def organisms(organism_cache, request):
+    """The default recipe over the demo's seeds, built (in parallel processes) into the session cache.
+
+    The session started that build in the background when it collected a ``slow`` test
+    (tests/conftest.py); this waits for it, then loads the builds.
+    """
+    from tests.conftest import wait_for_background_build
+
+    wait_for_background_build(request.config)
     return organism.build_seeds(DEMO_SEEDS, cache=organism_cache, progress=False)
 
 

@@ -59,7 +59,10 @@ def test_the_demo_leaves_each_seed_as_the_cached_example(demo_run, organism_cach
     def measured_again(*args, **kwargs):
         raise AssertionError("the example was measured again instead of read from the cache")
 
-    monkeypatch.setattr("driftlens.organism.example.measure_seed", measured_again)
+    import importlib
+
+    # (the attribute driftlens.organism.example is the function; the module is in sys.modules)
+    monkeypatch.setattr(importlib.import_module("driftlens.organism.example"), "measure_seed", measured_again)
     out, _ = demo_run
     ex = organism.example(0, cache=organism_cache, progress=False)
     assert ex.store.parent == organism_cache / "examples" / "seed-0"

@@ -12,6 +12,12 @@ from driftlens.testing import make_report
 CKPTS = ("base", "ko-1", "ko-2", "en-1")
 
 
+def suptitle(fig) -> str:
+    """The figure's suptitle (``Figure.get_suptitle`` only exists from matplotlib 3.8; the floor is 3.7)."""
+    return fig._suptitle.get_text() if fig._suptitle is not None else ""
+
+
+
 @pytest.fixture
 def rep():
     return make_report(n_layers=4, checkpoints=CKPTS, seed=1)
@@ -32,7 +38,7 @@ def test_static_figure_frames_the_selected_cell_and_emphasises_its_line(rep):
     lines = fig.axes[1]
     widths = {line.get_label(): line.get_linewidth() for line in lines.get_lines()}
     assert widths["ko-1"] == 3.0 and all(w < 3.0 for k, w in widths.items() if k in CKPTS and k != "ko-1")
-    assert "ko-1" in fig.get_suptitle() and "layer 2" in fig.get_suptitle()
+    assert "ko-1" in suptitle(fig) and "layer 2" in suptitle(fig)
     assert ex.last_figure is fig
 
 

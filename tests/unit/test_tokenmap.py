@@ -21,6 +21,12 @@ N_CLUSTERS, N_VIS, N_TEXT, DIM, LAYERS = 20, 10, 8, 8, 3
 SHIFT = 12.0
 
 
+def suptitle(fig) -> str:
+    """The figure's suptitle (``Figure.get_suptitle`` only exists from matplotlib 3.8; the floor is 3.7)."""
+    return fig._suptitle.get_text() if fig._suptitle is not None else ""
+
+
+
 def blob_store(path, seed=0):
     """Visual and text tokens as two well separated Gaussian blobs (each made of cluster sub-blobs).
 
@@ -218,7 +224,7 @@ def test_plot_modality_panels(ref_map):
     n_vis = int((ref_map.modality.values == "visual").sum())
     assert _legend_texts(axes[-1]) == [f"visual ({n_vis})", f"text ({ref_map.sizes['token'] - n_vis})"]
     assert np.allclose(axes[0].collections[0].get_facecolor()[0][:3], (0, 0x72 / 255, 0xB2 / 255))
-    title = fig.get_suptitle()
+    title = suptitle(fig)
     a = ref_map.attrs
     assert "layer 1" in title and "'base'" in title and f"{a['n_tokens']} tokens" in title
     assert f"{a['n_clusters']} clusters" in title
@@ -232,10 +238,10 @@ def test_plot_checkpoint_overlay(ref_map, aligned_map):
     assert not isinstance(ax, np.ndarray) and len(ax.collections) == 3
     assert _legend_texts(ax) == ["base (reference)", "same", "shifted"]
     assert np.allclose(ax.collections[0].get_facecolor()[0][:3], 0)          # the reference in black
-    assert "layer 1" in ax.figure.get_suptitle() and "tokens" in ax.figure.get_suptitle()
+    assert "layer 1" in suptitle(ax.figure) and "tokens" in suptitle(ax.figure)
     ax = plot_token_map(aligned_map, color="checkpoint", checkpoints=["same", "shifted"])
     assert len(ax.collections) == 2 and _legend_texts(ax) == ["same", "shifted"]
-    assert "AlignedUMAP" in ax.figure.get_suptitle()
+    assert "AlignedUMAP" in suptitle(ax.figure)
 
 
 def test_plot_labels_and_given_axes(ref_map):
