@@ -127,7 +127,7 @@ class Explorer:
 
         s = self.state
         with_map = self.store is not None
-        fig = Figure(figsize=(13.5 if with_map else 10.5, 4.6), layout="constrained")
+        fig = Figure(figsize=(15.0 if with_map else 10.5, 5.0), layout="constrained")
         grid = fig.add_gridspec(1, 4 if with_map else 2, width_ratios=[1.0, 1.3] + ([0.9, 0.9] if with_map else []))
         heat, lines = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
         kw = {"site": s.site, "modality": s.modality}
@@ -140,7 +140,11 @@ class Explorer:
 
             pair = [self.reference] + ([s.checkpoint] if s.checkpoint != self.reference else [])
             axes = [fig.add_subplot(grid[2]), fig.add_subplot(grid[3])][: len(pair)]
-            plot_token_map(self._token_map(), color="modality", checkpoints=pair, ax=axes)
+            data = self._token_map()
+            plot_token_map(data, color="modality", checkpoints=pair, ax=axes, title="")
+            axes[-1].annotate(f"token map (UMAP of {pair[0]!r}, others placed in it): {data.attrs['n_tokens']} tokens, "
+                              f"{data.attrs['n_clusters']} clusters", (1.0, -0.12), xycoords="axes fraction",
+                              ha="right", va="top", fontsize=7)
         fig.suptitle(f"{s.metric} at {s.site}" + (f", {s.modality}" if "modality" in self.report[s.metric].dims
                                                     else "") + f": checkpoint {s.checkpoint}, layer {s.layer}",
                      fontsize=10)

@@ -85,17 +85,21 @@ def _in_ipython() -> bool:
     return get is not None and get() is not None
 
 
-def _new_axes(size: tuple[float, float]) -> Axes:
-    """A fresh Axes on a new constrained-layout figure (see the module docstring)."""
+def _new_figure(size: tuple[float, float]) -> Figure:
+    """A new constrained-layout figure: pyplot's under IPython (so it shows inline), else a bare
+    ``Figure`` (no pyplot, no backend touched; see the module docstring)."""
     if _in_ipython():
         import matplotlib.pyplot as plt
 
-        fig = plt.figure(figsize=size, layout="constrained")
-    else:
-        from matplotlib.figure import Figure
+        return plt.figure(figsize=size, layout="constrained")
+    from matplotlib.figure import Figure
 
-        fig = Figure(figsize=size, layout="constrained")
-    return fig.add_subplot()
+    return Figure(figsize=size, layout="constrained")
+
+
+def _new_axes(size: tuple[float, float]) -> Axes:
+    """A fresh Axes on a new figure (:func:`_new_figure`)."""
+    return _new_figure(size).add_subplot()
 
 
 def _units_text(units) -> str:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from driftlens.errors import DataError, EnvironmentProblem, UsageError
-from driftlens.plot import OKABE_ITO
+from driftlens.plot import OKABE_ITO, _new_figure
 
 METHODS = ("reference", "aligned")
 CARRIED = ("sample", "group", "cluster", "position", "modality", "lang")
@@ -347,7 +347,8 @@ def plot_token_map(data, *, color="modality", ax=None, checkpoints=None, palette
         ``color=lambda d: [g.split("-")[0] for g in d.group.values]``.
     ax : matplotlib Axes or sequence of Axes, optional
         Where to draw: one Axes for ``color="checkpoint"``, one per drawn checkpoint otherwise.
-        Default: a new :class:`matplotlib.figure.Figure` (made without pyplot).
+        Default: a new figure (pyplot's under IPython, so it shows inline; else a bare
+        :class:`matplotlib.figure.Figure`, no pyplot).
     checkpoints : sequence of str, optional
         Checkpoints to draw (default all of ``data``).
     palette : dict or sequence, optional
@@ -368,7 +369,6 @@ def plot_token_map(data, *, color="modality", ax=None, checkpoints=None, palette
     -------
     matplotlib.axes.Axes or numpy.ndarray of Axes
     """
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     for v in ("x", "y"):
@@ -386,7 +386,7 @@ def plot_token_map(data, *, color="modality", ax=None, checkpoints=None, palette
     by_checkpoint = isinstance(color, str) and color == "checkpoint"
 
     n_panels = 1 if by_checkpoint else len(chosen)
-    axes, own = _axes(ax, n_panels, panel_width, _aspect(xs, ys), Figure)
+    axes, own = _axes(ax, n_panels, panel_width, _aspect(xs, ys))
     fig = axes[0].figure
     n_points = xs.size if by_checkpoint else xs.shape[1]
     size = s if s is not None else float(np.clip(12000.0 / max(1, n_points), 3.0, 30.0))
@@ -450,9 +450,9 @@ def plot_token_map(data, *, color="modality", ax=None, checkpoints=None, palette
     for a in axes:
         a.set_xlabel("UMAP 1", fontsize=8)
     head = title if title is not None else _title(data)
-    if own:
+    if own and head:
         fig.suptitle(head, fontsize=9)
-    else:
+    elif head:
         below = axes[0].get_title()
         axes[0].set_title(head + ("\n" + below if below else ""), fontsize=8)
     return axes[0] if by_checkpoint else axes
@@ -477,11 +477,11 @@ def _aspect(xs, ys) -> float:
     return float(np.clip(yr / xr, 0.45, 1.5)) if np.isfinite(xr) and xr > 0 and np.isfinite(yr) else 1.0
 
 
-def _axes(ax, n, width, aspect, Figure):
+def _axes(ax, n, width, aspect):
     """(1-D array of n Axes, whether we created the figure)."""
     if ax is None:
         legend_w = 1.4                                     # the legend sits right of the last panel
-        fig = Figure(figsize=(width * n + legend_w + 0.4, width * aspect + 1.0), layout="constrained")
+        fig = _new_figure((width * n + legend_w + 0.4, width * aspect + 1.0))
         axes = np.atleast_1d(fig.subplots(1, n, sharex=True, sharey=True, squeeze=False)[0])
         return axes, True
     axes = np.ravel(np.asarray(ax, dtype=object))
