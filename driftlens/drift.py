@@ -621,7 +621,9 @@ def drift(ds: xr.Dataset | str | os.PathLike, reference: str | None = None,
         total = np.log10(mir[""].sum(axis=1))
         tlo, thi = (np.log10(np.quantile(mir_boot, q, axis=1)) for q in ((1 - level) / 2, (1 + level) / 2))
         tot_attrs = {"long_name": "modality integration rate", "units": "log10",
-                     "definition": f"log10 of the sum over layers {layers} of the per-layer MIR term (site hidden)"}
+                     "definition": f"log10 of the sum over layers {layers} of the per-layer MIR term (site hidden; "
+                                   + ("the last layer's term from site `final`, post-final-norm)" if final_state
+                                      else "the last layer's term from the pre-norm block output)")}
         data["mir_total"] = (("checkpoint",), total, tot_attrs)
         data["mir_total_lo"] = (("checkpoint",), tlo, {**tot_attrs, "long_name": "mir_total, interval low"})
         data["mir_total_hi"] = (("checkpoint",), thi, {**tot_attrs, "long_name": "mir_total, interval high"})
