@@ -194,13 +194,24 @@ def _cluster_of(ds) -> np.ndarray:
 
 def report_weights(report, layers: Sequence[int], var: str = "mmd", checkpoint=None, site: Site = "hidden",
                    modality: Modality = "visual") -> dict[int, float]:
-    """Per-layer weights from a drift report: the effect at ``checkpoint`` (default the last),
-    clipped at 0 and normalized to sum 1 (equal weights when every effect is <= 0)."""
+    """Per-layer weights from a drift report: the effect at ``checkpoint``, clipped at 0 and
+    normalized to sum 1 (equal weights when every effect is <= 0).
+
+    ``checkpoint`` may be left out only when the report has one checkpoint besides its reference:
+    a report over a trajectory and its control (``ko-1 .. ko-5, en-1 .. en-5``) has no "last"
+    checkpoint that is obviously the one meant, so it is refused rather than guessed.
+    """
     if var not in report.data_vars:
         raise UsageError(f"the report has no {var!r}; it has {sorted(report.data_vars)}")
     da = report[var]
     labels = [str(c) for c in report.checkpoint.values]
-    ck = labels[-1] if checkpoint is None else str(checkpoint)
+    if checkpoint is None:
+        others = [c for c in labels if c != str(report.attrs.get("reference", labels[0] if labels else ""))]
+        if len(others) != 1:
+            raise UsageError(f"say which checkpoint's drift weighs the layers (checkpoint=...): the report has "
+                             f"{len(others)} besides its reference: {others}")
+        checkpoint = others[0]
+    ck = str(checkpoint)
     if ck not in labels:
         raise UsageError(f"checkpoint {ck!r} is not in the report; it has {labels}")
     sel = {"checkpoint": ck}
@@ -340,7 +351,8 @@ class AnchorDriftLoss(torch.nn.Module):
     # ------------------------------------------------------------------ construction from a store
     @classmethod
     def from_store(cls, ds, checkpoint: str | None = None, layers: Sequence[int] | None = None,
-                   mode: AnchorMode = "fixed", n_anchors: int = 1024, weights=None, site: Site = "hidden",
+                   mode: AnchorMode = "fixed", n_anchors: int = 1024, weights=None,
+                   weights_checkpoint: str | None = None, site: Site = "hidden",
                    seed: int = 0, dtype=torch.float32, device=None,
                    block_size: int = DEFAULT_BLOCK, scales: Sequence[float] = DEFAULT_SCALES) -> AnchorDriftLoss:
         """Anchors from a reference checkpoint of an activation store.
@@ -357,8 +369,11 @@ class AnchorDriftLoss(torch.nn.Module):
         n_anchors : int
             Anchor visual tokens per layer (the same rows for every layer), stratified by cluster.
         weights : mapping layer -> float, or a drift report (xarray.Dataset), optional
-            Per-layer weights; a report gives :func:`report_weights` (its visual ``mmd`` at the last
-            checkpoint, clipped at 0, normalized). Default equal weights summing to 1.
+            Per-layer weights; a report gives :func:`report_weights` (its visual ``mmd`` at
+            ``weights_checkpoint``, clipped at 0, normalized). Default equal weights summing to 1.
+        weights_checkpoint : str, optional
+            The report checkpoint whose drift weighs the layers (e.g. the end of the adaptation being
+            regularized); needed when the report has more than one checkpoint besides its reference.
         site : str
             Store variable (default ``hidden``).
         seed : int
@@ -384,7 +399,7 @@ class AnchorDriftLoss(torch.nn.Module):
         if missing or not layers or len(set(layers)) != len(layers):
             raise UsageError(f"layers {list(layers)} must be distinct captured layers; the store has {have}")
         if weights is not None and hasattr(weights, "data_vars"):
-            weights = report_weights(weights, layers, site=site)
+            weights = report_weights(weights, layers, checkpoint=weights_checkpoint, site=site)
         modality = np.asarray(ds["modality"].values).astype(str)
         vis_rows = np.flatnonzero(modality == "visual")
         txt_rows = np.flatnonzero(modality == "text")

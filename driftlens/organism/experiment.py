@@ -164,7 +164,7 @@ class ViralAlignment:
         self._handle.remove()
 
 
-def _objective(arm: str, model, settings: Settings, store, report, seed: int):
+def _objective(arm: str, model, settings: Settings, store, report, seed: int, checkpoint: str):
     from driftlens.regularizer import AnchorDriftLoss
     from driftlens.trainer import DriftObjective
 
@@ -172,7 +172,8 @@ def _objective(arm: str, model, settings: Settings, store, report, seed: int):
     if arm.startswith("lora_schedule_anchor_"):
         mode = arm.rsplit("_", 1)[1]
         drift = AnchorDriftLoss.from_store(store, "base", layers=list(range(n_layers)), mode=mode,
-                                           n_anchors=settings.n_anchors, weights=report, site="hidden", seed=seed)
+                                           n_anchors=settings.n_anchors, weights=report, weights_checkpoint=checkpoint,
+                                           site="hidden", seed=seed)
         return DriftObjective(model, drift, drift_weight=settings.drift_weight)
     if arm == "lora_schedule_contrast":
         return DriftObjective(model, None, contrast_weight=settings.contrast_weight, margin=settings.margin)
@@ -217,13 +218,13 @@ def train_arm(arm: str, base_dir, recipe, bank, report, store, settings: Setting
     model, processor = organism.load_checkpoint(base_dir)
     n_layers = int(report.sizes["layer"])
     schedule = None
+    adapted = f"{organism.STAGE_PREFIX['ko']}-{recipe.n_checkpoints}"     # the drift the arms act on
     if arm != "full":
-        schedule = _schedule(arm, report, settings.rank_per_module * len(LORA_TARGETS) * n_layers,
-                             f"{organism.STAGE_PREFIX['ko']}-{recipe.n_checkpoints}")
+        schedule = _schedule(arm, report, settings.rank_per_module * len(LORA_TARGETS) * n_layers, adapted)
         model = schedule.get_peft_model(model, lora_dropout=0.0)
     params = trainable_parameters(model, arm)
     trainable = describe_trainable(model, arm, schedule)
-    objective = _objective(arm, model, settings, store, report, recipe.seed)
+    objective = _objective(arm, model, settings, store, report, recipe.seed, adapted)
     viral = ViralAlignment(model, n_layers // 2) if arm == "viral" else None
     if viral is not None:
         params = params + list(viral.head.parameters())
