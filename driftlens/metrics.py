@@ -637,19 +637,8 @@ def modality_gap(v, t) -> float:
 
 
 def modality_gap_vector(v, t) -> torch.Tensor:
-    """The gap vector ``mean(normalize(v)) - mean(normalize(t))`` (float64 ``[d]``, on the input's device).
-
-    Parameters
-    ----------
-    v : tensor [n, d]
-        Visual tokens.
-    t : tensor [m, d]
-        Text tokens.
-
-    Returns
-    -------
-    tensor [d]
-    """
+    """The gap vector ``mean(normalize(v)) - mean(normalize(t))`` of visual tokens ``v`` ``[n, d]``
+    and text tokens ``t`` ``[m, d]``: a float64 tensor ``[d]`` on the input's device."""
     v, t = _check(v, t, names=["v (visual)", "t (text)"], min_rows=1)
     with torch.no_grad():
         v64, t64 = v.to(torch.float64), t.to(torch.float64)
