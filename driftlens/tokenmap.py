@@ -145,11 +145,7 @@ def token_map_data(ds, layer, *, checkpoints=None, site: str = "hidden", modalit
 
     da, layer_sel = _site_layer(ds, site, layer)
     labels = [str(c) for c in ds.checkpoint.values]
-    chosen = labels if checkpoints is None else [str(c) for c in _as_list(checkpoints, "checkpoints")]
-    unknown = [c for c in chosen if c not in labels]
-    if unknown or not chosen:
-        raise UsageError(f"checkpoint(s) {unknown} not in the store; it has {labels}" if unknown else
-                         "checkpoints is empty: give at least one checkpoint")
+    chosen = _chosen_checkpoints(labels, checkpoints, "the store")
     if len(set(chosen)) != len(chosen):
         raise UsageError(f"checkpoints lists a label twice: {chosen}")
     if reference is None:
@@ -222,6 +218,16 @@ def token_map_data(ds, layer, *, checkpoints=None, site: str = "hidden", modalit
 def _check_count(name, value, least) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
         raise UsageError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def _chosen_checkpoints(labels: list[str], checkpoints, where: str) -> list[str]:
+    """``checkpoints`` (default all ``labels``) as strings, each one of ``labels``."""
+    chosen = labels if checkpoints is None else [str(c) for c in _as_list(checkpoints, "checkpoints")]
+    unknown = [c for c in chosen if c not in labels]
+    if unknown or not chosen:
+        raise UsageError(f"checkpoint(s) {unknown} not in {where}; it has {labels}" if unknown else
+                         "checkpoints is empty: give at least one checkpoint")
+    return chosen
 
 
 def _as_list(values, what) -> list:
@@ -375,11 +381,7 @@ def plot_token_map(data, *, color="modality", ax=None, checkpoints=None, palette
         if v not in data.data_vars or data[v].dims != ("checkpoint", "token"):
             raise UsageError("data must be the result of token_map_data (variables x, y on checkpoint, token)")
     labels_all = [str(c) for c in data.checkpoint.values]
-    chosen = labels_all if checkpoints is None else [str(c) for c in _as_list(checkpoints, "checkpoints")]
-    unknown = [c for c in chosen if c not in labels_all]
-    if unknown or not chosen:
-        raise UsageError(f"checkpoint(s) {unknown} not in the map; it has {labels_all}" if unknown else
-                         "checkpoints is empty: give at least one checkpoint")
+    chosen = _chosen_checkpoints(labels_all, checkpoints, "the map")
     ci = [labels_all.index(c) for c in chosen]
     xs, ys = data.x.values[ci], data.y.values[ci]
     ref = data.attrs.get("reference")
