@@ -58,6 +58,10 @@ class CheckpointIdentityError(DataError):
     """A checkpoint label of a store is bound to another source or other capture options."""
 
 
+class DriftError(UsageError):
+    """The report cannot be computed from this input; the message names the store, cell or value."""
+
+
 class ScheduleError(UsageError):
     """A rank schedule cannot be built, read or applied (the message names the offending thing)."""
 

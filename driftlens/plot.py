@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from driftlens.registry import DISTRIBUTIONAL as _DISTRIBUTIONAL
+
 if TYPE_CHECKING:
     import xarray as xr
     from matplotlib.axes import Axes
@@ -65,7 +67,6 @@ _GREY = "#7f7f7f"
 _HEATMAP_CMAP = "cividis"
 #: report variables measured against the reference checkpoint (its own row is 0 by construction)
 _VS_REFERENCE = ("mmd", "sinkhorn", "sliced_w", "gauss_w2", "paired_shift")
-_DISTRIBUTIONAL = ("mmd", "sinkhorn", "sliced_w", "gauss_w2")
 _SHORT = {"mmd": "MMD$^2$", "sinkhorn": "Sinkhorn divergence", "sliced_w": "sliced $W_2$",
           "gauss_w2": "Gaussian $W_2$", "paired_shift": "paired token shift", "gap": "modality gap",
           "mir": "MIR (per-layer term)", "mir_total": "MIR total", "sigma": "kernel bandwidth"}

@@ -8,6 +8,7 @@ import pkgutil
 import typing
 from importlib import resources
 
+import distributed
 import pytest
 import torch
 import xarray as xr
@@ -38,7 +39,7 @@ def test_every_error_derives_from_the_base_and_is_exported():
 
 
 ENTRY_POINTS = [dl.capture, dl.drift, dl.allocate_ranks, dl.open_store]
-NAMESPACE = {"torch": torch, "xr": xr, "ProbeSet": ProbeSet, "Spec": Spec}
+NAMESPACE = {"torch": torch, "xr": xr, "ProbeSet": ProbeSet, "Spec": Spec, "Client": distributed.Client}
 
 
 @pytest.mark.parametrize("fn", ENTRY_POINTS, ids=lambda f: f.__name__)

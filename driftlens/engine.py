@@ -1,0 +1,583 @@
+"""The drift engine: the report as one pure task per (site, layer) block, mapped over the grid.
+
+Data flow::
+
+    make_plan(ds, ...)            -> GridPlan   coordinates and options only; no activation read
+    run_grid(plan, blocks, client) -> results   one run_task(plan, task, blocks) per (site, layer)
+    assemble(plan, results)        -> report    the xarray Dataset :func:`driftlens.drift` returns
+
+A task reads the reference's block of its (site, layer), then streams the checkpoints' blocks
+one at a time (:class:`BlockSource`), so memory holds two blocks whatever the store's size.
+Every cell of every task uses the same resampling draws -- functions of (number of clusters,
+number of draws, seed) only -- so a task's result does not depend on which process runs it or
+when: the single-process run, a Dask cluster and a GPU give the same report. With a Dask
+``client`` the tasks are Dask tasks (a worker that dies has its tasks rerun elsewhere).
+"""
+from __future__ import annotations
+
+import functools
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from driftlens import cells
+from driftlens import inference as I
+from driftlens.errors import DriftError, raise_if_interrupted
+from driftlens.registry import ALIASES, ALL_METRICS, METRICS, base_metric
+from driftlens.schema import CLUSTER_COORDS, REPORT_DIMS
+
+if TYPE_CHECKING:
+    import torch
+    import xarray as xr
+
+CORRECTIONS = ("bh", "holm", None)
+FEW_CLUSTERS = 10   # below this, percentile intervals are rough; said in the report's warnings
+MMD_CACHE_ROWS = 4096   # the reference's kernel tile is kept across a task's checkpoints up to this size
+
+
+class BlockSource(Protocol):
+    """Where a task reads its blocks: one (site, checkpoint, layer) at a time."""
+
+    def read(self, site: str, checkpoint: str, layer: int | None) -> np.ndarray | torch.Tensor:
+        """The block [token, dim] (``layer`` None for the unlayered sites ``embed``/``final``)."""
+
+
+class DatasetBlocks:
+    """Blocks of an xarray Dataset laid out like a store (in memory or lazily opened).
+
+    Reads with Dask's synchronous scheduler where the Dataset is Dask-backed, so a read inside a
+    Dask worker never submits tasks of its own.
+    """
+
+    def __init__(self, ds: xr.Dataset):
+        self.ds = ds
+
+    def read(self, site, checkpoint, layer):
+        """The block [token, dim] of ``site`` at ``checkpoint`` (and ``layer``)."""
+        da = self.ds[site].sel(checkpoint=checkpoint)
+        if layer is not None:
+            da = da.sel(layer=layer)
+        try:
+            import dask
+        except ImportError:
+            return np.asarray(da.values)
+        with dask.config.set(scheduler="synchronous"):
+            return np.asarray(da.values)
+
+
+class StoreBlocks:
+    """Blocks of an activation store read straight from its zarr arrays.
+
+    Pickles as its path and index maps, so every Dask worker opens the store itself; each read
+    touches the chunk files of one block only.
+
+    Parameters
+    ----------
+    path : str
+        The store (a local folder, or any URL zarr opens).
+    slots : dict
+        Checkpoint label -> index on the store's ``checkpoint`` dimension.
+    layers : dict
+        Layer -> index on the store's ``layer`` dimension.
+    """
+
+    def __init__(self, path: str, slots: dict[str, int], layers: dict[int, int]):
+        self.path, self.slots, self.layers = str(path), dict(slots), dict(layers)
+        self._arrays: dict = {}
+
+    def __getstate__(self):
+        return {"path": self.path, "slots": self.slots, "layers": self.layers}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    @classmethod
+    def of_store(cls, path) -> StoreBlocks:
+        """The block source of the store at ``path`` (its metadata read once, here)."""
+        import zarr
+
+        root = zarr.open_group(str(path), mode="r")
+        labels = list(root.attrs.get("checkpoints", []))
+        layers = np.asarray(root["layer"][:]).tolist() if "layer" in root else []
+        return cls(str(path), {c: i for i, c in enumerate(labels)}, {int(v): i for i, v in enumerate(layers)})
+
+    def read(self, site, checkpoint, layer):
+        """The block [token, dim] of ``site`` at ``checkpoint`` (and ``layer``): its chunks only."""
+        import zarr
+
+        if site not in self._arrays:
+            self._arrays[site] = zarr.open_array(self.path, path=site, mode="r")
+        arr = self._arrays[site]
+        index = (self.slots[checkpoint],) if layer is None else (self.slots[checkpoint], self.layers[int(layer)])
+        return np.asarray(arr[index])
+
+
+@dataclass(frozen=True)
+class Task:
+    """One (site, layer) block of the grid and what to compute there."""
+
+    site: str
+    site_index: int | None    # index on the report's ``site`` dim; None: the site only feeds ``mir``
+    layer: int
+    layer_index: int
+    mir: bool                 # compute the layer's MIR term here (site ``hidden``)
+
+    @property
+    def name(self) -> str:
+        """A readable task name, e.g. ``hidden-layer3``."""
+        return f"{self.site}-layer{self.layer}"
+
+
+@dataclass(frozen=True, eq=False)
+class GridPlan:
+    """Everything a task needs besides its blocks: plain data, picklable, no activation values."""
+
+    labels: tuple[str, ...]
+    reference: str
+    layers: tuple[int, ...]
+    sites: tuple[str, ...]
+    modalities: tuple[str, ...]
+    metrics: tuple[str, ...]
+    cluster: np.ndarray            # [token] cluster label (str)
+    modality: np.ndarray           # [token] "visual" / "text"
+    text_after: np.ndarray         # [token] bool: text tokens after the image
+    n_permutations: int
+    n_bootstrap: int
+    n_transport: tuple[int, int]   # sign flips, bootstrap draws of the transport metrics
+    n_mir: int
+    level: float
+    correction: str | None
+    transport_resamples: int
+    seed: int
+    device: str
+    blur: float
+    n_projections: int
+    do_mir: bool
+    final_state: bool              # the last layer's MIR term from site ``final``
+    last_layer: int
+    tasks: tuple[Task, ...]
+    notes: tuple[str, ...]
+    n_clusters: dict[str, int]     # "all" and per modality
+    attrs: dict = field(default_factory=dict)
+
+    def of_kind(self, *kinds) -> list[str]:
+        """The plan's metrics of these kinds (:mod:`driftlens.registry`), in the caller's order."""
+        return [m for m in self.metrics if METRICS[m].kind in kinds]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def normalize_metrics(metrics) -> list[str]:
+    """Metric names in the caller's order, aliases resolved; unknown names refused."""
+    out = []
+    for m in metrics:
+        m = ALIASES.get(m, m)
+        if m not in METRICS:
+            raise DriftError(f"unknown metric {m!r}; choose from {ALL_METRICS} ('shift' = 'paired_shift')")
+        if m not in out:
+            out.append(m)
+    return out
+
+
+def _cluster_labels(ds) -> tuple[np.ndarray, str, list[str]]:
+    """Per-token cluster labels, the coordinate they came from, and warnings."""
+    for name in CLUSTER_COORDS:
+        if name in ds.coords:
+            notes = [] if name == "cluster" else [
+                f"the store has no `cluster` coordinate (captured before clusters existed); resampling "
+                f"units are its `{name}` values, which treats renders or twins of one scene as independent; "
+                f"recapture with a probe set that declares clusters"]
+            return np.asarray(ds[name].values).astype(str), name, notes
+    raise DriftError("the dataset has no per-token `cluster`, `group` or `sample` coordinate")
+
+
+def _text_after_image(ds) -> np.ndarray:
+    """Rows that are text tokens placed after the last image token of their probe."""
+    sample = ds["sample"].values.astype(str)
+    pos = ds["position"].values
+    vis = ds["modality"].values.astype(str) == "visual"
+    last: dict[str, int] = {}
+    for s, p, v in zip(sample, pos, vis):
+        if v:
+            last[s] = max(last.get(s, -1), int(p))
+    return np.array([(not v) and p > last.get(s, -1) for s, p, v in zip(sample, pos, vis)])
+
+
+def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "paired_shift", "gap", "mir"),
+              sites=None, modalities=("visual", "text"), n_permutations: int = 1000, n_bootstrap: int = 1000,
+              level: float = 0.95, correction: str | None = "bh", transport_resamples: int = 200,
+              mir_bootstrap: int | None = None, seed: int = 0, device="auto", blur: float = 0.1,
+              n_projections: int = 128) -> GridPlan:
+    """Validate the options against ``ds`` and lay out the grid's tasks.
+
+    Reads ``ds``'s coordinates (checkpoint, layer, per-token sample / cluster / position /
+    modality), attributes and which variables exist -- never an activation value. Parameters as
+    :func:`driftlens.drift`.
+    """
+    metrics = normalize_metrics(metrics)
+    for name, val in (("n_permutations", n_permutations), ("n_bootstrap", n_bootstrap),
+                      ("transport_resamples", transport_resamples), ("n_projections", n_projections),
+                      ("mir_bootstrap", n_bootstrap if mir_bootstrap is None else mir_bootstrap)):
+        if int(val) < 1:
+            raise DriftError(f"{name} must be >= 1, got {val}")
+    if not 0 < level < 1:
+        raise DriftError(f"level must be in (0, 1), got {level}")
+    if correction not in CORRECTIONS:
+        raise DriftError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+    if not blur > 0:
+        raise DriftError(f"blur must be > 0, got {blur}")
+    labels = [str(c) for c in ds.checkpoint.values.astype(str)]
+    if not labels:
+        raise DriftError("the store holds no completed checkpoint")
+    reference = labels[0] if reference is None else reference
+    if reference not in labels:
+        raise DriftError(f"reference {reference!r} is not a checkpoint of the store; it has {labels}")
+    if sites is None:
+        sites = [s for s in ("hidden", "key", "query") if s in ds.data_vars]
+    missing = [s for s in sites if s not in ds.data_vars]
+    if missing or not sites:
+        raise DriftError(f"site(s) {missing or list(sites)} not in the store; it has {list(ds.data_vars)}")
+    layers = [int(v) for v in ds.layer.values]
+    modality = ds["modality"].values.astype(str)
+    cluster, cluster_coord, notes = _cluster_labels(ds)
+    unfinished = [c for c in ds.attrs.get("checkpoints", [])
+                  if c not in ds.attrs.get("completed", [c]) and c not in labels]   # not opened with include_incomplete
+    if unfinished:
+        notes.append(f"checkpoint(s) {unfinished} were started but their capture did not finish; the report "
+                     f"leaves them out (rerun the capture to complete them)")
+    if len(labels) < 2:
+        notes.append(f"the store holds only the reference checkpoint {labels}: there is no drift to report")
+    n_clusters = {"all": len(I.cluster_codes(cluster)[1])}
+    for mod in modalities:
+        rows = np.flatnonzero(modality == mod)
+        if not rows.size:
+            continue
+        k = len(I.cluster_codes(cluster[rows])[1])
+        try:
+            I.check_clusters(k, f"{mod} tokens")
+        except ValueError as exc:
+            raise DriftError(f"{exc} (the store's `{cluster_coord}` coordinate; add probes of more "
+                             f"scenes / source images)") from None
+        if k < FEW_CLUSTERS:
+            notes.append(f"{mod} tokens come from {k} clusters (< {FEW_CLUSTERS}): intervals and p-values are rough")
+        n_clusters[mod] = k
+    do_mir = "mir" in metrics and "hidden" in ds.data_vars
+    if "mir" in metrics and not do_mir:
+        notes.append("mir needs the `hidden` site, which the store does not have; mir was skipped")
+    last_layer = int(ds.attrs.get("n_layers", max(layers) + 1)) - 1
+    final_state = do_mir and last_layer in layers and "final" in ds.data_vars
+    if do_mir and last_layer in layers and not final_state:
+        notes.append(f"mir at the last layer ({last_layer}) uses the block output before the model's final "
+                     f"norm: the store has no `final` site (Huang et al. use the post-norm state); recapture "
+                     f"with sites including 'final'")
+    tasks = [Task(site, si, layer, li, do_mir and site == "hidden")
+             for si, site in enumerate(sites) for li, layer in enumerate(layers)]
+    if do_mir and "hidden" not in sites:
+        tasks += [Task("hidden", None, layer, li, True) for li, layer in enumerate(layers)]
+    n_tr = min(transport_resamples, n_permutations), min(transport_resamples, n_bootstrap)
+    return GridPlan(
+        labels=tuple(labels), reference=reference, layers=tuple(layers), sites=tuple(sites),
+        modalities=tuple(modalities), metrics=tuple(metrics), cluster=cluster, modality=modality,
+        text_after=_text_after_image(ds), n_permutations=int(n_permutations), n_bootstrap=int(n_bootstrap),
+        n_transport=n_tr, n_mir=int(n_bootstrap if mir_bootstrap is None else mir_bootstrap), level=float(level),
+        correction=correction, transport_resamples=int(transport_resamples), seed=int(seed), device=str(device),
+        blur=float(blur), n_projections=int(n_projections), do_mir=do_mir, final_state=final_state,
+        last_layer=last_layer, tasks=tuple(tasks), notes=tuple(notes), n_clusters=n_clusters,
+        attrs={"model_type": str(ds.attrs.get("model_type", "")), "family": str(ds.attrs.get("family", "")),
+               "n_layers": int(ds.attrs.get("n_layers", len(layers))),
+               "probe_set": str(ds.attrs.get("probe_set", "")), "cluster_coord": cluster_coord})
+
+
+# ----------------------------------------------------------------------------- one task
+
+
+@functools.lru_cache(maxsize=64)
+def _draws(kind: str, k: int, n: int, seed: int) -> torch.Tensor:
+    """The grid's resampling draws: a function of (K, B, seed) only, the same in every process."""
+    return I.sign_flips(k, n, seed) if kind == "flips" else I.bootstrap_counts(k, n, seed + 1)
+
+
+def _read(blocks: BlockSource, label: str, site: str, layer: int | None, dev) -> torch.Tensor:
+    """One block [T, d] float32 on ``dev``; non-finite rows refused with the cell named."""
+    import torch
+
+    arr = blocks.read(site, label, layer)
+    t = arr.to(device=dev, dtype=torch.float32) if isinstance(arr, torch.Tensor) else \
+        torch.as_tensor(np.asarray(arr, dtype=np.float32), device=dev)
+    bad = ~torch.isfinite(t).all(dim=1)
+    if bool(bad.any()):
+        where = f"checkpoint {label!r}, site {site!r}" + (f", layer {layer}" if layer is not None else "")
+        raise DriftError(f"{where}: {int(bad.sum())} token row(s) hold NaN/Inf (first at row "
+                         f"{int(torch.nonzero(bad)[0, 0])}); the store is damaged or the model overflowed "
+                         f"(recapture that checkpoint)")
+    return t
+
+
+def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
+    """Every cell of one (site, layer) block, for every checkpoint.
+
+    Returns
+    -------
+    dict
+        ``task``; ``values``: variable name -> array [checkpoint, modality] (distributional and
+        paired metrics) or [checkpoint] (``gap``, ``mir``); ``sigma`` [modality];
+        ``mir_boot`` [checkpoint, n_mir] (the layer's MIR bootstrap draws) or None.
+    """
+    import torch
+
+    from driftlens import metrics as M
+    from driftlens.devices import resolve_device
+
+    dev = resolve_device(plan.device)
+    C, Mo = len(plan.labels), len(plan.modalities)
+    main = task.site_index is not None
+    dist = plan.of_kind("kernel", "transport") if main else []
+    paired = plan.of_kind("paired") if main else []
+    do_gap = main and "gap" in plan.metrics
+    values = {m + suf: np.full((C, Mo), np.nan) for m in dist + paired for suf in METRICS[m].outputs}
+    if do_gap:
+        values.update({"gap" + suf: np.full(C, np.nan) for suf in ("", "_lo", "_hi")})
+    if task.mir:
+        values.update({"mir" + suf: np.full(C, np.nan) for suf in ("", "_lo", "_hi")})
+    sigma = np.full(Mo, np.nan)
+    mir_boot = np.zeros((C, plan.n_mir)) if task.mir else None
+
+    all_codes_np, uniq = I.cluster_codes(plan.cluster)
+    k_all = len(uniq)
+    all_codes = torch.as_tensor(all_codes_np, device=dev)
+    vis = torch.as_tensor(plan.modality == "visual", device=dev)
+    txt = torch.as_tensor(plan.text_after, device=dev)
+    fns = cells.transport_fns(plan.of_kind("transport") if main else [], plan.blur, plan.n_projections, plan.seed)
+    use_final = task.mir and plan.final_state and task.layer == plan.last_layer
+
+    ref_raw = _read(blocks, plan.reference, task.site, task.layer, dev)          # [T, d]
+    centre = ref_raw.mean(0, dtype=torch.float64).to(ref_raw.dtype)
+    ref = ref_raw - centre      # kernels and distances are translation-invariant; centring keeps float32 exact
+    per_mod = {}
+    for mi, mod in enumerate(plan.modalities):
+        rows_np = np.flatnonzero(plan.modality == mod)
+        if not main or not rows_np.size:
+            continue
+        rows = cells.Rows(rows_np, plan.cluster, dev)
+        r = ref[rows.rows]
+        sigma[mi] = M.median_sigma(r, pairs="reference", seed=plan.seed)
+        per_mod[mi] = {"rows": rows, "r": r, "sigma": sigma[mi],
+                       "cache": {} if "mmd" in dist and r.shape[0] <= MMD_CACHE_ROWS else None}
+    where = f"site {task.site!r}, layer {task.layer}"
+    for ci, label in enumerate(plan.labels):
+        raise_if_interrupted()
+        cur_raw = ref_raw if label == plan.reference else _read(blocks, label, task.site, task.layer, dev)
+        cur = cur_raw - centre
+        for mi, pm in per_mod.items():
+            if label == plan.reference:        # not tested: effect 0 by definition, no p-value
+                for m in dist + paired:
+                    for suf in ("", "_lo", "_hi"):
+                        values[m + suf][ci, mi] = 0.0
+                continue
+            rows, r = pm["rows"], pm["r"]
+            c = cur[rows.rows]
+            if "mmd" in dist:
+                inf = cells.mmd_cell(r, c, rows, pm["sigma"], pm["cache"], _draws("flips", rows.k, plan.n_permutations,
+                                                                                  plan.seed),
+                                     _draws("counts", rows.k, plan.n_bootstrap, plan.seed), plan.level,
+                                     f"checkpoint {label!r}, {where}, {plan.modalities[mi]} tokens")
+                _put(values, "mmd", (ci, mi), inf)
+            for m, f in fns.items():
+                inf = cells.transport_cell(lambda a, b, f=f, s=pm["sigma"]: f(a, b, s), r, c, rows,
+                                           _draws("flips", rows.k, plan.n_transport[0], plan.seed),
+                                           _draws("counts", rows.k, plan.n_transport[1], plan.seed), plan.level)
+                _put(values, m, (ci, mi), inf)
+            if "paired_shift" in paired:
+                vals = cells.shift_cell(r, c, rows, _draws("counts", rows.k, plan.n_bootstrap, plan.seed), plan.level)
+                for suf, v in zip(("", "_lo", "_hi"), vals):
+                    values["paired_shift" + suf][ci, mi] = v
+        if do_gap:
+            vals = cells.gap_cell(cur_raw[vis], cur_raw[txt], all_codes[vis], all_codes[txt], k_all,
+                                  _draws("counts", k_all, plan.n_bootstrap, plan.seed), plan.level)
+            for suf, v in zip(("", "_lo", "_hi"), vals):
+                values["gap" + suf][ci] = v
+        if task.mir:
+            state = _read(blocks, label, "final", None, dev) if use_final else cur_raw
+            value, lo, hi, boot = cells.mir_cell(state[vis], state[txt], all_codes[vis], all_codes[txt], k_all,
+                                                 _draws("counts", k_all, plan.n_mir, plan.seed), plan.level)
+            if not np.isfinite(value):
+                raise DriftError(f"mir is not finite at checkpoint {label!r}, layer {task.layer}")
+            values["mir"][ci], values["mir_lo"][ci], values["mir_hi"][ci] = value, lo, hi
+            mir_boot[ci] = boot
+    return {"task": task, "values": values, "sigma": sigma, "mir_boot": mir_boot}
+
+
+def _put(values, m, idx, inf: I.Inference) -> None:
+    for suf, v in zip(("", "_lo", "_hi", "_p"), (inf.effect, inf.lo, inf.hi, inf.p)):
+        values[m + suf][idx] = v
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def run_grid(plan: GridPlan, blocks: BlockSource, client=None, progress: bool = True) -> list[dict]:
+    """Run every task of the plan: in this process, or as Dask tasks on ``client``'s cluster.
+
+    Results come back in the plan's task order whatever order the tasks ran in. On Dask, a
+    task lost with its worker is rerun by the scheduler (``distributed``'s ``allowed-failures``);
+    an interruption cancels the tasks still queued.
+    """
+    from tqdm.auto import tqdm
+
+    C = len(plan.labels)
+    bar = tqdm(total=len(plan.tasks) * C, desc="drift", disable=not progress, unit="cell")
+    try:
+        if client is None:
+            out = []
+            for task in plan.tasks:
+                raise_if_interrupted()
+                out.append(run_task(plan, task, blocks))
+                bar.update(C)
+            return out
+        return _run_on_dask(plan, blocks, client, bar)
+    finally:
+        bar.close()
+
+
+def _task_first(task: Task, plan: GridPlan, blocks: BlockSource) -> dict:
+    """:func:`run_task` with the task first, as ``Client.map`` passes it."""
+    return run_task(plan, task, blocks)
+
+
+def _run_on_dask(plan: GridPlan, blocks: BlockSource, client, bar) -> list[dict]:
+    try:
+        from distributed import as_completed
+    except ImportError as exc:      # a client without distributed cannot happen; a clear error anyway
+        from driftlens.errors import EnvironmentProblem
+
+        raise EnvironmentProblem("drift on a Dask cluster needs `distributed` (pip install 'driftlens[scale]')") \
+            from exc
+    run = uuid.uuid4().hex[:8]
+    keys = [f"driftlens-{t.name}-{run}" for t in plan.tasks]
+    futures = client.map(_task_first, plan.tasks, plan=plan, blocks=blocks, key=keys, pure=False)
+    by_key = {}
+    try:
+        for fut in as_completed(futures):
+            by_key[fut.key] = fut.result()      # a task's own error is raised here, as in this process
+            bar.update(len(plan.labels))
+    finally:
+        client.cancel([f for f in futures if f.key not in by_key])
+    return [by_key[k] for k in keys]
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
+    """The report Dataset from the tasks' results (any order)."""
+    import xarray as xr
+
+    from driftlens._version import __version__
+
+    C, L, S, Mo = len(plan.labels), len(plan.layers), len(plan.sites), len(plan.modalities)
+    cell_metrics = plan.of_kind("kernel", "transport", "paired")
+    res = {m + suf: np.full((C, L, S, Mo), np.nan) for m in cell_metrics for suf in METRICS[m].outputs}
+    gap = {"gap" + suf: np.full((C, L, S), np.nan) for suf in ("", "_lo", "_hi")} if "gap" in plan.metrics else {}
+    mir = {"mir" + suf: np.full((C, L), np.nan) for suf in ("", "_lo", "_hi")} if plan.do_mir else {}
+    mir_boot = np.zeros((C, plan.n_mir))
+    sigmas = np.full((L, S, Mo), np.nan)
+    for out in results:
+        t = out["task"]
+        for name, arr in out["values"].items():
+            if name in res:
+                res[name][:, t.layer_index, t.site_index, :] = arr
+            elif name in gap:
+                gap[name][:, t.layer_index, t.site_index] = arr
+            elif name in mir:
+                mir[name][:, t.layer_index] = arr
+        if t.site_index is not None:
+            sigmas[t.layer_index, t.site_index] = out["sigma"]
+        if out["mir_boot"] is not None:
+            mir_boot += out["mir_boot"]
+
+    level = plan.level
+    data = {name: (REPORT_DIMS, arr, _attrs(plan, name)) for name, arr in res.items()}
+    n_tests = {}
+    if plan.correction is not None:
+        not_ref = np.array([lab != plan.reference for lab in plan.labels])
+        for m in plan.metrics:
+            if not METRICS[m].tested:
+                continue
+            p = np.where(not_ref[:, None, None, None], res[m + "_p"], np.nan)
+            n_tests[m] = int(np.isfinite(p).sum())
+            data[m + "_q"] = (REPORT_DIMS, I.adjust_pvalues(p, plan.correction), {
+                "long_name": f"{METRICS[m].long_name}, adjusted p-value", "units": "1", "correction": plan.correction,
+                "n_tests": n_tests[m],
+                "definition": f"{'Benjamini-Hochberg' if plan.correction == 'bh' else 'Holm'} adjustment of "
+                              f"{m}_p over the {n_tests[m]} cells that are not the reference"})
+    for name, arr in gap.items():
+        data[name] = (METRICS["gap"].dims, arr, _attrs(plan, name))
+    if plan.do_mir:
+        for name, arr in mir.items():
+            data[name] = (METRICS["mir"].dims, arr, {
+                **_attrs(plan, name), "site": "hidden",
+                "last_layer_state": "post-final-norm (site `final`)" if plan.final_state else "block output, pre-norm"})
+        total = np.log10(mir["mir"].sum(axis=1))
+        tlo, thi = (np.log10(np.quantile(mir_boot, q, axis=1)) for q in ((1 - level) / 2, (1 + level) / 2))
+        tot_attrs = {"long_name": "modality integration rate", "units": "log10",
+                     "definition": f"log10 of the sum over layers {list(plan.layers)} of the per-layer MIR term "
+                                   f"(site hidden; " + ("the last layer's term from site `final`, post-final-norm)"
+                                                        if plan.final_state
+                                                        else "the last layer's term from the pre-norm block output)")}
+        data["mir_total"] = (("checkpoint",), total, tot_attrs)
+        data["mir_total_lo"] = (("checkpoint",), tlo, {**tot_attrs, "long_name": "mir_total, interval low"})
+        data["mir_total_hi"] = (("checkpoint",), thi, {**tot_attrs, "long_name": "mir_total, interval high"})
+    data["sigma"] = (("layer", "site", "modality"), sigmas,
+                     {"long_name": "kernel bandwidth", "units": "model units",
+                      "definition": "median-heuristic sigma of the reference's tokens (unique pairs); the MMD "
+                                    "bandwidth for every checkpoint and resample, and the unit of the Sinkhorn blur"})
+    coords = {"checkpoint": list(plan.labels), "layer": list(plan.layers), "site": list(plan.sites),
+              "modality": list(plan.modalities)}
+    report = xr.Dataset(data, coords=coords)
+    report.attrs.update({
+        "reference": plan.reference,
+        **plan.attrs,
+        "n_clusters": int(plan.n_clusters["all"]),
+        **{f"n_clusters_{mod}": int(k) for mod, k in plan.n_clusters.items() if mod != "all"},
+        "n_permutations": plan.n_permutations,
+        "n_bootstrap": plan.n_bootstrap,
+        "transport_resamples": plan.transport_resamples,
+        "mir_bootstrap": plan.n_mir if plan.do_mir else 0,
+        "level": level,
+        "correction": str(plan.correction),
+        "n_tests": int(sum(n_tests.values())),
+        "sinkhorn_blur": plan.blur,
+        "sinkhorn_scaling": cells.SINKHORN_SCALING,
+        "seed": plan.seed,
+        "inference": "paired design; units of resampling are clusters: p-values from cluster sign flips "
+                     "(swap reference and checkpoint tokens of whole clusters), intervals from a cluster "
+                     "bootstrap (percentile)",
+        "warnings": "\n".join(plan.notes),
+        "driftlens_version": __version__,
+    })
+    return report
+
+
+def _attrs(plan: GridPlan, name: str) -> dict:
+    spec = base_metric(name)
+    suffix = name[len(spec.name) + 1:]
+    transport = spec.kind == "transport"
+    boot = plan.n_transport[1] if transport else (plan.n_mir if spec.name == "mir" else plan.n_bootstrap)
+    if suffix in ("lo", "hi"):
+        return {"long_name": f"{spec.long_name}, {plan.level:.0%} interval {'low' if suffix == 'lo' else 'high'} end",
+                "units": spec.units, "level": plan.level, "n_bootstrap": boot,
+                "definition": f"percentile interval over {boot} cluster-bootstrap draws (clusters drawn with "
+                              f"replacement)"}
+    if suffix == "p":
+        perm = plan.n_transport[0] if transport else plan.n_permutations
+        return {"long_name": f"{spec.long_name}, permutation p-value", "units": "1", "n_permutations": perm,
+                "definition": f"(1 + k) / (1 + {perm}), k cluster sign flips (reference and checkpoint tokens of "
+                              f"whole clusters swapped) whose statistic is >= the observed one; one-sided"}
+    return {"long_name": spec.long_name, "units": spec.units, "definition": spec.definition}
+
+
+__all__ = ["BlockSource", "DatasetBlocks", "GridPlan", "StoreBlocks", "Task", "assemble", "make_plan",
+           "normalize_metrics", "run_grid", "run_task"]

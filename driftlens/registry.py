@@ -1,0 +1,116 @@
+"""The drift metrics, each described once: name, kind, long name, units, definition, outputs.
+
+Everything that needs to know about a metric -- the report's validation of ``metrics=``, the
+engine that computes a cell, the variables' attributes, the CLI's choices, the plots -- reads
+:data:`METRICS`. A leaf module: it imports no other driftlens module, and no torch.
+
+Kinds
+-----
+``kernel``
+    A U-statistic over clusters (the paired cluster MMD): effect, interval, p-value from one
+    K x K pair-term matrix (:func:`driftlens.inference.u_statistic_inference`).
+``transport``
+    A plug-in distance between the reference's and the checkpoint's tokens, recomputed per
+    resample; effect = excess over the mean of its sign-flip null.
+``paired``
+    A paired displacement of the same token rows; interval, no p-value.
+``cross_modal``
+    Visual tokens against the text tokens after the image, at one checkpoint (no reference):
+    ``gap`` per (checkpoint, layer, site), ``mir`` per (checkpoint, layer) on ``hidden``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["kernel", "transport", "paired", "cross_modal"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric of the report.
+
+    Attributes
+    ----------
+    name : str
+        Variable name in the report.
+    kind : {"kernel", "transport", "paired", "cross_modal"}
+        How the engine computes it (see the module docstring).
+    long_name, units, definition : str
+        The report variable's attributes.
+    dims : tuple of str
+        The report variable's dimensions.
+    outputs : tuple of str
+        Suffixes of the variables a cell fills: ``""`` (effect), ``"_lo"``, ``"_hi"``, ``"_p"``.
+    """
+
+    name: str
+    kind: Kind
+    long_name: str
+    units: str
+    definition: str
+    dims: tuple[str, ...] = ("checkpoint", "layer", "site", "modality")
+    outputs: tuple[str, ...] = ("", "_lo", "_hi", "_p")
+
+    @property
+    def tested(self) -> bool:
+        """Whether the metric has a p-value (and so an adjusted ``_q`` over the grid)."""
+        return "_p" in self.outputs
+
+
+METRICS: dict[str, MetricSpec] = {m.name: m for m in (
+    MetricSpec(
+        "mmd", "kernel", "squared maximum mean discrepancy (paired cluster estimate)", "1",
+        "mean over pairs of distinct clusters a != b of <D_a, D_b>, D_a the difference between the mean kernel "
+        "embeddings of cluster a's tokens at the reference and at the checkpoint; Gaussian kernel "
+        "exp(-|x-y|^2/(2 sigma^2)), sigma = the reference tokens' median heuristic (variable `sigma`). "
+        "Unbiased for MMD^2 between the two token distributions, clusters weighted equally"),
+    MetricSpec(
+        "sinkhorn", "transport", "debiased Sinkhorn divergence, excess over the no-change null", "model units^2",
+        "geomloss SamplesLoss('sinkhorn', p=2) (cost |x-y|^2/2, blur = attrs sinkhorn_blur x sigma) between the "
+        "reference's and the checkpoint's tokens, minus the mean of the same under cluster sign flips"),
+    MetricSpec(
+        "sliced_w", "transport", "sliced Wasserstein-2 distance, excess over the no-change null", "model units",
+        "(mean over random unit projections of W_2^2)^(1/2) between the reference's and the checkpoint's tokens, "
+        "minus the mean of the same under cluster sign flips"),
+    MetricSpec(
+        "gauss_w2", "transport", "Gaussian Wasserstein-2 distance, excess over the no-change null", "model units",
+        "closed-form W2 between Gaussians fitted to the reference's and the checkpoint's tokens (unbiased "
+        "covariances, exact square roots), minus the mean of the same under cluster sign flips"),
+    MetricSpec(
+        "paired_shift", "paired", "paired token displacement, relative to the spread between clusters", "1",
+        "sqrt(mean over clusters of mean |c_i - r_i|^2 / mean over token pairs of distinct clusters of "
+        "|r_i - r_j|^2): same token rows at the checkpoint (c) and the reference (r)",
+        outputs=("", "_lo", "_hi")),
+    MetricSpec(
+        "gap", "cross_modal", "modality gap", "1",
+        "|mean(normalize(visual)) - mean(normalize(text))| over the tokens of the checkpoint (Liang et al. 2022); "
+        "text = the text tokens after the image",
+        dims=("checkpoint", "layer", "site"), outputs=("", "_lo", "_hi")),
+    MetricSpec(
+        "mir", "cross_modal", "modality integration rate, per-layer term", "1",
+        "Frechet distance between visual tokens and the text tokens after the image, both scaled by 1/mean "
+        "text-token norm, 3-std norm outliers replaced by the per-dimension median, unbiased covariances, exact "
+        "square root (Huang et al. 2025); the last layer after the model's final norm",
+        dims=("checkpoint", "layer"), outputs=("", "_lo", "_hi")),
+)}
+
+ALIASES = {"shift": "paired_shift"}
+DEFAULT_METRICS = ("mmd", "paired_shift", "gap", "mir")
+
+
+def of_kind(*kinds: Kind) -> tuple[str, ...]:
+    """Names of the metrics of these kinds, in registry order."""
+    return tuple(name for name, spec in METRICS.items() if spec.kind in kinds)
+
+
+ALL_METRICS = tuple(METRICS)
+DISTRIBUTIONAL = of_kind("kernel", "transport")     # reference vs checkpoint, with a p-value
+
+
+def base_metric(variable: str) -> MetricSpec:
+    """The metric a report variable belongs to (``mmd_lo`` -> mmd); KeyError when none."""
+    for name in sorted(METRICS, key=len, reverse=True):
+        if variable == name or variable.startswith(name + "_"):
+            return METRICS[name]
+    raise KeyError(variable)
