@@ -11,6 +11,7 @@ import gc
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from driftlens.store import ActivationStore, StoreMismatchError
 
 if TYPE_CHECKING:
     import torch
+    from distributed import Client
 
     from driftlens.probes import ProbeSet
     from driftlens.specs import Spec
@@ -230,7 +232,7 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
             processor: Any = None, spec: Spec | str | os.PathLike | None = None,
             dtype: Literal["float32", "float16"] = "float32", tokens_per_sample: int | None = None, seed: int = 0,
             progress: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False,
-            overwrite: Sequence[str] = ()) -> Path:
+            overwrite: Sequence[str] = (), client: Client | None = None) -> Path:
     """Capture token vectors of a probe set across a trajectory of checkpoints into a store.
 
     Parameters
@@ -277,6 +279,14 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
         after their source changed or ``driftlens check`` found a damaged chunk. Without it, a
         completed label whose source (weights fingerprint) differs from the recorded one is
         refused.
+    client : distributed.Client, optional
+        Capture the checkpoints as Dask tasks on this client's cluster, one checkpoint per task,
+        each writing its own slot of the store (give each worker its own GPU, e.g. with
+        ``dask_cuda.LocalCUDACluster``; ``device`` is resolved on the worker). Every check runs
+        here first; the first checkpoint of a new store is captured alone (it creates the
+        store), the others' slots are then registered in trajectory order and they run in
+        parallel. A task killed mid-write is rerun by the scheduler and redoes its checkpoint;
+        the workers must see ``out`` and the sources at the same paths.
 
     Returns
     -------
@@ -331,6 +341,11 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
         unmark_complete(out, [lab for lab in overwrite if lab in done])
         done -= set(overwrite)
 
+    if client is not None:
+        options = {"sites": sites, "layers": layers, "batch_size": batch_size, "device": device,
+                   "processor": processor, "spec": spec, "dtype": dtype, "tokens_per_sample": tokens_per_sample,
+                   "seed": seed, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+        return _capture_on_dask(client, model, probes, ckpts, done, out, options, progress)
     store = None
     base_cache: dict = {}
     bar = tqdm(total=len(ckpts), desc="checkpoints", disable=not progress, unit="ckpt")
@@ -364,6 +379,47 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
         bar.update(1)
     bar.close()
     return out
+
+
+def _capture_on_dask(client, model, probes, ckpts: dict, done: set, out: Path, options: dict, progress: bool) -> Path:
+    """One Dask task per pending checkpoint; the driver owns the order of the store's slots."""
+    from tqdm.auto import tqdm
+
+    from driftlens.cluster import gather
+    from driftlens.store import register_checkpoints
+
+    pending = [label for label in ckpts if label not in done]
+    bar = tqdm(total=len(ckpts), initial=len(ckpts) - len(pending), desc="checkpoints", disable=not progress,
+               unit="ckpt")
+    lock = f"driftlens-store-{out.resolve() if isinstance(out, Path) else out}"
+    try:
+        if pending and not (out / "zarr.json").exists():       # the first checkpoint creates the store
+            first = pending.pop(0)
+            client.submit(_capture_task, first, ckpts[first], model, probes, out, options, lock, pure=False).result()
+            bar.update(1)
+        if pending:
+            register_checkpoints(out, None, list(ckpts))        # trajectory order, before any task runs
+            futures = [client.submit(_capture_task, label, ckpts[label], model, probes, out, options, lock,
+                                     pure=False, key=f"driftlens-capture-{label}-{uuid.uuid4().hex[:8]}")
+                       for label in pending]
+            gather(client, futures, bar)
+    finally:
+        bar.close()
+    return out
+
+
+def _capture_task(label, src, model, probes, out, options, lock_name) -> str:
+    """Capture one checkpoint on a Dask worker; the store's metadata updates hold a cluster-wide lock."""
+    import distributed
+
+    from driftlens.store import METADATA_LOCK
+
+    token = METADATA_LOCK.set(lambda: distributed.Lock(lock_name))
+    try:
+        capture(model, probes, {label: src}, out=out, progress=False, **options)
+    finally:
+        METADATA_LOCK.reset(token)
+    return label
 
 
 def _materialize(src, model, base_cache, allow_pickle, trust_remote_code):
@@ -496,7 +552,14 @@ def _check_out(out) -> Path:
     """The store folder: not a file, not a non-store folder, and writable -- checked before any work."""
     import os
 
-    out = Path(out)
+    from driftlens.store import is_local, location
+
+    out = location(out)
+    if not is_local(out):             # a URL: zarr writes through fsspec; the backend says what it refuses
+        if out.is_dir() and not (out / "zarr.json").exists() and any(out.iterdir()):
+            raise StoreMismatchError(f"{out} exists and is not a driftlens store (no zarr.json); "
+                                     "choose another --out or remove it")
+        return out
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; a store is a folder")
     if out.is_dir() and not (out / "zarr.json").exists() and any(out.iterdir()):

@@ -84,20 +84,33 @@ def _add_capture(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights you trust")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
     p.add_argument("--no-progress", action="store_true")
+    _add_cluster_options(p, "one task per checkpoint, each writing its own slot of the store")
     p.set_defaults(func=_run_capture)
+
+
+def _add_cluster_options(p, tasks: str) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=_count, default=None, metavar="N",
+                       help=f"run on a local Dask cluster of N worker processes ({tasks}; same result as one process)")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="run on the Dask cluster at ADDRESS (e.g. tcp://10.0.0.1:8786); its workers must see "
+                            "the same paths")
 
 
 def _run_capture(args) -> int:
     from driftlens.capture import capture
+    from driftlens.cluster import client_for
     from driftlens.store import open_store
 
     checkpoints = _trajectory(args.checkpoint)
-    out = capture(
-        args.model, args.probes, checkpoints, out=args.out, sites=tuple(args.sites), layers=args.layers,
-        batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-        tokens_per_sample=args.tokens_per_sample, seed=args.seed, progress=not args.no_progress,
-        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
-    )
+    with client_for(args.workers, args.scheduler) as client:
+        out = capture(
+            args.model, args.probes, checkpoints, out=args.out, sites=tuple(args.sites), layers=args.layers,
+            batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+            tokens_per_sample=args.tokens_per_sample, seed=args.seed, progress=not args.no_progress,
+            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
+            client=client,
+        )
     ds = open_store(out)
     print(f"store: {out}")
     print(f"checkpoints: {list(ds.checkpoint.values.astype(str))}; layers: {ds.sizes.get('layer', 0)}; "
@@ -136,50 +149,20 @@ def _add_drift(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", "-o", default="report.nc", help="netCDF output (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=_count, default=None, metavar="N",
-                       help="run the grid on a local Dask cluster of N worker processes (one task per site and "
-                            "layer; same report as one process)")
-    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                       help="run the grid on the Dask cluster at ADDRESS (e.g. tcp://10.0.0.1:8786); its workers "
-                            "must see the store's path")
+    _add_cluster_options(p, "one task per site and layer")
     p.set_defaults(func=_run_drift)
 
 
-def _dask_client(stack, workers: int | None, scheduler: str | None):
-    """A Dask client for ``--workers N`` (a LocalCluster, closed on exit) or ``--scheduler ADDRESS``; else None."""
-    if workers is None and scheduler is None:
-        return None
-    try:
-        import distributed
-    except ImportError:
-        from driftlens.errors import EnvironmentProblem
-
-        raise EnvironmentProblem("--workers / --scheduler need Dask's `distributed`: "
-                                 "pip install 'driftlens[scale]'") from None
-    if scheduler is not None:
-        try:
-            return stack.enter_context(distributed.Client(scheduler, timeout="30s"))
-        except OSError as exc:
-            from driftlens.errors import EnvironmentProblem
-
-            raise EnvironmentProblem(f"--scheduler {scheduler}: no Dask scheduler answered ({exc})") from None
-    cluster = stack.enter_context(distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                           dashboard_address=":0"))
-    return stack.enter_context(distributed.Client(cluster))
-
-
 def _run_drift(args) -> int:
-    import contextlib
-
+    from driftlens.cluster import client_for
     from driftlens.drift import drift
 
-    with contextlib.ExitStack() as stack:
+    with client_for(args.workers, args.scheduler) as client:
         rep = drift(args.store, reference=args.reference, metrics=tuple(args.metrics), sites=args.sites,
                     n_permutations=args.permutations, n_bootstrap=args.bootstrap, level=args.level,
                     correction=None if args.correction == "none" else args.correction, seed=args.seed,
                     device=args.device, blur=args.blur, progress=not args.no_progress, out=args.out,
-                    verify=args.verify, client=_dask_client(stack, args.workers, args.scheduler))
+                    verify=args.verify, client=client)
     print(f"report: {args.out}")
     if "mmd" in rep:
         sel = {"modality": "visual", "site": "hidden" if "hidden" in rep.site.values else str(rep.site.values[0])}

@@ -47,7 +47,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from driftlens.engine import CORRECTIONS, DatasetBlocks, StoreBlocks, assemble, make_plan, run_grid
@@ -73,9 +72,9 @@ def _check_opened_store(ds) -> None:
     A Dataset assembled from several stores (``xr.concat``) keeps the first one's attrs; its
     checkpoints are then not all in that store, and the check is left to each store's own open.
     """
-    from driftlens.store import check_store, completed_labels
+    from driftlens.store import check_store, completed_labels, location
 
-    path = Path(ds.attrs["store_path"])
+    path = location(ds.attrs["store_path"])
     labels = [str(c) for c in ds.checkpoint.values.astype(str)]
     if path.is_dir() and set(labels) <= set(completed_labels(path)):
         check_store(path, "full", labels)

@@ -448,24 +448,12 @@ def _task_first(task: Task, plan: GridPlan, blocks: BlockSource) -> dict:
 
 
 def _run_on_dask(plan: GridPlan, blocks: BlockSource, client, bar) -> list[dict]:
-    try:
-        from distributed import as_completed
-    except ImportError as exc:      # a client without distributed cannot happen; a clear error anyway
-        from driftlens.errors import EnvironmentProblem
+    from driftlens.cluster import gather
 
-        raise EnvironmentProblem("drift on a Dask cluster needs `distributed` (pip install 'driftlens[scale]')") \
-            from exc
     run = uuid.uuid4().hex[:8]
-    keys = [f"driftlens-{t.name}-{run}" for t in plan.tasks]
-    futures = client.map(_task_first, plan.tasks, plan=plan, blocks=blocks, key=keys, pure=False)
-    by_key = {}
-    try:
-        for fut in as_completed(futures):
-            by_key[fut.key] = fut.result()      # a task's own error is raised here, as in this process
-            bar.update(len(plan.labels))
-    finally:
-        client.cancel([f for f in futures if f.key not in by_key])
-    return [by_key[k] for k in keys]
+    futures = client.map(_task_first, plan.tasks, plan=plan, blocks=blocks, pure=False,
+                         key=[f"driftlens-{t.name}-{run}" for t in plan.tasks])
+    return gather(client, futures, bar, step=len(plan.labels))
 
 
 # ----------------------------------------------------------------------------- the report

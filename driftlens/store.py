@@ -36,6 +36,8 @@ rows -- never read back as zeros.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import json
 import os
@@ -63,6 +65,73 @@ class StoreMismatchError(DataError):
     """The store at a path holds data that cannot be mixed with what is being written."""
 
 
+#: Context manager factory guarding the root metadata's read-modify-writes (the checkpoint list,
+#: the completed list). A no-op in one process; a capture task on a Dask worker sets it to a
+#: cluster-wide ``distributed.Lock`` so that workers capturing into one store never lose an update.
+METADATA_LOCK: contextvars.ContextVar = contextvars.ContextVar("driftlens_metadata_lock", default=None)
+
+
+def location(path):
+    """A store's location: a local :class:`~pathlib.Path`, or for an fsspec URL (``s3://``, ``gs://``,
+    ``memory://`` ...) a ``upath.UPath`` with the same path API (``file://`` URLs are local paths).
+
+    A remote store is read and written through zarr's own fsspec support; its records and checks go
+    through the same UPath. Needs ``universal_pathlib`` and the URL's fsspec backend (``s3fs`` ...).
+    """
+    if not isinstance(path, (str, os.PathLike)) and hasattr(path, "protocol"):
+        return path                                           # already a UPath
+    text = os.fspath(path)
+    if "://" not in text or text.startswith("file://"):
+        return Path(text[len("file://"):] if text.startswith("file://") else text)
+    try:
+        from upath import UPath
+    except ImportError:
+        raise EnvironmentProblem(f"{text}: a store at a URL needs universal_pathlib and fsspec: "
+                                 f"pip install 'driftlens[scale]'") from None
+    return UPath(text)
+
+
+def is_local(path) -> bool:
+    """Whether a store location is a local folder (raw chunk writes, atomic renames)."""
+    return isinstance(path, Path)
+
+
+def metadata_lock():
+    """The current metadata lock (see :data:`METADATA_LOCK`), or a no-op context."""
+    factory = METADATA_LOCK.get()
+    return contextlib.nullcontext() if factory is None else factory()
+
+
+def register_checkpoints(root, sites, labels) -> dict[str, int]:
+    """Give each label a slot on the checkpoint dim (appended in order; existing ones kept).
+
+    ``root`` is the store's zarr group (or its path). Idempotent, and writes nothing when every
+    label already has its slot -- so many writers of one store can call it for their own label
+    once a driver registered them all. Returns label -> slot.
+    """
+    import zarr
+
+    if not hasattr(root, "attrs"):
+        root = zarr.open_group(str(root), mode="r+")
+    sites = list(sites if sites is not None else root.attrs["sites"])
+    with metadata_lock():
+        current = list(root.attrs.get("checkpoints", []))
+        new = [lab for lab in dict.fromkeys(labels) if lab not in current]
+        labels_all = current + new
+        n = len(labels_all)
+        if new:
+            root.attrs["checkpoints"] = labels_all
+        for site in sites:
+            a = root[site]
+            if a.shape[0] != n:
+                a.resize((n,) + a.shape[1:])
+        c = root["checkpoint"]
+        if c.shape[0] != n or new or list(_strs(c[:])) != labels_all:     # (a kill between resize and write)
+            c.resize((n,))
+            c[:] = np.asarray(labels_all, dtype=str)
+    return {lab: labels_all.index(lab) for lab in labels}
+
+
 def _chunk_rows(width: int, itemsize: int, n_tokens: int) -> int:
     rows = max(64, CHUNK_BYTES // max(1, width * itemsize))
     return int(min(rows, max(1, n_tokens)))
@@ -87,7 +156,7 @@ class ActivationStore:
     def __init__(self, path, meta: dict, tokens: dict[str, np.ndarray]):
         import zarr
 
-        self.path = Path(path)
+        self.path = location(path)
         self.meta = meta
         n_tokens = len(tokens["sample"])
         if (self.path / "zarr.json").exists():
@@ -178,20 +247,7 @@ class ActivationStore:
 
     def slot(self, label: str) -> int:
         """Index of ``label`` on the checkpoint dim, creating it (idempotently) when new."""
-        labels = self.checkpoints
-        if label not in labels:
-            labels = labels + [label]
-            self.root.attrs["checkpoints"] = labels
-        n = len(labels)
-        for site in self.meta["sites"]:
-            a = self.root[site]
-            if a.shape[0] != n:
-                a.resize((n,) + a.shape[1:])
-        c = self.root["checkpoint"]
-        if c.shape[0] != n:
-            c.resize((n,))
-        c[:] = np.asarray(labels, dtype=str)
-        return labels.index(label)
+        return register_checkpoints(self.root, self.meta["sites"], [label])[label]
 
     def write(self, site: str, index: int, start: int, block: np.ndarray) -> None:
         """Write rows ``start : start + len`` of one checkpoint.
@@ -214,6 +270,8 @@ class ActivationStore:
         """
         import sys
 
+        if not is_local(self.path):
+            return None                  # a store at a URL: zarr writes (whole chunks, through fsspec)
         if site not in self._raw:
             meta = self.root[site].metadata
             codecs = meta.codecs
@@ -237,15 +295,17 @@ class ActivationStore:
     def mark_complete(self, label: str, identity: dict | None = None) -> None:
         """Record the checkpoint's chunk sizes and checksums (and ``identity``), then mark it complete."""
         write_record(self.path, label, self.checkpoints.index(label), self.meta["sites"], identity)
-        done = self.completed
-        if label not in done:
-            self.root.attrs["completed"] = done + [label]
+        with metadata_lock():
+            done = self.completed
+            if label not in done:
+                self.root.attrs["completed"] = done + [label]
 
     def forget(self, label: str) -> None:
         """Unmark a completed checkpoint (its slot and chunk files stay and are rewritten next)."""
-        done = self.completed
-        if label in done:
-            self.root.attrs["completed"] = [c for c in done if c != label]
+        with metadata_lock():
+            done = self.completed
+            if label in done:
+                self.root.attrs["completed"] = [c for c in done if c != label]
         if label in self.checkpoints:
             remove_record(self.path, self.checkpoints.index(label))
 
@@ -390,7 +450,7 @@ def open_store(path: str | os.PathLike, include_incomplete: bool = False, verify
 
     from driftlens.errors import StoreIntegrityError
 
-    path = Path(path)
+    path = location(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no driftlens store at {path}" + (" (it is a file, not a store folder)"
                                                                    if path.exists() else ""))
@@ -479,7 +539,7 @@ def checkpoint_chunks(path, site: str, index: int) -> list[tuple[str, int | None
     -------
     list of (file relative to the store, layer or None, (first row, end row))
     """
-    meta = _array_meta(Path(path), site)
+    meta = _array_meta(location(path), site)
     shape = meta["shape"]
     chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
     n_tok, rows = shape[-2], chunks[-2]
@@ -495,7 +555,7 @@ def checkpoint_chunks(path, site: str, index: int) -> list[tuple[str, int | None
 
 def _crc32(file: Path, block: int = 2**24) -> int:
     crc = 0
-    with open(file, "rb") as fh:
+    with file.open("rb") as fh:
         while chunk := fh.read(block):
             crc = zlib.crc32(chunk, crc)
     return crc
@@ -512,7 +572,7 @@ def write_record(path, label: str, index: int, sites, identity: dict | None = No
     before the label is marked complete. ``identity`` (the checkpoint's source, fingerprint and
     capture options) is stored with it.
     """
-    path = Path(path)
+    path = location(path)
     chunks = {}
     for site in sites:
         files = checkpoint_chunks(path, site, index)
@@ -530,6 +590,9 @@ def write_record(path, label: str, index: int, sites, identity: dict | None = No
             **({"identity": identity} if identity else {})}
     out = _record_file(path, index)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if not is_local(out):                    # an object store writes an object whole
+        out.write_text(json.dumps(_jsonable(body)))
+        return out
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_jsonable(body)))
     os.replace(tmp, out)
@@ -538,7 +601,7 @@ def write_record(path, label: str, index: int, sites, identity: dict | None = No
 
 def read_record(path, index: int) -> dict | None:
     """The record of checkpoint slot ``index`` (None when the store predates records)."""
-    f = _record_file(Path(path), index)
+    f = _record_file(location(path), index)
     if not f.exists():
         return None
     try:
@@ -556,7 +619,7 @@ def read_record(path, index: int) -> dict | None:
 
 def remove_record(path, index: int) -> None:
     """Delete the record of checkpoint ``index`` (its capture is no longer complete)."""
-    _record_file(Path(path), index).unlink(missing_ok=True)
+    _record_file(location(path), index).unlink(missing_ok=True)
 
 
 def verify_store(path, level: Verify = "fast", labels=None) -> tuple[list[ChunkProblem], list[str]]:
@@ -584,7 +647,7 @@ def verify_store(path, level: Verify = "fast", labels=None) -> tuple[list[ChunkP
         from driftlens.errors import UsageError
 
         raise UsageError(f"verify must be one of {VERIFY_LEVELS}, got {level!r}")
-    path = Path(path)
+    path = location(path)
     attrs = _root_attrs(path)
     problems: list[ChunkProblem] = []
     notes: list[str] = []
@@ -601,7 +664,7 @@ def verify_store(path, level: Verify = "fast", labels=None) -> tuple[list[ChunkP
         index = order.index(label)
         record = read_record(path, index)
         if record is not None and record.get("label") != label:
-            problems.append(ChunkProblem(label, "*", None, (0, 0), str(_record_file(path, index).relative_to(path)),
+            problems.append(ChunkProblem(label, "*", None, (0, 0), "/".join(RECORDS + (f"{index}.json",)),
                                          f"the record names checkpoint {record.get('label')!r}"))
             continue
         if record is None:
@@ -659,7 +722,7 @@ def _root_attrs(path: Path) -> dict:
 
 def completed_labels(path) -> list[str]:
     """The completed checkpoints of the store at ``path`` (from its metadata; nothing else read)."""
-    return list(_root_attrs(Path(path)).get("completed", []))
+    return list(_root_attrs(location(path)).get("completed", []))
 
 
 def check_store(path, level: Verify = "fast", labels=None) -> list[str]:
@@ -703,7 +766,7 @@ def unmark_complete(path, labels) -> None:
 
 def describe_store(path) -> list[str]:
     """Human-readable lines: the store's identity and, per checkpoint, its status and recorded source."""
-    path = Path(path)
+    path = location(path)
     attrs = _root_attrs(path)
     done = set(attrs.get("completed", []))
     lines = [f"store {path}: probe set {attrs.get('probe_set')!r}, model_type {attrs.get('model_type')!r}, "

@@ -139,10 +139,8 @@ def make_store(path, n_clusters: int = 24, renders: int = 2, n_visual: int = 6, 
 
     Returns
     -------
-    pathlib.Path
+    pathlib.Path, or a ``upath.UPath`` when ``path`` is an fsspec URL
     """
-    from pathlib import Path
-
     from driftlens.store import ActivationStore
 
     rng = np.random.default_rng(seed)
@@ -165,7 +163,7 @@ def make_store(path, n_clusters: int = 24, renders: int = 2, n_visual: int = 6, 
     meta = {"model_type": "llava", "family": "llava", "probe_set": "synthetic", "probe_fingerprint": "x",
             "n_layers": n_layers, "layers": list(range(n_layers)), "sites": sites,
             "dims": {s: dim for s in sites}, "dtype": "float32", "token_selection": "all"}
-    store = ActivationStore(Path(path), meta, tok)
+    store = ActivationStore(path, meta, tok)
     spec = ClusteredSpec(n_clusters=n_clusters, dim=dim)
     shape = {"hidden": (n_layers, n, dim), "key": (n_layers, n, dim), "final": (n, dim)}
     latent = {}
@@ -185,4 +183,4 @@ def make_store(path, n_clusters: int = 24, renders: int = 2, n_visual: int = 6, 
                         x[layer][vis] += shift_vector(dim, shift)
             store.write(site, i, 0, x.astype(np.float32))
         store.mark_complete(label)
-    return Path(path)
+    return store.path

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import xarray as xr
 
@@ -21,13 +22,13 @@ from driftlens.testing.blocks import DelayedBlocks
 
 distributed = pytest.importorskip("distributed")
 
-METRICS = ("mmd", "sliced_w", "paired_shift", "gap", "mir")
-OPTIONS = dict(metrics=METRICS, n_permutations=200, n_bootstrap=200, transport_resamples=20, seed=3, progress=False)
+METRICS = ("mmd", "gauss_w2", "paired_shift", "gap", "mir")      # one metric of each kind of the registry
+OPTIONS = dict(metrics=METRICS, n_permutations=200, n_bootstrap=200, transport_resamples=10, seed=3, progress=False)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return make_store(tmp_path_factory.mktemp("scale") / "store.zarr", n_layers=4, planted=((1, "hidden"), (3, "key")))
+    return make_store(tmp_path_factory.mktemp("scale") / "store.zarr", n_layers=3, planted=((1, "hidden"), (2, "key")))
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +78,62 @@ def test_a_worker_killed_mid_grid_does_not_change_the_report(store, client):
     assert killed, "no worker was killed: the grid finished before the killer saw a running task"
     xr.testing.assert_identical(expected, engine.assemble(plan, results))
     client.wait_for_workers(2, timeout=60)      # the nanny restarted the killed worker
+
+
+# ----------------------------------------------------------------------------- capture as tasks
+
+
+@pytest.fixture(scope="module")
+def trajectory(tmp_path_factory):
+    """Three saved tiny LLaVA checkpoints, a probe subset, and their store captured in this process."""
+    from driftlens.testing import tiny
+
+    from .test_capture import subset
+
+    root = tmp_path_factory.mktemp("capture-tasks")
+    ckpts = {f"step-{i}": tiny.save("llava", root / f"step-{i}", seed=i, n_layers=2) for i in range(3)}
+    probes = subset("shapes-bilingual", 4, root / "probes")
+    alone = dl.capture(ckpts["step-0"], probes, ckpts, out=root / "alone.zarr", batch_size=2, progress=False)
+    return {"root": root, "ckpts": ckpts, "probes": probes, "alone": alone}
+
+
+def _same_store(a, b):
+    sa, sb = open_store(a, verify="full"), open_store(b, verify="full")
+    assert list(sa.checkpoint.values) == list(sb.checkpoint.values)          # trajectory order kept
+    for site in sa.data_vars:
+        np.testing.assert_allclose(sb[site].values, sa[site].values, rtol=1e-5, atol=1e-6, err_msg=site)
+
+
+def test_checkpoints_captured_as_tasks_equal_the_single_process_store(trajectory, client):
+    t = trajectory
+    out = dl.capture(t["ckpts"]["step-0"], t["probes"], t["ckpts"], out=t["root"] / "tasks.zarr", batch_size=2,
+                     progress=False, client=client)
+    _same_store(t["alone"], out)
+
+
+def _kill_a_worker_once_busy(client, done: threading.Event, killed: list):
+    while not done.is_set():
+        busy = [w for w, keys in client.processing().items() if keys]
+        if busy:
+            pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+        time.sleep(0.05)
+
+
+def test_a_capture_task_killed_mid_write_is_redone_and_the_store_is_valid(trajectory, client):
+    t = trajectory
+    client.wait_for_workers(2, timeout=60)
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_worker_once_busy, args=(client, done, killed), daemon=True)
+    killer.start()
+    try:
+        out = dl.capture(t["ckpts"]["step-0"], t["probes"], t["ckpts"], out=t["root"] / "killed.zarr",
+                         batch_size=2, progress=False, client=client)
+    finally:
+        done.set()
+        killer.join(10)
+    assert killed
+    assert dl.store.verify_store(out, "full") == ([], [])
+    _same_store(t["alone"], out)
