@@ -83,13 +83,15 @@ def _gap_terms(v, t, cv, ct, k):
     import torch
 
     def sums(a, codes, name):
-        from driftlens.metrics import _row_norms_nonzero
+        from driftlens.metrics import _nonzero_norms
 
-        a64 = a.to(torch.float64)
-        a64 = a64 / _row_norms_nonzero(a64, name)[:, None]
-        s = torch.zeros(k, a.shape[1], dtype=torch.float64, device=a.device).index_add_(0, codes, a64)
-        n = torch.zeros(k, dtype=torch.float64, device=a.device).index_add_(0, codes, torch.ones_like(a64[:, 0]))
-        return s.cpu(), n.cpu()
+        chunks = I.row_chunks(*a.shape)                   # float64, a chunk of rows at a time
+        norms = _nonzero_norms(torch.cat([a[s:e].to(torch.float64).norm(dim=1) for s, e in chunks]), name)
+        oh = I.one_hot(codes, k, torch.float64)           # [n, K]
+        s = torch.zeros(k, a.shape[1], dtype=torch.float64, device=a.device)
+        for s0, e in chunks:
+            s += oh[s0:e].T @ (a[s0:e].to(torch.float64) / norms[s0:e, None])
+        return s.cpu(), oh.sum(0).cpu()
 
     return sums(v, cv, "visual tokens") + sums(t, ct, "text tokens")
 

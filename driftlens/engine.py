@@ -355,14 +355,15 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
 
     ref_raw = _read(blocks, plan.reference, task.site, task.layer, dev)          # [T, d]
     centre = ref_raw.mean(0, dtype=torch.float64).to(ref_raw.dtype)
-    ref = ref_raw - centre      # kernels and distances are translation-invariant; centring keeps float32 exact
     per_mod = {}
     for mi, mod in enumerate(plan.modalities):
         rows_np = np.flatnonzero(plan.modality == mod)
         if not main or not rows_np.size:
             continue
         rows = cells.Rows(rows_np, plan.cluster, dev)
-        r = ref[rows.rows]
+        # kernels and distances are translation-invariant; centring keeps float32 exact. Only the
+        # modality's rows are centred (a copy); no centred copy of the whole block is kept
+        r = ref_raw[rows.rows] - centre
         sigma[mi] = M.median_sigma(r, pairs="reference", seed=plan.seed)
         per_mod[mi] = {"rows": rows, "r": r, "sigma": sigma[mi],
                        "cache": {} if "mmd" in dist and r.shape[0] <= MMD_CACHE_ROWS else None}
@@ -370,7 +371,6 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
     for ci, label in enumerate(plan.labels):
         raise_if_interrupted()
         cur_raw = ref_raw if label == plan.reference else _read(blocks, label, task.site, task.layer, dev)
-        cur = cur_raw - centre
         for mi, pm in per_mod.items():
             if label == plan.reference:        # not tested: effect 0 by definition, no p-value
                 for m in dist + paired:
@@ -378,7 +378,7 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
                         values[m + suf][ci, mi] = 0.0
                 continue
             rows, r = pm["rows"], pm["r"]
-            c = cur[rows.rows]
+            c = cur_raw[rows.rows] - centre
             if "mmd" in dist:
                 inf = cells.mmd_cell(r, c, rows, pm["sigma"], pm["cache"], _draws("flips", rows.k, plan.n_permutations,
                                                                                   plan.seed),

@@ -199,12 +199,33 @@ def adjust_pvalues(p, method: Literal["bh", "holm"] = "bh") -> np.ndarray:
 # ----------------------------------------------------------------------------- kernel terms
 
 
-def _one_hot_means(codes: torch.Tensor, k: int, dtype) -> torch.Tensor:
-    """[n, K] with 1 / n_cluster at (row, its cluster): rows -> cluster means by a matmul."""
+# rows of an [n, d] block converted to float64 at a time: float64 copies of a whole 7B-sized block
+# (50,000 x 4096) would be 1.6 GB each; a chunk is 32 MiB whatever the block
+CHUNK_ELEMENTS = 2**22
+
+
+def row_chunks(n: int, d: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges of an [n, d] block, about :data:`CHUNK_ELEMENTS` elements each.
+
+    Depends on ``n`` and ``d`` only, so sums over the chunks add in the same order on every device
+    and in every process.
+    """
+    step = max(1, CHUNK_ELEMENTS // max(1, d))
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def one_hot(codes: torch.Tensor, k: int, dtype) -> torch.Tensor:
+    """[n, K] with 1 at (row, its cluster): ``one_hot(...).T @ x`` sums rows per cluster, in a fixed
+    order (a matmul, unlike ``index_add_``'s atomics on a GPU)."""
     oh = torch.zeros(codes.shape[0], k, dtype=dtype, device=codes.device)
     oh[torch.arange(codes.shape[0], device=codes.device), codes] = 1.0
-    counts = oh.sum(0)
-    return oh / counts.clamp(min=1.0)
+    return oh
+
+
+def _one_hot_means(codes: torch.Tensor, k: int, dtype) -> torch.Tensor:
+    """[n, K] with 1 / n_cluster at (row, its cluster): rows -> cluster means by a matmul."""
+    oh = one_hot(codes, k, dtype)
+    return oh / oh.sum(0).clamp(min=1.0)
 
 
 def paired_mmd_matrix(r: torch.Tensor, c: torch.Tensor, codes: torch.Tensor, k: int, sigma: float,
@@ -301,10 +322,13 @@ def paired_shift_terms(r: torch.Tensor, c: torch.Tensor, codes: torch.Tensor, k:
         ``mean over i in a, j in b of |r_i - r_j|^2`` (used for ``a != b`` only).
     """
     oh = _one_hot_means(codes, k, torch.float64)                       # [n, K]
-    r64, c64 = r.to(torch.float64), c.to(torch.float64)
-    disp = oh.T @ (c64 - r64).pow(2).sum(1)                             # [K]
-    mu = oh.T @ r64                                                     # [K, d] cluster means
-    m2 = oh.T @ r64.pow(2).sum(1)                                       # [K] mean squared norms
+    f64 = dict(dtype=torch.float64, device=r.device)
+    disp, mu, m2 = torch.zeros(k, **f64), torch.zeros(k, r.shape[1], **f64), torch.zeros(k, **f64)
+    for s, e in row_chunks(*r.shape):                                  # float64, a chunk of rows at a time
+        r64, c64, w = r[s:e].to(torch.float64), c[s:e].to(torch.float64), oh[s:e].T
+        disp += w @ (c64 - r64).pow(2).sum(1)                           # [K]
+        mu += w @ r64                                                   # [K, d] cluster means
+        m2 += w @ r64.pow(2).sum(1)                                     # [K] mean squared norms
     pair = m2[:, None] + m2[None, :] - 2.0 * (mu @ mu.T)                # [K, K]
     return disp.cpu(), pair.cpu()
 

@@ -609,7 +609,11 @@ def gaussian_w2(x, y, squared: bool = False) -> float:
 
 
 def _row_norms_nonzero(a: torch.Tensor, name: str) -> torch.Tensor:
-    norms = a.norm(dim=1)  # [n]
+    return _nonzero_norms(a.norm(dim=1), name)  # [n]
+
+
+def _nonzero_norms(norms: torch.Tensor, name: str) -> torch.Tensor:
+    """``norms`` [n], after raising on zero-norm rows (naming the first few)."""
     zero = (norms == 0).nonzero().flatten()
     if zero.numel():
         shown = ", ".join(str(int(i)) for i in zero[:5].tolist())

@@ -173,7 +173,14 @@ def test_adjusted_p_values_match_references():
         I.adjust_pvalues(p, "bonf")
 
 
-def test_paired_shift_matches_the_definition():
+# float64 terms are summed over chunks of rows (inference.row_chunks): the default, and a chunk of
+# one or a few rows, must both give the definition
+CHUNKS = pytest.mark.parametrize("chunk_elements", [I.CHUNK_ELEMENTS, 7])
+
+
+@CHUNKS
+def test_paired_shift_matches_the_definition(chunk_elements, monkeypatch):
+    monkeypatch.setattr(I, "CHUNK_ELEMENTS", chunk_elements)
     r, c, cl = _data(seed=6, shift=1.0)
     labels = list(dict.fromkeys(cl))
     num = np.mean([((c[cl == a] - r[cl == a]) ** 2).sum(1).mean() for a in labels])
@@ -190,7 +197,9 @@ def _resampled(codes, w):
                            for a, n in enumerate(w) if n])
 
 
-def test_gap_bootstrap_draw_is_the_gap_of_the_resampled_rows():
+@CHUNKS
+def test_gap_bootstrap_draw_is_the_gap_of_the_resampled_rows(chunk_elements, monkeypatch):
+    monkeypatch.setattr(I, "CHUNK_ELEMENTS", chunk_elements)
     rng = np.random.default_rng(1)
     k = 6
     v = torch.as_tensor(rng.normal(size=(30, 4)) + 1.0)
@@ -202,6 +211,23 @@ def test_gap_bootstrap_draw_is_the_gap_of_the_resampled_rows():
     assert value == pytest.approx(M.modality_gap(v, t), rel=1e-12)
     ref = M.modality_gap(v[_resampled(cv, w)], t[_resampled(ct, w)])
     assert lo == pytest.approx(ref, rel=1e-12) and hi == pytest.approx(ref, rel=1e-12)
+
+
+def test_gap_names_a_zero_row_by_its_index_in_the_block(monkeypatch):
+    monkeypatch.setattr(I, "CHUNK_ELEMENTS", 8)            # two rows per chunk: row 5 is in the third
+    v, t = torch.ones(9, 4, dtype=torch.float64), torch.ones(6, 4, dtype=torch.float64)
+    v[5] = 0.0
+    codes = torch.zeros(9, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"visual tokens: 1 zero-norm row.*\[5\]"):
+        _gap_cell(v, t, codes, codes[:6], 1, torch.ones(1, 3, dtype=torch.float64), 0.9)
+
+
+def test_row_chunks_cover_the_block_in_order():
+    assert I.row_chunks(5, 2**22) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    chunks = I.row_chunks(100_000, 4096)
+    assert chunks[0] == (0, 1024) and chunks[-1][1] == 100_000
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert I.row_chunks(0, 8) == []
 
 
 def test_mir_bootstrap_draw_is_the_mir_of_the_resampled_rows():
