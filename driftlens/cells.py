@@ -87,11 +87,10 @@ def _gap_terms(v, t, cv, ct, k):
 
         chunks = I.row_chunks(*a.shape)                   # float64, a chunk of rows at a time
         norms = _nonzero_norms(torch.cat([a[s:e].to(torch.float64).norm(dim=1) for s, e in chunks]), name)
-        oh = I.one_hot(codes, k, torch.float64)           # [n, K]
         s = torch.zeros(k, a.shape[1], dtype=torch.float64, device=a.device)
         for s0, e in chunks:
-            s += oh[s0:e].T @ (a[s0:e].to(torch.float64) / norms[s0:e, None])
-        return s.cpu(), oh.sum(0).cpu()
+            s += I.cluster_sums(a[s0:e].to(torch.float64) / norms[s0:e, None], codes[s0:e], k)
+        return s.cpu(), I.cluster_sums(torch.ones_like(norms), codes, k).cpu()
 
     return sums(v, cv, "visual tokens") + sums(t, ct, "text tokens")
 

@@ -214,18 +214,30 @@ def row_chunks(n: int, d: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + step)) for s in range(0, n, step)]
 
 
-def one_hot(codes: torch.Tensor, k: int, dtype) -> torch.Tensor:
-    """[n, K] with 1 at (row, its cluster): ``one_hot(...).T @ x`` sums rows per cluster, in a fixed
-    order (a matmul, unlike ``index_add_``'s atomics on a GPU)."""
-    oh = torch.zeros(codes.shape[0], k, dtype=dtype, device=codes.device)
-    oh[torch.arange(codes.shape[0], device=codes.device), codes] = 1.0
-    return oh
+def cluster_sums(x: torch.Tensor, codes: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-cluster sums of the rows of ``x`` [n, ...] -> [K, ...], in the same float rounding
+    whatever the number of threads.
+
+    On the CPU, ``index_add_`` adds the rows one after another (each row's add is elementwise);
+    a one-hot matmul would hand the sum over rows to BLAS, whose float64 rounding depends on how
+    many threads split it -- and a Dask worker runs with one thread while the driver has all. On
+    a GPU, a one-hot matmul (a fixed order, unlike ``index_add_``'s atomics).
+    """
+    if x.device.type == "cpu":
+        return torch.zeros(k, *x.shape[1:], dtype=x.dtype).index_add_(0, codes.to(x.device), x)
+    oh = torch.zeros(codes.shape[0], k, dtype=x.dtype, device=x.device)
+    oh[torch.arange(codes.shape[0], device=x.device), codes.to(x.device)] = 1.0
+    return (oh.T @ x.reshape(x.shape[0], -1)).reshape(k, *x.shape[1:])
 
 
-def _one_hot_means(codes: torch.Tensor, k: int, dtype) -> torch.Tensor:
-    """[n, K] with 1 / n_cluster at (row, its cluster): rows -> cluster means by a matmul."""
-    oh = one_hot(codes, k, dtype)
-    return oh / oh.sum(0).clamp(min=1.0)
+def gram_rows(a: torch.Tensor) -> torch.Tensor:
+    """``a @ a.T`` [K, K] for a small ``a`` [K, d], as elementwise products summed over d (each
+    entry's sum in one order whatever the number of threads, unlike BLAS's split of a long inner
+    dimension); rows of the result a chunk at a time (about :data:`CHUNK_ELEMENTS` products)."""
+    k, d = a.shape
+    step = max(1, CHUNK_ELEMENTS // max(1, k * d))
+    return torch.cat([(a[s:s + step, None, :] * a[None]).sum(-1) for s in range(0, k, step)]) if k else \
+        a.new_zeros(0, 0)
 
 
 def paired_mmd_matrix(r: torch.Tensor, c: torch.Tensor, codes: torch.Tensor, k: int, sigma: float,
@@ -321,15 +333,17 @@ def paired_shift_terms(r: torch.Tensor, c: torch.Tensor, codes: torch.Tensor, k:
     pair : tensor [K, K] float64
         ``mean over i in a, j in b of |r_i - r_j|^2`` (used for ``a != b`` only).
     """
-    oh = _one_hot_means(codes, k, torch.float64)                       # [n, K]
+    codes = codes.to(r.device)
     f64 = dict(dtype=torch.float64, device=r.device)
     disp, mu, m2 = torch.zeros(k, **f64), torch.zeros(k, r.shape[1], **f64), torch.zeros(k, **f64)
     for s, e in row_chunks(*r.shape):                                  # float64, a chunk of rows at a time
-        r64, c64, w = r[s:e].to(torch.float64), c[s:e].to(torch.float64), oh[s:e].T
-        disp += w @ (c64 - r64).pow(2).sum(1)                           # [K]
-        mu += w @ r64                                                   # [K, d] cluster means
-        m2 += w @ r64.pow(2).sum(1)                                     # [K] mean squared norms
-    pair = m2[:, None] + m2[None, :] - 2.0 * (mu @ mu.T)                # [K, K]
+        r64, c64, cc = r[s:e].to(torch.float64), c[s:e].to(torch.float64), codes[s:e]
+        disp += cluster_sums((c64 - r64).pow(2).sum(1), cc, k)          # [K]
+        mu += cluster_sums(r64, cc, k)                                  # [K, d]
+        m2 += cluster_sums(r64.pow(2).sum(1), cc, k)                    # [K]
+    n = cluster_sums(torch.ones(codes.shape[0], **f64), codes, k).clamp(min=1.0)
+    disp, mu, m2 = disp / n, mu / n[:, None], m2 / n                    # cluster means
+    pair = m2[:, None] + m2[None, :] - 2.0 * gram_rows(mu)              # [K, K]
     return disp.cpu(), pair.cpu()
 
 

@@ -258,3 +258,27 @@ def test_too_few_clusters_is_an_error():
         I.paired_mmd(r, r + 1, ["a"] * 6)
     with pytest.raises(ValueError, match="labels for 6 rows"):
         I.paired_mmd(r, r + 1, ["a", "b"])
+
+
+def test_per_cluster_terms_do_not_depend_on_the_thread_count():
+    """A Dask worker runs with one torch thread, the driver with all: the float64 per-cluster terms
+    must round the same way. (A one-hot matmul and ``mu @ mu.T`` did not: BLAS splits their long
+    inner dimension by thread count, 1 ulp apart at this size.)"""
+    g = torch.Generator().manual_seed(0)
+    n, d, k = 2064, 1024, 86
+    r = torch.randn(n, d, generator=g)
+    c = r + 0.1 * torch.randn(n, d, generator=g)
+    codes = torch.as_tensor(np.repeat(np.arange(k), n // k + 1)[:n])
+    counts = torch.as_tensor(np.random.default_rng(0).multinomial(k, np.full(k, 1 / k), size=50).T,
+                             dtype=torch.float64)
+    before, out = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out.append((I.paired_shift_terms(r, c, codes, k), _gap_cell(r[:1000], r[1000:], codes[:1000],
+                                                                        codes[1000:], k, counts, 0.9)))
+    finally:
+        torch.set_num_threads(before)
+    (disp1, pair1), gap1 = out[0]
+    (disp2, pair2), gap2 = out[1]
+    assert torch.equal(disp1, disp2) and torch.equal(pair1, pair2) and gap1 == gap2
