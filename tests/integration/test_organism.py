@@ -20,6 +20,9 @@ from driftlens.specs import load_spec
 
 QUICK = dataclasses.replace(organism.Recipe(), base_steps=6, base_check_every=3, adapt_steps=10, n_checkpoints=5,
                             batch_size=4, render_pool=2)
+# the build machinery alone (cache, parallel processes): three checkpoints, so the build's own
+# evaluation -- most of a quick build's time -- covers 3 checkpoints instead of 11
+TINY = dataclasses.replace(QUICK, base_steps=2, base_check_every=2, adapt_steps=2, n_checkpoints=1)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +49,11 @@ def test_trajectory_layout_and_loading(quick):
     assert torch.equal(enc["pixel_values"], ref["pixel_values"])
 
 
-def test_cache_hit_and_determinism(quick, tmp_path):
+def test_cache_hit_and_determinism(quick, tmp_path, monkeypatch):
     again = organism.build(out=quick.root, recipe=QUICK, progress=False)
     assert again.build_seconds == quick.build_seconds          # read from trajectory.json, not retrained
+    # the weights are what must reproduce; the rebuild's evaluation (tested above) is skipped
+    monkeypatch.setattr(organism.evaluation, "evaluate_all", lambda traj, progress: {"ko_lm_loss": {}})
     other = organism.build(out=tmp_path / "again", recipe=QUICK, progress=False)
     a, _ = organism.load_checkpoint(quick.checkpoints["ko-5"])
     b, _ = organism.load_checkpoint(other.checkpoints["ko-5"])
@@ -263,15 +268,15 @@ def test_evaluation_shape(quick):
 
 
 def test_build_seeds_in_parallel_processes(tmp_path):
-    trajs = organism.build_seeds([3, 4], recipe=QUICK, cache=tmp_path, progress=False, jobs=2)
+    trajs = organism.build_seeds([3, 4], recipe=TINY, cache=tmp_path, progress=False, jobs=2)
     assert [t.seed for t in trajs] == [3, 4] and trajs[0].root != trajs[1].root
     assert all(t.root.parent == tmp_path / "organism" for t in trajs)
     info = json.loads((trajs[0].root / "trajectory.json").read_text())
     assert info["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)
-    again = organism.build_seeds([4, 3], recipe=QUICK, cache=tmp_path, progress=False)   # cache hits
+    again = organism.build_seeds([4, 3], recipe=TINY, cache=tmp_path, progress=False)    # cache hits
     assert [t.build_seconds for t in again] == [trajs[1].build_seconds, trajs[0].build_seconds]
     with pytest.raises(ValueError, match="distinct"):
-        organism.build_seeds([1, 1], recipe=QUICK, cache=tmp_path)
+        organism.build_seeds([1, 1], recipe=TINY, cache=tmp_path)
     assert parse_seeds("0,2-4") == [0, 2, 3, 4]
     with pytest.raises(ValueError, match="--seeds"):
         parse_seeds("a")
