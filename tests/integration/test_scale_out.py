@@ -44,7 +44,11 @@ def test_two_process_workers_give_the_single_process_report(store, client):
     ran_on = client.run(os.getpid)
     assert len(set(ran_on.values()) - {os.getpid()}) == 2            # two other processes did the work
     xr.testing.assert_identical(alone, spread)                        # every value, bit for bit, and every attr
-    assert float(alone["mmd"].sel(checkpoint="shifted", layer=1, site="hidden", modality="visual")) > 0.05
+    # and the report is not trivially equal: the planted layer stands out (as in one process)
+    cell = dict(checkpoint="shifted", site="hidden", modality="visual")
+    mmd = alone["mmd"].sel(**cell)                                   # [layer]
+    assert float(mmd.sel(layer=1)) > 10 * float(abs(mmd.sel(layer=[0, 2])).max())
+    assert float(alone["mmd_p"].sel(layer=1, **cell)) < 0.05
 
 
 def _kill_a_busy_worker(client, done: threading.Event, killed: list):
