@@ -31,7 +31,9 @@ def main() -> None:
     from driftlens.organism.demo import run_demo
 
     tmp = Path(tempfile.mkdtemp())
-    seeds = organism.parse_seeds(args.seeds)
+    from driftlens.cli import parse_seeds
+
+    seeds = parse_seeds(args.seeds)
     t = time.perf_counter()
     trajs = organism.build_seeds(seeds, cache=tmp, progress=False, jobs=args.jobs)
     build = time.perf_counter() - t

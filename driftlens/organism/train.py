@@ -44,7 +44,7 @@ from pathlib import Path
 from driftlens.errors import DataError, UsageError
 from driftlens.organism import shapes
 
-CODE_VERSION = "organism-7"
+CODE_VERSION = "organism-8"
 TRAIN_SEEDS = 10**6          # training renderings use seeds below this, evaluation seeds above
 VALIDATION_SEEDS = 2 * 10**6  # model selection renderings (never the evaluation ones)
 KO_SENTENCES = (
@@ -122,7 +122,7 @@ class Recipe:
     batch_size: int = 32
     render_pool: int = 24
     base_steps: int = 1200
-    base_lr: float = 2e-3
+    base_lr: float = 1e-3
     base_check_every: int = 200
     base_target: float = 0.97
     adapt_steps: int = 600
