@@ -156,7 +156,16 @@ def main(argv=None) -> int:
 
     import shutil
 
-    from out_of_core import driftlens_cmd, du_bytes, fmt_bytes, git_line, machine_line, run_measured, wait_idle
+    from out_of_core import (
+        append_block,
+        driftlens_cmd,
+        du_bytes,
+        fmt_bytes,
+        git_line,
+        machine_line,
+        run_measured,
+        wait_idle,
+    )
     from synthetic_store import write_synthetic_store
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -280,11 +289,7 @@ def main(argv=None) -> int:
     lines.append("")
     text = "\n".join(lines)
     print("\n" + text)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "a") as fh:
-        if fh.tell() == 0:
-            fh.write("# Drift grid throughput (`bench/grid_throughput.py`)\n\nOne block per run, newest last.\n\n")
-        fh.write(text + "\n")
+    append_block(args.results, "Drift grid throughput (`bench/grid_throughput.py`)", text)
     if wrote and not args.keep:
         shutil.rmtree(store, ignore_errors=True)
     return 0 if all(m["ok"] for m in runs.values()) else 1

@@ -269,6 +269,15 @@ def driftlens_cmd() -> list[str]:
     return [sys.executable, "-c", "import sys; from driftlens.cli import main; sys.exit(main())"]
 
 
+def append_block(path: Path, title: str, text: str) -> None:
+    """Append a markdown block to ``path`` (a new file starts with ``# title``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        if fh.tell() == 0:
+            fh.write(f"# {title}\n\nOne block per run, newest last.\n\n")
+        fh.write(text + "\n")
+
+
 def fmt_bytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB ({n / GIB:.2f} GiB)"
 
@@ -400,11 +409,7 @@ def main(argv=None) -> int:
     print("\n" + text)
     if not ok:
         print(f"drift output: {log}", file=sys.stderr)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "a") as fh:
-        if fh.tell() == 0:
-            fh.write("# Out-of-core drift (`bench/out_of_core.py`)\n\nOne block per run, newest last.\n\n")
-        fh.write(text + "\n")
+    append_block(args.results, "Out-of-core drift (`bench/out_of_core.py`)", text)
     if wrote and not args.keep:
         shutil.rmtree(store, ignore_errors=True)
         print(f"removed {store}")
