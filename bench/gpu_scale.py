@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -124,13 +123,10 @@ def device_name(dev) -> str:
 
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()} ({torch.get_num_threads()} torch threads)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
+    sys.path.insert(0, str(ROOT / "bench"))
+    from out_of_core import cpu_name
+
+    return f"CPU: {cpu_name()} ({torch.get_num_threads()} torch threads)"
 
 
 # ----------------------------------------------------------------------------- part 1: matmul rate
