@@ -44,23 +44,29 @@ class Rows:
 
 
 def mmd_cell(r, c, rows: Rows, sigma, cache, flips, counts, level, where: str):
-    """Paired cluster MMD^2 of one cell with its sign-flip p-value and bootstrap interval."""
+    """Paired cluster MMD^2 of one cell with its sign-flip p-value and bootstrap interval.
+
+    Returns ``(Inference, draws [B])``: the bootstrap draws, paired with every other cell's by ``counts``.
+    """
     h = I.paired_mmd_matrix(r, c, rows.codes, rows.k, sigma, cache=cache)
     try:
-        return I.u_statistic_inference(h.cpu(), flips, counts, level)
+        return I.u_statistic_draws(h.cpu(), flips, counts, level)
     except FloatingPointError as exc:
         raise DriftError(f"mmd at {where}: {exc} (sigma {sigma:.4g}); please report this with the store") from exc
 
 
 def shift_cell(r, c, rows: Rows, counts, level):
-    """Paired shift of one cell and its cluster-bootstrap interval: (effect, lo, hi)."""
+    """Paired shift of one cell and its cluster-bootstrap interval: (effect, lo, hi, draws [B])."""
     est = I.shift_estimates(*I.paired_shift_terms(r, c, rows.codes, rows.k), counts)
     lo, hi = I.percentile_interval(est[1:], level)
-    return float(est[0]), lo, hi
+    return float(est[0]), lo, hi, est[1:]
 
 
 def transport_cell(f, r, c, rows: Rows, flips, counts, level):
-    """A plug-in distance ``f(r, c)`` as an excess over its sign-flip null mean, with interval and p-value."""
+    """A plug-in distance ``f(r, c)`` as an excess over its sign-flip null mean, with interval and p-value.
+
+    Returns ``(Inference, draws [B])``.
+    """
     import torch
 
     value = f(r, c)
@@ -74,8 +80,9 @@ def transport_cell(f, r, c, rows: Rows, flips, counts, level):
     for b in range(counts.shape[1]):
         idx = rows.resample(counts[:, b])
         boot.append(f(r[idx], c[idx]) - base)
-    lo, hi = I.percentile_interval(np.asarray(boot), level)
-    return I.Inference(value - base, lo, hi, I.p_value(null, value), rows.k)
+    boot = np.asarray(boot)
+    lo, hi = I.percentile_interval(boot, level)
+    return I.Inference(value - base, lo, hi, I.p_value(null, value), rows.k), boot
 
 
 def _gap_terms(v, t, cv, ct, k):
@@ -96,7 +103,7 @@ def _gap_terms(v, t, cv, ct, k):
 
 
 def gap_cell(v, t, cv, ct, k, counts, level):
-    """Modality gap of one checkpoint's (layer, site) and its cluster-bootstrap interval: (value, lo, hi)."""
+    """Modality gap of one checkpoint's (layer, site) and its cluster-bootstrap interval: (value, lo, hi, draws)."""
     import torch
 
     sv, nv, st, nt = _gap_terms(v, t, cv, ct, k)
@@ -104,7 +111,7 @@ def gap_cell(v, t, cv, ct, k, counts, level):
     gap = (w @ sv) / (w @ nv)[:, None] - (w @ st) / (w @ nt)[:, None]           # [1 + B, d]
     vals = gap.norm(dim=1)
     lo, hi = I.percentile_interval(vals[1:], level)
-    return float(vals[0]), lo, hi
+    return float(vals[0]), lo, hi, vals[1:].numpy()
 
 
 def mir_cell(v, t, cv, ct, k, counts, level):

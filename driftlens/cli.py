@@ -123,16 +123,45 @@ def _add_drift(sub) -> None:
 
     p = sub.add_parser(
         "drift",
-        help="drift of every (checkpoint, layer, site, modality) against a reference, with intervals and p-values",
+        help="drift of every (checkpoint, layer, site, modality) against a reference, with intervals, p-values "
+             "and contrasts; several stores = several training runs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compute the drift report of an activation store: per cell and metric an effect size "
                     "against the reference checkpoint, its cluster-bootstrap interval and a cluster "
                     "sign-flip p-value (clusters = the probe set's independent units), p-values adjusted "
-                    "over the grid; modality gap and MIR per layer with intervals. Writes netCDF.",
+                    "over the grid; modality gap and MIR per layer with intervals. Writes netCDF.\n\n"
+                    "Two levels of uncertainty. Within one run (one store), intervals and p-values cover probe "
+                    "sampling only: would this run's models differ the same way on other scenes? They do not "
+                    "cover the training run itself -- on the demo's organism the spread of a cell between three "
+                    "training seeds is a median 11x one seed's interval half-width, and because any weight change "
+                    "moves a deterministic model's activations, every against-the-reference p-value sits at its "
+                    "floor. Give several stores (one per training run of the same design: seeds, data orders) to "
+                    "get across-run intervals and tests, and ask comparisons that can come out 'no': --contrast "
+                    "(e.g. Korean minus the English control), --trajectories, --layer-contrast, --min-effect.",
+        epilog="examples:\n"
+               "  driftlens drift run.zarr --out report.nc\n"
+               "  driftlens drift seed0.zarr seed1.zarr seed2.zarr --runs seed-0,seed-1,seed-2 \\\n"
+               "      --trajectories ko-,en- --out report.nc      # ko-k minus en-k at every step, across seeds",
     )
-    p.add_argument("store", help="activation store folder written by `driftlens capture`")
+    p.add_argument("store", nargs="+", help="activation store folder(s) written by `driftlens capture`; several = "
+                                            "one per training run of one design (same probes, same labels)")
+    p.add_argument("--runs", default=None, metavar="LABELS",
+                   help="comma-separated run labels, one per store (default: the stores' folder names)")
     p.add_argument("--reference", default=None, help="reference checkpoint label (default: the first)")
-    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=list(ALL_METRICS) + ["shift"])
+    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=list(ALL_METRICS) + ["shift"],
+                   help="metrics to compute (default: %(default)s)")
     p.add_argument("--sites", nargs="+", default=None, help="layered sites (default: all in the store)")
+    p.add_argument("--contrast", action="append", default=[], metavar="A:B",
+                   help="checkpoint contrast A minus B of every metric (repeatable), e.g. ko-5:en-5")
+    p.add_argument("--trajectories", default=None, metavar="PREFIX_A,PREFIX_B",
+                   help="contrast two trajectories step by step, e.g. ko-,en- pairs ko-1 with en-1, ko-2 with en-2 ...")
+    p.add_argument("--layer-contrast", action="append", default=[], metavar="L1:L2",
+                   help="layer contrast L1 minus L2 at every checkpoint (repeatable)")
+    p.add_argument("--min-effect", type=float, default=None, metavar="X",
+                   help="minimum effect of interest: adds one-sided p-values of 'effect (or contrast) > X' "
+                        "(default: none)")
+    p.add_argument("--bandwidth-scale", type=_positive, default=1.0,
+                   help="MMD bandwidth in units of the reference's median-heuristic sigma (default: %(default)s)")
     p.add_argument("--permutations", type=_count, default=1000,
                    help="cluster sign flips per cell for the p-values (default: %(default)s)")
     p.add_argument("--bootstrap", type=_count, default=1000,
@@ -141,41 +170,108 @@ def _add_drift(sub) -> None:
     p.add_argument("--correction", choices=["bh", "holm", "none"], default="bh",
                    help="multiple-testing adjustment over the grid (default: %(default)s)")
     p.add_argument("--blur", type=_positive, default=0.1,
-                   help="Sinkhorn blur as a fraction of the reference's median-heuristic sigma")
+                   help="Sinkhorn blur as a fraction of the reference's median-heuristic sigma (default: %(default)s)")
     p.add_argument("--verify", choices=["full", "fast", "none"], default="full",
                    help="store integrity check before computing: full = chunk checksums, fast = presence "
                         "and sizes (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of every resampling draw (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:0', ... "
+                                                    "(default: %(default)s)")
     p.add_argument("--out", "-o", default="report.nc", help="netCDF output (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     _add_cluster_options(p, "one task per site and layer")
     p.set_defaults(func=_run_drift)
 
 
+def _drift_inputs(args):
+    """The store argument(s) as one store, or a mapping run label -> store."""
+    if len(args.store) == 1 and args.runs is None:
+        return args.store[0]
+    labels = [lab.strip() for lab in args.runs.split(",")] if args.runs else [Path(s).name for s in args.store]
+    if len(labels) != len(args.store):
+        raise UsageError(f"--runs names {len(labels)} run(s) ({labels}) for {len(args.store)} store(s)")
+    if len(set(labels)) != len(labels) or not all(labels):
+        raise UsageError(f"run labels must be distinct and non-empty, got {labels} (name them with --runs)")
+    return dict(zip(labels, args.store))
+
+
+def _contrast_pairs(args, stores) -> list[tuple[str, str]]:
+    pairs = [tuple(c.split(":", 1)) if ":" in c else c for c in args.contrast]
+    if args.trajectories:
+        from driftlens.compare import trajectory_pairs
+        from driftlens.store import completed_labels
+
+        parts = [x for x in args.trajectories.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise UsageError(f"--trajectories takes two label prefixes, e.g. ko-,en-; got {args.trajectories!r}")
+        first = next(iter(stores.values())) if isinstance(stores, dict) else stores
+        pairs += trajectory_pairs(completed_labels(first), *parts)
+    return pairs
+
+
 def _run_drift(args) -> int:
     from driftlens.cluster import client_for
     from driftlens.drift import drift
 
+    stores = _drift_inputs(args)
+    contrasts = _contrast_pairs(args, stores)
     with client_for(args.workers, args.scheduler) as client:
-        rep = drift(args.store, reference=args.reference, metrics=tuple(args.metrics), sites=args.sites,
+        rep = drift(stores, reference=args.reference, metrics=tuple(args.metrics), sites=args.sites,
                     n_permutations=args.permutations, n_bootstrap=args.bootstrap, level=args.level,
                     correction=None if args.correction == "none" else args.correction, seed=args.seed,
                     device=args.device, blur=args.blur, progress=not args.no_progress, out=args.out,
-                    verify=args.verify, client=client)
+                    verify=args.verify, client=client, contrasts=contrasts or None,
+                    layer_contrasts=args.layer_contrast or None, min_effect=args.min_effect,
+                    bandwidth_scale=args.bandwidth_scale)
     print(f"report: {args.out}")
-    if "mmd" in rep:
-        sel = {"modality": "visual", "site": "hidden" if "hidden" in rep.site.values else str(rep.site.values[0])}
+    for line in report_lines(rep):
+        print(line)
+    return 0
+
+
+def report_lines(rep) -> list[str]:
+    """The printed summary of a drift report: visual MMD^2 per checkpoint and layer, and its contrasts."""
+    if "mmd" not in rep:
+        return []
+    sel = {"modality": "visual", "site": "hidden" if "hidden" in rep.site.values else str(rep.site.values[0])}
+    runs = "run" in rep.dims
+    lines = []
+    if runs:
+        n = rep.sizes["run"]
+        lines.append(f"visual MMD^2 ({sel['site']}), checkpoint x layer: mean over {n} runs "
+                     f"[{rep.attrs['level']:.0%} across-run interval: runs, then clusters]")
+        eff, lo, hi = (rep[v].sel(**sel) for v in ("mmd_runs", "mmd_runs_lo", "mmd_runs_hi"))
+        for c in eff.checkpoint.values:
+            cells = [f"{e:.4f} [{a:.4f}, {b:.4f}]" for e, a, b in
+                     zip(eff.sel(checkpoint=c).values, lo.sel(checkpoint=c).values, hi.sel(checkpoint=c).values)]
+            lines.append(f"  {str(c):>12}: " + " | ".join(cells))
+    else:
         eff, lo, hi = (rep[v].sel(**sel) for v in ("mmd", "mmd_lo", "mmd_hi"))
         p = rep["mmd_q" if "mmd_q" in rep else "mmd_p"].sel(**sel)
-        print(f"visual MMD^2 ({sel['site']}), checkpoint x layer: effect [{rep.attrs['level']:.0%} interval] "
-              f"{'q' if 'mmd_q' in rep else 'p'}")
+        lines.append(f"visual MMD^2 ({sel['site']}), checkpoint x layer: effect [{rep.attrs['level']:.0%} interval] "
+                     f"{'q' if 'mmd_q' in rep else 'p'}")
         for c in eff.checkpoint.values:
             cells = [f"{e:.4f} [{a:.4f}, {b:.4f}] {q:.3g}" for e, a, b, q in
                      zip(eff.sel(checkpoint=c).values, lo.sel(checkpoint=c).values,
                          hi.sel(checkpoint=c).values, p.sel(checkpoint=c).values)]
-            print(f"  {str(c):>12}: " + " | ".join(cells))
-    return 0
+            lines.append(f"  {str(c):>12}: " + " | ".join(cells))
+        lines.append("  (one run: these intervals and p-values cover probe sampling only, not the variation "
+                     "between training runs; give one store per run to cover it)")
+    if "mmd_contrast" in rep:
+        if runs:
+            lines.append(f"contrasts, visual MMD^2 ({sel['site']}) per layer: mean over runs "
+                         f"[{rep.attrs['level']:.0%} across-run interval] p over runs, runs needed for 80% power")
+            v = {k: rep[f"mmd_contrast_runs{k}"].sel(**sel) for k in ("", "_lo", "_hi", "_p", "_needed")}
+            fmt = "{:+.4f} [{:+.4f}, {:+.4f}] p={:.3g} n80={:.0f}"
+        else:
+            lines.append(f"contrasts, visual MMD^2 ({sel['site']}) per layer: difference "
+                         f"[{rep.attrs['level']:.0%} within-run interval] p (probe sampling only)")
+            v = {k: rep[f"mmd_contrast{k}"].sel(**sel) for k in ("", "_lo", "_hi", "_p")}
+            fmt = "{:+.4f} [{:+.4f}, {:+.4f}] p={:.3g}"
+        for c in rep.contrast.values:
+            cells = [fmt.format(*vals) for vals in zip(*(x.sel(contrast=c).values for x in v.values()))]
+            lines.append(f"  {str(c):>16}: " + " | ".join(cells))
+    return lines
 
 
 def _add_check(sub) -> None:

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from driftlens.engine import CORRECTIONS, DatasetBlocks, StoreBlocks, assemble, make_plan, run_grid
@@ -99,22 +99,29 @@ def _as_drift_error(fn):
 
 
 @_as_drift_error
-def drift(ds: xr.Dataset | str | os.PathLike, reference: str | None = None,
+def drift(ds: xr.Dataset | str | os.PathLike | Mapping[str, xr.Dataset | str | os.PathLike],
+          reference: str | None = None,
           metrics: Sequence[Metric] = DEFAULT_METRICS, sites: Sequence[Site] | None = None,
           modalities: Sequence[Modality] = MODALITIES, n_permutations: int = 1000, n_bootstrap: int = 1000,
           level: float = 0.95, correction: Correction = "bh", transport_resamples: int = 200,
           mir_bootstrap: int | None = None, seed: int = 0, device: str | torch.device = "auto",
           blur: float = 0.1, n_projections: int = 128, progress: bool = True,
-          out: str | os.PathLike | None = None, verify: Verify = "full", client: Client | None = None) -> xr.Dataset:
+          out: str | os.PathLike | None = None, verify: Verify = "full", client: Client | None = None, *,
+          contrasts: Sequence[tuple[str, str] | str] | None = None,
+          layer_contrasts: Sequence[tuple[int, int] | str] | None = None,
+          min_effect: float | Mapping[str, float] | None = None, bandwidth_scale: float = 1.0) -> xr.Dataset:
     """Drift of every captured (checkpoint, layer, site, modality) against a reference.
 
     Parameters
     ----------
-    ds : xarray.Dataset or path
+    ds : xarray.Dataset, path, or mapping run label -> Dataset or path
         An activation store (:func:`driftlens.open_store`) or a Dataset laid out like one (dims
         checkpoint, layer, token, ``*_dim``; per-token coords sample, cluster, position, lang,
         modality). Without ``cluster`` the ``group`` (then ``sample``) coordinate is the
-        resampling unit, and the report's ``warnings`` attribute says so.
+        resampling unit, and the report's ``warnings`` attribute says so. A mapping gives several
+        training runs (seeds, data orders) of one design, each captured on the same probe set with
+        the same checkpoint labels: the report gets a ``run`` dim and across-run inference
+        (:mod:`driftlens.compare`: runs are the replication unit).
     reference : str, optional
         Reference checkpoint label (default: the first).
     metrics : sequence of str
@@ -161,21 +168,96 @@ def drift(ds: xr.Dataset | str | os.PathLike, reference: str | None = None,
         same as without a client: every cell uses the same seeded draws whatever process runs it.
         With a store path, workers read the store's files themselves (they must see the path);
         with a Dataset, it is shipped with each task (keep it lazy, or small).
+    contrasts : sequence of (a, b) or "a:b", optional
+        Checkpoint contrasts ``a - b`` of every metric with draws (e.g. ``[("ko-5", "en-5")]``, or
+        :func:`driftlens.compare.trajectory_pairs` for two trajectories step by step): a ``contrast``
+        dim with effect, within-run interval and p-value, ratio, and across runs (with several runs)
+        the hierarchical interval, the t-test over runs and the runs needed for 80% power.
+    layer_contrasts : sequence of (l1, l2) or "l1:l2", optional
+        Layer contrasts ``l1 - l2`` at every checkpoint (a ``layer_contrast`` dim), likewise.
+    min_effect : float or mapping metric -> float, optional
+        A minimum effect of interest: adds one-sided p-values ``{var}_pmin`` (and ``{var}_runs_pmin``)
+        of "the effect (or the contrast) exceeds min_effect" -- a question that can come out "no".
+    bandwidth_scale : float
+        The MMD kernel bandwidth in units of the reference's median-heuristic sigma (default 1; e.g.
+        0.5 and 2 show whether a conclusion depends on the bandwidth).
 
     Returns
     -------
     xarray.Dataset
-        Dims ``checkpoint``, ``layer``, ``site``, ``modality``. Variables ``{m}``, ``{m}_lo``,
+        Dims ``checkpoint``, ``layer``, ``site``, ``modality``, ``draw``. Variables ``{m}``, ``{m}_lo``,
         ``{m}_hi``, ``{m}_p``, ``{m}_q`` for the distributional metrics; ``paired_shift`` (+
         ``_lo``, ``_hi``); ``gap`` (+ interval; checkpoint, layer, site); ``mir`` (+ interval;
-        checkpoint, layer) and ``mir_total`` (+ interval; checkpoint); ``sigma``.
+        checkpoint, layer) and ``mir_total`` (+ interval; checkpoint); ``sigma``; ``{m}_boot``
+        the cluster-bootstrap draws of every cell (paired across cells: :mod:`driftlens.compare`).
+        Intervals and p-values of one run cover probe sampling only (attrs ``intervals_cover``).
+        With runs: a leading ``run`` dim and ``{v}_runs``, ``{v}_runs_lo`` / ``_hi`` / ``_sd`` (and
+        for contrasts ``_runs_p``, ``_runs_needed``) across runs.
     """
-    from driftlens.store import VERIFY_LEVELS, open_store
+    from driftlens.store import VERIFY_LEVELS
 
     if verify not in VERIFY_LEVELS:
         raise DriftError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
     if out is not None:
         out = check_report_path(out)
+    options = dict(reference=reference, metrics=metrics, sites=sites, modalities=modalities,
+                   n_permutations=n_permutations, n_bootstrap=n_bootstrap, level=level, correction=correction,
+                   transport_resamples=transport_resamples, mir_bootstrap=mir_bootstrap, seed=seed, device=device,
+                   blur=blur, n_projections=n_projections, progress=progress, verify=verify, client=client,
+                   bandwidth_scale=bandwidth_scale)
+    if isinstance(ds, Mapping) and not hasattr(ds, "data_vars"):      # (an xarray Dataset is a Mapping too)
+        report = _drift_runs(ds, options)
+    else:
+        report = _drift_one(ds, options)
+    report = compare_report(report, contrasts=contrasts, layer_contrasts=layer_contrasts, min_effect=min_effect)
+    if out is not None:
+        save_report(report, out)
+    return report
+
+
+def compare_report(report: xr.Dataset, *, contrasts=None, layer_contrasts=None, min_effect=None) -> xr.Dataset:
+    """A report with its contrasts, minimum-effect tests and (with a ``run`` dim) across-run inference added.
+
+    What :func:`drift` does after the cells are computed; call it on a report read from disk (or
+    combined with :func:`driftlens.compare.combine_runs`) to add contrasts later. Parameters as
+    :func:`drift`.
+    """
+    from driftlens import compare as C
+
+    if min_effect is not None:
+        report = report.merge(C.cell_pmin(report, min_effect))
+    if contrasts:
+        report = report.merge(C.contrasts(report, contrasts, along="checkpoint", min_effect=min_effect))
+    if layer_contrasts:
+        report = report.merge(C.contrasts(report, layer_contrasts, along="layer", min_effect=min_effect))
+    if "run" in report.dims and report.sizes["run"] >= 2:
+        report = report.merge(C.across_runs(report, min_effect=min_effect))
+        report.attrs["intervals_cover"] = (
+            f"{{v}}_lo / {{v}}_hi / {{v}}_p: {C.WITHIN}, per run; {{v}}_runs_*: {C.ACROSS}")
+    return report
+
+
+def _drift_runs(runs: Mapping, options: dict) -> xr.Dataset:
+    """One report per training run, stacked on a ``run`` dim (runs must share probes and labels)."""
+    from driftlens.compare import combine_runs
+
+    if len(runs) < 1:
+        raise DriftError("runs: the mapping of run label -> store is empty")
+    reports = {}
+    for label, ds in runs.items():
+        if isinstance(ds, Mapping) and not hasattr(ds, "data_vars"):
+            raise DriftError(f"run {label!r}: a run is one store or Dataset, not a mapping")
+        reports[str(label)] = _drift_one(ds, options)
+    return combine_runs(reports)
+
+
+def _drift_one(ds, options: dict) -> xr.Dataset:
+    """The report of one store or Dataset (no contrasts)."""
+    from driftlens.store import open_store
+
+    options = dict(options)
+    verify, client, progress = options.pop("verify"), options.pop("client"), options.pop("progress")
+    device = options["device"]
     blocks = None
     if not hasattr(ds, "data_vars"):
         path = ds
@@ -183,10 +265,7 @@ def drift(ds: xr.Dataset | str | os.PathLike, reference: str | None = None,
         blocks = StoreBlocks.of_store(path)          # reads block by block from the store's own files
     elif ds.attrs.get("store_path") and verify == "full" != ds.attrs.get("store_verified"):
         _check_opened_store(ds)
-    plan = make_plan(ds, reference=reference, metrics=metrics, sites=sites, modalities=modalities,
-                     n_permutations=n_permutations, n_bootstrap=n_bootstrap, level=level, correction=correction,
-                     transport_resamples=transport_resamples, mir_bootstrap=mir_bootstrap, seed=seed,
-                     device=device, blur=blur, n_projections=n_projections)
+    plan = make_plan(ds, **options)
     if client is None:
         from driftlens.devices import resolve_device
 
@@ -194,11 +273,9 @@ def drift(ds: xr.Dataset | str | os.PathLike, reference: str | None = None,
     results = run_grid(plan, blocks or DatasetBlocks(ds), client=client, progress=progress)
     report = assemble(plan, results)
     for w in plan.notes:
-        warnings.warn(w, stacklevel=3)   # the caller of drift(), past its error wrapper
-    if out is not None:
-        save_report(report, out)
+        warnings.warn(w, stacklevel=4)   # the caller of drift(), past its error wrapper
     return report
 
 
 __all__ = ["ALIASES", "ALL_METRICS", "CORRECTIONS", "DEFAULT_METRICS", "DISTRIBUTIONAL", "METRICS", "DriftError",
-           "drift"]
+           "compare_report", "drift"]

@@ -154,6 +154,7 @@ class GridPlan:
     device: str
     blur: float
     n_projections: int
+    bandwidth_scale: float         # the kernel bandwidth in units of the reference's median-heuristic sigma
     do_mir: bool
     final_state: bool              # the last layer's MIR term from site ``final``
     last_layer: int
@@ -165,6 +166,18 @@ class GridPlan:
     def of_kind(self, *kinds) -> list[str]:
         """The plan's metrics of these kinds (:mod:`driftlens.registry`), in the caller's order."""
         return [m for m in self.metrics if METRICS[m].kind in kinds]
+
+    def n_draws(self, metric: str) -> int:
+        """Cluster-bootstrap draws of one metric's cells (its ``{metric}_boot`` variable)."""
+        if metric in ("mir", "mir_total"):
+            return self.n_mir
+        return self.n_transport[1] if METRICS[metric].kind == "transport" else self.n_bootstrap
+
+    @property
+    def max_draws(self) -> int:
+        """Length of the report's ``draw`` dim: the most draws any of its metrics has."""
+        names = list(self.metrics) + (["mir"] if self.do_mir else [])
+        return max([self.n_draws(m) for m in names if m in METRICS] or [self.n_bootstrap])
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -210,7 +223,7 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
               sites=None, modalities=("visual", "text"), n_permutations: int = 1000, n_bootstrap: int = 1000,
               level: float = 0.95, correction: str | None = "bh", transport_resamples: int = 200,
               mir_bootstrap: int | None = None, seed: int = 0, device="auto", blur: float = 0.1,
-              n_projections: int = 128) -> GridPlan:
+              n_projections: int = 128, bandwidth_scale: float = 1.0) -> GridPlan:
     """Validate the options against ``ds`` and lay out the grid's tasks.
 
     Reads ``ds``'s coordinates (checkpoint, layer, per-token sample / cluster / position /
@@ -229,6 +242,8 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
         raise DriftError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
     if not blur > 0:
         raise DriftError(f"blur must be > 0, got {blur}")
+    if not (isinstance(bandwidth_scale, (int, float)) and 0 < bandwidth_scale < float("inf")):
+        raise DriftError(f"bandwidth_scale must be a positive number, got {bandwidth_scale!r}")
     labels = [str(c) for c in ds.checkpoint.values.astype(str)]
     if not labels:
         raise DriftError("the store holds no completed checkpoint")
@@ -284,11 +299,13 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
         text_after=_text_after_image(ds), n_permutations=int(n_permutations), n_bootstrap=int(n_bootstrap),
         n_transport=n_tr, n_mir=int(n_bootstrap if mir_bootstrap is None else mir_bootstrap), level=float(level),
         correction=correction, transport_resamples=int(transport_resamples), seed=int(seed), device=str(device),
-        blur=float(blur), n_projections=int(n_projections), do_mir=do_mir, final_state=final_state,
+        blur=float(blur), n_projections=int(n_projections), bandwidth_scale=float(bandwidth_scale),
+        do_mir=do_mir, final_state=final_state,
         last_layer=last_layer, tasks=tuple(tasks), notes=tuple(notes), n_clusters=n_clusters,
         attrs={"model_type": str(ds.attrs.get("model_type", "")), "family": str(ds.attrs.get("family", "")),
                "n_layers": int(ds.attrs.get("n_layers", len(layers))),
-               "probe_set": str(ds.attrs.get("probe_set", "")), "cluster_coord": cluster_coord})
+               "probe_set": str(ds.attrs.get("probe_set", "")), "cluster_coord": cluster_coord,
+               **{k: str(ds.attrs[k]) for k in ("probe_fingerprint", "token_selection") if k in ds.attrs}})
 
 
 # ----------------------------------------------------------------------------- one task
@@ -338,8 +355,10 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
     paired = plan.of_kind("paired") if main else []
     do_gap = main and "gap" in plan.metrics
     values = {m + suf: np.full((C, Mo), np.nan) for m in dist + paired for suf in METRICS[m].outputs}
+    values.update({m + "_boot": np.full((C, Mo, plan.n_draws(m)), np.nan) for m in dist + paired})
     if do_gap:
         values.update({"gap" + suf: np.full(C, np.nan) for suf in ("", "_lo", "_hi")})
+        values["gap_boot"] = np.full((C, plan.n_bootstrap), np.nan)
     if task.mir:
         values.update({"mir" + suf: np.full(C, np.nan) for suf in ("", "_lo", "_hi")})
     sigma = np.full(Mo, np.nan)
@@ -364,7 +383,7 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
         # kernels and distances are translation-invariant; centring keeps float32 exact. Only the
         # modality's rows are centred (a copy); no centred copy of the whole block is kept
         r = ref_raw[rows.rows] - centre
-        sigma[mi] = M.median_sigma(r, pairs="reference", seed=plan.seed)
+        sigma[mi] = M.median_sigma(r, pairs="reference", seed=plan.seed) * plan.bandwidth_scale
         per_mod[mi] = {"rows": rows, "r": r, "sigma": sigma[mi],
                        "cache": {} if "mmd" in dist and r.shape[0] <= MMD_CACHE_ROWS else None}
     where = f"site {task.site!r}, layer {task.layer}"
@@ -374,7 +393,7 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
         for mi, pm in per_mod.items():
             if label == plan.reference:        # not tested: effect 0 by definition, no p-value
                 for m in dist + paired:
-                    for suf in ("", "_lo", "_hi"):
+                    for suf in ("", "_lo", "_hi", "_boot"):
                         values[m + suf][ci, mi] = 0.0
                 continue
             rows, r = pm["rows"], pm["r"]
@@ -384,20 +403,21 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
                                                                                   plan.seed),
                                      _draws("counts", rows.k, plan.n_bootstrap, plan.seed), plan.level,
                                      f"checkpoint {label!r}, {where}, {plan.modalities[mi]} tokens")
-                _put(values, "mmd", (ci, mi), inf)
+                _put(values, "mmd", (ci, mi), *inf)
             for m, f in fns.items():
-                inf = cells.transport_cell(lambda a, b, f=f, s=pm["sigma"]: f(a, b, s), r, c, rows,
+                unscaled = pm["sigma"] / plan.bandwidth_scale       # the blur's unit: the median-heuristic sigma
+                inf = cells.transport_cell(lambda a, b, f=f, s=unscaled: f(a, b, s), r, c, rows,
                                            _draws("flips", rows.k, plan.n_transport[0], plan.seed),
                                            _draws("counts", rows.k, plan.n_transport[1], plan.seed), plan.level)
-                _put(values, m, (ci, mi), inf)
+                _put(values, m, (ci, mi), *inf)
             if "paired_shift" in paired:
                 vals = cells.shift_cell(r, c, rows, _draws("counts", rows.k, plan.n_bootstrap, plan.seed), plan.level)
-                for suf, v in zip(("", "_lo", "_hi"), vals):
+                for suf, v in zip(("", "_lo", "_hi", "_boot"), vals):
                     values["paired_shift" + suf][ci, mi] = v
         if do_gap:
             vals = cells.gap_cell(cur_raw[vis], cur_raw[txt], all_codes[vis], all_codes[txt], k_all,
                                   _draws("counts", k_all, plan.n_bootstrap, plan.seed), plan.level)
-            for suf, v in zip(("", "_lo", "_hi"), vals):
+            for suf, v in zip(("", "_lo", "_hi", "_boot"), vals):
                 values["gap" + suf][ci] = v
         if task.mir:
             state = _read(blocks, label, "final", None, dev) if use_final else cur_raw
@@ -410,8 +430,8 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
     return {"task": task, "values": values, "sigma": sigma, "mir_boot": mir_boot}
 
 
-def _put(values, m, idx, inf: I.Inference) -> None:
-    for suf, v in zip(("", "_lo", "_hi", "_p"), (inf.effect, inf.lo, inf.hi, inf.p)):
+def _put(values, m, idx, inf: I.Inference, draws: np.ndarray) -> None:
+    for suf, v in zip(("", "_lo", "_hi", "_p", "_boot"), (inf.effect, inf.lo, inf.hi, inf.p, draws)):
         values[m + suf][idx] = v
 
 
@@ -472,10 +492,22 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
     mir = {"mir" + suf: np.full((C, L), np.nan) for suf in ("", "_lo", "_hi")} if plan.do_mir else {}
     mir_boot = np.zeros((C, plan.n_mir))
     sigmas = np.full((L, S, Mo), np.nan)
+    B = plan.max_draws
+    boots = {m: np.full((C, L, S, Mo, B), np.nan) for m in cell_metrics}         # [..., draw]
+    if gap:
+        boots["gap"] = np.full((C, L, S, B), np.nan)
+    if mir:
+        boots["mir"] = np.full((C, L, B), np.nan)
     for out in results:
         t = out["task"]
         for name, arr in out["values"].items():
-            if name in res:
+            if name.endswith("_boot"):
+                m = name[:-len("_boot")]
+                if m == "gap":
+                    boots[m][:, t.layer_index, t.site_index, :arr.shape[-1]] = arr
+                else:
+                    boots[m][:, t.layer_index, t.site_index, :, :arr.shape[-1]] = arr
+            elif name in res:
                 res[name][:, t.layer_index, t.site_index, :] = arr
             elif name in gap:
                 gap[name][:, t.layer_index, t.site_index] = arr
@@ -485,6 +517,7 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
             sigmas[t.layer_index, t.site_index] = out["sigma"]
         if out["mir_boot"] is not None:
             mir_boot += out["mir_boot"]
+            boots["mir"][:, t.layer_index, :plan.n_mir] = out["mir_boot"]
 
     level = plan.level
     data = {name: (REPORT_DIMS, arr, _attrs(plan, name)) for name, arr in res.items()}
@@ -518,10 +551,19 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
         data["mir_total"] = (("checkpoint",), total, tot_attrs)
         data["mir_total_lo"] = (("checkpoint",), tlo, {**tot_attrs, "long_name": "mir_total, interval low"})
         data["mir_total_hi"] = (("checkpoint",), thi, {**tot_attrs, "long_name": "mir_total, interval high"})
+        total_boot = np.full((C, B), np.nan)
+        total_boot[:, :plan.n_mir] = np.log10(mir_boot)
+        data["mir_total_boot"] = (("checkpoint", "draw"), total_boot, _boot_attrs(plan, "mir_total"))
+    for m, arr in boots.items():
+        dims = (REPORT_DIMS if m in cell_metrics else METRICS[m].dims) + ("draw",)
+        data[m + "_boot"] = (dims, arr, _boot_attrs(plan, m))
     data["sigma"] = (("layer", "site", "modality"), sigmas,
                      {"long_name": "kernel bandwidth", "units": "model units",
-                      "definition": "median-heuristic sigma of the reference's tokens (unique pairs); the MMD "
-                                    "bandwidth for every checkpoint and resample, and the unit of the Sinkhorn blur"})
+                      "bandwidth_scale": plan.bandwidth_scale,
+                      "definition": f"{plan.bandwidth_scale:g} x the median-heuristic sigma of the reference's tokens "
+                                    f"(unique pairs), per layer, site and modality: the MMD bandwidth for every "
+                                    f"checkpoint and resample (so cells of one layer share their units); the "
+                                    f"Sinkhorn blur is a fraction of the median-heuristic sigma itself"})
     coords = {"checkpoint": list(plan.labels), "layer": list(plan.layers), "site": list(plan.sites),
               "modality": list(plan.modalities)}
     report = xr.Dataset(data, coords=coords)
@@ -539,14 +581,28 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
         "n_tests": int(sum(n_tests.values())),
         "sinkhorn_blur": plan.blur,
         "sinkhorn_scaling": cells.SINKHORN_SCALING,
+        "bandwidth_scale": plan.bandwidth_scale,
         "seed": plan.seed,
         "inference": "paired design; units of resampling are clusters: p-values from cluster sign flips "
                      "(swap reference and checkpoint tokens of whole clusters), intervals from a cluster "
                      "bootstrap (percentile)",
+        "intervals_cover": "probe sampling only: the clusters of this run's probe set are resampled; the variation "
+                           "between training runs (seeds) is not covered (combine runs: driftlens.compare)",
         "warnings": "\n".join(plan.notes),
         "driftlens_version": __version__,
     })
     return report
+
+
+def _boot_attrs(plan: GridPlan, metric: str) -> dict:
+    n = plan.n_draws(metric)
+    return {"long_name": f"{metric}, cluster-bootstrap draws", "units": "1" if metric == "mir_total" else
+            METRICS[metric].units, "n_draws": n,
+            "definition": f"the {metric} effect recomputed on {n} cluster-bootstrap draws (clusters drawn with "
+                          f"replacement; entries past {n} are NaN). Draw b resamples the same clusters in every cell "
+                          f"of this report (and of every report with the same seed and probe set), so the draws of two "
+                          f"cells are paired: their difference is the bootstrap of the cells' difference "
+                          f"(driftlens.compare); probe sampling only"}
 
 
 def _attrs(plan: GridPlan, name: str) -> dict:

@@ -40,6 +40,7 @@ __all__ = [
     "quadratic_u",
     "rows_by_cluster",
     "sign_flips",
+    "u_statistic_draws",
     "u_statistic_inference",
 ]
 
@@ -140,6 +141,17 @@ def u_statistic_inference(h: torch.Tensor, flips: torch.Tensor, counts: torch.Te
     p-value is one-sided (large values are drift). ``flips`` and ``counts`` come from
     :func:`sign_flips` and :func:`bootstrap_counts` with ``K = h.shape[0]``.
     """
+    return u_statistic_draws(h, flips, counts, level)[0]
+
+
+def u_statistic_draws(h: torch.Tensor, flips: torch.Tensor, counts: torch.Tensor,
+                      level: float = 0.95) -> tuple[Inference, np.ndarray]:
+    """:func:`u_statistic_inference` and the bootstrap draws it read its interval from ([B] float64).
+
+    The draws of two cells that share their clusters and ``counts`` are paired: draw ``b`` resamples the
+    same clusters in both, so their difference is the bootstrap of the cells' difference
+    (:mod:`driftlens.compare`).
+    """
     k = h.shape[0]
     if k < MIN_CLUSTERS:
         raise ValueError(f"a cluster U-statistic needs at least {MIN_CLUSTERS} clusters, got {k}")
@@ -153,7 +165,7 @@ def u_statistic_inference(h: torch.Tensor, flips: torch.Tensor, counts: torch.Te
     scale = float(h.abs().mean()) if h.numel() else 0.0
     tol = 1e3 * torch.finfo(torch.float64).eps * scale
     lo, hi = percentile_interval(boot, level)
-    return Inference(effect, lo, hi, p_value(null, effect, tol), k)
+    return Inference(effect, lo, hi, p_value(null, effect, tol), k), boot.cpu().numpy()
 
 
 def percentile_interval(values: torch.Tensor | np.ndarray, level: float = 0.95) -> tuple[float, float]:

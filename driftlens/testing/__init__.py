@@ -5,13 +5,16 @@
 from driftlens.testing import tiny
 from driftlens.testing.synthetic import (
     ClusteredSpec,
+    RunsSpec,
     clustered_pair,
     make_report,
     make_store,
     pvalue_calibration,
+    run_reports,
     shift_vector,
+    simulate_runs,
     true_mmd2,
 )
 
-__all__ = ["ClusteredSpec", "clustered_pair", "make_report", "make_store", "pvalue_calibration", "shift_vector",
-           "tiny", "true_mmd2"]
+__all__ = ["ClusteredSpec", "RunsSpec", "clustered_pair", "make_report", "make_store", "pvalue_calibration",
+           "run_reports", "shift_vector", "simulate_runs", "tiny", "true_mmd2"]

@@ -184,3 +184,95 @@ def make_store(path, n_clusters: int = 24, renders: int = 2, n_visual: int = 6, 
             store.write(site, i, 0, x.astype(np.float32))
         store.mark_complete(label)
     return store.path
+
+
+@dataclass(frozen=True)
+class RunsSpec:
+    """Training runs of one design on one probe set: two checkpoints ``A`` and ``B`` drift from the reference.
+
+    Per replicate the probe set is fixed: cluster effects ``u_a`` and a per-cluster susceptibility
+    ``c_a ~ N(0, cluster_sd^2)`` (some scenes move more, in every run). Per run: the reference's tokens
+    ``x = u_a + N(0, token_sd^2)``; checkpoint ``j`` moves cluster ``a``'s tokens by
+    ``(sqrt(max(drift_j^2 + run_sd z_rj, 0)) + c_a + c_ja) v`` (``c_ja ~ N(0, checkpoint_cluster_sd^2)`` the
+    checkpoint's own per-cluster susceptibility; the run effect acts on the squared drift, to which a small
+    MMD^2 is proportional, so per-run contrasts are close to normal; ``v`` a fixed unit vector, ``z`` a run
+    effect: standard normal,
+    or Student t with ``run_df`` degrees of freedom scaled to unit variance) plus ``N(0, noise_sd^2)``.
+    With ``drift_a == drift_b`` the two checkpoints drift equally in expectation over runs.
+    """
+
+    n_clusters: int = 48
+    tokens_per_cluster: int = 2
+    dim: int = 8
+    token_sd: float = 0.5
+    cluster_sd: float = 0.1
+    noise_sd: float = 0.05
+    checkpoint_cluster_sd: float = 0.03  # per-cluster susceptibility of one checkpoint only (A and B differ)
+    drift_a: float = 1.0
+    drift_b: float = 1.0
+    run_sd: float = 0.6          # the run-to-run spread of a contrast: about 8x one run's interval half-width
+    run_df: float | None = None
+    n_boot: int = 200
+
+
+def simulate_runs(spec: RunsSpec, n_runs: int, seed: int = 0, token_units: bool = False):
+    """One replicate of :class:`RunsSpec`: per run, the paired cluster MMD^2 of ``base``, ``A``, ``B`` against
+    ``base`` and its cluster-bootstrap draws, computed with the report's own cell code (the same cluster
+    draws in every run, as a report's seed gives). ``token_units`` resamples tokens instead of clusters
+    (the broken inference the calibration tests must reject).
+
+    Returns
+    -------
+    effects : numpy [n_runs, 3]
+    draws : numpy [n_runs, 3, n_boot]
+    """
+    import torch
+
+    from driftlens import inference as I
+    from driftlens import metrics as M
+
+    rng = np.random.default_rng(seed)
+    k, t, d = spec.n_clusters, spec.tokens_per_cluster, spec.dim
+    u = rng.normal(0, 1.0, (k, 1, d))
+    sus = rng.normal(0, spec.cluster_sd, (k, 1, 1))
+    v = np.zeros(d)
+    v[0] = 1.0
+    units = np.arange(k * t) if token_units else np.repeat(np.arange(k), t)
+    codes = torch.as_tensor(units)
+    n_units = int(units.max()) + 1
+    counts = I.bootstrap_counts(n_units, spec.n_boot, seed + 1)          # [K, B], shared by every run
+    weights = torch.cat([torch.ones(n_units, 1, dtype=torch.float64), counts], 1)   # [K, 1 + B]
+    effects, draws = np.zeros((n_runs, 3)), np.zeros((n_runs, 3, spec.n_boot))
+    for run in range(n_runs):
+        x = u + rng.normal(0, spec.token_sd, (k, t, d))
+        ref = torch.as_tensor(x.reshape(k * t, d))
+        sigma = M.median_sigma(ref, pairs="reference", seed=0)
+        for j, drift in ((1, spec.drift_a), (2, spec.drift_b)):
+            z = rng.normal() if spec.run_df is None else rng.standard_t(spec.run_df) / np.sqrt(
+                spec.run_df / (spec.run_df - 2))
+            own = rng.normal(0, spec.checkpoint_cluster_sd, (k, 1, 1))
+            size = np.sqrt(max(drift ** 2 + spec.run_sd * z, 0.0))        # the run effect acts on drift^2
+            moved = x + (size + sus + own) * v + rng.normal(0, spec.noise_sd, (k, t, d))
+            h = I.paired_mmd_matrix(ref, torch.as_tensor(moved.reshape(k * t, d)), codes, n_units, sigma)
+            q = I.quadratic_u(h, weights).numpy()
+            effects[run, j], draws[run, j] = q[0], q[1:]
+    return effects, draws
+
+
+def run_reports(spec: RunsSpec, n_runs: int, seed: int = 0, token_units: bool = False) -> dict:
+    """:func:`simulate_runs` as per-run mini reports (checkpoints ``base``, ``A``, ``B``; variables ``mmd``
+    and ``mmd_boot``), the shape :func:`driftlens.compare.combine_runs` takes.
+
+    Returns
+    -------
+    dict run label -> xarray.Dataset
+    """
+    import xarray as xr
+
+    effects, draws = simulate_runs(spec, n_runs, seed, token_units)
+    return {f"run-{r}": xr.Dataset(
+        {"mmd": (("checkpoint",), effects[r], {"units": "1"}),
+         "mmd_boot": (("checkpoint", "draw"), draws[r], {"units": "1"})},
+        coords={"checkpoint": ["base", "A", "B"]},
+        attrs={"reference": "base", "probe_set": "runs-sim", "seed": seed, "n_bootstrap": spec.n_boot,
+               "level": 0.95}) for r in range(n_runs)}

@@ -33,7 +33,9 @@ def _cell(rep, var, checkpoint="shifted", layer=1, site="hidden", modality="visu
 
 
 def test_report_layout_and_attributes(report):
-    assert dict(report.sizes) == {"checkpoint": 3, "layer": 3, "site": 2, "modality": 2}
+    assert dict(report.sizes) == {"checkpoint": 3, "layer": 3, "site": 2, "modality": 2, "draw": 500}
+    assert report["mmd_boot"].dims == ("checkpoint", "layer", "site", "modality", "draw")
+    assert report["sliced_w_boot"].attrs["n_draws"] == 40 and report["mir_boot"].dims == ("checkpoint", "layer", "draw")
     for m in ("mmd", "sliced_w", "gauss_w2"):
         for suffix in ("", "_lo", "_hi", "_p", "_q"):
             assert report[m + suffix].dims == ("checkpoint", "layer", "site", "modality")

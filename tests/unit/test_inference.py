@@ -206,11 +206,12 @@ def test_gap_bootstrap_draw_is_the_gap_of_the_resampled_rows(chunk_elements, mon
     t = torch.as_tensor(rng.normal(size=(18, 4)))
     cv, ct = np.repeat(np.arange(k), 5), np.repeat(np.arange(k), 3)
     w = np.array([0, 2, 1, 0, 1, 2], dtype=float)
-    value, lo, hi = _gap_cell(v, t, torch.as_tensor(cv), torch.as_tensor(ct), k,
-                              torch.as_tensor(w)[:, None], 0.5)
+    value, lo, hi, draws = _gap_cell(v, t, torch.as_tensor(cv), torch.as_tensor(ct), k,
+                                     torch.as_tensor(w)[:, None], 0.5)
     assert value == pytest.approx(M.modality_gap(v, t), rel=1e-12)
     ref = M.modality_gap(v[_resampled(cv, w)], t[_resampled(ct, w)])
     assert lo == pytest.approx(ref, rel=1e-12) and hi == pytest.approx(ref, rel=1e-12)
+    assert draws.shape == (1,) and draws[0] == pytest.approx(ref, rel=1e-12)
 
 
 def test_gap_names_a_zero_row_by_its_index_in_the_block(monkeypatch):
@@ -281,4 +282,5 @@ def test_per_cluster_terms_do_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     (disp1, pair1), gap1 = out[0]
     (disp2, pair2), gap2 = out[1]
-    assert torch.equal(disp1, disp2) and torch.equal(pair1, pair2) and gap1 == gap2
+    assert torch.equal(disp1, disp2) and torch.equal(pair1, pair2) and gap1[:3] == gap2[:3]
+    assert np.array_equal(gap1[3], gap2[3])
