@@ -426,7 +426,13 @@ def _add_ranks(sub) -> None:
     p.add_argument("--max-rank", type=int, default=64)
     p.add_argument("--modules", nargs="+", default=None, help="targets relative to a decoder block, among "
                    "the spec's block_modules (default: the spec's lora_targets)")
-    p.add_argument("--checkpoint", default=None, help="report checkpoint (default: the last)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--checkpoint", default=None,
+                       help="report checkpoint the signal is read at (default: the last of the report's one "
+                            "trajectory; a report with several trajectories must name it, or use --contrast)")
+    group.add_argument("--contrast", default=None, metavar="A:B",
+                       help="allocate from the contrast A minus B (e.g. ko-5:en-5: the drift the language change "
+                            "adds over the English control; mean over runs), computed by `driftlens drift --contrast`")
     p.add_argument("--site", default=DEFAULT_SITE)
     p.add_argument("--modality", default=DEFAULT_MODALITY)
     p.add_argument("--share", type=float, default=0.9, help="cumulative rule: share of signal kept")
@@ -452,11 +458,15 @@ def _run_ranks(args) -> int:
 
         spec = load_spec(path=args.spec)
     sched = allocate_ranks(report, args.budget, _signal_arg(args.signal), args.rule, args.min_rank, args.max_rank,
-                           args.modules, checkpoint=args.checkpoint, site=args.site, modality=args.modality,
+                           args.modules, checkpoint=args.checkpoint, contrast=args.contrast, site=args.site,
+                           modality=args.modality,
                            share=args.share, alpha_ratio=args.alpha_ratio, use_rslora=args.rslora, spec=spec,
                            source=str(args.report))
     out = sched.save(args.out, format=args.format)
-    print(f"schedule: {out} ({len(sched.adapted)} modules, budget {sched.budget})")
+    read_at = f"contrast {sched.meta['contrast']!r}" if sched.meta.get("contrast") else \
+        f"checkpoint {sched.meta.get('checkpoint')!r}"
+    runs = f", mean over {len(sched.meta['runs'])} runs" if sched.meta.get("runs") else ""
+    print(f"schedule: {out} ({len(sched.adapted)} modules, budget {sched.budget}; signal at {read_at}{runs})")
     print(f"rank per layer: {sched.layer_ranks().tolist()}")
     if args.plot:
         save(rank_schedule(sched, report), args.plot)

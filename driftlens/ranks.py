@@ -16,8 +16,11 @@ The budget is the sum of the ranks of all units.
 
 A signal expression reads ``NAME[@SITE][:MODALITY]``: ``"mmd"``, ``"mmd@key"``,
 ``"sinkhorn@hidden:text"``, ``"mmd_lo"``, ``"gap@key"``. ``NAME`` is any report variable with a ``layer`` dim;
-the checkpoint (default: the last one), site (default ``"hidden"``) and modality (default
-``"visual"``) are selected where the variable has those dims. Per-module signals: pass a mapping
+the checkpoint (default: the last one of the report's one trajectory; a report with several
+trajectories must name it -- :mod:`driftlens.select`), site (default ``"hidden"``) and modality (default
+``"visual"``) are selected where the variable has those dims. With ``contrast=`` the signal is the
+variable's contrast between two checkpoints (``{NAME}_contrast``, e.g. Korean minus the English
+control: the drift the language change adds), averaged over runs when the report has several. Per-module signals: pass a mapping
 ``{target: expression}`` (``"*"`` is the fallback for targets not named), e.g.
 ``{"self_attn.q_proj": "mmd@key", "self_attn.k_proj": "mmd@key", "*": "mmd@hidden"}`` so that
 key-space drift weighs the q/k projections and hidden-state drift the others; or keep one expression
@@ -91,22 +94,34 @@ def available_signals(report) -> list[str]:
 
 
 def _select_checkpoint(report, checkpoint):
+    """The checkpoint the signal is read at (:func:`driftlens.select.pick_checkpoint`'s rule)."""
+    from driftlens.errors import UsageError
+    from driftlens.select import pick_checkpoint
+
     labels = [str(c) for c in report["checkpoint"].values] if "checkpoint" in report.coords else []
-    if checkpoint is None:
-        if not labels:
-            raise ScheduleError("the report has no checkpoints")
-        return labels[-1]
-    if isinstance(checkpoint, (int, np.integer)) and not isinstance(checkpoint, bool):
-        try:
-            return labels[int(checkpoint)]
-        except IndexError:
-            raise ScheduleError(f"checkpoint index {checkpoint} out of range; the report has {labels}") from None
-    if str(checkpoint) not in labels:
-        raise ScheduleError(f"checkpoint {checkpoint!r} is not in the report; it has {labels}")
-    return str(checkpoint)
+    if not labels:
+        raise ScheduleError("the report has no checkpoints")
+    try:
+        return pick_checkpoint(labels, checkpoint, reference=report.attrs.get("reference"),
+                               what="the rank signal", flag="checkpoint= / --checkpoint")
+    except UsageError as exc:
+        raise ScheduleError(str(exc)) from None
 
 
-def signal_profile(report, signal: str, *, checkpoint=None, site: str = DEFAULT_SITE,
+def _select_contrast(report, contrast) -> str:
+    """A contrast of the report by label (``"ko-5 - en-5"``) or as ``"ko-5:en-5"``."""
+    have = [str(c) for c in report["contrast"].values] if "contrast" in report.coords else []
+    text = str(contrast)
+    if ":" in text and text not in have:
+        a, _, b = text.partition(":")
+        text = f"{a} - {b}"
+    if text not in have:
+        raise ScheduleError(f"contrast {contrast!r} is not in the report; it has {have or 'no contrasts'} "
+                            f"(compute them with driftlens drift --contrast A:B or --trajectories)")
+    return text
+
+
+def signal_profile(report, signal: str, *, checkpoint=None, contrast=None, site: str = DEFAULT_SITE,
                    modality: str = DEFAULT_MODALITY) -> np.ndarray:
     """One per-layer signal from a drift report, as given (not clipped).
 
@@ -117,23 +132,37 @@ def signal_profile(report, signal: str, *, checkpoint=None, site: str = DEFAULT_
     signal : str
         ``NAME[@SITE][:MODALITY]``; a site/modality written here wins over the keyword defaults.
     checkpoint : str or int, optional
-        Checkpoint label or position; default the last checkpoint.
+        Checkpoint label or position; default: the last checkpoint of the report's one trajectory
+        (refused when it holds several: :func:`driftlens.select.pick_checkpoint`).
+    contrast : str, optional
+        Read ``NAME``'s contrast instead (``"ko-5 - en-5"`` or ``"ko-5:en-5"``; the report's
+        ``{NAME}_contrast``): excess drift over a control.
     site, modality : str
         Used where the variable has that dim and the expression does not name one.
 
     Returns
     -------
     numpy.ndarray
-        ``[n_layers]`` float64, in ``layer`` coordinate order.
+        ``[n_layers]`` float64, in ``layer`` coordinate order. With a ``run`` dim (several training
+        runs), the mean over runs.
     """
     name, esite, emod = parse_signal(signal)
+    if contrast is not None:
+        name = f"{name}_contrast"
+        if name not in report.data_vars:
+            raise ScheduleError(f"signal {signal!r} with a contrast needs the report variable {name!r}; the report "
+                                f"has no contrasts of it (driftlens drift --contrast A:B)")
     if name not in report.data_vars or "layer" not in report[name].dims:
         raise ScheduleError(
             f"unknown signal {name!r} (from {signal!r}); available per-layer signals in the report: "
             f"{available_signals(report)}"
         )
     da = report[name]
-    if "checkpoint" in da.dims:
+    if "run" in da.dims:
+        da = da.mean("run", keep_attrs=True)          # several training runs: their mean is the signal
+    if contrast is not None:
+        da = da.sel(contrast=_select_contrast(report, contrast))
+    elif "checkpoint" in da.dims:
         da = da.sel(checkpoint=_select_checkpoint(report, checkpoint))
     for dim, explicit, default in (("site", esite, site), ("modality", emod, modality)):
         value = explicit if explicit is not None else default
@@ -264,7 +293,7 @@ def _pass_on_report_warnings(report) -> None:
 def allocate_ranks(report: xr.Dataset, budget: int, signal: str | Mapping[str, str] = "mmd",
                    rule: Rule = "proportional", min_rank: int = 1, max_rank: int = 64,
                    modules: Sequence[str] | None = None, *, checkpoint: str | int | None = None,
-                   site: Site = DEFAULT_SITE, modality: Modality = DEFAULT_MODALITY,
+                   contrast: str | None = None, site: Site = DEFAULT_SITE, modality: Modality = DEFAULT_MODALITY,
                    site_for_module: Mapping[str, Site] | None = None, share: float = 0.9,
                    alpha_ratio: float = 2.0, use_rslora: bool = False, spec: Spec | None = None,
                    model: torch.nn.Module | None = None, source: str | None = None) -> RankSchedule:
@@ -287,7 +316,13 @@ def allocate_ranks(report: xr.Dataset, budget: int, signal: str | Mapping[str, s
         each must be one of the spec's ``block_modules`` (when it lists them), or ScheduleError
         names the bad target, the spec file and the nearest valid names.
     checkpoint : str or int, optional
-        Report checkpoint the signal is read at; default the last.
+        Report checkpoint the signal is read at; default the last of the report's one trajectory. A
+        report with several trajectories (an adaptation and its control) refuses to guess: name the
+        checkpoint, or better a ``contrast``.
+    contrast : str, optional
+        Allocate from a contrast of the report instead of one checkpoint (``"ko-5 - en-5"``, or
+        ``"ko-5:en-5"``): the excess drift over a control, the mean over runs when the report has
+        several. Negative layers (the control moved more) get the floor rank.
     site, modality : str
         Defaults for the signal selection.
     site_for_module : mapping, optional
@@ -320,8 +355,13 @@ def allocate_ranks(report: xr.Dataset, budget: int, signal: str | Mapping[str, s
     n_layers = _report_layers(report, spec, model)
     targets = _check_targets(spec.lora_targets if modules is None else modules, spec, model)
     exprs = _resolve_signals(signal, targets, site_for_module, site, modality)
-    ck = _select_checkpoint(report, checkpoint) if "checkpoint" in report.coords else None
-    profiles = {e: signal_profile(report, e, checkpoint=ck, site=site, modality=modality)
+    if contrast is not None and checkpoint is not None:
+        raise ScheduleError("give checkpoint= or contrast=, not both")
+    if contrast is not None:
+        ck, con = None, _select_contrast(report, contrast)
+    else:
+        ck, con = (_select_checkpoint(report, checkpoint) if "checkpoint" in report.coords else None), None
+    profiles = {e: signal_profile(report, e, checkpoint=ck, contrast=con, site=site, modality=modality)
                 for e in set(exprs.values())}  # expr -> [n_layers]
     _check_finite(profiles, ck, report)
 
@@ -349,6 +389,7 @@ def allocate_ranks(report: xr.Dataset, budget: int, signal: str | Mapping[str, s
         "signal": dict(signal) if isinstance(signal, Mapping) else signal,
         "signals": exprs, "rule": rule, "budget": int(budget), "min_rank": int(min_rank),
         "max_rank": int(max_rank), "share": share if rule == "cumulative" else None, "checkpoint": ck,
+        "contrast": con, "runs": list(map(str, report["run"].values)) if "run" in report.coords else None,
         "modality_default": modality, "alpha_ratio": alpha_ratio, "use_rslora": bool(use_rslora),
         "lora_alpha": lora_alpha, "family": spec.family,
         "model_type": (getattr(getattr(model, "config", None), "model_type", None) if model is not None else None)

@@ -197,23 +197,21 @@ def report_weights(report, layers: Sequence[int], var: str = "mmd", checkpoint=N
     """Per-layer weights from a drift report: the effect at ``checkpoint``, clipped at 0 and
     normalized to sum 1 (equal weights when every effect is <= 0).
 
-    ``checkpoint`` may be left out only when the report has one checkpoint besides its reference:
-    a report over a trajectory and its control (``ko-1 .. ko-5, en-1 .. en-5``) has no "last"
-    checkpoint that is obviously the one meant, so it is refused rather than guessed.
+    ``checkpoint`` may be left out when the report holds one trajectory besides its reference (its
+    last checkpoint is used): a report over a trajectory and its control (``ko-1 .. ko-5, en-1 ..
+    en-5``) has no "last" checkpoint that is obviously the one meant, so it is refused rather than
+    guessed (:func:`driftlens.select.pick_checkpoint`). A report with several runs: the mean over runs.
     """
     if var not in report.data_vars:
         raise UsageError(f"the report has no {var!r}; it has {sorted(report.data_vars)}")
+    from driftlens.select import pick_checkpoint
+
     da = report[var]
+    if "run" in da.dims:
+        da = da.mean("run")
     labels = [str(c) for c in report.checkpoint.values]
-    if checkpoint is None:
-        others = [c for c in labels if c != str(report.attrs.get("reference", labels[0] if labels else ""))]
-        if len(others) != 1:
-            raise UsageError(f"say which checkpoint's drift weighs the layers (checkpoint=...): the report has "
-                             f"{len(others)} besides its reference: {others}")
-        checkpoint = others[0]
-    ck = str(checkpoint)
-    if ck not in labels:
-        raise UsageError(f"checkpoint {ck!r} is not in the report; it has {labels}")
+    ck = pick_checkpoint(labels, checkpoint, reference=str(report.attrs.get("reference", labels[0] if labels else "")),
+                         what="the layer weights", flag="checkpoint")
     sel = {"checkpoint": ck}
     sel.update({k: v for k, v in (("site", site), ("modality", modality)) if k in da.dims})
     prof = da.sel(sel)

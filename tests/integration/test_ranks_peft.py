@@ -181,3 +181,32 @@ def test_cli_writes_peft_and_axolotl_files_and_a_plot(tmp_path, capsys):
     args = parser.parse_args(["ranks", str(rp), "--budget", "40", "--signal", "mmd_xx"])
     with pytest.raises(ScheduleError, match="available per-layer signals"):
         args.func(args)
+
+
+def test_a_schedule_from_a_contrast_over_runs_round_trips_through_peft(tmp_path):
+    """Excess drift over a control, averaged over runs, exported and applied like any schedule."""
+    import numpy as np
+    import xarray as xr
+
+    from driftlens import compare as C
+
+    model, _ = build("llava", seed=0, n_layers=3)
+    spec = load_spec(model)
+    labels = ("base", "ko-1", "ko-2", "en-1", "en-2")
+    reps = {}
+    for s in range(3):
+        rep = make_report(3, checkpoints=labels, model_type=model.config.model_type, family=spec.family, seed=s,
+                          loc=2.0, scale=1.0)
+        rep["mmd_boot"] = rep["mmd"].expand_dims(draw=8).transpose(..., "draw") + xr.DataArray(
+            np.random.default_rng(s).normal(0, 0.01, 8), dims="draw")
+        reps[f"seed-{s}"] = rep
+    runs = C.combine_runs(reps)
+    runs = runs.merge(C.contrasts(runs, C.trajectory_pairs(labels, "ko-", "en-"), metrics=["mmd"]))
+    with pytest.raises(ScheduleError, match="2 trajectories"):
+        allocate_ranks(runs, 30, "mmd", model=model)
+    sched = allocate_ranks(runs, 30, "mmd", "proportional", 1, 8, contrast="ko-2:en-2", model=model)
+    path = sched.save(tmp_path / "ranks.json")
+    back = RankSchedule.load(path)
+    assert back.ranks == sched.ranks and back.meta["contrast"] == "ko-2 - en-2"
+    peft_model = get_peft_model(model, back.to_lora_config())
+    assert_applied_exactly(peft_model, back, spec)

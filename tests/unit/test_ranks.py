@@ -382,3 +382,44 @@ def test_rank_schedule_plot_bars_are_the_layer_ranks(tmp_path):
     np.testing.assert_allclose(line.get_ydata(), rep["mmd"].values[-1, :, 0, 0])  # raw profile, unclipped
     ax.figure.savefig(tmp_path / "ranks.png")
     assert (tmp_path / "ranks.png").stat().st_size > 1000
+
+
+def _with_contrast(report, a="ko-2", b="en-2"):
+    from driftlens import compare as C
+
+    rep = report.copy()
+    for m in ("mmd",):
+        rep[f"{m}_boot"] = rep[m].expand_dims(draw=4).transpose(..., "draw").copy()
+    return rep.merge(C.contrasts(rep, [(a, b)], metrics=["mmd"]))
+
+
+def test_a_report_with_two_trajectories_needs_a_checkpoint_or_a_contrast():
+    report = make_report(n_layers=4, checkpoints=("base", "ko-1", "ko-2", "en-1", "en-2"), loc=1.0, scale=0.3)
+    with pytest.raises(ScheduleError, match=r"2 trajectories ko: \['ko-1', 'ko-2'\], en: \['en-1', 'en-2'\]"):
+        allocate_ranks(report, budget=64)
+    one = report.sel(checkpoint=["base", "ko-1", "ko-2"])
+    assert allocate_ranks(one, budget=64).meta["checkpoint"] == "ko-2"          # one trajectory: its end
+    rep = _with_contrast(report)
+    sched = allocate_ranks(rep, budget=64, contrast="ko-2:en-2")
+    want = np.clip(rep["mmd"].sel(checkpoint="ko-2", site="hidden", modality="visual").values
+                   - rep["mmd"].sel(checkpoint="en-2", site="hidden", modality="visual").values, 0, None)
+    np.testing.assert_allclose(signal_profile(rep, "mmd", contrast="ko-2 - en-2"),
+                               rep["mmd"].sel(checkpoint="ko-2", site="hidden", modality="visual").values
+                               - rep["mmd"].sel(checkpoint="en-2", site="hidden", modality="visual").values)
+    assert sched.meta["contrast"] == "ko-2 - en-2" and sched.meta["checkpoint"] is None
+    assert np.argmax(sched.layer_ranks()) == np.argmax(want)
+    with pytest.raises(ScheduleError, match="not in the report"):
+        allocate_ranks(rep, budget=64, contrast="ko-1:en-1")
+    with pytest.raises(ScheduleError, match="not both"):
+        allocate_ranks(rep, budget=64, contrast="ko-2:en-2", checkpoint="ko-2")
+
+
+def test_a_signal_over_runs_is_their_mean():
+    import xarray as xr
+
+    reps = [make_report(n_layers=3, seed=s, loc=1.0, scale=0.3) for s in range(3)]
+    runs = xr.concat(reps, dim=xr.Variable("run", ["a", "b", "c"])).assign_coords(run=["a", "b", "c"])
+    runs.attrs = dict(reps[0].attrs)
+    mean = np.mean([signal_profile(r, "mmd", checkpoint="step-200") for r in reps], axis=0)
+    np.testing.assert_allclose(signal_profile(runs, "mmd", checkpoint="step-200"), mean)
+    assert allocate_ranks(runs, budget=48, checkpoint="step-200").meta["runs"] == ["a", "b", "c"]

@@ -187,19 +187,19 @@ def test_from_store_anchors_sigma_and_report_weights(tmp_path):
     jump = float(on_planted(batch("shifted"))) - float(on_planted(batch("same")))
     wobble = abs(float(off_planted(batch("shifted"))) - float(off_planted(batch("same"))))
     assert jump > 0.05 and jump > 20 * wobble, (jump, wobble)
-    report = make_report(n_layers=3)                     # base, step-100, step-200
-    with pytest.raises(UsageError, match=r"say which checkpoint.*\['step-100', 'step-200'\]"):
+    report = make_report(n_layers=3, checkpoints=("base", "ko-1", "ko-2", "en-1", "en-2"))   # two trajectories
+    with pytest.raises(UsageError, match=r"say which checkpoint.*2 trajectories ko: \['ko-1', 'ko-2'\], en"):
         report_weights(report, [0, 1, 2])
     with pytest.raises(UsageError, match="say which checkpoint"):
         AnchorDriftLoss.from_store(ds, layers=[0, 1, 2], n_anchors=32, weights=report)
-    w = report_weights(report, [0, 1, 2], checkpoint="step-100")
+    w = report_weights(report, [0, 1, 2], checkpoint="ko-1")
     assert sum(w.values()) == pytest.approx(1.0) and all(v >= 0 for v in w.values())
-    assert w != report_weights(report, [0, 1, 2], checkpoint="step-200")
+    assert w != report_weights(report, [0, 1, 2], checkpoint="ko-2")
     weighted = AnchorDriftLoss.from_store(ds, layers=[0, 1, 2], n_anchors=32, weights=report,
-                                          weights_checkpoint="step-100")
+                                          weights_checkpoint="ko-1")
     assert weighted.weights == pytest.approx(w)
-    assert report_weights(report.sel(checkpoint=["base", "step-200"]), [0, 1, 2]) == \
-        report_weights(report, [0, 1, 2], checkpoint="step-200")     # one besides the reference: no doubt
+    one = report.sel(checkpoint=["base", "ko-1", "ko-2"])                       # one trajectory: its last step
+    assert report_weights(one, [0, 1, 2]) == report_weights(report, [0, 1, 2], checkpoint="ko-2")
 
 
 def test_from_store_refusals(tmp_path):
