@@ -20,8 +20,8 @@ the checkpoint (default: the last one of the report's one trajectory; a report w
 trajectories must name it -- :mod:`driftlens.select`), site (default ``"hidden"``) and modality (default
 ``"visual"``) are selected where the variable has those dims. With ``contrast=`` the signal is the
 variable's contrast between two checkpoints (``{NAME}_contrast``, e.g. Korean minus the English
-control: the drift the language change adds), averaged over runs when the report has several. Per-module signals: pass a mapping
-``{target: expression}`` (``"*"`` is the fallback for targets not named), e.g.
+control: the drift the language change adds), averaged over runs when the report has several.
+Per-module signals: pass a mapping ``{target: expression}`` (``"*"`` is the fallback for targets not named), e.g.
 ``{"self_attn.q_proj": "mmd@key", "self_attn.k_proj": "mmd@key", "*": "mmd@hidden"}`` so that
 key-space drift weighs the q/k projections and hidden-state drift the others; or keep one expression
 and pass ``site_for_module={"self_attn.q_proj": "key", "self_attn.k_proj": "key"}`` (a site written
