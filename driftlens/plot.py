@@ -23,11 +23,16 @@ Conventions
 - **Labels.** Axis and colorbar labels carry the variable's ``units`` attribute (``1`` is written
   *dimensionless*); titles name the site, modality and what the bands or marks mean.
 - **Intervals.** Wherever the report has ``{var}_lo`` / ``{var}_hi`` the interval is drawn as a band
-  (``fill_between``); nowhere else.
+  (``fill_between``); nowhere else. Titles say what a band covers: probe sampling (one run), or runs
+  then clusters (a report with a ``run`` dim, drawn as the mean over runs with one dot per run and the
+  across-run interval -- never the mean of each run's own bounds).
+- **Marks.** A ``*`` on a heatmap comes from a test that can come out "no" (the minimum effect of
+  interest, ``{var}_pmin``), not from "anything changed", which any weight change passes.
 - **Errors.** A variable, site or modality the report does not have is a
   :class:`driftlens.errors.UsageError` naming what it has.
 
-Functions: :func:`drift_heatmap`, :func:`drift_by_layer`, :func:`modality_gap_by_layer`,
+Functions: :func:`drift_heatmap`, :func:`drift_by_layer`, :func:`contrast_by_layer`,
+:func:`modality_gap_by_layer`,
 :func:`mir_by_layer`, :func:`rank_schedule`, :func:`grounding_vs_drift`, :func:`seeds_by_layer`,
 :func:`probe_accuracy`, :func:`save`, :func:`plot_report`. Importing this module imports neither
 matplotlib nor pyplot; each function imports what it needs.
@@ -53,7 +58,7 @@ if TYPE_CHECKING:
     from driftlens.schedule import RankSchedule
     from driftlens.schema import Modality, Site
 
-__all__ = ["OKABE_ITO", "drift_by_layer", "drift_heatmap", "grounding_vs_drift", "mir_by_layer",
+__all__ = ["OKABE_ITO", "contrast_by_layer", "drift_by_layer", "drift_heatmap", "grounding_vs_drift", "mir_by_layer",
            "modality_gap_by_layer", "token_map", "plot_report", "probe_accuracy", "rank_schedule", "save",
            "seeds_by_layer"]
 
@@ -261,12 +266,41 @@ def _pick_checkpoints(da, checkpoints, reference, drop_zero_reference: bool) -> 
     return chosen
 
 
+def _runs(report, var: str) -> bool:
+    """Whether ``var`` is drawn over training runs: the report has a ``run`` dim and ``{var}_runs``.
+
+    A report with runs is drawn as its mean over runs (``{var}_runs``), the across-run interval
+    (``{var}_runs_lo`` / ``_hi``: runs, then clusters) and one dot per run -- never the mean of the
+    runs' own bootstrap bounds, which leaves out the variation between runs.
+    """
+    if not (hasattr(report, "dims") and "run" in report.dims and var in report.data_vars
+            and "run" in report[var].dims):
+        return False
+    if f"{var}_runs" not in report.data_vars:
+        from driftlens.errors import UsageError
+
+        raise UsageError(f"{var!r} has a run dim but the report has no across-run statistics ({var}_runs): "
+                         f"select one run (report.sel(run=...)) or combine at least 2 runs")
+    return True
+
+
+def _run_dots(ax, report, var: str, sel: Mapping, ck: str, layers, color, marker) -> None:
+    """One dot per run at each layer, slightly spread so that they do not hide each other."""
+    per_run = report[var].sel({**dict(sel), "checkpoint": ck}).transpose("run", "layer").values   # [runs, layers]
+    n = per_run.shape[0]
+    for i, row in enumerate(per_run):
+        ax.scatter(np.asarray(layers, dtype=float) + 0.06 * (i - (n - 1) / 2), row, s=11, color=color,
+                   marker=marker, alpha=0.6, lw=0, zorder=2)
+
+
 def _lines_by_layer(report, var: str, *, site, modality, checkpoints, ax, labels: Mapping[str, str] | None = None,
                     legend_title: str | None = None, title: str | None = None, ylabel: str | None = None):
     """The per-layer line plot behind drift_by_layer, modality_gap_by_layer and mir_by_layer."""
     dims = ("checkpoint", "layer")
-    da, sel = _select(report, var, site=site, modality=modality, dims=dims)
-    band = _band(report, var, sel, dims)
+    runs = _runs(report, var)
+    shown = f"{var}_runs" if runs else var
+    da, sel = _select(report, shown, site=site, modality=modality, dims=dims)
+    band = _band(report, shown, sel, dims)
     reference = _reference(report)
     vs_ref = var in _VS_REFERENCE
     chosen = _pick_checkpoints(da, checkpoints, reference, drop_zero_reference=vs_ref)
@@ -280,6 +314,8 @@ def _lines_by_layer(report, var: str, *, site, modality, checkpoints, ax, labels
         if band is not None:
             ax.fill_between(layers, band[0].sel(checkpoint=ck).values, band[1].sel(checkpoint=ck).values,
                             color=st["color"], alpha=0.14, lw=0, zorder=1)
+        if runs:
+            _run_dots(ax, report, var, sel, ck, layers, st["color"], st["marker"])
     if vs_ref:
         ax.axhline(0.0, color=_GREY, lw=0.8, zorder=0)
     _layer_ticks(ax, layers)
@@ -291,8 +327,11 @@ def _lines_by_layer(report, var: str, *, site, modality, checkpoints, ax, labels
         second = [where] if where else []
         if vs_ref and reference is not None:
             second.append(f"vs {reference}")
-        if band is not None:
-            second.append(f"bands: {_level(report)}interval")
+        if runs:
+            second.append(f"lines: mean of {report.sizes['run']} runs, dots: one run, bands: {_level(report)}"
+                          f"across-run interval")
+        elif band is not None:
+            second.append(f"bands: {_level(report)}interval (probe sampling)")
         if second:
             title += "\n" + "; ".join(second)
     ax.set_title(title, fontsize=9)
@@ -307,8 +346,8 @@ def _lines_by_layer(report, var: str, *, site, modality, checkpoints, ax, labels
 
 def drift_heatmap(report: xr.Dataset, var: str = "mmd", site: Site | str = "hidden",
                   modality: Modality | None = "visual", *, ax: Axes | None = None, alpha: float = 0.05,
-                  annotate: bool = True) -> Axes:
-    """Checkpoint x layer heatmap of one report variable, significant cells marked.
+                  annotate: bool = True, marks: Literal["auto", "min_effect", "against_zero", "none"] = "auto") -> Axes:
+    """Checkpoint x layer heatmap of one report variable, cells that pass a test that can fail marked.
 
     Parameters
     ----------
@@ -321,10 +360,16 @@ def drift_heatmap(report: xr.Dataset, var: str = "mmd", site: Site | str = "hidd
     ax : matplotlib.axes.Axes, optional
         Where to draw; default a new figure sized to the grid. A colorbar is added beside it.
     alpha : float
-        Cells whose adjusted p-value ``{var}_q`` (else the raw ``{var}_p``) is at most ``alpha`` get a
-        ``*``; without either variable nothing is marked.
+        Cells whose marking p-value is at most ``alpha`` get a ``*``.
     annotate : bool
         Write each cell's value (3 significant digits) in it; the ``*`` marks are drawn either way.
+    marks : {"auto", "min_effect", "against_zero", "none"}
+        Which test marks a cell. ``min_effect``: ``{var}_pmin``, "the effect exceeds the minimum effect
+        of interest" (``driftlens drift --min-effect``), a test that can come out "no". ``against_zero``:
+        the adjusted ``{var}_q`` (else ``{var}_p``) of "anything changed" -- for a deterministic model
+        any weight change is a change, so on real checkpoints every such cell is marked and the marks
+        say nothing. ``auto`` (default): ``min_effect`` when the report has ``{var}_pmin``, else no
+        marks. A report with several runs shows the mean over runs and is not marked.
 
     Returns
     -------
@@ -340,8 +385,19 @@ def drift_heatmap(report: xr.Dataset, var: str = "mmd", site: Site | str = "hidd
     from matplotlib.colors import Normalize
 
     dims = ("checkpoint", "layer")
-    da, sel = _select(report, var, site=site, modality=modality, dims=dims)
-    sig_var = next((v for v in (f"{var}_q", f"{var}_p") if v in report.data_vars), None)
+    runs = _runs(report, var)
+    da, sel = _select(report, f"{var}_runs" if runs else var, site=site, modality=modality, dims=dims)
+    if marks not in ("auto", "min_effect", "against_zero", "none"):
+        from driftlens.errors import UsageError
+
+        raise UsageError(f"marks must be 'auto', 'min_effect', 'against_zero' or 'none', got {marks!r}")
+    candidates = {"auto": (f"{var}_pmin",), "min_effect": (f"{var}_pmin",), "none": (),
+                  "against_zero": (f"{var}_q", f"{var}_p")}[marks]
+    sig_var = None if runs else next((v for v in candidates if v in report.data_vars), None)
+    if marks == "min_effect" and sig_var is None and not runs:
+        from driftlens.errors import UsageError
+
+        raise UsageError(f"marks='min_effect' needs {var}_pmin in the report (driftlens drift --min-effect X)")
     sig = _select(report, sig_var, site=site, modality=modality, dims=dims, need_values=False)[0].values \
         if sig_var else None
     n_c, n_l = da.sizes["checkpoint"], da.sizes["layer"]
@@ -372,11 +428,17 @@ def drift_heatmap(report: xr.Dataset, var: str = "mmd", site: Site | str = "hidd
     reference = _reference(report)
     title = _short(var) + (f" vs {reference}" if var in _VS_REFERENCE and reference else "") + \
         (f" ({where})" if where else "")
+    if runs:
+        title += f"\nmean of {report.sizes['run']} runs"
     if sig_var:
         kind = sig_var.rsplit("_", 1)[1]
-        corr = str(report[sig_var].attrs.get("correction", report.attrs.get("correction", "")))
-        how = (_CORRECTIONS.get(corr, corr) + "-adjusted" if corr else "adjusted") if kind == "q" else "unadjusted"
-        title += f"\n* {kind} $\\leq$ {alpha:g} ({how} p-value)"
+        if kind == "pmin":
+            title += f"\n* effect > {report[sig_var].attrs.get('min_effect', '?'):g} (one-sided p $\\leq$ {alpha:g})"
+        else:
+            corr = str(report[sig_var].attrs.get("correction", report.attrs.get("correction", "")))
+            how = (_CORRECTIONS.get(corr, corr) + "-adjusted" if corr else "adjusted") if kind == "q" \
+                else "unadjusted"
+            title += f"\n* {kind} $\\leq$ {alpha:g} ({how} p-value of any change)"
     ax.set_title(title, fontsize=9)
     ax.figure.colorbar(im, ax=ax, label=_axis_label(var, da.attrs), fraction=0.08, pad=0.03)
     return ax
@@ -415,6 +477,81 @@ def drift_by_layer(report: xr.Dataset, var: str = "mmd", site: Site | str = "hid
         Unknown variable, site, modality or checkpoint, or a variable without a ``layer`` dim.
     """
     return _lines_by_layer(report, var, site=site, modality=modality, checkpoints=checkpoints, ax=ax)
+
+
+def contrast_by_layer(report: xr.Dataset, var: str = "mmd", contrasts: Sequence[str] | None = None,
+                      site: Site | str = "hidden", modality: Modality | None = "visual", *,
+                      ax: Axes | None = None) -> Axes:
+    """Excess drift per layer: a contrast ``a - b`` of one metric (e.g. Korean minus the English control).
+
+    With several runs: the mean over runs, its across-run interval (runs, then clusters) as a band and
+    one dot per run. With one run: the contrast and its within-run interval (probe sampling only; the
+    title says so). The line at 0 is "no excess".
+
+    Parameters
+    ----------
+    report : xarray.Dataset
+        A report with contrasts (``driftlens drift --contrast A:B`` / ``--trajectories``).
+    var : str
+        The metric (default ``mmd``); draws ``{var}_contrast``.
+    contrasts : sequence of str, optional
+        Contrast labels (``"ko-5 - en-5"``); default all.
+    site, modality : str
+        Selected where the variable has that dim.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; default a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    from driftlens.errors import UsageError
+
+    name = f"{var}_contrast"
+    if name not in report.data_vars:
+        raise UsageError(f"the report has no {name!r}: compute contrasts (driftlens drift --contrast A:B, or "
+                         f"--trajectories PREFIX_A,PREFIX_B)")
+    runs = _runs(report, name)
+    shown = f"{name}_runs" if runs else name
+    dims = ("contrast", "layer")
+    da, sel = _select(report, shown, site=site, modality=modality, dims=dims)
+    band = _band(report, shown, sel, dims)
+    have = _have(da, "contrast")
+    chosen = have if contrasts is None else [str(c) for c in ([contrasts] if isinstance(contrasts, str)
+                                                               else contrasts)]
+    unknown = [c for c in chosen if c not in have]
+    if unknown or not chosen:
+        raise UsageError(f"contrasts {unknown or chosen} are not in the report; it has {have}")
+    ax = ax if ax is not None else _new_axes((7.2, 4.2))
+    layers = da["layer"].values
+    n = len(chosen)
+    for i, con in enumerate(chosen):
+        color, marker = _GROUP_COLORS[i % len(_GROUP_COLORS)], _MARKERS[(i + 1) % len(_MARKERS)]
+        if n > 1:                            # later contrasts (later steps) in fuller colour
+            color = _mix(color, 0.45 + 0.55 * i / (n - 1)) if len(set(map(_group, chosen))) == 1 else color
+        ax.plot(layers, da.sel(contrast=con).values, color=color, marker=marker, ms=4.5, lw=1.6, label=con, zorder=3)
+        if band is not None:
+            ax.fill_between(layers, band[0].sel(contrast=con).values, band[1].sel(contrast=con).values,
+                            color=color, alpha=0.14, lw=0, zorder=1)
+        if runs:
+            per_run = report[name].sel({**sel, "contrast": con}).transpose("run", "layer").values
+            for j, row in enumerate(per_run):
+                ax.scatter(layers + 0.06 * (j - (len(per_run) - 1) / 2), row, s=11, color=color, marker=marker,
+                           alpha=0.6, lw=0, zorder=2)
+    ax.axhline(0.0, color=_GREY, lw=0.8, zorder=0)
+    _layer_ticks(ax, layers)
+    ax.set_xlabel("decoder layer")
+    prefix = f"{sel['modality']} " if "modality" in sel else ""
+    ax.set_ylabel(f"excess {prefix}{_short(var)}, a - b ({_units_text(report[name].attrs.get('units'))})")
+    where = ", ".join(sel.values())
+    how = (f"mean of {report.sizes['run']} runs, dots: one run, bands: {_level(report)}across-run interval "
+           f"(runs, then clusters)") if runs else \
+        f"one run; bands: {_level(report)}within-run interval (probe sampling only, not run-to-run variation)"
+    ax.set_title(f"{_short(var)} contrast by layer" + (f" ({where})" if where else "") + f"\n{how}", fontsize=9)
+    ax.grid(axis="y", color="#e6e6e6", lw=0.6, zorder=0)
+    ax.set_axisbelow(True)
+    _legend_outside(ax, title="contrast a - b", title_fontsize="small")
+    return ax
 
 
 def modality_gap_by_layer(report: xr.Dataset, site: Site | str = "hidden",
@@ -471,8 +608,9 @@ def mir_by_layer(report: xr.Dataset, checkpoints: Sequence[str] | None = None, *
         No ``mir`` in the report, or an unknown checkpoint.
     """
     labels, legend_title = None, None
-    if "mir_total" in report.data_vars and report["mir_total"].dims == ("checkpoint",):
-        tot = report["mir_total"]
+    total = "mir_total_runs" if "mir_total_runs" in report.data_vars else "mir_total"
+    if total in report.data_vars and report[total].dims == ("checkpoint",):
+        tot = report[total]
         labels = {str(c): f"{c}: {float(v):.2f}" for c, v in zip(tot["checkpoint"].values, tot.values)}
         legend_title = f"checkpoint: MIR total\n({_units_text(tot.attrs.get('units', 'log10'))})"
     return _lines_by_layer(report, "mir", site=None, modality=None, checkpoints=checkpoints, ax=ax, labels=labels,
@@ -528,6 +666,7 @@ def rank_schedule(schedule: RankSchedule, report: xr.Dataset | None = None, *, a
         from driftlens.ranks import DEFAULT_MODALITY, parse_signal, signal_profile
 
         y = signal_profile(report, exprs[0], checkpoint=schedule.meta.get("checkpoint"),
+                           contrast=schedule.meta.get("contrast"),
                            modality=schedule.meta.get("modality_default", DEFAULT_MODALITY))
         name = parse_signal(exprs[0])[0]
         label = f"{exprs[0]} ({_units_text(report[name].attrs.get('units'))})"
@@ -546,8 +685,11 @@ def rank_schedule(schedule: RankSchedule, report: xr.Dataset | None = None, *, a
     _layer_ticks(ax, x)
     ax.set_xlim(-0.6, L - 0.4)
     rule = schedule.meta.get("rule")
-    ck = schedule.meta.get("checkpoint")
-    ax.set_title(f"{rule} ranks, budget {schedule.budget}" + (f"; signal at checkpoint {ck}" if ck else ""),
+    ck, con = schedule.meta.get("checkpoint"), schedule.meta.get("contrast")
+    at = f"; signal: contrast {con}" if con else (f"; signal at checkpoint {ck}" if ck else "")
+    if schedule.meta.get("runs"):
+        at += f", mean of {len(schedule.meta['runs'])} runs"
+    ax.set_title(f"{rule} ranks, budget {schedule.budget}" + at,
                  fontsize=9)
     line = Line2D([], [], color="black", marker="o", ms=4.5, lw=1.6, label="signal")
     ax2.legend(handles + [line], [h.get_label() for h in handles] + ["signal"], loc="upper center",
@@ -873,7 +1015,8 @@ def plot_report(report: xr.Dataset, out_dir: str | Path, formats: Sequence[str] 
 
     Per distributional metric (``mmd``, ``sinkhorn``, ``sliced_w``, ``gauss_w2``) and ``paired_shift``
     present, per site and modality: ``{var}_heatmap_{site}_{modality}`` (:func:`drift_heatmap`) and
-    ``{var}_by_layer_{site}_{modality}`` (:func:`drift_by_layer`); per site of ``gap``:
+    ``{var}_by_layer_{site}_{modality}`` (:func:`drift_by_layer`) and, with contrasts,
+    ``{var}_contrast_by_layer_{site}_{modality}`` (:func:`contrast_by_layer`); per site of ``gap``:
     ``gap_by_layer_{site}``; with ``mir``: ``mir_by_layer``; with a ``schedule``: ``rank_schedule``.
     A cell with no finite value is skipped with a warning.
 
@@ -936,6 +1079,12 @@ def plot_report(report: xr.Dataset, out_dir: str | Path, formats: Sequence[str] 
                              lambda v=var, s=site, m=mod: drift_heatmap(report, v, site=s, modality=m)))
                 jobs.append((f"{var}_by_layer{suffix}",
                              lambda v=var, s=site, m=mod: drift_by_layer(report, v, site=s, modality=m)))
+        if f"{var}_contrast" in report.data_vars:
+            for site in site_list(da):
+                for mod in (_have(da, "modality") if "modality" in da.dims else [None]):
+                    suffix = "".join(f"_{s}" for s in (site, mod) if s is not None)
+                    jobs.append((f"{var}_contrast_by_layer{suffix}",
+                                 lambda v=var, s=site, m=mod: contrast_by_layer(report, v, site=s, modality=m)))
     if "gap" in chosen:
         for site in site_list(report["gap"]):
             jobs.append((f"gap_by_layer{f'_{site}' if site else ''}",

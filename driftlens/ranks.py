@@ -103,7 +103,7 @@ def _select_checkpoint(report, checkpoint):
         raise ScheduleError("the report has no checkpoints")
     try:
         return pick_checkpoint(labels, checkpoint, reference=report.attrs.get("reference"),
-                               what="the rank signal", flag="checkpoint= / --checkpoint")
+                               what="the rank signal", flag="checkpoint")
     except UsageError as exc:
         raise ScheduleError(str(exc)) from None
 

@@ -59,7 +59,7 @@ def probe_ds(with_sd=True):
 # ------------------------------------------------------------------------------------ heatmap
 
 def test_heatmap_cells_labels_and_significance_marks(rep):
-    ax = plot.drift_heatmap(rep, "mmd", site="hidden", modality="visual", alpha=0.5)
+    ax = plot.drift_heatmap(rep, "mmd", site="hidden", modality="visual", alpha=0.5, marks="against_zero")
     (im,) = ax.images
     want = rep["mmd"].sel(site="hidden", modality="visual").transpose("checkpoint", "layer").values
     np.testing.assert_allclose(im.get_array(), want)
@@ -75,9 +75,10 @@ def test_heatmap_cells_labels_and_significance_marks(rep):
 
 def test_heatmap_falls_back_to_p_then_to_no_marks(rep):
     p = rep["mmd_p"].sel(site="key", modality="text").values
-    ax = plot.drift_heatmap(rep.drop_vars("mmd_q"), "mmd", site="key", modality="text", alpha=0.3, annotate=False)
+    ax = plot.drift_heatmap(rep.drop_vars("mmd_q"), "mmd", site="key", modality="text", alpha=0.3, annotate=False,
+                            marks="against_zero")
     assert [t.get_text() for t in ax.texts] == ["*"] * int((p <= 0.3).sum())     # marks only
-    ax = plot.drift_heatmap(rep.drop_vars(["mmd_q", "mmd_p"]), "mmd", annotate=False)
+    ax = plot.drift_heatmap(rep.drop_vars(["mmd_q", "mmd_p"]), "mmd", annotate=False, marks="against_zero")
     assert len(ax.texts) == 0 and "*" not in ax.get_title()
 
 
@@ -145,7 +146,7 @@ def test_mir_by_layer_totals_in_the_legend(rep):
 # ------------------------------------------------------------------------------------ other figures
 
 def test_rank_schedule_bars_line_and_labels(rep):
-    sch = allocate_ranks(rep, 64, "mmd", "proportional", 1, 8, spec=load_spec("llava"))
+    sch = allocate_ranks(rep, 64, "mmd", "proportional", 1, 8, spec=load_spec("llava"), checkpoint="en-1")
     ax = new_ax()
     assert plot.rank_schedule(sch, rep, ax=ax) is ax
     heights = np.zeros(L)
@@ -247,7 +248,7 @@ def test_save_png_and_svg(rep, tmp_path):
 
 
 def test_plot_report_names_every_figure_the_report_supports(rep, tmp_path, monkeypatch):
-    sch = allocate_ranks(rep, 64, "mmd", "proportional", 1, 8, spec=load_spec("llava"))
+    sch = allocate_ranks(rep, 64, "mmd", "proportional", 1, 8, spec=load_spec("llava"), checkpoint="en-1")
     drawn = []
     monkeypatch.setattr(plot, "save", lambda ax, path, formats: drawn.append((ax, path, formats)) or path)
     paths = plot.plot_report(rep, tmp_path, formats=("png", "svg"), schedule=sch)
@@ -267,7 +268,7 @@ def test_plot_report_names_every_figure_the_report_supports(rep, tmp_path, monke
 def test_plot_report_writes_png_and_svg(rep, tmp_path):
     small = rep[["mmd", "mmd_lo", "mmd_hi", "mmd_p", "gap", "mir", "mir_lo", "mir_hi", "mir_total"]].sel(
         site=["hidden"], modality=["visual"])
-    sch = allocate_ranks(rep, 64, "mmd", "proportional", 1, 8, spec=load_spec("llava"))
+    sch = allocate_ranks(rep, 64, "mmd", "proportional", 1, 8, spec=load_spec("llava"), checkpoint="en-1")
     paths = plot.plot_report(small, tmp_path / "figs", formats=("png", "svg"), schedule=sch)
     stems = ["mmd_heatmap_hidden_visual", "mmd_by_layer_hidden_visual", "gap_by_layer_hidden", "mir_by_layer",
              "rank_schedule"]
@@ -315,3 +316,58 @@ def test_importing_and_drawing_never_touch_pyplot():
 
     with tempfile.TemporaryDirectory() as d:
         subprocess.run([sys.executable, "-c", code, f"{d}/x.png"], check=True, capture_output=True)
+
+
+# ------------------------------------------------------------------------------------ runs and contrasts
+
+@pytest.fixture(scope="module")
+def runs_rep(tmp_path_factory):
+    import driftlens as dl
+    from driftlens.testing import make_store
+
+    root = tmp_path_factory.mktemp("plotruns")
+    stores = {f"seed-{s}": make_store(root / f"s{s}.zarr", seed=s, shift=1.0 + 0.5 * s) for s in range(3)}
+    return dl.drift(stores, reference="base", metrics=("mmd", "gap", "mir"), n_permutations=50, n_bootstrap=60,
+                    progress=False, contrasts=["shifted:same"], min_effect=0.005)
+
+
+def test_a_report_with_runs_is_drawn_as_the_mean_with_one_dot_per_run_and_the_across_run_band(runs_rep):
+    ax = plot.drift_by_layer(runs_rep, "mmd")
+    want = runs_rep["mmd_runs"].sel(site="hidden", modality="visual", checkpoint="shifted").values
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    np.testing.assert_allclose(lines["shifted"].get_ydata(), want)
+    dots = [c for c in ax.collections if c.get_offsets().shape[0] == runs_rep.sizes["layer"]
+            and not hasattr(c, "get_paths") or len(c.get_offsets()) == runs_rep.sizes["layer"]]
+    assert len(dots) >= 3 * 2                           # 3 runs x (same, shifted)
+    assert "across-run interval" in ax.get_title() and "mean of 3 runs" in ax.get_title()
+    for fig in (plot.modality_gap_by_layer(runs_rep), plot.mir_by_layer(runs_rep)):
+        assert "across-run interval" in fig.get_title()
+    heat = plot.drift_heatmap(runs_rep, "mmd")
+    np.testing.assert_allclose(heat.images[0].get_array(),
+                               runs_rep["mmd_runs"].sel(site="hidden", modality="visual").values)
+    assert not any(t.get_text().endswith("*") for t in heat.texts) and "mean of 3 runs" in heat.get_title()
+
+
+def test_contrast_by_layer_draws_the_contrast_its_band_and_the_runs(runs_rep):
+    ax = plot.contrast_by_layer(runs_rep, "mmd")
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "shifted - same"]
+    np.testing.assert_allclose(line.get_ydata(), runs_rep["mmd_contrast_runs"].sel(
+        contrast="shifted - same", site="hidden", modality="visual").values)
+    assert "across-run interval" in ax.get_title()
+    one = plot.contrast_by_layer(runs_rep.sel(run="seed-0").drop_vars([v for v in runs_rep.data_vars
+                                                                       if "_runs" in v]), "mmd")
+    assert "probe sampling only" in one.get_title()
+    with pytest.raises(UsageError, match="no 'gap_contrast'|no 'sinkhorn_contrast'"):
+        plot.contrast_by_layer(runs_rep, "sinkhorn")
+
+
+def test_heatmap_marks_come_from_the_minimum_effect_test(runs_rep):
+    one = runs_rep.sel(run="seed-2").drop_vars([v for v in runs_rep.data_vars if "_runs" in v])
+    ax = plot.drift_heatmap(one, "mmd", alpha=0.05)
+    pmin = one["mmd_pmin"].sel(site="hidden", modality="visual").values
+    assert sum(t.get_text().endswith("*") for t in ax.texts) == int((pmin <= 0.05).sum()) > 0
+    assert "effect > 0.005" in ax.get_title()
+    none = plot.drift_heatmap(one.drop_vars("mmd_pmin"), "mmd")
+    assert not any(t.get_text().endswith("*") for t in none.texts)
+    with pytest.raises(UsageError, match="min-effect"):
+        plot.drift_heatmap(one.drop_vars("mmd_pmin"), "mmd", marks="min_effect")
