@@ -2,8 +2,9 @@
 
 build (or load the cached) organism for every seed -> generate the organism's world probe set
 -> per seed, capture it across the Korean trajectory and the English control -> per seed, the
-drift report against ``base`` -> means and spreads over seeds, figures, a rank schedule,
-``summary.json`` and ``summary.md`` in the output folder.
+drift report against ``base`` -> the seeds combined as training runs (:mod:`driftlens.compare`): the
+Korean-minus-control contrast per layer with its across-seed interval -> means and spreads over seeds,
+figures, a rank schedule from the contrast, ``summary.json`` and ``summary.md`` in the output folder.
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ DEMO_METRICS = ("mmd", "paired_shift", "gap", "mir")
 DEMO_SITES = ("hidden", "final")          # captured; the report reads `hidden` (+ `final` for MIR)
 # MIR intervals: each bootstrap draw is a batched eigendecomposition; 200 keep the demo in budget.
 DEMO_MIR_BOOTSTRAP = 200
-ALPHA = 0.05
 # The demo's probe set: every scene of the organism's world (72), rendered twice at the
 # organism's image size, one caption probe per image (languages alternating); the two renders
 # of a scene are one cluster, so the report resamples 72 independent units.
 DEMO_PROBES = {"n_scenes": 72, "renders": 2, "kinds": ("caption",), "alternate_langs": True}
+BANDWIDTH_SCALES = (0.5, 1.0, 2.0)   # the headline contrast's sensitivity to the MMD bandwidth
 DEFINITIONS = {
     "grounding_accuracy": "likelihood ranking of the candidate answers to color / shape / position questions, one "
                           "rendering never trained on per scene of the world (216 questions per language)",
@@ -31,13 +32,33 @@ DEFINITIONS = {
     "ko_lm_loss_new_forms": "the same on Korean sentence forms and plain sentences never trained on",
     "ko_lm_loss_seen": "the same on Korean training strings (captions, question/answer text)",
     "visual_drift_effect": "paired cluster MMD^2 between the base's and the checkpoint's visual-token hidden "
-                           "states, per layer (report variable `mmd`, site hidden, modality visual)",
-    "visual_drift_lo": "lower end of the 95% cluster-bootstrap interval (per seed; the summary's value is the "
-                       "mean over seeds)",
-    "visual_drift_hi": "upper end of the same interval",
-    "visual_drift_p": "cluster sign-flip p-value adjusted over the report's cells (Benjamini-Hochberg; per seed); "
-                      "the summary's value is the largest over seeds: <= 0.05 means significant in every seed",
-    "layers_significant_fraction": "fraction of layers whose adjusted p-value is <= 0.05 (mean over seeds)",
+                           "states, per layer (report variable `mmd`, site hidden, modality visual); top level: the "
+                           "mean over seeds",
+    "visual_drift_lo": "top level: lower end of the 95% across-seed interval (hierarchical: seeds, then the probe "
+                       "set's clusters; Student t over seeds). Per seed: the lower end of that seed's 95% cluster-"
+                       "bootstrap interval, which covers probe sampling only",
+    "visual_drift_hi": "upper end of the same intervals",
+    "visual_drift_p": "cluster sign-flip p-value of 'anything changed' adjusted over the report's cells (Benjamini-"
+                      "Hochberg; per seed); top level: the largest over seeds. Any weight change moves a deterministic "
+                      "model's activations, so it sits at its floor for every non-reference checkpoint: kept for "
+                      "completeness, not a finding",
+    "excess_drift": "the Korean-minus-control contrast: visual MMD^2 at ko-k minus at en-k (the same step of the "
+                    "English control, same optimizer, steps and mix), per layer; top level the mean over seeds",
+    "excess_drift_lo": "lower end of the 95% across-seed interval of the contrast (seeds, then clusters)",
+    "excess_drift_hi": "upper end of the same interval",
+    "excess_drift_p": "two-sided Student t over seeds of the per-seed contrasts (H0: the Korean adaptation moves "
+                      "the visual tokens no more than the English control does); a test that can come out 'no'",
+    "excess_drift_runs_needed": "the number of seeds at which this mean contrast would reach 80% power in that test "
+                                "(inf: never)",
+    "layers_excess_fraction": "fraction of layers whose across-seed interval of the contrast lies above 0",
+    "layers_positive_every_seed": "fraction of layers whose contrast is positive in every seed",
+    "ranks_agreement": "the rank schedule from the contrast at the last step, mean over seeds (ranks.json), beside "
+                       "each seed's own schedule: per-seed ranks per layer, their mean pairwise Spearman correlation "
+                       "and the largest difference of one layer's rank between two seeds",
+    "bandwidth_sensitivity": "the last step's contrast (mean over seeds, per layer) and the ratio of the last to the "
+                             "first Korean checkpoint's mean drift, with the MMD bandwidth at 0.5x, 1x and 2x the "
+                             "reference's median-heuristic sigma: a conclusion that depends on the bandwidth shows "
+                             "here",
     "spread": "standard deviation over seeds (ddof=1) of each per-seed value",
 }
 PER_LAYER = ("visual_drift_effect", "visual_drift_lo", "visual_drift_hi", "visual_drift_p")
@@ -48,7 +69,7 @@ def seed_values(report, evaluation: dict, labels: list[str]) -> dict:
     """One seed's figures for the checkpoints ``labels`` (first is the reference)."""
     sel = {"site": "hidden", "modality": "visual"}
     q = report["mmd_q" if "mmd_q" in report else "mmd_p"].sel(**sel)
-    out = {k: {} for k in ("grounding_accuracy", *LOSSES, *PER_LAYER, "layers_significant_fraction")}
+    out = {k: {} for k in ("grounding_accuracy", *LOSSES, *PER_LAYER)}
     for c in labels:
         out["grounding_accuracy"][c] = dict(evaluation["grounding_accuracy"][c])
         for key in LOSSES:
@@ -57,7 +78,6 @@ def seed_values(report, evaluation: dict, labels: list[str]) -> dict:
             out[key][c] = [float(v) for v in report[var].sel(checkpoint=c, **sel).values]
         qc = q.sel(checkpoint=c).values
         out["visual_drift_p"][c] = [float(v) if np.isfinite(v) else 1.0 for v in qc]
-        out["layers_significant_fraction"][c] = float(np.mean(np.nan_to_num(qc, nan=1.0) <= ALPHA))
     return out
 
 
@@ -76,7 +96,7 @@ def combine(per_seed: dict, labels: list[str]) -> tuple[dict, dict]:
     for key in ("grounding_accuracy",):
         mean[key] = {c: {lang: float(stack(key, c, lang).mean()) for lang in ("en", "ko")} for c in labels}
         spread[key] = {c: {lang: float(sd(stack(key, c, lang))) for lang in ("en", "ko")} for c in labels}
-    for key in (*LOSSES, "layers_significant_fraction"):
+    for key in LOSSES:
         mean[key] = {c: float(stack(key, c).mean()) for c in labels}
         spread[key] = {c: float(sd(stack(key, c))) for c in labels}
     for key in PER_LAYER:
@@ -84,6 +104,37 @@ def combine(per_seed: dict, labels: list[str]) -> tuple[dict, dict]:
         mean[key] = {c: [float(v) for v in agg(stack(key, c))] for c in labels}
         spread[key] = {c: [float(v) for v in sd(stack(key, c))] for c in labels}
     return mean, spread
+
+
+def across_seeds(runs, labels: list[str]) -> dict:
+    """The top-level intervals of the visual drift: across seeds (hierarchical), from the combined report."""
+    if "mmd_runs" not in runs:
+        return {}
+    sel = {"site": "hidden", "modality": "visual"}
+    return {key: {c: [float(v) for v in runs[var].sel(checkpoint=c, **sel).values] for c in labels}
+            for key, var in (("visual_drift_lo", "mmd_runs_lo"), ("visual_drift_hi", "mmd_runs_hi"))}
+
+
+def contrast_values(runs, pairs: list[tuple[str, str]]) -> dict:
+    """The Korean-minus-control contrast per layer: per seed, and across seeds with interval, p, runs needed."""
+    from driftlens.compare import contrast_label
+
+    sel = {"site": "hidden", "modality": "visual"}
+    labels = [contrast_label(a, b) for a, b in pairs]
+    per_run = runs["mmd_contrast"].sel(**sel)
+    out = {"per_seed": {str(r).removeprefix("seed-"): {lab: [float(v) for v in per_run.sel(run=r, contrast=lab).values]
+                                                       for lab in labels} for r in per_run.run.values}}
+    if "mmd_contrast_runs" not in runs:
+        return out
+    for key, var in (("excess_drift", ""), ("excess_drift_lo", "_lo"), ("excess_drift_hi", "_hi"),
+                     ("excess_drift_p", "_p"), ("excess_drift_runs_needed", "_needed")):
+        da = runs[f"mmd_contrast_runs{var}"].sel(**sel)
+        out[key] = {lab: [float(v) for v in da.sel(contrast=lab).values] for lab in labels}
+    out["layers_excess_fraction"] = {lab: float(np.mean(np.asarray(out["excess_drift_lo"][lab]) > 0))
+                                     for lab in labels}
+    out["layers_positive_every_seed"] = {lab: float(np.mean((per_run.sel(contrast=lab).values > 0).all(0)))
+                                         for lab in labels}
+    return out
 
 
 def write_summary(out: Path, summary: dict) -> tuple[Path, Path]:
@@ -102,20 +153,49 @@ def write_summary(out: Path, summary: dict) -> tuple[Path, Path]:
     for title, part in (("Korean adaptation", summary), ("English control (same steps, lr, mix)",
                                                          summary["control"])):
         lines += [f"## {title}", "",
-                  "| checkpoint | EN grounding | KO grounding | KO LM loss (held-out) | visual MMD^2 by layer (hidden) "
-                  "| layers significant |", "|---|---|---|---|---|---|"]
+                  "| checkpoint | EN grounding | KO grounding | KO LM loss (held-out) "
+                  "| visual MMD^2 by layer (hidden) |",
+                  "|---|---|---|---|---|"]
         sp = part["spread"]
         for c in part["checkpoints"]:
             acc, asd = part["grounding_accuracy"][c], sp["grounding_accuracy"][c]
             eff = ", ".join(f"{m:.3f}±{s:.3f}" for m, s in zip(part["visual_drift_effect"][c],
                                                               sp["visual_drift_effect"][c]))
             lines.append(f"| {c} | {acc['en']:.3f}±{asd['en']:.3f} | {acc['ko']:.3f}±{asd['ko']:.3f} | "
-                         f"{part['ko_lm_loss'][c]:.2f}±{sp['ko_lm_loss'][c]:.2f} | {eff} | "
-                         f"{part['layers_significant_fraction'][c]:.2f} |")
+                         f"{part['ko_lm_loss'][c]:.2f}±{sp['ko_lm_loss'][c]:.2f} | {eff} |")
         lines.append("")
     lines += ["Visual MMD^2: the paired cluster MMD^2 between the base's and the checkpoint's visual-token hidden "
-              "states (72 scenes, clusters resampled); significant: cluster sign-flip p-value adjusted over the "
-              f"report (Benjamini-Hochberg) <= {ALPHA}.", ""]
+              "states (72 scenes, clusters resampled), mean ± standard deviation over seeds. Every non-reference "
+              "cell differs from the base in every seed (any weight change moves a deterministic model's "
+              "activations), so 'different from zero' is not the question; the contrast below is.", ""]
+    if "excess_drift" in summary:
+        n = len(summary["seeds"])
+        lines += ["## Korean minus English control, step by step (excess visual drift)", "",
+                  f"| contrast | per layer: mean over {n} seeds [95% across-seed interval] | p over seeds | "
+                  f"seeds for 80% power | layers above 0 |", "|---|---|---|---|---|"]
+        for lab, mean in summary["excess_drift"].items():
+            cells = ", ".join(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in
+                              zip(mean, summary["excess_drift_lo"][lab], summary["excess_drift_hi"][lab]))
+            ps = ", ".join(f"{p:.2g}" for p in summary["excess_drift_p"][lab])
+            need = ", ".join("inf" if not np.isfinite(k) else f"{k:.0f}" for k in
+                             summary["excess_drift_runs_needed"][lab])
+            lines.append(f"| {lab} | {cells} | {ps} | {need} | {summary['layers_excess_fraction'][lab]:.2f} |")
+        lines += ["", "The across-seed interval covers training runs (seeds, then the probe set's clusters); one "
+                  "seed's own interval covers probe sampling only and is a median 11x narrower than the spread "
+                  "between seeds.", ""]
+    if "ranks_agreement" in summary:
+        ra = summary["ranks_agreement"]
+        lines += [f"Rank schedule (ranks.json) from {ra['signal']}: ranks per layer {ra['layer_ranks']}; per seed "
+                  + "; ".join(f"seed {k}: {v}" for k, v in ra["per_seed_layer_ranks"].items())
+                  + f" (mean pairwise Spearman {ra['mean_spearman']:.2f}, largest difference of one layer's rank "
+                    f"between seeds {ra['max_rank_difference']}).", ""]
+    if "bandwidth_sensitivity" in summary:
+        lines += ["Bandwidth sensitivity of the last step's contrast (mean over seeds, per layer; and the ratio of "
+                  "the last to the first Korean checkpoint's mean drift):", ""]
+        for scale, v in summary["bandwidth_sensitivity"].items():
+            lines.append(f"- {scale}x sigma: contrast " + ", ".join(f"{x:+.3f}" for x in v["excess_drift"])
+                         + "; last / first Korean step " + ", ".join(f"{x:.2f}" for x in v["last_over_first"]))
+        lines.append("")
     if "files" in summary:
         lines += ["## Files", ""] + [f"- {k}: `{v}`" for k, v in summary["files"].items()]
     md = out / "summary.md"
@@ -140,9 +220,9 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
     seeds : sequence of int
         Organism seeds (at least 1; the README's figures use 0, 1, 2).
     """
-    import xarray as xr
-
     from driftlens import organism
+    from driftlens.compare import combine_runs, trajectory_pairs
+    from driftlens.drift import compare_report
     from driftlens.organism.example import keep_as_example, measure_seed, world_probes
     from driftlens.probes import ProbeSet
 
@@ -153,8 +233,9 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
     seconds = {"organism": round(time.perf_counter() - t0, 1), "capture_and_drift": 0.0}
     probes = ProbeSet.load(world_probes(out / "probes" / "organism-world", trajs[0].recipe.image_size))
     ko_labels, en_labels = list(trajs[0].checkpoints), list(trajs[0].control)
+    pairs = trajectory_pairs(ko_labels + en_labels, "ko-", "en-")            # ko-k minus en-k, k = 1 .. 5
     per_seed = {"ko": {}, "en": {}}
-    reports = []
+    reports = {}
     for traj in trajs:
         tick = time.perf_counter()
         report = measure_seed(traj, probes, out / f"seed-{traj.seed}", device=device, progress=progress)
@@ -163,22 +244,26 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
         ev = organism.evaluate(traj, progress=progress)
         per_seed["ko"][traj.seed] = seed_values(report, ev, ko_labels)
         per_seed["en"][traj.seed] = seed_values(report, ev, en_labels)
-        reports.append(report)
+        reports[f"seed-{traj.seed}"] = report
     chance = organism.chance_accuracy()
     mean_ko, spread_ko = combine(per_seed["ko"], ko_labels)
     mean_en, spread_en = combine(per_seed["en"], en_labels)
     tick = time.perf_counter()
-    stacked = xr.concat(reports, "seed")
-    mean_report = stacked.mean("seed", keep_attrs=True)
-    for v in ("mmd_p", "mmd_q"):          # significant in the mean report = significant in every seed
-        mean_report[v] = stacked[v].max("seed")
-    for v in mean_report.data_vars:
-        mean_report[v].attrs = dict(reports[0][v].attrs)
-    mean_report.attrs["seeds"] = [t.seed for t in trajs]
-    files = _figures(out, mean_report, per_seed, mean_ko, mean_en, ko_labels, en_labels, chance)
-    files.update(_ranks(mean_report, out, budget, ko_labels[-1]))
+    runs = compare_report(combine_runs(reports), contrasts=pairs)          # seeds are the runs
+    mean_ko.update(across_seeds(runs, ko_labels))
+    mean_en.update(across_seeds(runs, en_labels))
+    contrast = contrast_values(runs, pairs)
+    for seed, vals in contrast.pop("per_seed").items():
+        per_seed["ko"][int(seed)]["excess_drift"] = vals
+    files = _figures(out, runs, per_seed, mean_ko, mean_en, ko_labels, en_labels, chance)
+    ranks_files, agreement = _ranks(runs, out, budget, pairs[-1])
+    files.update(ranks_files)
     files["reports"] = ", ".join(str(out / f"seed-{t.seed}" / "drift.nc") for t in trajs)
     seconds["figures_and_ranks"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    sensitivity = bandwidth_sensitivity([out / f"seed-{t.seed}" / "activations.zarr" for t in trajs], pairs[-1],
+                                        (ko_labels[1], ko_labels[-1]), device=device, progress=progress)
+    seconds["bandwidth_sensitivity"] = time.perf_counter() - tick
     seconds = {k: round(v, 1) for k, v in seconds.items()}
     seconds["total"] = round(time.perf_counter() - t0, 1)
     summary = {
@@ -186,6 +271,9 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
         "seeds": [t.seed for t in trajs],
         "chance_accuracy": float(chance),
         **mean_ko,
+        **contrast,
+        "ranks_agreement": agreement,
+        "bandwidth_sensitivity": sensitivity,
         "spread": spread_ko,
         "per_seed": {str(s): v for s, v in per_seed["ko"].items()},
         "control": {"checkpoints": en_labels, **mean_en, "spread": spread_en,
@@ -199,22 +287,49 @@ def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int 
     return summary
 
 
-def _figures(out: Path, report, per_seed, mean_ko, mean_en, ko_labels, en_labels, chance) -> dict:
+def bandwidth_sensitivity(stores, pair: tuple[str, str], ko_ends: tuple[str, str], *, device="auto",
+                          progress: bool = False) -> dict:
+    """The headline contrast (mean over seeds, per layer) and the last / first Korean step's drift ratio at
+    0.5x, 1x and 2x the median-heuristic bandwidth (visual tokens, site hidden; MMD only)."""
+    from driftlens.compare import combine_runs
+    from driftlens.drift import drift
+
+    out = {}
+    a, b = pair
+    first, last = ko_ends
+    for scale in BANDWIDTH_SCALES:
+        reps = {f"seed-{i}": drift(store, reference="base", metrics=("mmd",), sites=("hidden",),
+                                   modalities=("visual",), n_permutations=1, n_bootstrap=2, correction=None,
+                                   bandwidth_scale=scale, device=device, progress=False, verify="fast")
+                for i, store in enumerate(stores)}
+        eff = combine_runs(reps)["mmd"].sel(site="hidden", modality="visual").mean("run")    # [checkpoint, layer]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = (eff.sel(checkpoint=last) / eff.sel(checkpoint=first)).values
+        out[f"{scale:g}"] = {"excess_drift": [float(v) for v in (eff.sel(checkpoint=a) - eff.sel(checkpoint=b)).values],
+                             "last_over_first": [float(v) for v in ratio]}
+    return out
+
+
+def _figures(out: Path, runs, per_seed, mean_ko, mean_en, ko_labels, en_labels, chance) -> dict:
     from driftlens import plot
 
     figs = out / "figures"
     files = {}
-    ax = plot.drift_heatmap(report, "mmd")
-    ax.set_title(f"MMD$^2$ vs base (hidden, visual), mean of {len(per_seed['ko'])} seeds\n"
-                 f"* significant in every seed (Benjamini-Hochberg q $\\leq$ {ALPHA:g})", fontsize=9)
+    n = runs.sizes["run"]
+    ax = plot.drift_heatmap(runs, "mmd")
+    ax.set_title(f"MMD$^2$ vs base (hidden, visual), mean of {n} seeds\nno marks: every cell differs from the base "
+                 f"in every seed; see contrast_by_layer", fontsize=9)
     files["drift_heatmap"] = str(plot.save(ax, figs / "drift_heatmap.png"))
     files["drift_ko_vs_control"] = str(plot.save(plot.seeds_by_layer(
         {"Korean " + ko_labels[-1]: _per_layer(per_seed["ko"], ko_labels[-1]),
          "English control " + en_labels[-1]: _per_layer(per_seed["en"], en_labels[-1])},
         ylabel="visual MMD$^2$ vs base, hidden (dimensionless)",
         title="visual drift by layer: Korean adaptation vs English control"), figs / "drift_ko_vs_control.png"))
-    files["modality_gap"] = str(plot.save(plot.modality_gap_by_layer(report), figs / "modality_gap.png"))
-    files["mir"] = str(plot.save(plot.mir_by_layer(report), figs / "mir_by_layer.png"))
+    if "mmd_contrast" in runs:
+        files["contrast_by_layer"] = str(plot.save(plot.contrast_by_layer(runs, "mmd"),
+                                                   figs / "contrast_by_layer.png"))
+    files["modality_gap"] = str(plot.save(plot.modality_gap_by_layer(runs), figs / "modality_gap.png"))
+    files["mir"] = str(plot.save(plot.mir_by_layer(runs), figs / "mir_by_layer.png"))
     ax = None
     for name, mean, labels in (("ko", mean_ko, ko_labels), ("control", mean_en, en_labels)):
         drift_mean = {c: float(np.mean(mean["visual_drift_effect"][c])) for c in labels}
@@ -230,16 +345,29 @@ def _per_layer(per_seed: dict, label: str) -> np.ndarray:
     return np.asarray([v["visual_drift_effect"][label] for v in per_seed.values()])
 
 
-def _ranks(report, out: Path, budget: int | None, checkpoint: str) -> dict:
-    """Rank schedule from the mean visual drift of the last Korean checkpoint."""
+def _ranks(runs, out: Path, budget: int | None, pair: tuple[str, str]) -> tuple[dict, dict]:
+    """Rank schedule from the last step's Korean-minus-control contrast, mean over seeds; and how much the
+    schedules each seed would give agree with each other."""
+    from scipy import stats
+
     from driftlens import plot
+    from driftlens.compare import contrast_label
     from driftlens.ranks import allocate_ranks
 
-    n_layers = int(report.sizes["layer"])
+    n_layers = int(runs.sizes["layer"])
     budget = budget or 8 * n_layers * 4
-    sched = allocate_ranks(report, budget=budget, signal="mmd", rule="proportional", min_rank=2, max_rank=64,
-                           checkpoint=checkpoint)
+    kw = dict(budget=budget, signal="mmd", rule="proportional", min_rank=2, max_rank=64,
+              contrast=contrast_label(*pair))
+    sched = allocate_ranks(runs, **kw)
     path = out / "ranks.json"
     sched.save(path)
-    return {"ranks": str(path),
-            "ranks_plot": str(plot.save(plot.rank_schedule(sched, report), out / "figures" / "ranks.png"))}
+    per_seed = {str(r).removeprefix("seed-"): allocate_ranks(runs.sel(run=r), **kw).layer_ranks().tolist()
+                for r in runs.run.values}
+    ranks = np.asarray(list(per_seed.values()))                       # [seeds, layers]
+    rhos = [stats.spearmanr(ranks[i], ranks[j]).statistic for i in range(len(ranks)) for j in range(i + 1, len(ranks))]
+    agreement = {"signal": f"mmd contrast {contrast_label(*pair)} (hidden, visual), mean over {len(ranks)} seeds",
+                 "layer_ranks": sched.layer_ranks().tolist(), "per_seed_layer_ranks": per_seed,
+                 "mean_spearman": float(np.nanmean(rhos)) if rhos else float("nan"),
+                 "max_rank_difference": int(np.ptp(ranks, axis=0).max()) if len(ranks) > 1 else 0}
+    return ({"ranks": str(path),
+             "ranks_plot": str(plot.save(plot.rank_schedule(sched, runs), out / "figures" / "ranks.png"))}, agreement)
