@@ -92,7 +92,19 @@ def _example_folder(seed: int, cache) -> Path:
 
 def _measured(folder: Path, trajectory) -> bool:
     done = folder / "measured"
-    return done.is_file() and done.read_text() == str(trajectory.root) and (folder / "drift.nc").is_file()
+    return (done.is_file() and done.read_text() == str(trajectory.root) and (folder / "drift.nc").is_file()
+            and _has_draws(folder / "drift.nc"))
+
+
+def _has_draws(report: Path) -> bool:
+    """Whether a cached report keeps its cells' bootstrap draws (reports before driftlens.compare did not)."""
+    import xarray as xr
+
+    try:
+        with xr.open_dataset(report, engine="h5netcdf") as ds:
+            return "mmd_boot" in ds.data_vars
+    except (OSError, ValueError):
+        return False
 
 
 def keep_as_example(trajectory, measured, cache=None) -> bool:

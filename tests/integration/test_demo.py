@@ -13,7 +13,9 @@ import pytest
 import driftlens as dl
 
 KEYS = ("checkpoints", "seeds", "chance_accuracy", "grounding_accuracy", "ko_lm_loss", "visual_drift_effect",
-        "visual_drift_lo", "visual_drift_hi", "visual_drift_p", "layers_significant_fraction")
+        "visual_drift_lo", "visual_drift_hi", "visual_drift_p")
+CONTRAST_KEYS = ("excess_drift", "excess_drift_lo", "excess_drift_hi", "excess_drift_p", "excess_drift_runs_needed",
+                 "layers_excess_fraction", "layers_positive_every_seed", "ranks_agreement", "bandwidth_sensitivity")
 
 
 @pytest.mark.slow
@@ -29,7 +31,7 @@ def test_demo_end_to_end(demo_run):
     chance = summary["chance_accuracy"]
     # every seed: the reference is not tested against itself; the adaptation moved visual states
     for seed, vals in summary["per_seed"].items():
-        assert np.allclose(vals["visual_drift_effect"]["base"], 0.0) and vals["layers_significant_fraction"]["base"] == 0
+        assert np.allclose(vals["visual_drift_effect"]["base"], 0.0)
         eff, lo = np.array(vals["visual_drift_effect"][ko[-1]]), np.array(vals["visual_drift_lo"][ko[-1]])
         assert eff[-1] > 0 and lo[-1] > 0, seed                   # last layer: interval above 0
         assert vals["ko_lm_loss"][ko[-1]] < vals["ko_lm_loss"]["base"] - 5, seed
@@ -40,14 +42,40 @@ def test_demo_end_to_end(demo_run):
     last = summary["visual_drift_effect"][ko[-1]][-1]
     control_last = summary["control"]["visual_drift_effect"][en[-1]][-1]
     assert last > 1.2 * control_last, (last, control_last)          # organism-8: 1.69 (organism-7: 2.5)
+    # the contrast per step and layer, per seed = Korean drift minus the control's at the same step, and across
+    # seeds with an interval that contains its mean, a p over seeds and the seeds needed
+    for key in CONTRAST_KEYS:
+        assert key in summary, key
+    pairs = [f"ko-{k} - en-{k}" for k in range(1, 6)]
+    assert list(summary["excess_drift"]) == pairs
+    for seed, vals in summary["per_seed"].items():
+        want = np.subtract(vals["visual_drift_effect"]["ko-5"], summary["control"]["per_seed"][seed]
+                           ["visual_drift_effect"]["en-5"])
+        np.testing.assert_allclose(vals["excess_drift"]["ko-5 - en-5"], want, rtol=1e-9, atol=1e-12)
+    for lab in pairs:
+        mean, lo, hi = (np.array(summary[k][lab]) for k in ("excess_drift", "excess_drift_lo", "excess_drift_hi"))
+        assert np.all(lo <= mean) and np.all(mean <= hi)
+        assert all(0 < p <= 1 for p in summary["excess_drift_p"][lab])
+        assert all(n >= 2 for n in summary["excess_drift_runs_needed"][lab])
+        assert 0 <= summary["layers_excess_fraction"][lab] <= 1
+    # the top-level interval is across seeds: it contains the seeds' mean (a seed's own interval need not)
+    top_lo, top_hi = np.array(summary["visual_drift_lo"]["ko-5"]), np.array(summary["visual_drift_hi"]["ko-5"])
+    assert np.all(top_lo <= np.array(summary["visual_drift_effect"]["ko-5"])) and np.all(
+        np.array(summary["visual_drift_effect"]["ko-5"]) <= top_hi)
+    ra = summary["ranks_agreement"]
+    assert set(ra["per_seed_layer_ranks"]) == {"0", "1", "2"} and -1 <= ra["mean_spearman"] <= 1
+    assert set(summary["bandwidth_sensitivity"]) == {"0.5", "1", "2"}
+    one = summary["bandwidth_sensitivity"]["1"]["excess_drift"]
+    np.testing.assert_allclose(one, summary["excess_drift"]["ko-5 - en-5"], rtol=1e-6, atol=1e-9)
     # spreads are reported with the means
     assert set(summary["spread"]["visual_drift_effect"]) == set(ko)
     assert all(s >= 0 for s in summary["spread"]["visual_drift_effect"][ko[-1]])
-    for name in ("drift_heatmap", "drift_ko_vs_control", "modality_gap", "mir", "accuracy_vs_drift", "ranks_plot"):
+    for name in ("drift_heatmap", "drift_ko_vs_control", "contrast_by_layer", "modality_gap", "mir",
+                 "accuracy_vs_drift", "ranks_plot"):
         assert summary["files"][name].endswith(".png") and (out / "figures").exists()
     assert (out / "ranks.json").exists() and all((out / f"seed-{s}" / "drift.nc").exists() for s in (0, 1, 2))
     md = (out / "summary.md").read_text(encoding="utf-8")
-    assert "| checkpoint |" in md and "±" in md and "English control" in md
+    assert "| checkpoint |" in md and "±" in md and "English control" in md and "across-seed interval" in md
 
 
 @pytest.mark.slow
