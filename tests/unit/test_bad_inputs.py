@@ -201,9 +201,9 @@ def test_two_images_give_finite_values_and_a_recorded_warning(tmp_path):
     for v in ("mmd", "mmd_lo", "mmd_hi", "mmd_p"):
         assert np.isfinite(other[v].values).all(), v
     with pytest.warns(UserWarning, match="2 clusters"):           # the schedule repeats the caveat
-        sched = dl.allocate_ranks(rep, budget=64)
+        sched = dl.allocate_ranks(rep, budget=64, checkpoint="shifted")
     assert sched.budget == 64 and all(np.isfinite(m.signal) for m in sched.modules)
-    err = clean_exit(cli("ranks", out, "--budget", "64", "--out", tmp_path / "ranks.json"))
+    err = clean_exit(cli("ranks", out, "--budget", "64", "--checkpoint", "shifted", "--out", tmp_path / "ranks.json"))
     assert "driftlens ranks: warning: the drift report says:" in err
 
 
