@@ -44,7 +44,7 @@ def main():
     best = {k: min(v) for k, v in times.items()}
     print(f"\nStore: {args.store} ({ds.sizes['checkpoint']} checkpoints x {ds.sizes['layer']} layers, "
           f"{ds.sizes['token']} tokens; torch threads {torch.get_num_threads()}; {len(pairs)} contrasts)\n")
-    print("| report | seconds (best of %d) | ratio |" % args.repeats)
+    print(f"| report | seconds (best of {args.repeats}) | ratio |")
     print("|---|---|---|")
     print(f"| demo metrics, no contrasts | {best['without']:.2f} | 1.00 |")
     print(f"| demo metrics + ko-k - en-k contrasts | {best['with']:.2f} | {best['with'] / best['without']:.2f} |")
