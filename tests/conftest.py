@@ -15,6 +15,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs its unit tier beside the organism's background build on 2 cores. OpenMP's default
+# wait policy keeps idle threads spinning after a parallel region (and after a test's
+# torch.set_num_threads), which made small torch ops 40-100x slower under that contention; a passive
+# wait costs nothing here and changes no number. Set before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_collection_modifyitems(config, items):
