@@ -310,6 +310,7 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
     overwrite = _check_overwrite(overwrite, ckpts)
     for src in ckpts.values():
         source_kind(src)                       # fail early on a missing/odd directory
+    _check_out_not_in_inputs(out, model, ckpts, probes)
     config = _config_of(model)
     if spec is None:
         spec = load_spec(config)
@@ -555,6 +556,9 @@ def _check_out(out) -> Path:
     from driftlens.store import is_local, location
 
     out = location(out)
+    if not is_local(out) and getattr(out, "protocol", None) == "memory":
+        raise UsageError(f"--out {out}: an in-memory (memory://) store vanishes when this process exits, so "
+                         f"nothing captured would survive; give a folder or a persistent URL (s3://, gs://, ...)")
     if not is_local(out):             # a URL: zarr writes through fsspec; the backend says what it refuses
         if out.is_dir() and not (out / "zarr.json").exists() and any(out.iterdir()):
             raise StoreMismatchError(f"{out} exists and is not a driftlens store (no zarr.json); "
@@ -571,6 +575,21 @@ def _check_out(out) -> Path:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise EnvironmentProblem(f"--out {out}: {probe} is not writable")
     return out
+
+
+def _check_out_not_in_inputs(out, model, ckpts: dict, probes) -> None:
+    """Refuse a store folder that is (or lies inside) the model's or a checkpoint's directory.
+
+    A store inside the probe set's folder is allowed: capture writes only into the store folder, which
+    must be new or a store, and the probe set's fingerprint covers its manifest and images.
+    """
+    from driftlens.outputs import check_output
+
+    inputs = [("model directory", model)] if isinstance(model, (str, os.PathLike)) else []
+    inputs += [(f"checkpoint {label!r} directory", src) for label, src in ckpts.items()
+               if isinstance(src, (str, os.PathLike))]
+    inputs.append(("probe manifest", probes.manifest))
+    check_output(out, inputs)
 
 
 def _check_overwrite(overwrite, ckpts: dict) -> list[str]:

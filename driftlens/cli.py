@@ -39,6 +39,7 @@ _count = _number(int, lambda v: v >= 1, "an integer >= 1")
 _nonneg = _number(int, lambda v: v >= 0, "an integer >= 0")
 _positive = _number(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
 _fraction = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+_share = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _trajectory(pairs: list[tuple[str, str]]) -> dict[str, str] | None:
@@ -226,9 +227,11 @@ def _add_plot(sub) -> None:
 
 def _run_plot(args) -> int:
     from driftlens import plot
+    from driftlens.outputs import check_output, local
     from driftlens.schedule import RankSchedule
     from driftlens.store import load_report
 
+    check_output(local(args.out), [("drift report", args.report), ("rank schedule", args.schedule)])
     rep = load_report(args.report)
     schedule = RankSchedule.load(args.schedule) if args.schedule else None
     paths = plot.plot_report(rep, args.out, formats=("png", "svg") if args.svg else ("png",), schedule=schedule,
@@ -321,22 +324,24 @@ def _add_ranks(sub) -> None:
                     "or an axolotl fragment (YAML).",
     )
     p.add_argument("report", help="drift report (netCDF) written by 'driftlens drift'")
-    p.add_argument("--budget", type=int, required=True, help="sum of ranks over all adapted modules")
+    p.add_argument("--budget", type=_count, required=True, help="sum of ranks over all adapted modules")
     p.add_argument("--signal", action="append", default=None, metavar="EXPR|MODULE=EXPR",
                    help="NAME[@SITE][:MODALITY], e.g. mmd or mmd@key; repeat as MODULE=EXPR for per-module "
                         "signals ('*=EXPR' is the fallback). Default: mmd")
     p.add_argument("--rule", default="proportional", choices=list(RULES))
-    p.add_argument("--min-rank", type=int, default=1)
-    p.add_argument("--max-rank", type=int, default=64)
+    p.add_argument("--min-rank", type=_count, default=1)
+    p.add_argument("--max-rank", type=_count, default=64)
     p.add_argument("--modules", nargs="+", default=None, help="targets relative to a decoder block, among "
                    "the spec's block_modules (default: the spec's lora_targets)")
-    p.add_argument("--checkpoint", default=None, help="report checkpoint (default: the last)")
+    p.add_argument("--checkpoint", default=None,
+                   help="report checkpoint (default: the last; the reference is refused: its drift is 0)")
     p.add_argument("--site", default=DEFAULT_SITE)
     p.add_argument("--modality", default=DEFAULT_MODALITY)
-    p.add_argument("--share", type=float, default=0.9, help="cumulative rule: share of signal kept")
-    p.add_argument("--alpha-ratio", type=float, default=2.0, help="alpha / r (default: %(default)s)")
+    p.add_argument("--share", type=_share, default=0.9, help="cumulative rule: share of signal kept")
+    p.add_argument("--alpha-ratio", type=_positive, default=2.0, help="alpha / r (default: %(default)s)")
     p.add_argument("--rslora", action="store_true", help="use rsLoRA scaling with one alpha")
-    p.add_argument("--spec", default=None, help="hooks TOML file (default: by the report's model_type)")
+    p.add_argument("--spec", default=None, help="hooks TOML file (default: by the report's model_type; one "
+                   "that does not serve the report's model_type is refused)")
     p.add_argument("--out", "-o", default="ranks.json", help="output file (default: %(default)s)")
     p.add_argument("--format", choices=list(FORMATS), default=None,
                    help="peft (JSON) or axolotl (YAML); default from the --out suffix")
@@ -345,10 +350,16 @@ def _add_ranks(sub) -> None:
 
 
 def _run_ranks(args) -> int:
+    from driftlens.outputs import check_distinct, check_output, local
     from driftlens.plot import rank_schedule, save
     from driftlens.ranks import allocate_ranks
     from driftlens.store import load_report
 
+    inputs = [("drift report", args.report), ("spec", args.spec)]
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+        if path is not None:
+            check_output(local(path, flag), inputs, flag)
+    check_distinct({"--out": args.out, "--plot": args.plot})
     report = load_report(args.report)
     spec = None
     if args.spec:

@@ -175,7 +175,8 @@ def drift(ds: xr.Dataset | str | os.PathLike, reference: str | None = None,
     if verify not in VERIFY_LEVELS:
         raise DriftError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
     if out is not None:
-        out = check_report_path(out)
+        store = ds if not hasattr(ds, "data_vars") else ds.attrs.get("store_path")
+        out = check_report_path(out, [("activation store", store)])
     blocks = None
     if not hasattr(ds, "data_vars"):
         path = ds

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 CORRECTIONS = ("bh", "holm", None)
 FEW_CLUSTERS = 10   # below this, percentile intervals are rough; said in the report's warnings
 MMD_CACHE_ROWS = 4096   # the reference's kernel tile is kept across a task's checkpoints up to this size
+#: What a report records of the store it was computed from: the probe set's fingerprint, the token
+#: selection's hash and the store's path (``AnchorDriftLoss.from_store(weights=report)`` compares them).
+IDENTITY_ATTRS = ("probe_fingerprint", "token_selection", "store_path")
 
 
 class BlockSource(Protocol):
@@ -288,7 +291,18 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
         last_layer=last_layer, tasks=tuple(tasks), notes=tuple(notes), n_clusters=n_clusters,
         attrs={"model_type": str(ds.attrs.get("model_type", "")), "family": str(ds.attrs.get("family", "")),
                "n_layers": int(ds.attrs.get("n_layers", len(layers))),
-               "probe_set": str(ds.attrs.get("probe_set", "")), "cluster_coord": cluster_coord})
+               "probe_set": str(ds.attrs.get("probe_set", "")), "cluster_coord": cluster_coord,
+               **_identity_attrs(ds.attrs)})
+
+
+def _identity_attrs(attrs) -> dict:
+    """The store identity a report records (:data:`IDENTITY_ATTRS`); a local store path made absolute."""
+    import os
+
+    out = {k: str(attrs[k]) for k in IDENTITY_ATTRS if attrs.get(k)}
+    if "store_path" in out and "://" not in out["store_path"]:
+        out["store_path"] = os.path.abspath(out["store_path"])
+    return out
 
 
 # ----------------------------------------------------------------------------- one task

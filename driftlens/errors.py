@@ -101,3 +101,16 @@ def raise_if_interrupted() -> None:
     """Raise ``KeyboardInterrupt`` when an interrupt was requested and not yet delivered."""
     if INTERRUPT.is_set():
         raise KeyboardInterrupt
+
+
+def check_count(name: str, value, least: int = 1, error: type[UsageError] = UsageError) -> int:
+    """``value`` as an ``int`` when it is an integer (Python or numpy) ``>= least``; else ``error``.
+
+    A ``bool`` (``True`` is not a count) and a float (``2.5``, and ``2.0`` too: a count written
+    as a float is a mistake somewhere upstream) are refused, never rounded.
+    """
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < least:
+        raise error(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)

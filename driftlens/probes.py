@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 
 from driftlens.errors import DataError
+from driftlens.outputs import atomic_write
 
 FIELDS = ("id", "image", "lang", "prompt", "answer", "group", "cluster")
 REQUIRED = FIELDS[:-1]              # ``cluster`` defaults to ``group``
@@ -379,8 +380,7 @@ def write_manifest(path, probes: Iterable) -> Path:
         d.setdefault("cluster", d["group"])
         d["cluster"] = d["cluster"] or d["group"]
         lines.append(json.dumps({f: d[f] for f in FIELDS}, ensure_ascii=False))
-    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
-    return path
+    return atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

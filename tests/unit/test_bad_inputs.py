@@ -289,3 +289,135 @@ def test_report_and_store_readable_after_refusals(pristine):
     """The shared fixtures are untouched by every case above (each damaged a copy)."""
     assert verify_store(pristine[0], "full") == ([], [])
     assert isinstance(dl.load_report(pristine[1]), xr.Dataset)
+
+
+# ------------------------------------------------------------------ issue 22: outputs never inside an input
+
+def _fsize_limit(nbytes):
+    """``preexec_fn`` of a subprocess: a file-size limit of ``nbytes`` (``ulimit -f``)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+
+def _no_tmp(folder):
+    return [p.name for p in folder.rglob("*.tmp")]
+
+
+@pytest.mark.parametrize("case", ["zarr.json", "chunk", "symlink"])
+def test_drift_out_inside_the_store_is_refused(store, tmp_path, case):
+    """Silent case: `drift st.zarr --out st.zarr/zarr.json` replaced the store's metadata (exit 0)."""
+    if case == "zarr.json":
+        out = store / "zarr.json"
+    elif case == "chunk":
+        out = _chunk(store, "base", "hidden", 0)
+    else:
+        link = tmp_path / "link"
+        link.symlink_to(store, target_is_directory=True)
+        out = link / "zarr.json"
+    before = snapshot(store)
+    refused(cli("drift", store, "--out", out, *FAST), "usage", str(out), str(store), "inside")
+    assert snapshot(store) == before
+    with pytest.raises(DriftlensError, match="inside the activation store"):
+        dl.drift(store, out=out, progress=False)
+    assert snapshot(store) == before
+
+
+def test_report_outputs_inside_an_input_are_refused(pristine, tmp_path):
+    """`ranks R.nc --out R.nc` overwrote the report with the schedule; plot / --plot / save_report alike."""
+    from driftlens.errors import UsageError
+
+    report = shutil.copy(pristine[1], tmp_path / "r.nc")
+    before = snapshot(report)
+    refused(cli("ranks", report, "--budget", "32", "--out", report), "usage", "--out", str(report))
+    refused(cli("ranks", report, "--budget", "32", "--out", tmp_path / "k.json", "--plot", report),
+            "usage", "--plot", str(report))
+    refused(cli("ranks", report, "--budget", "32", "--out", tmp_path / "k.png", "--plot", tmp_path / "k.png"),
+            "usage", "--out", "--plot")
+    refused(cli("plot", report, "--out", pristine[0] / "figures"), "usage", str(pristine[0]))
+    assert snapshot(report) == before and not (tmp_path / "k.json").exists()
+    rep = dl.load_report(report)
+    sched = dl.allocate_ranks(rep, budget=32, source=str(report))
+    with pytest.raises(UsageError, match="drift report"):
+        sched.save(report)
+    with pytest.raises(UsageError, match="activation store"):
+        dl.save_report(rep, pristine[0] / "copy.nc")
+    with pytest.raises(UsageError, match="activation store"):
+        dl.plot.plot_report(rep, pristine[0] / "figures")
+    renamed = shutil.copy(report, tmp_path / "mmd_heatmap_hidden_visual.png")   # a report named like a figure
+    with pytest.raises(UsageError, match="drift report"):
+        dl.plot.plot_report(dl.load_report(renamed), tmp_path)
+    assert snapshot(report) == before
+    assert verify_store(pristine[0], "full") == ([], []) and not (pristine[0] / "figures").exists()
+
+
+@pytest.mark.parametrize("url", ["memory://r.nc", "s3://bucket/r.nc"])
+def test_report_to_a_url_is_refused(pristine, tmp_path, url):
+    """`drift --out memory://x.nc` made a local folder `memory:` and exited 0."""
+    r = cli("drift", pristine[0], "--out", url, *FAST, cwd=tmp_path)
+    refused(r, "usage", url, "local path")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ issue 22: atomic writes
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from driftlens.errors import EnvironmentProblem
+    from driftlens.outputs import atomic_path, atomic_write
+
+    target = atomic_write(tmp_path / "a.json", '{"v": 1}')
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:     # the writer dies mid-file
+        tmp.write_text('{"v": 2, "trunc')
+        raise RuntimeError("killed")
+    assert target.read_text() == '{"v": 1}' and os.listdir(tmp_path) == ["a.json"]
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(EnvironmentProblem, match=r"cannot write .*a\.json: no space left"):
+        atomic_write(target, '{"v": 3}')
+    assert target.read_text() == '{"v": 1}' and os.listdir(tmp_path) == ["a.json"]
+
+
+def test_two_writers_use_distinct_temporary_names(tmp_path):
+    from driftlens.outputs import atomic_path
+
+    with atomic_path(tmp_path / "x") as a, atomic_path(tmp_path / "x") as b:
+        assert a != b and a.parent == b.parent == tmp_path
+        a.write_text("a")
+        b.write_text("b")
+    assert (tmp_path / "x").read_text() == "a" and os.listdir(tmp_path) == ["x"]
+
+
+def test_file_size_limit_on_a_schedule_keeps_the_previous_one(pristine, tmp_path):
+    """`ulimit -f 2` truncated the previous ranks.json ("File too large", no file named)."""
+    out = tmp_path / "ranks.json"
+    clean_exit(cli("ranks", pristine[1], "--budget", "32", "--out", out))
+    before = out.read_bytes()
+    assert len(before) > 2048
+    r = cli("ranks", pristine[1], "--budget", "40", "--out", out, preexec_fn=_fsize_limit(2048))
+    refused(r, "environment", str(out), "file-size limit")
+    assert out.read_bytes() == before and _no_tmp(tmp_path) == []
+
+
+def test_file_size_limit_on_a_report_is_a_clean_error(pristine, tmp_path):
+    """`ulimit -f 8` during a report write: segmentation fault after h5py tracebacks, a stale .tmp."""
+    out = shutil.copy(pristine[1], tmp_path / "r.nc")
+    before = out.read_bytes()
+    assert len(before) > 8192
+    r = cli("drift", pristine[0], "--out", out, "--seed", "3", *FAST, preexec_fn=_fsize_limit(8192))
+    refused(r, "environment", str(out), "file-size limit")
+    assert out.read_bytes() == before and _no_tmp(tmp_path) == []
+
+
+def test_file_size_limit_on_a_figure_keeps_the_previous_one(pristine, tmp_path):
+    figs = tmp_path / "figs"
+    clean_exit(cli("plot", pristine[1], "--out", figs, "--var", "mmd", "--site", "hidden"))
+    before = snapshot(figs)
+    r = cli("plot", pristine[1], "--out", figs, "--var", "mmd", "--site", "hidden", "--svg",
+            preexec_fn=_fsize_limit(4096))
+    refused(r, "environment", str(figs))
+    assert {k: v for k, v in snapshot(figs).items() if k.endswith(".png")} == before
+    assert _no_tmp(figs) == []
