@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
+import posixpath
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
@@ -198,6 +199,9 @@ def _check_image(rel: str, where: str, root: Path) -> None:
     """:class:`ProbeError` unless ``rel`` is a relative path to an existing file under ``root``."""
     if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute():
         raise ProbeError(f"{where}: image path {rel!r} must be relative to the manifest's folder")
+    if posixpath.normpath(rel.replace("\\", "/")).split("/")[0] == "..":
+        raise ProbeError(f"{where}: image path {rel!r} leads out of the manifest's folder ({root}); a probe set "
+                         f"holds its images under its own folder")
     image = root / rel
     try:
         found = image.is_file()

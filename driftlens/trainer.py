@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from driftlens.errors import UsageError
+from driftlens.errors import UsageError, check_count
 
 
 def _labels_free(batch: Mapping) -> dict:
@@ -209,14 +209,16 @@ def probe_batches(probes, processor, spec, config, batch_size: int = 8) -> tuple
 
     The tap reads visual rows in (batch, position) order; the clusters follow the same order.
     """
-    from driftlens.inputs import model_inputs
+    from driftlens.inputs import check_positions, model_inputs
 
+    batch_size = check_count("batch_size", batch_size)
     image_id = spec.image_token_id(config)
     batches, clusters = [], []
     items = list(probes)
     for b0 in range(0, len(items), batch_size):
         part = items[b0:b0 + batch_size]
         inputs = dict(model_inputs(processor, spec, [probes.image(p) for p in part], [p.prompt for p in part]))
+        check_positions(inputs, config, part)
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask", torch.ones_like(ids))
         for j, p in enumerate(part):

@@ -421,3 +421,22 @@ def test_file_size_limit_on_a_figure_keeps_the_previous_one(pristine, tmp_path):
     refused(r, "environment", str(figs))
     assert {k: v for k, v in snapshot(figs).items() if k.endswith(".png")} == before
     assert _no_tmp(figs) == []
+
+
+# ------------------------------------------------------------------ issue 22: silent misuse
+
+@pytest.mark.parametrize("image", ["../secret.png", "../../secret.png", "a/../../secret.png", "..\\secret.png"])
+def test_manifest_path_leaving_its_folder_is_refused(tmp_path, image):
+    """`../../secret.png` in a manifest was read while absolute paths were refused."""
+    from driftlens.probes import ProbeError, ProbeSet
+
+    folder = tmp_path / "set" / "deep"
+    folder.mkdir(parents=True)
+    (tmp_path / "secret.png").write_bytes(b"")
+    (tmp_path / "set" / "secret.png").write_bytes(b"")
+    row = {"id": "p0", "image": image, "lang": "en", "prompt": "Describe.", "answer": "", "group": "g"}
+    (folder / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(ProbeError, match="leads out of the manifest's folder"):
+        ProbeSet.load(folder / "manifest.jsonl")
+    refused(cli("capture", tmp_path, "--probes", folder / "manifest.jsonl", "--out", tmp_path / "s.zarr"),
+            "data", "secret.png", "leads out", "manifest.jsonl")
