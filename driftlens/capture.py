@@ -301,6 +301,10 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
     if dtype not in ("float32", "float16"):
         raise UsageError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     layers = _check_layers(layers)        # batch_size and tokens_per_sample: plan_tokens, before any load
+    if client is not None:
+        from driftlens.cluster import check_client
+
+        check_client(client)              # closed, or no worker within the Dask timeout: refused, not a hang
     dev = resolve_device(device)
     out = _check_out(out)
     probes = probes if isinstance(probes, ProbeSet) else ProbeSet.load(probes)

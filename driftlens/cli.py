@@ -96,6 +96,9 @@ def _add_cluster_options(p, tasks: str) -> None:
     where.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="run on the Dask cluster at ADDRESS (e.g. tcp://10.0.0.1:8786); its workers must see "
                             "the same paths")
+    p.add_argument("--dask-timeout", type=_positive, default=None, metavar="SECONDS",
+                   help="seconds to wait for the scheduler's answer, then for a first worker, before a one-line "
+                        "error (default: $DRIFTLENS_DASK_TIMEOUT or 60)")
 
 
 def _run_capture(args) -> int:
@@ -104,7 +107,7 @@ def _run_capture(args) -> int:
     from driftlens.store import open_store
 
     checkpoints = _trajectory(args.checkpoint)
-    with client_for(args.workers, args.scheduler) as client:
+    with client_for(args.workers, args.scheduler, args.dask_timeout) as client:
         out = capture(
             args.model, args.probes, checkpoints, out=args.out, sites=tuple(args.sites), layers=args.layers,
             batch_size=args.batch_size, device=args.device, dtype=args.dtype,
@@ -158,7 +161,7 @@ def _run_drift(args) -> int:
     from driftlens.cluster import client_for
     from driftlens.drift import drift
 
-    with client_for(args.workers, args.scheduler) as client:
+    with client_for(args.workers, args.scheduler, args.dask_timeout) as client:
         rep = drift(args.store, reference=args.reference, metrics=tuple(args.metrics), sites=args.sites,
                     n_permutations=args.permutations, n_bootstrap=args.bootstrap, level=args.level,
                     correction=None if args.correction == "none" else args.correction, seed=args.seed,

@@ -160,7 +160,9 @@ def drift(ds: xr.Dataset | str | os.PathLike, reference: str | None = None,
         (:mod:`driftlens.engine`); ``device`` is then resolved on each worker. The report is the
         same as without a client: every cell uses the same seeded draws whatever process runs it.
         With a store path, workers read the store's files themselves (they must see the path);
-        with a Dataset, it is shipped with each task (keep it lazy, or small).
+        with a Dataset, it is shipped with each task (keep it lazy, or small). A closed client, or a
+        cluster that has no worker within ``$DRIFTLENS_DASK_TIMEOUT`` seconds (default 60), is refused
+        (:class:`~driftlens.errors.EnvironmentProblem`) before any work.
 
     Returns
     -------
@@ -174,6 +176,10 @@ def drift(ds: xr.Dataset | str | os.PathLike, reference: str | None = None,
 
     if verify not in VERIFY_LEVELS:
         raise DriftError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
+    if client is not None:
+        from driftlens.cluster import check_client
+
+        check_client(client)          # a closed client, or a cluster without workers: refused, never a hang
     if out is not None:
         store = ds if not hasattr(ds, "data_vars") else ds.attrs.get("store_path")
         out = check_report_path(out, [("activation store", store)])

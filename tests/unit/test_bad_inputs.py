@@ -440,3 +440,88 @@ def test_manifest_path_leaving_its_folder_is_refused(tmp_path, image):
         ProbeSet.load(folder / "manifest.jsonl")
     refused(cli("capture", tmp_path, "--probes", folder / "manifest.jsonl", "--out", tmp_path / "s.zarr"),
             "data", "secret.png", "leads out", "manifest.jsonl")
+
+
+# ------------------------------------------------------------------ issue 22: Dask addresses that never answer
+
+@pytest.fixture
+def silent_port():
+    """A TCP port that accepts connections and never says a word."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for c in held:
+        c.close()
+    server.close()
+
+
+def test_scheduler_that_never_answers_fails_in_bounded_time(pristine, tmp_path, silent_port):
+    """`--scheduler` at a port that accepts and never replies hung for ever (the 30 s timeout never fired)."""
+    import time
+
+    out = tmp_path / "r.nc"
+    t0 = time.perf_counter()
+    r = cli("drift", pristine[0], "--scheduler", silent_port, "--dask-timeout", "2", "--out", out, *FAST,
+            timeout=90)
+    refused(r, "environment", silent_port, "did not answer within 4 s", "--dask-timeout")
+    assert time.perf_counter() - t0 < 60 and not out.exists()
+
+
+def test_scheduler_without_workers_fails_in_bounded_time(pristine, tmp_path, monkeypatch):
+    """A scheduler with no workers: drift waited for ever on tasks no worker would run."""
+    distributed = pytest.importorskip("distributed")
+    from driftlens.errors import EnvironmentProblem
+
+    out = tmp_path / "r.nc"
+    with distributed.LocalCluster(n_workers=0, processes=False, protocol="tcp", dashboard_address=":0") as cluster:
+        address = cluster.scheduler_address
+        r = cli("drift", pristine[0], "--scheduler", address, "--dask-timeout", "2", "--out", out, *FAST,
+                timeout=90)
+        refused(r, "environment", address, "no worker after 2 s", "dask worker")
+        monkeypatch.setenv("DRIFTLENS_DASK_TIMEOUT", "1")
+        with distributed.Client(cluster) as client:
+            with pytest.raises(EnvironmentProblem, match="no worker"):
+                dl.drift(pristine[0], client=client, progress=False)
+        with pytest.raises(EnvironmentProblem, match="client is closed"):     # was distributed's raw message
+            dl.drift(pristine[0], client=client, progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("address, kind, named", [
+    ("notaurl", "usage", "not a Dask scheduler address"),
+    ("foo://host:1", "usage", "unknown protocol"),
+    ("tcp://127.0.0.1:1", "environment", "no Dask scheduler answered"),
+])
+def test_scheduler_address_errors_are_one_line(pristine, address, kind, named):
+    """`--scheduler notaurl` was "internal error ... please report it" (exit 1)."""
+    refused(cli("drift", pristine[0], "--scheduler", address, "--dask-timeout", "2", *FAST, timeout=90), kind,
+            address, named)
+
+
+def test_store_url_without_its_backend_is_an_environment_error(tmp_path):
+    """`s3://` without s3fs was "internal error (ImportError: Install s3fs ...)" (exit 1)."""
+    try:
+        import s3fs  # noqa: F401
+        pytest.skip("s3fs is installed here")
+    except ImportError:
+        pass
+    refused(cli("drift", "s3://bucket/run.zarr", *FAST), "environment", "s3://bucket/run.zarr", "s3fs")
+    refused(cli("capture", tmp_path, "--out", "s3://bucket/run.zarr"), "environment", "s3fs")
