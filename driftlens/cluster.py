@@ -60,7 +60,7 @@ def _handshake(address: str, timeout: float) -> None:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         try:
             pool.submit(asyncio.run, probe()).result()
-        except (asyncio.TimeoutError, concurrent.futures.TimeoutError, TimeoutError):
+        except (concurrent.futures.TimeoutError, TimeoutError):
             raise EnvironmentProblem(f"the Dask scheduler at {address} did not answer within {limit:g} s "
                                      f"(something listens there but does not speak Dask, or it is overloaded); "
                                      f"check the address, or raise --dask-timeout / $DRIFTLENS_DASK_TIMEOUT") from None

@@ -44,6 +44,10 @@ class UsageError(DriftlensError, ValueError):
     exit_code = EXIT_USAGE
 
 
+class ArgumentTypeError(UsageError, TypeError):
+    """An argument of the wrong type (a list where a tensor is expected, a number where a mapping is)."""
+
+
 class DataError(DriftlensError, ValueError):
     """Data on disk is missing, damaged or inconsistent with the request."""
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
-from driftlens.errors import DataError
+from driftlens.errors import ArgumentTypeError, DataError
 from driftlens.outputs import atomic_write
 
 FIELDS = ("id", "image", "lang", "prompt", "answer", "group", "cluster")
@@ -104,7 +104,7 @@ def _looks_like_path(x) -> bool:
 def _resolve(name_or_path) -> tuple[Path, str]:
     """(manifest path, set name) for a shipped name, a manifest path or a folder holding one."""
     if not isinstance(name_or_path, (str, Path)):
-        raise TypeError(f"a probe set is named by a str or a path, got {type(name_or_path).__name__}")
+        raise ArgumentTypeError(f"a probe set is named by a str or a path, got {type(name_or_path).__name__}")
     shipped = list_probe_sets()
     if not _looks_like_path(name_or_path) and str(name_or_path) in shipped:
         manifest = _shipped_root() / str(name_or_path) / MANIFEST

@@ -17,7 +17,7 @@ import copy
 from collections.abc import Mapping
 from pathlib import Path
 
-from driftlens.errors import DataError, UsageError
+from driftlens.errors import ArgumentTypeError, DataError, UsageError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -278,7 +278,7 @@ def normalize_checkpoints(model, checkpoints) -> dict:
     if checkpoints is None:
         return {"model": model}
     if not isinstance(checkpoints, Mapping):
-        raise TypeError("checkpoints must be an ordered mapping label -> source (e.g. a dict)")
+        raise ArgumentTypeError("checkpoints must be an ordered mapping label -> source (e.g. a dict)")
     if not checkpoints:
         raise UsageError("checkpoints is empty")
     for label in checkpoints:

@@ -289,10 +289,10 @@ def make_drift_callback():
 
         def __init__(self, batches, clusters, layers: Sequence[int], every: int = 50, n_bootstrap: int = 200,
                      spec=None, seed: int = 0):
-            if int(every) < 1:
-                raise UsageError(f"every must be >= 1, got {every}")
+            every = check_count("every", every)
+            n_bootstrap = check_count("n_bootstrap", n_bootstrap)   # at construction, not at the first measurement
             self.batches, self.clusters = list(batches), np.asarray(clusters)
-            self.layers, self.every, self.n_bootstrap = list(layers), int(every), int(n_bootstrap)
+            self.layers, self.every, self.n_bootstrap = list(layers), every, n_bootstrap
             self.spec, self.seed = spec, seed
             self.reference = None
             self.history: list[dict] = []

@@ -525,3 +525,210 @@ def test_store_url_without_its_backend_is_an_environment_error(tmp_path):
         pass
     refused(cli("drift", "s3://bucket/run.zarr", *FAST), "environment", "s3://bucket/run.zarr", "s3fs")
     refused(cli("capture", tmp_path, "--out", "s3://bucket/run.zarr"), "environment", "s3fs")
+
+
+@pytest.mark.parametrize("value", ["nan", "-2", "0", "inf"])
+def test_ranks_alpha_ratio_refused_at_parse_time(pristine, tmp_path, value):
+    """`ranks --alpha-ratio nan` / `-2` were written (the loader refused them later)."""
+    out = tmp_path / "ranks.json"
+    refused(cli("ranks", pristine[1], "--budget", "32", "--alpha-ratio", value, "--out", out), "usage",
+            "--alpha-ratio", value)
+    assert not out.exists()
+    with pytest.raises(dl.ScheduleError, match="alpha_ratio"):
+        dl.allocate_ranks(dl.load_report(pristine[1]), 32, alpha_ratio=float(value))
+
+
+def test_ranks_of_the_reference_is_refused(pristine, tmp_path):
+    """`ranks --checkpoint base` (all-zero signal) gave a uniform schedule with no note."""
+    out = tmp_path / "ranks.json"
+    refused(cli("ranks", pristine[1], "--budget", "32", "--checkpoint", "base", "--out", out), "usage",
+            "'base'", "reference")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("values, said", [(-0.5, "negative at layer(s) [0, 1, 2]"),
+                                          (0.0, "0 or negative at every layer"),
+                                          ("one negative", "negative at layer(s) [1] (min -3)")])
+def test_ranks_of_an_uninformative_signal_says_so(pristine, tmp_path, values, said):
+    """A report with impossible negative MMD, or a zero signal, gave a uniform schedule with no note."""
+    rep = dl.load_report(pristine[1])
+    if values == "one negative":
+        rep["mmd"].loc[{"checkpoint": "shifted", "layer": 1}] = -3.0       # a hand-edited, impossible value
+    else:
+        rep["mmd"].loc[{"checkpoint": "shifted"}] = values
+    edited = tmp_path / "edited.nc"
+    dl.save_report(rep, edited)
+    out = tmp_path / "ranks.json"
+    err = clean_exit(cli("ranks", edited, "--budget", "36", "--out", out))
+    assert "driftlens ranks: warning:" in err and said in err
+    assert any(said in w for w in dl.RankSchedule.load(out).meta["warnings"])
+
+
+def test_ranks_spec_of_another_family_is_refused(pristine, tmp_path):
+    """`--spec` of another family wrote module paths that failed later in PEFT."""
+    from importlib import resources
+
+    qwen = resources.files("driftlens.hooks") / "qwen2_vl.toml"
+    out = tmp_path / "ranks.json"
+    refused(cli("ranks", pristine[1], "--budget", "32", "--spec", qwen, "--out", out), "usage", "qwen2_vl",
+            "'llava'")
+    assert not out.exists()
+
+
+def test_drift_on_an_empty_token_selection_raises(pristine):
+    """An empty selection returned an all-NaN report without a warning."""
+    from driftlens.drift import DriftError
+
+    ds = open_store(pristine[0])
+    with pytest.raises(DriftError, match="no visual or text token rows"):
+        dl.drift(ds.isel(token=slice(0, 0)), metrics=("mmd",), progress=False)
+    with pytest.raises(DriftError, match="no visual or text token rows"):
+        dl.drift(ds.isel(token=(ds.lang == "fr").values), metrics=("mmd",), progress=False)
+    visual = ds.isel(token=(ds.modality == "visual").values)
+    with pytest.raises(DriftError, match="no text token rows"):
+        dl.drift(visual, metrics=("mmd", "gap"), progress=False)
+    with pytest.warns(UserWarning, match="no text token rows"):
+        rep = dl.drift(visual, metrics=("mmd",), n_permutations=20, n_bootstrap=20, progress=False)
+    assert "no text token rows" in rep.attrs["warnings"]
+
+
+@pytest.mark.parametrize("bad", [2.5, True, 2.0, 0, -1, "10"])
+def test_count_parameters_take_integers_only(pristine, bad):
+    """`n_permutations=2.5` or `True` silently became 2 / 1."""
+    import torch
+
+    from driftlens import inference, metrics
+    from driftlens.errors import UsageError
+
+    x, y = torch.randn(30, 4), torch.randn(30, 4)
+    clusters = np.repeat(np.arange(10), 3)
+    rep = dl.load_report(pristine[1])
+    calls = {
+        "drift n_permutations": lambda: dl.drift(pristine[0], n_permutations=bad, progress=False),
+        "drift n_bootstrap": lambda: dl.drift(pristine[0], n_bootstrap=bad, progress=False),
+        "drift transport_resamples": lambda: dl.drift(pristine[0], transport_resamples=bad, progress=False),
+        "drift mir_bootstrap": lambda: dl.drift(pristine[0], mir_bootstrap=bad, progress=False),
+        "drift n_projections": lambda: dl.drift(pristine[0], n_projections=bad, progress=False),
+        "mmd_test": lambda: metrics.mmd_test(x, y, n_permutations=bad),
+        "sliced_wasserstein": lambda: metrics.sliced_wasserstein(x, y, n_projections=bad),
+        "mmd2 block_size": lambda: metrics.mmd2(x, y, block_size=bad),
+        "paired_mmd n_permutations": lambda: inference.paired_mmd(x, y, clusters, n_permutations=bad),
+        "paired_mmd n_bootstrap": lambda: inference.paired_mmd(x, y, clusters, n_bootstrap=bad),
+        "paired_shift": lambda: inference.paired_shift(x, y, clusters, n_bootstrap=bad),
+        "allocate_ranks budget": lambda: dl.allocate_ranks(rep, bad),
+        "allocate_ranks min_rank": lambda: dl.allocate_ranks(rep, 32, min_rank=bad),
+        "from_store n_anchors": lambda: dl.AnchorDriftLoss.from_store(pristine[0], n_anchors=bad),
+        "probe n_splits": lambda: dl.probe(open_store(pristine[0]), label="group", n_splits=bad),
+    }
+    for name, call in calls.items():
+        with pytest.raises(UsageError, match="integer"):
+            call()
+            pytest.fail(name)
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, True])
+def test_drift_callback_counts_are_checked_at_construction(bad):
+    """The callback's n_bootstrap=0 failed at the first measurement, inside training."""
+    from driftlens.errors import UsageError
+    from driftlens.trainer import make_drift_callback
+
+    with pytest.raises(UsageError, match="n_bootstrap"):
+        make_drift_callback()([], [], layers=[0], n_bootstrap=bad)
+    with pytest.raises(UsageError, match="every"):
+        make_drift_callback()([], [], layers=[0], every=bad)
+
+
+def test_anchor_weights_from_a_report_of_another_store_are_refused(pristine, tmp_path):
+    """`AnchorDriftLoss.from_store(weights=report)` accepted a report of another store and probe set."""
+    import zarr
+
+    from driftlens.errors import UsageError
+
+    other = shutil.copytree(pristine[0], tmp_path / "o.zarr")
+    zarr.open_group(str(other), mode="r+").attrs["probe_fingerprint"] = "another-probe-set"
+    report = dl.load_report(pristine[1])
+    assert report.attrs["probe_fingerprint"] == open_store(pristine[0]).attrs["probe_fingerprint"]
+    with pytest.raises(UsageError, match="another probe set"):
+        dl.AnchorDriftLoss.from_store(other, layers=[1], n_anchors=16, weights=report, weights_checkpoint="shifted")
+    loss = dl.AnchorDriftLoss.from_store(pristine[0], layers=[0, 1], n_anchors=16, weights=report,
+                                         weights_checkpoint="shifted")
+    assert set(loss.weights) == {0, 1}
+    old = report.copy()
+    old.attrs = {k: v for k, v in report.attrs.items() if k not in ("probe_fingerprint", "token_selection")}
+    with pytest.warns(UserWarning, match="does not record its probe set"):
+        dl.AnchorDriftLoss.from_store(other, layers=[1], n_anchors=16, weights=old, weights_checkpoint="shifted")
+
+
+def test_unfinished_reference_is_named_unfinished(store):
+    """`--reference ko-2` of an unfinished checkpoint said "not a checkpoint"."""
+    import zarr
+
+    zarr.open_group(str(store), mode="r+").attrs["completed"] = ["base", "same"]
+    refused(cli("drift", store, "--reference", "shifted", *FAST), "usage", "'shifted'", "did not finish")
+
+
+def test_public_functions_raise_driftlens_errors():
+    """Plain ValueError / TypeError from public functions that the README says raise DriftlensError."""
+    import ast
+    from pathlib import Path
+
+    import driftlens
+
+    root = Path(driftlens.__file__).parent
+    builtin = {"ValueError", "TypeError", "RuntimeError", "IndexError", "AssertionError", "Exception"}
+    allowed = {("probes.py", "KeyError"), ("probes.py", "TypeError"),      # ProbeSet[...]: the mapping protocol
+               ("registry.py", "KeyError"),                                  # an internal lookup
+               ("store.py", "ValueError"),                                   # an internal invariant of the writer
+               ("cluster.py", "ValueError")}                                 # caught two lines below
+    found = []
+    for f in sorted(root.rglob("*.py")):
+        if f.parent.name == "organism":               # the model organism is not the library's API
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and \
+                    isinstance(node.exc.func, ast.Name) and node.exc.func.id in builtin | {"KeyError"}:
+                key = (f.name, node.exc.func.id)
+                if key not in allowed:
+                    found.append(f"{f.relative_to(root)}:{node.lineno} raise {node.exc.func.id}")
+    assert found == []
+    from driftlens import metrics
+
+    with pytest.raises(dl.DriftlensError):
+        metrics.mmd2([[1.0]], [[2.0]])          # a list where a tensor is expected
+    with pytest.raises(TypeError):              # ... still a TypeError for code written against 0.1
+        metrics.mmd2([[1.0]], [[2.0]])
+
+
+def test_damaged_organism_cache_is_not_reported_as_built(tmp_path):
+    """A damaged organism cache was reported as built (only config.json was looked at)."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+
+    from driftlens.organism.train import Recipe, _complete
+
+    recipe = Recipe()
+    root = tmp_path / "build"
+    for name in ("base", "ko-1", "en-1"):
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text("{}")
+        save_file({"w": torch.zeros(64, 64)}, str(root / name / "model.safetensors"))
+    (root / "trajectory.json").write_text(json.dumps({"recipe": dataclasses.asdict(recipe),
+                                                      "checkpoints": {"base": "base", "ko-1": "ko-1"},
+                                                      "control": {"en-1": "en-1"}}))
+    (root / "evaluation.json").write_text("{}")
+    assert _complete(root, recipe) is not None
+    weights = root / "ko-1" / "model.safetensors"
+    whole = weights.read_bytes()
+    for damage in (whole[:-100], b"", None):
+        if damage is None:
+            weights.unlink()
+        else:
+            weights.write_bytes(damage)
+        with pytest.warns(UserWarning, match="ko-1.*rebuilt"):
+            assert _complete(root, recipe) is None
+    weights.write_bytes(whole)
+    (root / "trajectory.json").write_text("{cut")
+    with pytest.warns(UserWarning, match="trajectory.json"):
+        assert _complete(root, recipe) is None
