@@ -6,6 +6,7 @@ Each subcommand is a thin wrapper over the Python function of the same name; see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def _run_capture(args) -> int:
     from driftlens.store import open_store
 
     checkpoints = _trajectory(args.checkpoint)
-    with client_for(args.workers, args.scheduler, args.dask_timeout) as client:
+    with client_for(args.workers, args.scheduler, args.dask_timeout) as client, _store_write_errors(args.out):
         out = capture(
             args.model, args.probes, checkpoints, out=args.out, sites=tuple(args.sites), layers=args.layers,
             batch_size=args.batch_size, device=args.device, dtype=args.dtype,
@@ -120,6 +121,27 @@ def _run_capture(args) -> int:
     print(f"checkpoints: {list(ds.checkpoint.values.astype(str))}; layers: {ds.sizes.get('layer', 0)}; "
           f"tokens: {ds.sizes['token']}; sites: {[v for v in ds.data_vars]}")
     return 0
+
+
+@contextlib.contextmanager
+def _store_write_errors(store):
+    """A full disk or a file-size limit while capture writes chunks: one line naming the store (the raw
+    ``OSError`` of a chunk write names no file), and how to go on."""
+    import errno
+
+    from driftlens.errors import DriftlensError, EnvironmentProblem
+
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, DriftlensError) or exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        from driftlens.outputs import write_error
+
+        why = str(write_error(exc.filename or store, exc)).split(": ", 1)[1].split(";")[0]
+        raise EnvironmentProblem(f"cannot write the store {store}{f' ({exc.filename})' if exc.filename else ''}: "
+                                 f"{why}; completed checkpoints are kept -- free space (or raise the limit) and rerun "
+                                 f"the same command to resume") from exc
 
 
 def _add_drift(sub) -> None:

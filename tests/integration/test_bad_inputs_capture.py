@@ -291,3 +291,20 @@ def test_prompt_longer_than_the_positions_is_refused_before_any_forward(world, t
             "--no-progress", timeout=120)
     refused(r, "data", repr(pid), "1024 positions", "max_position_embeddings", f"{len(prompt)} characters")
     assert not out.exists()
+
+
+def test_file_size_limit_during_capture_names_the_store_and_resumes(world, tmp_path):
+    """`ulimit -f` while capture writes chunks: "File too large", no file named."""
+    import resource
+
+    out = tmp_path / "s.zarr"
+    limit = 20 * 1024                                   # below one chunk file of the tiny model
+
+    def small():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = cli("capture", world["base"], "--probes", world["probes"], "--out", out, "--batch-size", "2",
+            "--no-progress", "-c", f"base={world['base']}", "-c", f"o={world['other']}", preexec_fn=small)
+    refused(r, "environment", f"cannot write the store {out}", "file-size limit", "rerun")
+    clean_exit(_capture(world, "-c", f"base={world['base']}", "-c", f"o={world['other']}", out=out))
+    assert dl.store.verify_store(out, "full") == ([], [])
