@@ -49,12 +49,14 @@ def _handshake(address: str, timeout: float) -> None:
     import asyncio
     import concurrent.futures
 
+    from distributed import Security
     from distributed.comm import connect
 
     limit = 1.5 * timeout + 1             # the connect's own retries (a refused port) end first, with their message
+    args = Security().get_connection_args("client")      # TLS settings from the Dask config, as Client uses
 
     async def probe():
-        comm = await asyncio.wait_for(connect(address, timeout=timeout), limit)
+        comm = await asyncio.wait_for(connect(address, timeout=timeout, **args), limit)
         await comm.close()
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
