@@ -18,8 +18,8 @@ code  meaning
 130   interrupted (Ctrl-C); completed work is kept and a rerun resumes
 ====  ============================================================================
 
-Each specific error also derives from the builtin it refines (``ValueError``, ``RuntimeError``,
-``OSError``), so ``except ValueError`` written against earlier versions keeps working.
+Each specific error also derives from the builtin it refines (``ValueError``, ``TypeError``,
+``RuntimeError``, ``OSError``), so ``except ValueError`` written against earlier versions keeps working.
 """
 from __future__ import annotations
 
