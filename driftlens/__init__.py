@@ -7,6 +7,7 @@ from driftlens._version import __version__
 from driftlens.capture import CaptureError, capture
 from driftlens.drift import DriftError, drift
 from driftlens.errors import (
+    ArgumentTypeError,
     CheckpointIdentityError,
     DataError,
     DriftlensError,
@@ -36,7 +37,7 @@ from driftlens.store import (
 from driftlens.trainer import DriftObjective
 from driftlens.training import VisualTap
 
-__all__ = ["AnchorDriftLoss", "CaptureError", "CheckpointIdentityError", "DataError", "DriftError",
+__all__ = ["AnchorDriftLoss", "ArgumentTypeError", "CaptureError", "CheckpointIdentityError", "DataError", "DriftError",
            "DriftObjective", "DriftlensError", "EnvironmentProblem", "Probe", "ProbeError", "ProbeSet",
            "RankSchedule", "ScheduleError", "ScheduleFileError", "SourceError", "Spec", "SpecError",
            "StoreIntegrityError", "StoreMismatchError", "UsageError", "VisualTap", "allocate_ranks", "capture",

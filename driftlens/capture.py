@@ -30,8 +30,10 @@ from driftlens.errors import (
 from driftlens.schema import SITES, UNLAYERED, Site
 from driftlens.sources import (
     SourceError,
+    check_remote_code,
     describe,
     identity,
+    load_config,
     load_model_dir,
     load_processor,
     load_source,
@@ -95,7 +97,7 @@ def plan_tokens(processor, spec, config, probes, batch_size: int = 8,
     generator seeded by ``(seed, probe index)``: the same rows for every checkpoint and
     every rerun.
     """
-    from driftlens.inputs import model_inputs
+    from driftlens.inputs import check_positions, model_inputs
 
     _check_count("batch_size", batch_size)
     if tokens_per_sample is not None:
@@ -109,6 +111,7 @@ def plan_tokens(processor, spec, config, probes, batch_size: int = 8,
         items = [probes[i] for i in idx]
         images = [probes.image(p) for p in items]
         inputs = dict(model_inputs(processor, spec, images, [p.prompt for p in items]))
+        check_positions(inputs, config, items)                  # before any forward (and any OOM)
         ids = inputs["input_ids"].numpy()                       # [B, S]
         mask = inputs.get("attention_mask")
         mask = np.ones_like(ids) if mask is None else mask.numpy()
@@ -214,14 +217,9 @@ def _model_dtype(model):
     return None
 
 
-def _config_of(model):
+def _config_of(model, trust_remote_code: bool = False):
     if isinstance(model, (str, Path)):
-        from transformers import AutoConfig
-
-        path = Path(model)
-        if not (path / "config.json").exists():
-            raise SourceError(f"model directory {path} has no config.json")
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+        return load_config(model, trust_remote_code=trust_remote_code)
     return model.config
 
 
@@ -303,6 +301,10 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
     if dtype not in ("float32", "float16"):
         raise UsageError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     layers = _check_layers(layers)        # batch_size and tokens_per_sample: plan_tokens, before any load
+    if client is not None:
+        from driftlens.cluster import check_client
+
+        check_client(client)              # closed, or no worker within the Dask timeout: refused, not a hang
     dev = resolve_device(device)
     out = _check_out(out)
     probes = probes if isinstance(probes, ProbeSet) else ProbeSet.load(probes)
@@ -310,7 +312,9 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
     overwrite = _check_overwrite(overwrite, ckpts)
     for src in ckpts.values():
         source_kind(src)                       # fail early on a missing/odd directory
-    config = _config_of(model)
+    _check_out_not_in_inputs(out, model, ckpts, probes)
+    config = _config_of(model, trust_remote_code)
+    _check_sources(model, ckpts, config, trust_remote_code)
     if spec is None:
         spec = load_spec(config)
     elif not isinstance(spec, Spec):
@@ -356,11 +360,7 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
             continue
         bar.set_postfix_str(label)
         net = _materialize(src, model, base_cache, allow_pickle, trust_remote_code)
-        if getattr(net.config, "model_type", None) != config.model_type:
-            raise CaptureError(
-                f"checkpoint {label!r} ({describe(src)}) is a {net.config.model_type!r} model, "
-                f"the base is {config.model_type!r}: one store holds one architecture"
-            )
+        _same_architecture(label, src, net.config, model, config)
         spec.validate(net)
         n_layers = spec.num_layers(net)
         layer_ids = list(range(n_layers)) if layers is None else layers
@@ -432,7 +432,8 @@ def _materialize(src, model, base_cache, allow_pickle, trust_remote_code):
                 if isinstance(model, (str, Path)) else model
             )
         base = base_cache["base"]
-    return load_source(src, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return load_source(src, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                       base_name=describe(model))
 
 
 def _peek(out: Path) -> dict:
@@ -555,6 +556,9 @@ def _check_out(out) -> Path:
     from driftlens.store import is_local, location
 
     out = location(out)
+    if not is_local(out) and getattr(out, "protocol", None) == "memory":
+        raise UsageError(f"--out {out}: an in-memory (memory://) store vanishes when this process exits, so "
+                         f"nothing captured would survive; give a folder or a persistent URL (s3://, gs://, ...)")
     if not is_local(out):             # a URL: zarr writes through fsspec; the backend says what it refuses
         if out.is_dir() and not (out / "zarr.json").exists() and any(out.iterdir()):
             raise StoreMismatchError(f"{out} exists and is not a driftlens store (no zarr.json); "
@@ -571,6 +575,133 @@ def _check_out(out) -> Path:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise EnvironmentProblem(f"--out {out}: {probe} is not writable")
     return out
+
+
+#: Config fields that make two checkpoints one architecture for capture: every checkpoint is fed MODEL's
+#: processor and read through one spec, so these must agree (vocab_size may differ: a checkpoint that
+#: added tokens still reads MODEL's token ids, and is warned about).
+_TEXT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "intermediate_size")
+_VISION_FIELDS = ("model_type", "hidden_size", "image_size", "patch_size", "num_hidden_layers")
+_TOP_FIELDS = ("model_type", "image_token_id", "image_token_index", "vision_feature_layer",
+               "vision_feature_select_strategy", "image_seq_length", "mm_tokens_per_image")
+
+
+def architecture(config) -> dict:
+    """The fields of a model config that capture needs equal across a trajectory (see ``_TEXT_FIELDS``)."""
+    def pick(cfg, fields, prefix):
+        return {f"{prefix}{f}": _plain(getattr(cfg, f, None)) for f in fields if getattr(cfg, f, None) is not None}
+
+    try:
+        text = config.get_text_config()
+    except (AttributeError, TypeError, ValueError):
+        text = config
+    out = pick(config, _TOP_FIELDS, "")
+    if text is not config:
+        out.update(pick(text, _TEXT_FIELDS, "text_config."))
+    else:
+        out.update(pick(config, _TEXT_FIELDS[1:], ""))
+    vision = getattr(config, "vision_config", None)
+    if vision is not None:
+        out.update(pick(vision, _VISION_FIELDS, "vision_config."))
+    return out
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _vocab(config) -> int | None:
+    try:
+        text = config.get_text_config()
+    except (AttributeError, TypeError, ValueError):
+        text = config
+    v = getattr(text, "vocab_size", None)
+    return int(v) if isinstance(v, int) else None
+
+
+def _same_architecture(label, src, have_config, model, want_config) -> None:
+    """Refuse a checkpoint whose architecture is not MODEL's, naming both and the fields that differ."""
+    import warnings
+
+    want, have = architecture(want_config), architecture(have_config)
+    diff = [k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+    if diff:
+        shown = "; ".join(f"{k} {have.get(k)!r} vs {want.get(k)!r}" for k in diff[:4])
+        raise CaptureError(
+            f"checkpoint {label!r} ({describe(src)}) is not the architecture of MODEL {describe(model)} ({shown}"
+            f"{f'; {len(diff) - 4} more' if len(diff) > 4 else ''}): every checkpoint is read with MODEL's "
+            f"processor and spec, so a trajectory shares one architecture -- pass the checkpoints' own base as MODEL"
+        )
+    vh, vw = _vocab(have_config), _vocab(want_config)
+    if vh is not None and vw is not None and vh != vw:
+        warnings.warn(f"checkpoint {label!r} ({describe(src)}) has vocab_size {vh}, MODEL {describe(model)} {vw}: "
+                      f"every checkpoint is fed MODEL's tokenizer (the paired design), so tokens one side added "
+                      f"are never used", stacklevel=4)
+
+
+def _check_sources(model, ckpts: dict, config, trust_remote_code: bool) -> None:
+    """Before any weights load: no folder's own code unless trusted, every model-directory checkpoint of
+    MODEL's architecture, every adapter trained on MODEL (see :func:`_check_adapter_base`)."""
+    from driftlens.outputs import real
+
+    for label, src in ckpts.items():
+        kind = source_kind(src)
+        if kind == "model_dir":
+            check_remote_code(src, trust_remote_code)
+            if isinstance(model, (str, os.PathLike)) and real(src) == real(model):
+                continue
+            _same_architecture(label, src, load_config(src, trust_remote_code), model, config)
+        elif kind == "adapter_dir":
+            _check_adapter_base(label, src, model)
+
+
+def _check_adapter_base(label, src, model) -> None:
+    """An adapter whose recorded base is a folder here must have been trained on MODEL's weights.
+
+    ``base_model_name_or_path`` (adapter_config.json) that is a local model folder is compared by
+    identity: the same folder, or a folder with the same weights fingerprint, passes; another is
+    refused (the adapter would be applied to weights it was not trained on). A hub name or a path
+    that is not here cannot be checked: a warning says so when its last part is not MODEL's folder
+    name (PEFT itself checks only the tensor shapes).
+    """
+    import warnings
+
+    from driftlens.outputs import real
+    from driftlens.sources import adapter_base_name, fingerprint
+
+    name = adapter_base_name(src)
+    if not name or not isinstance(model, (str, os.PathLike)):
+        return
+    recorded = Path(name).expanduser()
+    if recorded.is_dir() and (recorded / "config.json").is_file():
+        if real(recorded) == real(model):
+            return
+        theirs, ours = fingerprint(recorded), fingerprint(model)
+        if theirs != ours:
+            raise CheckpointIdentityError(
+                f"checkpoint {label!r}: the PEFT adapter {src} was trained on {name} (base_model_name_or_path in "
+                f"its adapter_config.json, weights fingerprint {theirs}), not on MODEL {model} (fingerprint {ours}); "
+                f"pass {name} as MODEL (a PEFT adapter applies only to the weights it was trained on)")
+    elif recorded.name != real(model).name:
+        warnings.warn(f"checkpoint {label!r}: the PEFT adapter {src} was trained on {name!r} (adapter_config.json), "
+                      f"which is not a folder here; it is applied to MODEL {model} without checking that they are "
+                      f"the same weights", stacklevel=4)
+
+
+def _check_out_not_in_inputs(out, model, ckpts: dict, probes) -> None:
+    """Refuse a store folder that is (or lies inside) the model's or a checkpoint's directory.
+
+    A store inside the probe set's folder is allowed: capture writes only into the store folder, which
+    must be new or a store, and the probe set's fingerprint covers its manifest and images.
+    """
+    from driftlens.outputs import check_output
+
+    inputs = [("model directory", model)] if isinstance(model, (str, os.PathLike)) else []
+    inputs += [(f"checkpoint {label!r} directory", src) for label, src in ckpts.items()
+               if isinstance(src, (str, os.PathLike))]
+    inputs.append(("probe manifest", probes.manifest))
+    check_output(out, inputs)
 
 
 def _check_overwrite(overwrite, ckpts: dict) -> list[str]:

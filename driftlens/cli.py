@@ -6,6 +6,7 @@ Each subcommand is a thin wrapper over the Python function of the same name; see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ _count = _number(int, lambda v: v >= 1, "an integer >= 1")
 _nonneg = _number(int, lambda v: v >= 0, "an integer >= 0")
 _positive = _number(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
 _fraction = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+_share = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _trajectory(pairs: list[tuple[str, str]]) -> dict[str, str] | None:
@@ -95,6 +97,9 @@ def _add_cluster_options(p, tasks: str) -> None:
     where.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="run on the Dask cluster at ADDRESS (e.g. tcp://10.0.0.1:8786); its workers must see "
                             "the same paths")
+    p.add_argument("--dask-timeout", type=_positive, default=None, metavar="SECONDS",
+                   help="seconds to wait for the scheduler's answer, then for a first worker, before a one-line "
+                        "error (default: $DRIFTLENS_DASK_TIMEOUT or 60)")
 
 
 def _run_capture(args) -> int:
@@ -103,7 +108,7 @@ def _run_capture(args) -> int:
     from driftlens.store import open_store
 
     checkpoints = _trajectory(args.checkpoint)
-    with client_for(args.workers, args.scheduler) as client:
+    with client_for(args.workers, args.scheduler, args.dask_timeout) as client, _store_write_errors(args.out):
         out = capture(
             args.model, args.probes, checkpoints, out=args.out, sites=tuple(args.sites), layers=args.layers,
             batch_size=args.batch_size, device=args.device, dtype=args.dtype,
@@ -116,6 +121,27 @@ def _run_capture(args) -> int:
     print(f"checkpoints: {list(ds.checkpoint.values.astype(str))}; layers: {ds.sizes.get('layer', 0)}; "
           f"tokens: {ds.sizes['token']}; sites: {[v for v in ds.data_vars]}")
     return 0
+
+
+@contextlib.contextmanager
+def _store_write_errors(store):
+    """A full disk or a file-size limit while capture writes chunks: one line naming the store (the raw
+    ``OSError`` of a chunk write names no file), and how to go on."""
+    import errno
+
+    from driftlens.errors import DriftlensError, EnvironmentProblem
+
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, DriftlensError) or exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        from driftlens.outputs import write_error
+
+        why = str(write_error(exc.filename or store, exc)).split(": ", 1)[1].split(";")[0]
+        raise EnvironmentProblem(f"cannot write the store {store}{f' ({exc.filename})' if exc.filename else ''}: "
+                                 f"{why}; completed checkpoints are kept -- free space (or raise the limit) and rerun "
+                                 f"the same command to resume") from exc
 
 
 def _add_drift(sub) -> None:
@@ -215,7 +241,7 @@ def _run_drift(args) -> int:
 
     stores = _drift_inputs(args)
     contrasts = _contrast_pairs(args, stores)
-    with client_for(args.workers, args.scheduler) as client:
+    with client_for(args.workers, args.scheduler, args.dask_timeout) as client:
         rep = drift(stores, reference=args.reference, metrics=tuple(args.metrics), sites=args.sites,
                     n_permutations=args.permutations, n_bootstrap=args.bootstrap, level=args.level,
                     correction=None if args.correction == "none" else args.correction, seed=args.seed,
@@ -322,9 +348,11 @@ def _add_plot(sub) -> None:
 
 def _run_plot(args) -> int:
     from driftlens import plot
+    from driftlens.outputs import check_output, local
     from driftlens.schedule import RankSchedule
     from driftlens.store import load_report
 
+    check_output(local(args.out), [("drift report", args.report), ("rank schedule", args.schedule)])
     rep = load_report(args.report)
     schedule = RankSchedule.load(args.schedule) if args.schedule else None
     paths = plot.plot_report(rep, args.out, formats=("png", "svg") if args.svg else ("png",), schedule=schedule,
@@ -417,28 +445,30 @@ def _add_ranks(sub) -> None:
                     "or an axolotl fragment (YAML).",
     )
     p.add_argument("report", help="drift report (netCDF) written by 'driftlens drift'")
-    p.add_argument("--budget", type=int, required=True, help="sum of ranks over all adapted modules")
+    p.add_argument("--budget", type=_count, required=True, help="sum of ranks over all adapted modules")
     p.add_argument("--signal", action="append", default=None, metavar="EXPR|MODULE=EXPR",
                    help="NAME[@SITE][:MODALITY], e.g. mmd or mmd@key; repeat as MODULE=EXPR for per-module "
                         "signals ('*=EXPR' is the fallback). Default: mmd")
     p.add_argument("--rule", default="proportional", choices=list(RULES))
-    p.add_argument("--min-rank", type=int, default=1)
-    p.add_argument("--max-rank", type=int, default=64)
+    p.add_argument("--min-rank", type=_count, default=1)
+    p.add_argument("--max-rank", type=_count, default=64)
     p.add_argument("--modules", nargs="+", default=None, help="targets relative to a decoder block, among "
                    "the spec's block_modules (default: the spec's lora_targets)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--checkpoint", default=None,
                        help="report checkpoint the signal is read at (default: the last of the report's one "
-                            "trajectory; a report with several trajectories must name it, or use --contrast)")
+                            "trajectory; a report with several trajectories must name it, or use --contrast; the "
+                            "reference is refused: its drift is 0)")
     group.add_argument("--contrast", default=None, metavar="A:B",
                        help="allocate from the contrast A minus B (e.g. ko-5:en-5: the drift the language change "
                             "adds over the English control; mean over runs), computed by `driftlens drift --contrast`")
     p.add_argument("--site", default=DEFAULT_SITE)
     p.add_argument("--modality", default=DEFAULT_MODALITY)
-    p.add_argument("--share", type=float, default=0.9, help="cumulative rule: share of signal kept")
-    p.add_argument("--alpha-ratio", type=float, default=2.0, help="alpha / r (default: %(default)s)")
+    p.add_argument("--share", type=_share, default=0.9, help="cumulative rule: share of signal kept")
+    p.add_argument("--alpha-ratio", type=_positive, default=2.0, help="alpha / r (default: %(default)s)")
     p.add_argument("--rslora", action="store_true", help="use rsLoRA scaling with one alpha")
-    p.add_argument("--spec", default=None, help="hooks TOML file (default: by the report's model_type)")
+    p.add_argument("--spec", default=None, help="hooks TOML file (default: by the report's model_type; one "
+                   "that does not serve the report's model_type is refused)")
     p.add_argument("--out", "-o", default="ranks.json", help="output file (default: %(default)s)")
     p.add_argument("--format", choices=list(FORMATS), default=None,
                    help="peft (JSON) or axolotl (YAML); default from the --out suffix")
@@ -447,10 +477,16 @@ def _add_ranks(sub) -> None:
 
 
 def _run_ranks(args) -> int:
+    from driftlens.outputs import check_distinct, check_output, local
     from driftlens.plot import rank_schedule, save
     from driftlens.ranks import allocate_ranks
     from driftlens.store import load_report
 
+    inputs = [("drift report", args.report), ("spec", args.spec)]
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+        if path is not None:
+            check_output(local(path, flag), inputs, flag)
+    check_distinct({"--out": args.out, "--plot": args.plot})
     report = load_report(args.report)
     spec = None
     if args.spec:

@@ -167,7 +167,9 @@ def drift(ds: xr.Dataset | str | os.PathLike | Mapping[str, xr.Dataset | str | o
         (:mod:`driftlens.engine`); ``device`` is then resolved on each worker. The report is the
         same as without a client: every cell uses the same seeded draws whatever process runs it.
         With a store path, workers read the store's files themselves (they must see the path);
-        with a Dataset, it is shipped with each task (keep it lazy, or small).
+        with a Dataset, it is shipped with each task (keep it lazy, or small). A closed client, or a
+        cluster that has no worker within ``$DRIFTLENS_DASK_TIMEOUT`` seconds (default 60), is refused
+        (:class:`~driftlens.errors.EnvironmentProblem`) before any work.
     contrasts : sequence of (a, b) or "a:b", optional
         Checkpoint contrasts ``a - b`` of every metric with draws (e.g. ``[("ko-5", "en-5")]``, or
         :func:`driftlens.compare.trajectory_pairs` for two trajectories step by step): a ``contrast``
@@ -198,8 +200,14 @@ def drift(ds: xr.Dataset | str | os.PathLike | Mapping[str, xr.Dataset | str | o
 
     if verify not in VERIFY_LEVELS:
         raise DriftError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
+    if client is not None:
+        from driftlens.cluster import check_client
+
+        check_client(client)          # a closed client, or a cluster without workers: refused, never a hang
     if out is not None:
-        out = check_report_path(out)
+        runs = ds.values() if isinstance(ds, Mapping) and not hasattr(ds, "data_vars") else [ds]
+        stores = [d if not hasattr(d, "data_vars") else d.attrs.get("store_path") for d in runs]
+        out = check_report_path(out, [("activation store", store) for store in stores])
     options = dict(reference=reference, metrics=metrics, sites=sites, modalities=modalities,
                    n_permutations=n_permutations, n_bootstrap=n_bootstrap, level=level, correction=correction,
                    transport_resamples=transport_resamples, mir_bootstrap=mir_bootstrap, seed=seed, device=device,

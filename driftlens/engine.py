@@ -16,6 +16,7 @@ when: the single-process run, a Dask cluster and a GPU give the same report. Wit
 from __future__ import annotations
 
 import functools
+import numbers
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -24,7 +25,7 @@ import numpy as np
 
 from driftlens import cells
 from driftlens import inference as I
-from driftlens.errors import DriftError, raise_if_interrupted
+from driftlens.errors import DriftError, check_count, raise_if_interrupted
 from driftlens.registry import ALIASES, ALL_METRICS, METRICS, base_metric
 from driftlens.schema import CLUSTER_COORDS, REPORT_DIMS
 
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 CORRECTIONS = ("bh", "holm", None)
 FEW_CLUSTERS = 10   # below this, percentile intervals are rough; said in the report's warnings
 MMD_CACHE_ROWS = 4096   # the reference's kernel tile is kept across a task's checkpoints up to this size
+#: What a report records of the store it was computed from: the probe set's fingerprint, the token
+#: selection's hash and the store's path (``AnchorDriftLoss.from_store(weights=report)`` compares them).
+IDENTITY_ATTRS = ("probe_fingerprint", "token_selection", "store_path")
 
 
 class BlockSource(Protocol):
@@ -234,8 +238,9 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
     for name, val in (("n_permutations", n_permutations), ("n_bootstrap", n_bootstrap),
                       ("transport_resamples", transport_resamples), ("n_projections", n_projections),
                       ("mir_bootstrap", n_bootstrap if mir_bootstrap is None else mir_bootstrap)):
-        if int(val) < 1:
-            raise DriftError(f"{name} must be >= 1, got {val}")
+        check_count(name, val, error=DriftError)       # 2.5 or True refused, never rounded
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise DriftError(f"seed must be an integer, got {seed!r}")
     if not 0 < level < 1:
         raise DriftError(f"level must be in (0, 1), got {level}")
     if correction not in CORRECTIONS:
@@ -249,6 +254,10 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
         raise DriftError("the store holds no completed checkpoint")
     reference = labels[0] if reference is None else reference
     if reference not in labels:
+        if reference in ds.attrs.get("checkpoints", []) and reference not in ds.attrs.get("completed", []):
+            raise DriftError(f"reference {reference!r} was started but its capture did not finish (the store hides "
+                             f"unfinished checkpoints); rerun the capture to complete it, or choose a completed "
+                             f"reference among {labels}")
         raise DriftError(f"reference {reference!r} is not a checkpoint of the store; it has {labels}")
     if sites is None:
         sites = [s for s in ("hidden", "key", "query") if s in ds.data_vars]
@@ -265,6 +274,7 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
                      f"leaves them out (rerun the capture to complete them)")
     if len(labels) < 2:
         notes.append(f"the store holds only the reference checkpoint {labels}: there is no drift to report")
+    _check_token_rows(modality, modalities, metrics, notes)
     n_clusters = {"all": len(I.cluster_codes(cluster)[1])}
     for mod in modalities:
         rows = np.flatnonzero(modality == mod)
@@ -305,7 +315,39 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
         attrs={"model_type": str(ds.attrs.get("model_type", "")), "family": str(ds.attrs.get("family", "")),
                "n_layers": int(ds.attrs.get("n_layers", len(layers))),
                "probe_set": str(ds.attrs.get("probe_set", "")), "cluster_coord": cluster_coord,
-               **{k: str(ds.attrs[k]) for k in ("probe_fingerprint", "token_selection") if k in ds.attrs}})
+               **_identity_attrs(ds.attrs)})
+
+
+def _check_token_rows(modality: np.ndarray, modalities, metrics, notes: list) -> None:
+    """Refuse a dataset without a token row of any requested modality (its report would be all NaN), and
+    a cross-modal metric without both modalities; note a requested modality that has no rows."""
+    bad = [m for m in modalities if m not in ("visual", "text")]
+    if bad or not modalities:
+        raise DriftError(f"modalities {list(modalities)}: each must be 'visual' or 'text' (at least one)")
+    have = {m: int((modality == m).sum()) for m in ("visual", "text")}
+    if not any(have.get(m, 0) for m in modalities):
+        raise DriftError(f"the dataset has no {' or '.join(modalities)} token rows ({len(modality)} tokens in all): "
+                         f"an empty token selection gives no drift to measure -- check the selection "
+                         f"(e.g. ds.sel / ds.isel on `token`)")
+    cross = [m for m in metrics if m in ("gap", "mir")]
+    missing = [m for m in ("visual", "text") if not have[m]]
+    if cross and missing:
+        raise DriftError(f"{cross} compare visual and text tokens, but the dataset has no {missing[0]} token rows; "
+                         f"leave {cross} out of metrics, or keep both modalities in the selection")
+    for m in modalities:
+        if not have.get(m, 0):
+            notes.append(f"the dataset has no {m} token rows: every {m} cell of the report is NaN (pass "
+                         f"modalities without {m!r} to leave them out)")
+
+
+def _identity_attrs(attrs) -> dict:
+    """The store identity a report records (:data:`IDENTITY_ATTRS`); a local store path made absolute."""
+    import os
+
+    out = {k: str(attrs[k]) for k in IDENTITY_ATTRS if attrs.get(k)}
+    if "store_path" in out and "://" not in out["store_path"]:
+        out["store_path"] = os.path.abspath(out["store_path"])
+    return out
 
 
 # ----------------------------------------------------------------------------- one task

@@ -18,8 +18,8 @@ code  meaning
 130   interrupted (Ctrl-C); completed work is kept and a rerun resumes
 ====  ============================================================================
 
-Each specific error also derives from the builtin it refines (``ValueError``, ``RuntimeError``,
-``OSError``), so ``except ValueError`` written against earlier versions keeps working.
+Each specific error also derives from the builtin it refines (``ValueError``, ``TypeError``,
+``RuntimeError``, ``OSError``), so ``except ValueError`` written against earlier versions keeps working.
 """
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ class UsageError(DriftlensError, ValueError):
     """A value the caller passed is invalid (a count < 1, an unknown name, a bad path)."""
 
     exit_code = EXIT_USAGE
+
+
+class ArgumentTypeError(UsageError, TypeError):
+    """An argument of the wrong type (a list where a tensor is expected, a number where a mapping is)."""
 
 
 class DataError(DriftlensError, ValueError):
@@ -101,3 +105,16 @@ def raise_if_interrupted() -> None:
     """Raise ``KeyboardInterrupt`` when an interrupt was requested and not yet delivered."""
     if INTERRUPT.is_set():
         raise KeyboardInterrupt
+
+
+def check_count(name: str, value, least: int = 1, error: type[UsageError] = UsageError) -> int:
+    """``value`` as an ``int`` when it is an integer (Python or numpy) ``>= least``; else ``error``.
+
+    A ``bool`` (``True`` is not a count) and a float (``2.5``, and ``2.0`` too: a count written
+    as a float is a mistake somewhere upstream) are refused, never rounded.
+    """
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < least:
+        raise error(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)

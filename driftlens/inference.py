@@ -28,6 +28,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from driftlens.errors import UsageError, check_count
+
 __all__ = [
     "Inference",
     "adjust_pvalues",
@@ -67,6 +69,7 @@ def rows_by_cluster(codes, k: int) -> list[np.ndarray]:
 
 def sign_flips(n_clusters: int, n_draws: int, seed: int) -> torch.Tensor:
     """[K, B] float64 of +-1: column b swaps reference and checkpoint in the clusters marked -1."""
+    n_draws = check_count("the number of sign flips (n_permutations)", n_draws)
     g = torch.Generator().manual_seed(int(seed))
     return torch.randint(0, 2, (n_clusters, n_draws), generator=g).to(torch.float64).mul_(2).sub_(1)
 
@@ -78,6 +81,7 @@ def bootstrap_counts(n_clusters: int, n_draws: int, seed: int) -> torch.Tensor:
     1e-4 from K = 7) is drawn again: a U-statistic over pairs of distinct clusters is undefined
     on it, so the bootstrap is conditional on at least two distinct clusters.
     """
+    n_draws = check_count("the number of bootstrap draws (n_bootstrap)", n_draws)
     g = torch.Generator().manual_seed(int(seed))
     idx = torch.randint(0, n_clusters, (n_draws, n_clusters), generator=g)     # [B, K]
     while n_clusters > 1:
@@ -154,7 +158,7 @@ def u_statistic_draws(h: torch.Tensor, flips: torch.Tensor, counts: torch.Tensor
     """
     k = h.shape[0]
     if k < MIN_CLUSTERS:
-        raise ValueError(f"a cluster U-statistic needs at least {MIN_CLUSTERS} clusters, got {k}")
+        raise UsageError(f"a cluster U-statistic needs at least {MIN_CLUSTERS} clusters, got {k}")
     if not bool(torch.isfinite(h).all()):
         raise FloatingPointError(f"the pair terms hold {int((~torch.isfinite(h)).sum())} non-finite value(s)")
     ones = torch.ones(k, 1, dtype=torch.float64, device=h.device)
@@ -171,7 +175,7 @@ def u_statistic_draws(h: torch.Tensor, flips: torch.Tensor, counts: torch.Tensor
 def percentile_interval(values: torch.Tensor | np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Equal-tailed percentile interval of bootstrap values."""
     if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+        raise UsageError(f"level must be in (0, 1), got {level}")
     v = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
     a = (1.0 - level) / 2.0
     lo, hi = np.quantile(v, [a, 1.0 - a])
@@ -200,7 +204,7 @@ def adjust_pvalues(p, method: Literal["bh", "holm"] = "bh") -> np.ndarray:
         adj = ranked * (m - np.arange(m))
         adj = np.maximum.accumulate(adj)
     else:
-        raise ValueError(f"unknown correction {method!r}; choose 'bh' or 'holm'")
+        raise UsageError(f"unknown correction {method!r}; choose 'bh' or 'holm'")
     res = np.empty(m)
     res[order] = np.minimum(adj, 1.0)
     flat_out = out.reshape(-1)
@@ -388,7 +392,7 @@ def paired_shift(r, c, clusters, n_bootstrap: int = 1000, level: float = 0.95, s
     r, c = M._check(r, c, names=["r (reference)", "c (checkpoint)"], same_rows=True)
     codes_np, uniq = cluster_codes(clusters)
     if len(codes_np) != r.shape[0]:
-        raise ValueError(f"clusters has {len(codes_np)} labels for {r.shape[0]} rows")
+        raise UsageError(f"clusters has {len(codes_np)} labels for {r.shape[0]} rows")
     check_clusters(len(uniq), "paired_shift")
     centre = r.mean(0, dtype=torch.float64).to(r.dtype)
     codes = torch.as_tensor(codes_np, device=r.device)
@@ -401,7 +405,7 @@ def paired_shift(r, c, clusters, n_bootstrap: int = 1000, level: float = 0.95, s
 def check_clusters(k: int, what: str) -> None:
     """Raise when there are too few clusters for any interval or null."""
     if k < MIN_CLUSTERS:
-        raise ValueError(f"{what}: {k} cluster(s); drift inference resamples clusters and needs at least "
+        raise UsageError(f"{what}: {k} cluster(s); drift inference resamples clusters and needs at least "
                          f"{MIN_CLUSTERS} (a probe set's `cluster` names its independent units)")
 
 
@@ -434,7 +438,7 @@ def paired_mmd(r, c, clusters, sigma=None, n_permutations: int = 1000, n_bootstr
     r, c = M._check(r, c, names=["r (reference)", "c (checkpoint)"], same_rows=True)
     codes_np, uniq = cluster_codes(clusters)
     if len(codes_np) != r.shape[0]:
-        raise ValueError(f"clusters has {len(codes_np)} labels for {r.shape[0]} rows")
+        raise UsageError(f"clusters has {len(codes_np)} labels for {r.shape[0]} rows")
     k = len(uniq)
     check_clusters(k, "paired_mmd")
     centre = r.mean(0, dtype=torch.float64).to(r.dtype)

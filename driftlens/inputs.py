@@ -8,7 +8,7 @@ tiles, LLaVA-NeXT/OneVision anyres ``image_sizes``, the PaliGemma prefix, ...).
 """
 from __future__ import annotations
 
-from driftlens.errors import UsageError
+from driftlens.errors import DataError, UsageError
 
 # Training-only outputs some processors add (PaliGemma builds ``labels`` from the prefix).
 _DROP = ("labels",)
@@ -89,3 +89,48 @@ def chat_template(user: str, image: str, end_user: str, assistant: str, end_assi
         + "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}" + assistant + "{% endif %}"
     )
+
+
+def max_positions(config) -> int | None:
+    """The most token positions the language model takes (``max_position_embeddings`` of its text
+    config, else of the config itself); None when the config does not say."""
+    try:
+        text = config.get_text_config()
+    except (AttributeError, TypeError, ValueError):
+        text = config
+    for cfg in (text, config):
+        n = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
+def check_positions(inputs, config, probes) -> None:
+    """Refuse a batch whose sequences are longer than the model's positions, before any forward.
+
+    A sequence past ``max_position_embeddings`` runs into position embeddings the model never
+    learned (or past its rotary range), and a very long prompt costs attention memory quadratic in
+    its length: such a probe is refused, naming it and both lengths. driftlens does not truncate --
+    cutting the prompt would change what the probe asks, and the cut would differ between families.
+
+    Parameters
+    ----------
+    inputs : mapping
+        The batch (``input_ids``, optional ``attention_mask``).
+    config : transformers.PretrainedConfig
+        The model's config.
+    probes : sequence of Probe
+        The batch's probes, in order (for the message).
+    """
+    limit = max_positions(config)
+    if limit is None:
+        return
+    ids = inputs["input_ids"]                                    # [B, S]
+    mask = inputs.get("attention_mask")
+    lengths = [int(ids.shape[1])] * int(ids.shape[0]) if mask is None else [int(v) for v in mask.sum(1)]
+    for p, n in zip(probes, lengths):
+        if n > limit:
+            raise DataError(f"probe {p.id!r}: its input is {n} tokens (prompt of {len(p.prompt)} characters, "
+                            f"with the image's tokens), longer than the model's {limit} positions "
+                            f"(max_position_embeddings); shorten the prompt in the probe set -- driftlens does "
+                            f"not truncate probes")

@@ -41,6 +41,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from driftlens.errors import ArgumentTypeError, UsageError, check_count
+
 __all__ = [
     "MMDTestResult",
     "Shift",
@@ -77,7 +79,7 @@ def _as_tensor(a, name: str) -> torch.Tensor:
         return a
     if isinstance(a, np.ndarray):
         return torch.from_numpy(a)
-    raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(a).__name__}")
+    raise ArgumentTypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(a).__name__}")
 
 
 def _bad_rows(a: torch.Tensor, limit: int = 5) -> str:
@@ -99,24 +101,24 @@ def _check(*arrays, names: Sequence[str] | None = None, min_rows: int = 2, same_
     ts = [_as_tensor(a, n) for a, n in zip(arrays, names)]
     for t, n in zip(ts, names):
         if t.dim() != 2:
-            raise ValueError(f"{n}: expected a 2-D tensor [rows, features], got shape {tuple(t.shape)}")
+            raise UsageError(f"{n}: expected a 2-D tensor [rows, features], got shape {tuple(t.shape)}")
         if t.is_complex():
-            raise TypeError(f"{n}: complex tensors are not supported (dtype {t.dtype})")
+            raise ArgumentTypeError(f"{n}: complex tensors are not supported (dtype {t.dtype})")
         if t.shape[0] < min_rows:
-            raise ValueError(f"{n}: needs at least {min_rows} rows (tokens), got {t.shape[0]}")
+            raise UsageError(f"{n}: needs at least {min_rows} rows (tokens), got {t.shape[0]}")
         if t.shape[1] < 1:
-            raise ValueError(f"{n}: has no features (shape {tuple(t.shape)})")
+            raise UsageError(f"{n}: has no features (shape {tuple(t.shape)})")
     d0 = ts[0].shape[1]
     for t, n in zip(ts[1:], names[1:]):
         if t.shape[1] != d0:
-            raise ValueError(
+            raise UsageError(
                 f"feature sizes differ: {names[0]} has {d0} features, {n} has {t.shape[1]}")
         if t.device != ts[0].device:
-            raise ValueError(f"devices differ: {names[0]} on {ts[0].device}, {n} on {t.device}")
+            raise UsageError(f"devices differ: {names[0]} on {ts[0].device}, {n} on {t.device}")
     if same_rows:
         for t, n in zip(ts[1:], names[1:]):
             if t.shape[0] != ts[0].shape[0]:
-                raise ValueError(f"paired metric needs the same rows: {names[0]} has "
+                raise UsageError(f"paired metric needs the same rows: {names[0]} has "
                                  f"{ts[0].shape[0]} rows, {n} has {t.shape[0]}")
     dtype = torch.float32
     for t in ts:
@@ -126,7 +128,7 @@ def _check(*arrays, names: Sequence[str] | None = None, min_rows: int = 2, same_
     for t, n in zip(ts, names):
         t = t.to(dtype)
         if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{n}: {_bad_rows(t)}")
+            raise UsageError(f"{n}: {_bad_rows(t)}")
         out.append(t)
     return out
 
@@ -141,10 +143,10 @@ def _sigmas(sigma) -> list[float]:
     else:
         vals = [float(sigma)]
     if not vals:
-        raise ValueError("sigma: empty sequence")
+        raise UsageError("sigma: empty sequence")
     for s in vals:
         if not math.isfinite(s) or s <= 0:
-            raise ValueError(f"sigma must be finite and > 0, got {s}")
+            raise UsageError(f"sigma must be finite and > 0, got {s}")
     return vals
 
 
@@ -193,9 +195,9 @@ def median_sigma(x, y=None, *, pairs: MedianPairs = "pooled", max_points: int | 
         squared distances is used; when all points coincide sigma is 1.0.
     """
     if pairs not in ("pooled", "reference"):
-        raise ValueError(f"pairs must be 'pooled' or 'reference', got {pairs!r}")
+        raise UsageError(f"pairs must be 'pooled' or 'reference', got {pairs!r}")
     if pairs == "pooled" and y is None:
-        raise ValueError("median_sigma(pairs='pooled') needs both x and y")
+        raise UsageError("median_sigma(pairs='pooled') needs both x and y")
     if y is None:
         (x,) = _check(x, names=["x"])
         z = x
@@ -297,7 +299,7 @@ def _prepare(x, y, sigma, median_pairs, median_max_points, seed):
     if sigma is None or (isinstance(sigma, str) and sigma == "median"):
         sig = [median_sigma(x, y, pairs=median_pairs, max_points=median_max_points, seed=seed)]
     elif isinstance(sigma, str):
-        raise ValueError(f"sigma must be None, 'median', a float or a sequence of floats; got {sigma!r}")
+        raise UsageError(f"sigma must be None, 'median', a float or a sequence of floats; got {sigma!r}")
     else:
         sig = _sigmas(sigma)
     z = torch.cat([x, y])  # [N, d]
@@ -348,8 +350,7 @@ def mmd2_loss(x, y, sigma: Sigma = None, *, block_size: int = DEFAULT_BLOCK_SIZE
 
     A sigma from the median heuristic is treated as a constant. Parameters as :func:`mmd2`.
     """
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    block_size = check_count("block_size", block_size)
     x, y, z, _, gammas = _prepare(x, y, sigma, median_pairs, median_max_points, seed)
     offset = _kernel_offset(z, gammas, seed)
     sums, _, _ = _kernel_pass(z, x.shape[0], gammas, offset, block_size)
@@ -412,10 +413,8 @@ def mmd_test(x, y, n_permutations: int = 1000, sigma=None, seed: int = 0, *,
     -------
     MMDTestResult
     """
-    if n_permutations < 1:
-        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    n_permutations = check_count("n_permutations", n_permutations)
+    block_size = check_count("block_size", block_size)
     with torch.no_grad():
         x, y, z, sig, gammas = _prepare(x, y, sigma, median_pairs, median_max_points, seed)
         n, m = x.shape[0], y.shape[0]
@@ -544,16 +543,15 @@ def sliced_wasserstein(x, y, n_projections: int = 128, p: int = 2, seed: int = 0
     """
     x, y = _check(x, y, names=["x", "y"], min_rows=1)
     if p < 1:
-        raise ValueError(f"p must be >= 1, got {p}")
+        raise UsageError(f"p must be >= 1, got {p}")
     d = x.shape[1]
     if projections is None:
-        if n_projections < 1:
-            raise ValueError(f"n_projections must be >= 1, got {n_projections}")
+        n_projections = check_count("n_projections", n_projections)
         proj = _random_projections(d, n_projections, seed, x.dtype, x.device)  # [d, P]
     else:
         (proj,) = _check(projections, names=["projections"], min_rows=1)
         if proj.shape[0] != d:
-            raise ValueError(f"projections: expected shape [d={d}, P], got {tuple(proj.shape)}")
+            raise UsageError(f"projections: expected shape [d={d}, P], got {tuple(proj.shape)}")
         proj = proj.to(dtype=x.dtype, device=x.device)
     with torch.no_grad():
         wpp = _wasserstein_1d_pp(x @ proj, y @ proj, p)  # [P]
@@ -617,7 +615,7 @@ def _nonzero_norms(norms: torch.Tensor, name: str) -> torch.Tensor:
     zero = (norms == 0).nonzero().flatten()
     if zero.numel():
         shown = ", ".join(str(int(i)) for i in zero[:5].tolist())
-        raise ValueError(f"{name}: {zero.numel()} zero-norm row(s) (direction undefined), "
+        raise UsageError(f"{name}: {zero.numel()} zero-norm row(s) (direction undefined), "
                          f"first at rows [{shown}]")
     return norms
 
@@ -689,7 +687,7 @@ def mir(v, t) -> float:
         v64, t64 = v.to(torch.float64), t.to(torch.float64)
         scale = t64.norm(dim=1).mean()
         if float(scale) == 0.0:
-            raise ValueError("t (text): all rows have zero norm; the text-centric scale is undefined")
+            raise UsageError("t (text): all rows have zero norm; the text-centric scale is undefined")
         v64, t64 = _replace_outliers(v64 / scale), _replace_outliers(t64 / scale)
         return _frechet(*_mean_cov(v64), *_mean_cov(t64))
 
@@ -699,12 +697,12 @@ def mir_total(per_layer_values) -> float:
     vals = [float(x) for x in (per_layer_values.tolist() if hasattr(per_layer_values, "tolist")
                                else per_layer_values)]
     if not vals:
-        raise ValueError("mir_total: no per-layer values")
+        raise UsageError("mir_total: no per-layer values")
     if not all(math.isfinite(x) for x in vals):
-        raise ValueError(f"mir_total: non-finite per-layer values {vals}")
+        raise UsageError(f"mir_total: non-finite per-layer values {vals}")
     s = sum(vals)
     if s <= 0:
-        raise ValueError(f"mir_total: sum of per-layer values is {s}; log10 needs a positive sum")
+        raise UsageError(f"mir_total: sum of per-layer values is {s}; log10 needs a positive sum")
     return math.log10(s)
 
 

@@ -964,7 +964,8 @@ def save(ax_or_fig: Axes | Figure, path: str | Path, formats: Sequence[str] | No
     ax_or_fig : matplotlib.axes.Axes or matplotlib.figure.Figure
         What any function here returned, or a figure.
     path : str or pathlib.Path
-        The file; parent folders are made.
+        The file; parent folders are made. Written atomically (a temporary file beside it, then a
+        rename): a failed write keeps the previous figure and leaves no partial file.
     formats : sequence of str, optional
         File formats (``"png"``, ``"svg"``, ``"pdf"`` ...): one file per format, ``path`` with that
         suffix. Default: the suffix of ``path`` (``png`` when it has none).
@@ -983,10 +984,12 @@ def save(ax_or_fig: Axes | Figure, path: str | Path, formats: Sequence[str] | No
     """
     from matplotlib.figure import Figure, SubFigure
 
+    from driftlens.outputs import atomic_path, local
+
     fig = ax_or_fig if isinstance(ax_or_fig, (Figure, SubFigure)) else ax_or_fig.figure
     while isinstance(fig, SubFigure):           # a subfigure's root figure
         fig = fig.figure
-    path = Path(path)
+    path = local(path, "path")
     if formats is None:
         formats = (path.suffix.lstrip(".").lower() or "png",)
     if isinstance(formats, str):
@@ -1000,7 +1003,8 @@ def save(ax_or_fig: Axes | Figure, path: str | Path, formats: Sequence[str] | No
     for fmt in formats:
         fmt = fmt.lstrip(".").lower()
         target = path if path.suffix.lstrip(".").lower() == fmt else path.with_suffix(f".{fmt}")
-        fig.savefig(target, dpi=dpi, format=fmt)
+        with atomic_path(target) as tmp:          # a failed or killed write keeps the previous figure
+            fig.savefig(tmp, dpi=dpi, format=fmt)
         out.append(target)
     plt = sys.modules.get("matplotlib.pyplot")
     if plt is not None:
@@ -1041,16 +1045,21 @@ def plot_report(report: xr.Dataset, out_dir: str | Path, formats: Sequence[str] 
     Raises
     ------
     driftlens.errors.UsageError
-        The report has none of the variables above, or ``variables`` / ``sites`` name one it lacks.
+        The report has none of the variables above, or ``variables`` / ``sites`` name one it lacks;
+        or ``out_dir`` lies inside the report's activation store or a figure would replace the report
+        (checked before anything is drawn).
     driftlens.errors.DataError
         The report has no checkpoint or no layer.
     """
     from driftlens.errors import DataError, UsageError
+    from driftlens.outputs import check_output, local
 
     for dim in ("checkpoint", "layer"):
         if dim in report.dims and report.sizes[dim] == 0:
             raise DataError(f"the report has no {dim}: nothing to draw")
-    out_dir = Path(out_dir)
+    out_dir = local(out_dir)
+    inputs = [("drift report", report.encoding.get("source")), ("activation store", report.attrs.get("store_path"))]
+    check_output(out_dir, inputs)
     formats = tuple(formats)
     if not formats:
         raise UsageError("no figure format given")
@@ -1096,6 +1105,9 @@ def plot_report(report: xr.Dataset, out_dir: str | Path, formats: Sequence[str] 
     if not jobs:
         raise UsageError(f"the report has nothing to draw: none of {(*_DISTRIBUTIONAL, 'paired_shift', 'gap', 'mir')} "
                          f"(it has {sorted(map(str, report.data_vars))})")
+    for stem, _ in jobs:          # a figure's file name may not be an input's (a report named like a figure)
+        for f in formats:
+            check_output(out_dir / f"{stem}.{f.lstrip('.').lower()}", inputs)
     written = []
     for stem, draw in jobs:
         try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
+import posixpath
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
@@ -30,7 +31,8 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
-from driftlens.errors import DataError
+from driftlens.errors import ArgumentTypeError, DataError
+from driftlens.outputs import atomic_write
 
 FIELDS = ("id", "image", "lang", "prompt", "answer", "group", "cluster")
 REQUIRED = FIELDS[:-1]              # ``cluster`` defaults to ``group``
@@ -102,7 +104,7 @@ def _looks_like_path(x) -> bool:
 def _resolve(name_or_path) -> tuple[Path, str]:
     """(manifest path, set name) for a shipped name, a manifest path or a folder holding one."""
     if not isinstance(name_or_path, (str, Path)):
-        raise TypeError(f"a probe set is named by a str or a path, got {type(name_or_path).__name__}")
+        raise ArgumentTypeError(f"a probe set is named by a str or a path, got {type(name_or_path).__name__}")
     shipped = list_probe_sets()
     if not _looks_like_path(name_or_path) and str(name_or_path) in shipped:
         manifest = _shipped_root() / str(name_or_path) / MANIFEST
@@ -197,6 +199,9 @@ def _check_image(rel: str, where: str, root: Path) -> None:
     """:class:`ProbeError` unless ``rel`` is a relative path to an existing file under ``root``."""
     if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute():
         raise ProbeError(f"{where}: image path {rel!r} must be relative to the manifest's folder")
+    if posixpath.normpath(rel.replace("\\", "/")).split("/")[0] == "..":
+        raise ProbeError(f"{where}: image path {rel!r} leads out of the manifest's folder ({root}); a probe set "
+                         f"holds its images under its own folder")
     image = root / rel
     try:
         found = image.is_file()
@@ -379,8 +384,7 @@ def write_manifest(path, probes: Iterable) -> Path:
         d.setdefault("cluster", d["group"])
         d["cluster"] = d["cluster"] or d["group"]
         lines.append(json.dumps({f: d[f] for f in FIELDS}, ensure_ascii=False))
-    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
-    return path
+    return atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from driftlens.errors import DataError, UsageError
+from driftlens.errors import DataError, UsageError, check_count
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -439,14 +439,12 @@ def probe(ds: xr.Dataset, label: LabelSpec, *, label_from: str = "group", label_
         raise UsageError(f"pool must be one of {POOLS}, got {pool!r}")
     if modality not in MODALITIES:
         raise UsageError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    if int(n_splits) < 2:
-        raise UsageError(f"n_splits must be >= 2, got {n_splits}")
-    if int(n_shuffles) < 0:
-        raise UsageError(f"n_shuffles must be >= 0, got {n_shuffles}")
+    n_splits = check_count("n_splits", n_splits, least=2)
+    n_shuffles = check_count("n_shuffles", n_shuffles, least=0)
     if not C > 0:
         raise UsageError(f"C must be > 0, got {C}")
-    if max_rows is not None and int(max_rows) < 2:
-        raise UsageError(f"max_rows must be >= 2, got {max_rows}")
+    if max_rows is not None:
+        max_rows = check_count("max_rows", max_rows, least=2)
     if site not in ds.data_vars:
         sites = [str(v) for v in ds.data_vars if "token" in ds[v].dims]
         raise UsageError(f"site {site!r} is not in the store; it has {sites}")

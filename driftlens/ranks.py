@@ -32,11 +32,15 @@ drift is certain, not where it is noisy.
 
 Signal values that are negative are set to 0 before allocation: a negative effect (less drift than
 the null) is no evidence that a layer needs capacity. If every signal is 0, every rule falls back to
-``uniform``. :func:`allocate_ranks` refuses a profile with a NaN or infinite value at the selected
-checkpoint (:class:`ScheduleError` naming the signal, the checkpoint and the layers): a missing
-measurement there is a damaged or degenerate report, not "no drift". :func:`allocate` over plain
-arrays still cleans them (:func:`clean_signal`): NaN -> 0, ``+inf`` (a null with zero spread) -> the
-largest finite value.
+``uniform``. Neither happens silently where it matters: a zero signal, and a negative value its
+own interval does not explain (the interval below 0, or the value outside it: a damaged or
+hand-edited report), are warned about and kept in the schedule's ``meta["warnings"]``. The report's
+reference checkpoint is refused as the signal's checkpoint (its drift against itself is 0 at every
+layer by construction). :func:`allocate_ranks` refuses a profile with a NaN or infinite value at the
+selected checkpoint (:class:`ScheduleError` naming the signal, the checkpoint and the layers): a
+missing measurement there is a damaged or degenerate report, not "no drift". :func:`allocate` over
+plain arrays still cleans them (:func:`clean_signal`): NaN -> 0, ``+inf`` (a null with zero spread)
+-> the largest finite value.
 
 Targets are relative to one decoder block; a spec's optional ``block_modules`` lists the valid ones,
 and a target outside it is refused before any schedule is written (with a model, every scheduled
@@ -55,7 +59,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from driftlens.allocation import Rule, allocate, clean_signal
-from driftlens.errors import ScheduleError
+from driftlens.errors import ScheduleError, check_count
 from driftlens.schedule import ModuleRank, RankSchedule, _nearest, _num, _versions
 from driftlens.schema import Modality, Site
 
@@ -181,6 +185,7 @@ def signal_profile(report, signal: str, *, checkpoint=None, contrast=None, site:
 
 def _resolve_spec(report, spec, model):
     if spec is not None:
+        _check_spec_serves(report, spec)
         return spec
     from driftlens.specs import load_spec
 
@@ -190,6 +195,60 @@ def _resolve_spec(report, spec, model):
     if not mtype:
         raise ScheduleError("the report has no 'model_type' attribute; pass spec= or model=")
     return load_spec(mtype)
+
+
+def _check_spec_serves(report, spec) -> None:
+    """Refuse an explicit spec of another family than the report's (its paths would fail later in PEFT)."""
+    mtype, fam = report.attrs.get("model_type"), report.attrs.get("family")
+    served = list(getattr(spec, "model_types", ()) or ())
+    if mtype and served and mtype not in served and fam != spec.family:
+        raise ScheduleError(f"spec {getattr(spec, 'path', None) or spec.family!r} (family {spec.family!r}, model types "
+                            f"{served}) does not serve the report's model_type {mtype!r} (family {fam!r}); its module "
+                            f"paths would not exist in that model -- leave the spec out, or pass one for {mtype!r}")
+
+
+def _check_signal_meaning(profiles: Mapping[str, np.ndarray], ck, report, rule, contrast=None) -> list[str]:
+    """The reference is refused (its drift against itself is 0 by construction); a signal that is negative
+    somewhere, or 0 everywhere, is said in warnings (returned, for the schedule's metadata). A contrast may
+    be negative (the control moved more there): those layers count as 0 without a warning."""
+    ref = report.attrs.get("reference")
+    if ck is not None and ref is not None and ck == ref:
+        raise ScheduleError(f"checkpoint {ck!r} is the report's reference: its drift against itself is 0 at every "
+                            f"layer by construction, so every rule would fall back to uniform ranks; choose a "
+                            f"checkpoint that moved (default: the last; the report has "
+                            f"{[str(c) for c in report['checkpoint'].values]})")
+    notes = []
+    layers = [int(v) for v in report["layer"].values]
+    at = f"contrast {contrast!r}" if contrast is not None else f"checkpoint {ck!r}"
+    for expr in sorted(profiles):
+        values = profiles[expr]  # [n_layers]
+        if contrast is not None:
+            if not (values > 0).any() and rule != "uniform":
+                notes.append(f"signal {expr!r} at {at} is 0 or negative at every layer (the control moved as much "
+                             f"or more everywhere): the {rule!r} rule fell back to uniform ranks")
+            continue
+        lo, hi = _interval_of(report, expr, ck)
+        odd = (values < 0) if lo is None else (values < 0) & ((hi < 0) | (values < lo) | (values > hi))
+        neg = [lay for lay, bad in zip(layers, odd) if bad]
+        if neg:
+            why = ("" if lo is None else " and its own interval does not explain it (the whole interval below 0, "
+                   "or the value outside it)")
+            notes.append(f"signal {expr!r} at checkpoint {ck!r} is negative at layer(s) {neg} (min "
+                         f"{float(values[odd].min()):.3g}){why}: impossible for a drift measure, so the report is "
+                         f"damaged or hand-edited; those layers count as 0")
+        if not (values > 0).any() and rule != "uniform":
+            notes.append(f"signal {expr!r} is 0 or negative at every layer at checkpoint {ck!r}: it carries no "
+                         f"information, so the {rule!r} rule fell back to uniform ranks")
+    return notes
+
+
+def _interval_of(report, expr: str, ck):
+    """``(lo, hi)`` per layer of a signal's interval variables (``NAME_lo`` / ``NAME_hi``), or ``(None, None)``."""
+    name, site, modality = parse_signal(expr)
+    if f"{name}_lo" not in report.data_vars or f"{name}_hi" not in report.data_vars:
+        return None, None
+    tail = (f"@{site}" if site else "") + (f":{modality}" if modality else "")
+    return tuple(signal_profile(report, f"{name}_{end}{tail}", checkpoint=ck) for end in ("lo", "hi"))
 
 
 def _report_layers(report, spec, model) -> int:
@@ -348,8 +407,29 @@ def allocate_ranks(report: xr.Dataset, budget: int, signal: str | Mapping[str, s
     ------
     ScheduleError
         A target outside the spec's ``block_modules``, a signal with a NaN / infinite value at
-        the selected checkpoint (the layers are named), a budget the ranks cannot meet, ...
+        the selected checkpoint (the layers are named), the report's reference as the checkpoint
+        (its drift is 0 by construction), an explicit ``spec`` that does not serve the report's
+        model_type, a count that is not an integer >= 1, an ``alpha_ratio`` that is not a finite
+        number > 0, a budget the ranks cannot meet, ...
+
+    Warns
+    -----
+    UserWarning
+        The signal is negative at some layer where its own interval does not allow it (a damaged or
+        hand-edited report; counted as 0), or 0 everywhere (the rule falls back to uniform ranks);
+        the schedule's ``meta["warnings"]`` keeps the same lines. A small negative estimate inside
+        its interval (an unbiased MMD dips below 0 by chance) is counted as 0 without a warning.
     """
+    import warnings
+
+    budget = check_count("budget", budget, error=ScheduleError)
+    min_rank = check_count("min_rank", min_rank, error=ScheduleError)
+    max_rank = check_count("max_rank", max_rank, error=ScheduleError)
+    for name, value, ok in (("alpha_ratio", alpha_ratio, lambda v: v > 0), ("share", share, lambda v: 0 < v <= 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(value) or not ok(value):
+            raise ScheduleError(f"{name} must be a finite number {'> 0' if name == 'alpha_ratio' else 'in (0, 1]'}, "
+                                f"got {value!r}")
     spec = _resolve_spec(report, spec, model)
     _pass_on_report_warnings(report)
     n_layers = _report_layers(report, spec, model)
@@ -364,6 +444,9 @@ def allocate_ranks(report: xr.Dataset, budget: int, signal: str | Mapping[str, s
     profiles = {e: signal_profile(report, e, checkpoint=ck, contrast=con, site=site, modality=modality)
                 for e in set(exprs.values())}  # expr -> [n_layers]
     _check_finite(profiles, ck, report)
+    notes = _check_signal_meaning(profiles, ck, report, rule, con)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
 
     paths, layer_of, mod_of, raw = [], [], [], []
     for i in range(n_layers):
@@ -397,6 +480,8 @@ def allocate_ranks(report: xr.Dataset, budget: int, signal: str | Mapping[str, s
         "n_layers": n_layers, "decoder_layers": spec.decoder_layers, "targets": list(targets),
         "source": source or None, **_versions(),
     }
+    if notes:
+        meta["warnings"] = notes
     sched = RankSchedule(units, meta)
     if model is not None:
         sched.check(model)

@@ -64,7 +64,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from driftlens.errors import UsageError
+from driftlens.errors import UsageError, check_count
 from driftlens.schema import Modality, Site
 
 AnchorMode = Literal["fixed", "tracking"]
@@ -228,6 +228,32 @@ def report_weights(report, layers: Sequence[int], var: str = "mmd", checkpoint=N
     return {int(la): float(v) for la, v in zip(layers, vals / vals.sum())}
 
 
+def _same_store(report, ds) -> None:
+    """Refuse layer weights from a report of another probe set, token selection or architecture than ``ds``.
+
+    A report records the identity of the store it was computed from (probe fingerprint, token selection,
+    model type, layer count); a report without those records (written before driftlens kept them) is
+    checked on what it has, with a warning that the probe set could not be compared.
+    """
+    import warnings
+
+    checked = []
+    for key, what in (("probe_fingerprint", "probe set"), ("token_selection", "token selection"),
+                      ("model_type", "model type"), ("n_layers", "layer count")):
+        mine, theirs = ds.attrs.get(key), report.attrs.get(key)
+        if mine is None or theirs is None or str(theirs) == "":
+            continue
+        checked.append(key)
+        if str(mine) != str(theirs):
+            raise UsageError(f"weights: the drift report was computed from another {what} than this store "
+                             f"({key} {theirs!r} in the report, {mine!r} in {ds.attrs.get('store_path', 'the store')}"
+                             f"; report of {report.attrs.get('store_path', 'an unrecorded store')}): its layer "
+                             f"weights do not describe these anchors -- compute the report from this store")
+    if "probe_fingerprint" not in checked:
+        warnings.warn("weights: the drift report does not record its probe set (written by an older driftlens); "
+                      "it is assumed to come from this store", stacklevel=3)
+
+
 # ----------------------------------------------------------------------------- the module
 
 class AnchorDriftLoss(torch.nn.Module):
@@ -381,8 +407,7 @@ class AnchorDriftLoss(torch.nn.Module):
 
         if not hasattr(ds, "data_vars"):
             ds = open_store(ds)
-        if isinstance(n_anchors, bool) or int(n_anchors) < 2:
-            raise UsageError(f"n_anchors must be >= 2, got {n_anchors!r}")
+        n_anchors = check_count("n_anchors", n_anchors, least=2)
         if site not in ds.data_vars or "layer" not in ds[site].dims:
             raise UsageError(f"site {site!r} is not a layered variable of the store; it has {list(ds.data_vars)}")
         labels = [str(c) for c in ds.checkpoint.values.astype(str)]
@@ -397,6 +422,7 @@ class AnchorDriftLoss(torch.nn.Module):
         if missing or not layers or len(set(layers)) != len(layers):
             raise UsageError(f"layers {list(layers)} must be distinct captured layers; the store has {have}")
         if weights is not None and hasattr(weights, "data_vars"):
+            _same_store(weights, ds)
             weights = report_weights(weights, layers, checkpoint=weights_checkpoint, site=site)
         modality = np.asarray(ds["modality"].values).astype(str)
         vis_rows = np.flatnonzero(modality == "visual")

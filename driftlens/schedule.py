@@ -295,8 +295,23 @@ class RankSchedule:
             ``lora_target_modules``, ``lora_rank_pattern``, ``lora_alpha_pattern`` (or
             ``peft_use_rslora``), metadata in a ``# driftlens-schedule:`` comment line so the file stays
             a valid axolotl config fragment. Default: axolotl for ``.yaml`` / ``.yml``, else peft.
+
+        The file is written atomically (a temporary file beside it, then a rename): a failed or
+        killed write leaves the previous file intact. The drift report the schedule was computed
+        from (``meta["source"]``) is never overwritten.
+
+        Raises
+        ------
+        driftlens.errors.UsageError
+            ``path`` is a URL or the schedule's source report.
+        driftlens.errors.EnvironmentProblem
+            The file cannot be written (no space, file-size limit, permissions); the message names it.
         """
-        path = Path(path)
+        from driftlens.outputs import atomic_write, check_output, local
+
+        path = local(path, "path")
+        source = self.meta.get("source")
+        check_output(path, [("drift report", source)] if isinstance(source, str) and source else [])
         if format is None:
             format = "axolotl" if path.suffix.lower() in (".yaml", ".yml") else "peft"
         body = self.to_dict(format)
@@ -310,9 +325,7 @@ class RankSchedule:
                     f"{self.meta.get('rule')}, signal {self.meta.get('signal')}, budget {self.budget}\n"
                     + _AXOLOTL_META + json.dumps(self._meta_block(), separators=(",", ":")) + "\n"
                     + yaml.safe_dump(body, sort_keys=False, width=10_000))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return path
+        return atomic_write(path, text)
 
     @classmethod
     def load(cls, path) -> RankSchedule:

@@ -17,7 +17,7 @@ import copy
 from collections.abc import Mapping
 from pathlib import Path
 
-from driftlens.errors import DataError, UsageError
+from driftlens.errors import ArgumentTypeError, DataError, UsageError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -76,11 +76,65 @@ def _check_weights(path: Path, allow_pickle: bool, adapter: bool) -> bool:
     return False
 
 
+#: Files of a model folder whose ``auto_map`` makes transformers import the folder's own Python code.
+REMOTE_CODE_FILES = ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json",
+                     "video_preprocessor_config.json", "feature_extractor_config.json", "image_processor_config.json")
+
+
+def check_remote_code(path, trust_remote_code: bool) -> None:
+    """Refuse a folder that ships its own model code (an ``auto_map``) unless the user trusts it.
+
+    transformers imports the ``.py`` files an ``auto_map`` names -- and, asked without an explicit
+    ``trust_remote_code``, may prompt on stdin and run them on a ``y``. driftlens passes the flag
+    explicitly to every loader and refuses such a folder up front, naming it and the flag, so no
+    code from it runs and no prompt can appear.
+    """
+    if trust_remote_code:
+        return
+    import json
+
+    path = Path(path)
+    for name in REMOTE_CODE_FILES:
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            body = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue                      # unreadable: the loader reports it
+        auto = body.get("auto_map") if isinstance(body, dict) else None
+        if auto:
+            named = ", ".join(sorted(map(str, auto.values() if isinstance(auto, dict) else auto)))[:200]
+            raise SourceError(
+                f"{path} ships its own Python code ({name} has an auto_map: {named}); driftlens runs no code "
+                f"from a model folder unless you pass --trust-remote-code (trust_remote_code=True in Python) "
+                f"-- do so only if you trust that folder"
+            )
+
+
+def load_config(path, trust_remote_code: bool = False):
+    """A model folder's config (``AutoConfig``, offline; no code from the folder unless trusted)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise SourceError(f"model directory {path} has no config.json")
+    check_remote_code(path, trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SourceError(f"cannot read the model config in {path}: {exc}") from exc
+
+
 def load_model_dir(path, allow_pickle: bool = False, trust_remote_code: bool = False, dtype=None):
-    """Load a transformers image-text-to-text model from a local directory (no network)."""
+    """Load a transformers image-text-to-text model from a local directory (no network).
+
+    A folder that ships its own code is refused unless ``trust_remote_code`` (:func:`check_remote_code`).
+    """
     from transformers import AutoModelForImageTextToText
 
     path = Path(path)
+    check_remote_code(path, trust_remote_code)
     safe = _check_weights(path, allow_pickle, adapter=False)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
@@ -126,35 +180,76 @@ def load_processor(path, trust_remote_code: bool = False):
     from transformers.utils import is_torchvision_available
 
     path = Path(path)
+    check_remote_code(path, trust_remote_code)
     config = path / "processor_config.json"
     try:
         if not is_torchvision_available() and config.is_file():
             name = json.loads(config.read_text()).get("processor_class") or ""
             cls = getattr(transformers, name, None)
             if cls is not None and "video_processor" in cls.get_attributes():
-                return image_only_processor(cls).from_pretrained(str(path), local_files_only=True)
+                return image_only_processor(cls).from_pretrained(str(path), local_files_only=True,
+                                                                 trust_remote_code=trust_remote_code)
         return AutoProcessor.from_pretrained(str(path), local_files_only=True,
                                              trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError) as exc:
         raise SourceError(f"cannot load a processor from {path}: {exc}; pass processor=") from exc
 
 
-def apply_adapter(base, path, allow_pickle: bool = False):
-    """A fresh copy of ``base`` with the PEFT adapter in ``path`` applied and merged."""
-    from peft import PeftModel
+def adapter_base_name(path) -> str | None:
+    """The ``base_model_name_or_path`` an adapter's ``adapter_config.json`` records (None if absent)."""
+    import json
+
+    try:
+        body = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = body.get("base_model_name_or_path") if isinstance(body, dict) else None
+    return str(name) if name else None
+
+
+def _size_mismatch(text: str) -> str | None:
+    """``"N tensors, e.g. NAME: adapter [a, b], base [c, d]"`` from a PyTorch size-mismatch dump, else None."""
+    import re
+
+    found = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) "
+                       r"from checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)", text)
+    if not found:
+        return None
+    name, have, want = found[0]
+    return f"{len(found)} tensor(s) differ in shape, e.g. {name}: adapter [{have}], base [{want}]"
+
+
+def apply_adapter(base, path, allow_pickle: bool = False, base_name: str | None = None):
+    """A fresh copy of ``base`` with the PEFT adapter in ``path`` applied and merged.
+
+    The adapter config is read from its JSON (PEFT runs no code from an adapter folder). An adapter
+    trained on a base of other shapes is refused in one line naming the adapter, the base it records
+    and ``base_name`` (the base it was applied to).
+    """
+    from peft import PeftConfig, PeftModel
 
     path = Path(path)
     safe = _check_weights(path, allow_pickle, adapter=True)
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - json, unknown peft_type, missing fields alike
+        raise SourceError(f"cannot read the PEFT adapter config in {path}: {type(exc).__name__}: {exc}") from exc
     model = copy.deepcopy(base)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(path), use_safetensors=safe)
+        peft_model = PeftModel.from_pretrained(model, str(path), config=config, use_safetensors=safe)
     except Exception as exc:  # noqa: BLE001 - safetensors, json, shape and key errors alike
+        shapes = _size_mismatch(str(exc))
+        if shapes is not None:
+            raise SourceError(f"the PEFT adapter {path} does not fit the base model {base_name or ''}: {shapes}; "
+                              f"it was trained on {adapter_base_name(path) or 'another base'} (adapter_config.json "
+                              f"base_model_name_or_path) -- pass that base as MODEL") from exc
         raise SourceError(f"cannot apply the PEFT adapter in {path} to the base model: "
                           f"{type(exc).__name__}: {exc}") from exc
     return peft_model.merge_and_unload().eval()
 
 
-def load_source(source, base=None, allow_pickle: bool = False, trust_remote_code: bool = False):
+def load_source(source, base=None, allow_pickle: bool = False, trust_remote_code: bool = False,
+                base_name: str | None = None):
     """Materialize one checkpoint source as an ``nn.Module`` in eval mode.
 
     Parameters
@@ -163,6 +258,8 @@ def load_source(source, base=None, allow_pickle: bool = False, trust_remote_code
         See the module docstring.
     base : nn.Module, optional
         The base model PEFT adapters are applied to.
+    base_name : str, optional
+        How messages name that base (its directory).
     """
     kind = source_kind(source)
     if kind == "module":
@@ -173,7 +270,7 @@ def load_source(source, base=None, allow_pickle: bool = False, trust_remote_code
         raise SourceError(
             f"{source} is a PEFT adapter; it needs a base model (pass the base as `model`)"
         )
-    return apply_adapter(base, source, allow_pickle=allow_pickle)
+    return apply_adapter(base, source, allow_pickle=allow_pickle, base_name=base_name)
 
 
 def normalize_checkpoints(model, checkpoints) -> dict:
@@ -181,7 +278,7 @@ def normalize_checkpoints(model, checkpoints) -> dict:
     if checkpoints is None:
         return {"model": model}
     if not isinstance(checkpoints, Mapping):
-        raise TypeError("checkpoints must be an ordered mapping label -> source (e.g. a dict)")
+        raise ArgumentTypeError("checkpoints must be an ordered mapping label -> source (e.g. a dict)")
     if not checkpoints:
         raise UsageError("checkpoints is empty")
     for label in checkpoints:

@@ -84,10 +84,19 @@ def location(path):
     if "://" not in text or text.startswith("file://"):
         return Path(text[len("file://"):] if text.startswith("file://") else text)
     try:
+        import fsspec
         from upath import UPath
     except ImportError:
         raise EnvironmentProblem(f"{text}: a store at a URL needs universal_pathlib and fsspec: "
                                  f"pip install 'driftlens[scale]'") from None
+    protocol = text.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:          # the URL's backend (s3fs, gcsfs ...) is not installed
+        raise EnvironmentProblem(f"{text}: {exc} (the fsspec backend of {protocol}:// URLs)") from None
+    except ValueError:
+        raise UsageError(f"{text}: {protocol!r} is not a URL protocol fsspec knows; give a folder path or an "
+                         f"fsspec URL (s3://, gs://, ...)") from None
     return UPath(text)
 
 
@@ -790,9 +799,12 @@ def describe_store(path) -> list[str]:
 
 # ----------------------------------------------------------------------------- reports
 
-def check_report_path(path) -> Path:
-    """An output file path that can be written: not a folder, its parent a writable folder."""
-    path = Path(path)
+def check_report_path(path, inputs=()) -> Path:
+    """An output file path that can be written: local, not a folder, its parent a writable folder, and
+    not an input (``inputs``: paths or ``(description, path)``; see :func:`driftlens.outputs.check_output`)."""
+    from driftlens.outputs import check_output, local
+
+    path = local(path)
     if path.is_dir():
         raise UsageError(f"--out {path} is a folder; give a file name such as {path / 'report.nc'}")
     parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
@@ -800,20 +812,23 @@ def check_report_path(path) -> Path:
         raise UsageError(f"--out {path}: {parent} is a file, so {path.parent} cannot be created")
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise EnvironmentProblem(f"--out {path}: not writable")
+    check_output(path, inputs)
     return path
 
 
 def save_report(report, path) -> Path:
-    """Write a drift report as netCDF (h5netcdf engine), atomically; returns the path."""
-    path = check_report_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        report.to_netcdf(tmp, engine="h5netcdf")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write a drift report as netCDF (h5netcdf engine), atomically; returns the path.
+
+    The file is encoded in memory, then written under a temporary name beside ``path`` and renamed
+    (:func:`driftlens.outputs.atomic_write`): HDF5 never meets a full disk or a file-size limit, the
+    previous file survives any failure, and no temporary file is left. A path inside the report's
+    own activation store (``attrs["store_path"]``) is refused.
+    """
+    from driftlens.outputs import atomic_write
+
+    path = check_report_path(path, [("activation store", report.attrs.get("store_path") or None)])
+    blob = report.to_netcdf(engine="h5netcdf")          # bytes: netCDF-4 / HDF5 encoded in memory
+    return atomic_write(path, bytes(blob))
 
 
 def load_report(path):

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from driftlens.errors import UsageError
+from driftlens.errors import UsageError, check_count
 
 
 def _labels_free(batch: Mapping) -> dict:
@@ -209,14 +209,16 @@ def probe_batches(probes, processor, spec, config, batch_size: int = 8) -> tuple
 
     The tap reads visual rows in (batch, position) order; the clusters follow the same order.
     """
-    from driftlens.inputs import model_inputs
+    from driftlens.inputs import check_positions, model_inputs
 
+    batch_size = check_count("batch_size", batch_size)
     image_id = spec.image_token_id(config)
     batches, clusters = [], []
     items = list(probes)
     for b0 in range(0, len(items), batch_size):
         part = items[b0:b0 + batch_size]
         inputs = dict(model_inputs(processor, spec, [probes.image(p) for p in part], [p.prompt for p in part]))
+        check_positions(inputs, config, part)
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask", torch.ones_like(ids))
         for j, p in enumerate(part):
@@ -287,10 +289,10 @@ def make_drift_callback():
 
         def __init__(self, batches, clusters, layers: Sequence[int], every: int = 50, n_bootstrap: int = 200,
                      spec=None, seed: int = 0):
-            if int(every) < 1:
-                raise UsageError(f"every must be >= 1, got {every}")
+            every = check_count("every", every)
+            n_bootstrap = check_count("n_bootstrap", n_bootstrap)   # at construction, not at the first measurement
             self.batches, self.clusters = list(batches), np.asarray(clusters)
-            self.layers, self.every, self.n_bootstrap = list(layers), int(every), int(n_bootstrap)
+            self.layers, self.every, self.n_bootstrap = list(layers), every, n_bootstrap
             self.spec, self.seed = spec, seed
             self.reference = None
             self.history: list[dict] = []

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from driftlens.outputs import atomic_write
+
 DEMO_SEEDS = (0, 1, 2)
 # What the demo measures: decided before looking at the organism's numbers (issue notes).
 DEMO_METRICS = ("mmd", "paired_shift", "gap", "mir")
@@ -139,8 +141,7 @@ def contrast_values(runs, pairs: list[tuple[str, str]]) -> dict:
 
 def write_summary(out: Path, summary: dict) -> tuple[Path, Path]:
     """``summary.json`` and a readable ``summary.md`` (mean ± standard deviation over seeds)."""
-    js = out / "summary.json"
-    js.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    js = atomic_write(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     lines = [
         "# driftlens demo: the model organism",
         "",
@@ -198,8 +199,7 @@ def write_summary(out: Path, summary: dict) -> tuple[Path, Path]:
         lines.append("")
     if "files" in summary:
         lines += ["## Files", ""] + [f"- {k}: `{v}`" for k, v in summary["files"].items()]
-    md = out / "summary.md"
-    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    md = atomic_write(out / "summary.md", "\n".join(lines) + "\n")
     return js, md
 
 

@@ -19,6 +19,7 @@ from driftlens.organism.train import (
     encode_text,
     load_checkpoint,
 )
+from driftlens.outputs import atomic_write
 
 
 def chance_accuracy() -> float:
@@ -186,7 +187,5 @@ def evaluate(trajectory: Trajectory, progress: bool = True) -> dict:
         if set(ev.get("ko_lm_loss", {})) == set(trajectory.all_checkpoints):
             return ev
     ev = evaluate_all(trajectory, progress)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ev, indent=2, ensure_ascii=False))
-    tmp.replace(cache)
+    atomic_write(cache, json.dumps(ev, indent=2, ensure_ascii=False))
     return ev

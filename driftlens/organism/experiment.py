@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from driftlens.errors import UsageError
+from driftlens.outputs import atomic_write
 
 ARMS = ("full", "lora_uniform", "lora_schedule", "lora_schedule_anchor_fixed", "lora_schedule_anchor_tracking",
         "lora_schedule_contrast", "viral", "replay")
@@ -321,9 +322,7 @@ def run_seed(seed: int, traj, demo_dir: Path, out: Path, arms, settings: Setting
         model, processor, info = train_arm(arm, base_dir, recipe, bank, report, store, settings, progress)
         res = {**_evaluate(model, processor, evalset), **info}
         organism.save_checkpoint(model, processor, folder / "model")
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=2, ensure_ascii=False))
-        tmp.replace(done)
+        atomic_write(done, json.dumps(res, indent=2, ensure_ascii=False))
         results[arm] = res
     effects = arm_drift(seed, traj, demo_dir, out, arms, progress)
     for arm in arms:
@@ -509,17 +508,13 @@ def write_outputs(result: dict, out) -> dict:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    js = out / "regularizer.json"
-    tmp = js.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(js)
+    js = atomic_write(out / "regularizer.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     lines = [markdown_table(result), ""]
     for arm, t in targets(result).items():
         verdict = "met" if t["all"] else "not met"
         lines.append(f"- {arm}: targets {verdict} (English kept: {t['english_kept']}, Korean as good as "
                      f"lora_uniform: {t['korean_as_good']}, drift halved: {t['drift_halved']}; drift "
                      f"{100 * t['drift_change']:+.0f}% vs lora_uniform)")
-    md = out / "regularizer.md"
-    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    md = atomic_write(out / "regularizer.md", "\n".join(lines) + "\n")
     png = plot.save(plot_arms(result, chance=organism.chance_accuracy()), out / "regularizer.png")
     return {"json": js, "markdown": md, "figure": Path(png)}

@@ -697,18 +697,59 @@ def _build(root: Path, recipe: Recipe, progress: bool) -> Trajectory:
 
 
 def _complete(root: Path, recipe: Recipe) -> Trajectory | None:
-    """The trajectory in ``root`` when it is complete and was built from ``recipe``, else None."""
+    """The trajectory in ``root`` when it is complete, intact and was built from ``recipe``, else None.
+
+    Intact: ``trajectory.json`` and ``evaluation.json`` parse, and every checkpoint folder has a
+    readable ``config.json`` and whole safetensors files (:func:`_weights_intact`). A damaged build
+    is rebuilt (with a warning), never reported as built.
+    """
     meta = root / "trajectory.json"
     if not meta.exists() or not (root / "evaluation.json").exists():
         return None
-    info = json.loads(meta.read_text())
+    try:
+        info = json.loads(meta.read_text())
+        json.loads((root / "evaluation.json").read_text())
+        ckpts = {k: root / v for k, v in info["checkpoints"].items()}
+        control = {k: root / v for k, v in info.get("control", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return _damaged(root, "its trajectory.json or evaluation.json is unreadable")
     if info.get("recipe") != dataclasses.asdict(recipe):
         return None
-    ckpts = {k: root / v for k, v in info["checkpoints"].items()}
-    control = {k: root / v for k, v in info.get("control", {}).items()}
-    if not all((p / "config.json").exists() for p in [*ckpts.values(), *control.values()]):
-        return None
+    for label, folder in [*ckpts.items(), *control.items()]:
+        why = _weights_intact(folder)
+        if why:
+            return _damaged(root, f"checkpoint {label} ({folder.name}): {why}")
     return Trajectory(root, ckpts, control, recipe, info.get("build_seconds", 0.0))
+
+
+def _damaged(root: Path, why: str) -> None:
+    import warnings
+
+    warnings.warn(f"the organism build in {root} is damaged ({why}); it is rebuilt", stacklevel=3)
+    return None
+
+
+def _weights_intact(folder: Path) -> str | None:
+    """Why a checkpoint folder is not whole (None when it is): ``config.json`` parses and every
+    safetensors file holds its header and exactly the data its header describes (catches a deleted,
+    emptied or cut file; reads only the headers)."""
+    try:
+        json.loads((folder / "config.json").read_text())
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            return "no *.safetensors weights"
+        for f in files:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n > f.stat().st_size:
+                    return f"{f.name} is cut (its header alone would be {n} bytes)"
+                header = json.loads(fh.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            if f.stat().st_size != 8 + n + end:
+                return f"{f.name} is {f.stat().st_size} bytes, its header describes {8 + n + end}"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    return None
 
 
 def load_checkpoint(path):

@@ -96,7 +96,8 @@ def make_report(n_layers: int = 6, checkpoints=("base", "step-100", "step-200"),
     For tests of code that reads reports (rank schedules, plots): distributional metrics with
     ``""``, ``_lo``, ``_hi``, ``_p``, ``_q``; ``paired_shift`` with its interval; ``gap``
     (checkpoint, layer, site), ``mir`` (checkpoint, layer) and ``mir_total`` (checkpoint) with
-    intervals. Effects are ``loc + scale * N(0, 1)``; intervals straddle them.
+    intervals. Effects are ``loc + scale * N(0, 1)``; intervals straddle them. Its store identity
+    (``probe_fingerprint``, ``token_selection``) is that of :func:`make_store`'s stores.
     """
     import xarray as xr
 
@@ -122,7 +123,8 @@ def make_report(n_layers: int = 6, checkpoints=("base", "step-100", "step-200"),
     with_interval("mir", ("checkpoint", "layer"), (C, L), rng.uniform(size=(C, L)))
     data["mir_total"] = (("checkpoint",), rng.uniform(size=C))
     return xr.Dataset(data, coords=coords, attrs={"reference": checkpoints[0], "model_type": model_type,
-                                                  "family": family, "n_layers": L, "probe_set": "test"})
+                                                  "family": family, "n_layers": L, "probe_set": "test",
+                                                  "probe_fingerprint": "x", "token_selection": "all"})
 
 
 def make_store(path, n_clusters: int = 24, renders: int = 2, n_visual: int = 6, n_text: int = 4,

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from driftlens.errors import UsageError
 from driftlens.inputs import chat_template
 from driftlens.sources import image_only_processor as _image_only
 
@@ -350,9 +351,9 @@ def build_config(family: str, n_layers: int = 2, **overrides):
     (transformers.PretrainedConfig, transformers.ProcessorMixin)
     """
     if family not in _BUILDERS:
-        raise ValueError(f"unknown tiny family {family!r}; available: {', '.join(FAMILIES)}")
+        raise UsageError(f"unknown tiny family {family!r}; available: {', '.join(FAMILIES)}")
     if n_layers < 1:
-        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        raise UsageError(f"n_layers must be >= 1, got {n_layers}")
     return _BUILDERS[family](n_layers, *_split(overrides))
 
 

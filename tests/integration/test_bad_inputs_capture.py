@@ -150,3 +150,161 @@ def test_ctrl_c_is_quiet_and_resumable(world, tmp_path):
     clean_exit(cli(*args[3:]))
     assert dl.open_store(out).sizes["checkpoint"] == 6
     assert dl.store.verify_store(out, "full") == ([], [])
+
+
+# ------------------------------------------------------------------ issue 22: remote code, inputs, identity
+
+def _remote_folder(base, dest, marker):
+    """``base`` copied with an ``auto_map`` to a local configuration module that writes ``marker`` when imported
+    (an unknown model_type, so transformers would need the folder's code -- and used to ask on stdin)."""
+    remote = shutil.copytree(base, dest)
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
+    cfg["model_type"] = "evilvlm"
+    (remote / "config.json").write_text(json.dumps(cfg))
+    (remote / "configuration_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('remote code ran')\n"
+        "from transformers import LlavaConfig\n\n\nclass EvilConfig(LlavaConfig):\n    model_type = 'evilvlm'\n")
+    return remote
+
+
+@pytest.mark.parametrize("stdin", ["y", None])
+def test_remote_code_never_runs_unasked(world, tmp_path, monkeypatch, stdin):
+    """`echo y | driftlens capture m/remote ...` answered transformers' prompt and ran the folder's code;
+    without stdin it was an internal error. Now: refused before any load, naming the folder and the flag."""
+    marker = tmp_path / "PWNED"
+    remote = _remote_folder(world["base"], tmp_path / "remote", marker)
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))     # where transformers would copy the code
+    out = tmp_path / "x.zarr"
+    before = snapshot(remote)
+    kw = {"input": "y\n"} if stdin else {"stdin": subprocess.DEVNULL}
+    r = cli("capture", remote, "--probes", world["probes"], "-c", f"base={remote}", "--out", out, "--no-progress",
+            **kw)
+    refused(r, "data", str(remote), "--trust-remote-code", "auto_map")
+    assert "[y/N]" not in r.stdout + r.stderr
+    r = cli("capture", world["base"], "--probes", world["probes"], "-c", f"r={remote}", "--out", out,
+            "--no-progress", **kw)                                    # as a checkpoint: refused before any capture
+    refused(r, "data", str(remote), "--trust-remote-code")
+    from driftlens.sources import SourceError
+
+    with pytest.raises(SourceError, match="trust_remote_code=True"):
+        dl.capture(remote, world["probes"], {"base": remote}, out=out, progress=False)
+    assert not marker.exists() and not out.exists() and snapshot(remote) == before
+
+
+def test_trust_remote_code_flag_is_honoured(world, tmp_path, monkeypatch):
+    """With --trust-remote-code the folder's code is imported (the flag reaches transformers)."""
+    marker = tmp_path / "RAN"
+    remote = _remote_folder(world["base"], tmp_path / "remote", marker)
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    r = cli("capture", remote, "--probes", world["probes"], "-c", f"base={remote}", "--out", tmp_path / "x.zarr",
+            "--no-progress", "--trust-remote-code", stdin=subprocess.DEVNULL)
+    assert marker.exists(), r.stderr
+    refused(r, "data", "evilvlm")                 # no spec serves the custom model_type: still one clean line
+
+
+def test_store_inside_a_model_folder_is_refused(world, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(world["other"], target_is_directory=True)
+    before = snapshot(world["other"])
+    for out in (world["base"] / "run.zarr", link / "run.zarr"):
+        refused(_capture(world, "-c", f"base={world['base']}", "-c", f"o={world['other']}", out=out),
+                "usage", str(out), "inside")
+    assert not (world["base"] / "run.zarr").exists() and snapshot(world["other"]) == before
+
+
+def test_store_in_memory_is_refused(world):
+    """`--out memory://x.zarr` captured into RAM and exited 0: nothing survived."""
+    refused(_capture(world, "-c", f"base={world['base']}", out="memory://x.zarr"), "usage", "memory://",
+            "vanishes")
+
+
+@pytest.fixture(scope="module")
+def mismatched(world):
+    """A 3-layer and a 64-px-image llava (other architectures than MODEL), an adapter trained on `other`
+    (recorded as a local folder), and one trained on a wider model whose recorded base is a hub name."""
+    from peft import LoraConfig, get_peft_model
+
+    from driftlens.sources import load_model_dir
+
+    root = world["root"]
+    out = {"layers3": tiny.save("llava", root / "layers3", seed=2, n_layers=3),
+           "image64": tiny.save("llava", root / "image64", seed=2, n_layers=2, vision_config={"image_size": 64})}
+    wide = tiny.save("llava", root / "wide", seed=2, n_layers=2, hidden_size=96)
+    for name, base in (("ad-other", world["other"]), ("ad-hub", wide)):
+        torch.manual_seed(3)
+        pm = get_peft_model(load_model_dir(base), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+        pm.save_pretrained(str(root / name))
+        out[name] = root / name
+    cfg = json.loads((out["ad-hub"] / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "some-org/wide-vlm"
+    (out["ad-hub"] / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("which, named", [("layers3", "num_hidden_layers 3 vs 2"),
+                                          ("image64", "image_size 64 vs 32")])
+def test_checkpoint_of_another_architecture_is_refused_before_any_load(world, mismatched, tmp_path, which, named):
+    """MODEL's processor and spec read every checkpoint: a 3-layer checkpoint was captured silently."""
+    out = tmp_path / "s.zarr"
+    refused(_capture(world, "-c", f"base={world['base']}", "-c", f"x={mismatched[which]}", out=out), "data",
+            str(mismatched[which]), str(world["base"]), named)
+    assert not out.exists()
+
+
+def test_adapter_trained_on_another_base_is_refused(world, mismatched, tmp_path):
+    """An adapter whose adapter_config names another local base (other weights) was applied silently."""
+    out = tmp_path / "s.zarr"
+    refused(_capture(world, "-c", f"base={world['base']}", "-c", f"a={mismatched['ad-other']}", out=out), "data",
+            str(mismatched["ad-other"]), str(world["other"]), str(world["base"]), "fingerprint")
+    assert not out.exists()
+    clean_exit(cli("capture", world["other"], "--probes", world["probes"], "-c", f"a={mismatched['ad-other']}",
+                   "--out", out, "--batch-size", "2", "--no-progress"))    # on its own base it is captured
+
+
+def test_adapter_of_other_shapes_is_one_line(world, mismatched, tmp_path):
+    """PEFT's 24-line size-mismatch dump becomes one line naming the adapter and both bases."""
+    r = _capture(world, "-c", f"a={mismatched['ad-hub']}", out=tmp_path / "s.zarr")
+    err = refused(r, "data", str(mismatched["ad-hub"]), str(world["base"]), "some-org/wide-vlm", "differ in shape")
+    assert "warning" in err and "not a folder here" in err         # the unverifiable base name was said first
+    assert len([ln for ln in err.splitlines() if "size mismatch" in ln]) == 0
+
+
+def _probes_with_prompt(world, dest, prompt):
+    src = world["probes"].parent
+    dest = shutil.copytree(src, dest)
+    lines = (dest / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    obj = json.loads(lines[1])
+    obj["prompt"] = prompt
+    lines[1] = json.dumps(obj, ensure_ascii=False)
+    (dest / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dest / "manifest.jsonl", obj["id"]
+
+
+@pytest.mark.parametrize("prompt", ["red circle " * 700, "x" * 200_000])
+def test_prompt_longer_than_the_positions_is_refused_before_any_forward(world, tmp_path, prompt):
+    """A 420-token prompt on a 256-position model was captured without a word; a 200k-character one drove
+    capture to the OOM killer. The tiny llava has 1024 positions."""
+    manifest, pid = _probes_with_prompt(world, tmp_path / "p", prompt)
+    out = tmp_path / "s.zarr"
+    r = cli("capture", world["base"], "--probes", manifest, "-c", f"base={world['base']}", "--out", out,
+            "--no-progress", timeout=120)
+    refused(r, "data", repr(pid), "1024 positions", "max_position_embeddings", f"{len(prompt)} characters")
+    assert not out.exists()
+
+
+def test_file_size_limit_during_capture_names_the_store_and_resumes(world, tmp_path):
+    """`ulimit -f` while capture writes chunks: "File too large", no file named."""
+    import resource
+
+    out = tmp_path / "s.zarr"
+    limit = 20 * 1024                                   # below one chunk file of the tiny model
+
+    def small():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = cli("capture", world["base"], "--probes", world["probes"], "--out", out, "--batch-size", "2",
+            "--no-progress", "-c", f"base={world['base']}", "-c", f"o={world['other']}", preexec_fn=small)
+    refused(r, "environment", f"cannot write the store {out}", "file-size limit", "rerun")
+    clean_exit(_capture(world, "-c", f"base={world['base']}", "-c", f"o={world['other']}", out=out))
+    assert dl.store.verify_store(out, "full") == ([], [])

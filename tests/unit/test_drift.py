@@ -141,7 +141,7 @@ def test_shift_alias_and_bad_arguments(store):
         dl.drift(ds, metrics=("mmd", "kl"), progress=False)
     with pytest.raises(DriftError, match="not in the store"):
         dl.drift(ds, sites=("query",), progress=False)
-    for kw, msg in (({"n_permutations": 0}, "n_permutations must be >= 1"), ({"level": 1.5}, "level"),
+    for kw, msg in (({"n_permutations": 0}, "n_permutations must be an integer >= 1"), ({"level": 1.5}, "level"),
                     ({"correction": "bonferroni"}, "correction"), ({"blur": -1}, "blur")):
         with pytest.raises(DriftError, match=msg):
             dl.drift(ds, progress=False, **kw)

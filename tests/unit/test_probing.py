@@ -234,7 +234,7 @@ def test_errors(ds):
         probe(ds, "colour", progress=False)
     with pytest.raises(UsageError, match="n_splits=61.*60"):
         probe(ds, "shade", n_splits=61, progress=False)
-    with pytest.raises(UsageError, match="n_splits must be >= 2"):
+    with pytest.raises(UsageError, match="n_splits must be an integer >= 2"):
         probe(ds, "shade", n_splits=1, progress=False)
     with pytest.raises(DataError, match="single class"):
         probe(ds, lambda g: "same", progress=False)

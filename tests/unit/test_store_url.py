@@ -33,7 +33,9 @@ def test_a_url_store_holds_reads_and_reports_what_a_folder_store_does(tmp_path, 
     for site in a.data_vars:
         np.testing.assert_array_equal(b[site].values, a[site].values)
     opts = dict(metrics=("mmd", "paired_shift", "gap", "mir"), n_permutations=100, n_bootstrap=100, progress=False)
-    xr.testing.assert_identical(dl.drift(url, **opts), dl.drift(local, **opts))
+    there, here = dl.drift(url, **opts), dl.drift(local, **opts)
+    assert there.attrs.pop("store_path") == url and here.attrs.pop("store_path") == str(local.resolve())
+    xr.testing.assert_identical(there, here)                  # the same report but for where its store is
 
 
 def test_the_writer_falls_back_to_zarr_writes_at_a_url(url):
