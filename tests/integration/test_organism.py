@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from driftlens import organism
 from driftlens.cli import parse_seeds
@@ -193,6 +194,7 @@ def test_interrupted_build_leaves_no_cache_and_recipe_change_rebuilds(tmp_path, 
         if recipe.seed == 1:
             raise KeyboardInterrupt                      # interrupted mid-build
         (tmp / "base" / "config.json").write_text("{}")
+        save_file({"w": torch.zeros(1)}, str(tmp / "base" / "model.safetensors"))     # a whole (tiny) weights file
         return {"base": tmp / "base"}, {"base": tmp / "base"}, {}
 
     monkeypatch.setattr(organism.train, "_train_trajectory", fake)
@@ -224,6 +226,7 @@ def test_concurrent_builds_of_one_folder_train_once(tmp_path, monkeypatch):
         time.sleep(0.5)
         (tmp / "base").mkdir()
         (tmp / "base" / "config.json").write_text("{}")
+        save_file({"w": torch.zeros(1)}, str(tmp / "base" / "model.safetensors"))     # a whole (tiny) weights file
         return {"base": tmp / "base"}, {"base": tmp / "base"}, {}
 
     monkeypatch.setattr(organism.train, "_train_trajectory", fake)

@@ -329,15 +329,18 @@ def test_report_outputs_inside_an_input_are_refused(pristine, tmp_path):
 
     report = shutil.copy(pristine[1], tmp_path / "r.nc")
     before = snapshot(report)
-    refused(cli("ranks", report, "--budget", "32", "--out", report), "usage", "--out", str(report))
-    refused(cli("ranks", report, "--budget", "32", "--out", tmp_path / "k.json", "--plot", report),
+    refused(cli("ranks", report, "--budget", "32", "--checkpoint", "shifted", "--out", report), "usage", "--out",
+            str(report))
+    refused(cli("ranks", report, "--budget", "32", "--checkpoint", "shifted", "--out", tmp_path / "k.json", "--plot",
+                report),
             "usage", "--plot", str(report))
-    refused(cli("ranks", report, "--budget", "32", "--out", tmp_path / "k.png", "--plot", tmp_path / "k.png"),
+    refused(cli("ranks", report, "--budget", "32", "--checkpoint", "shifted", "--out", tmp_path / "k.png", "--plot",
+                tmp_path / "k.png"),
             "usage", "--out", "--plot")
     refused(cli("plot", report, "--out", pristine[0] / "figures"), "usage", str(pristine[0]))
     assert snapshot(report) == before and not (tmp_path / "k.json").exists()
     rep = dl.load_report(report)
-    sched = dl.allocate_ranks(rep, budget=32, source=str(report))
+    sched = dl.allocate_ranks(rep, budget=32, source=str(report), checkpoint="shifted")
     with pytest.raises(UsageError, match="drift report"):
         sched.save(report)
     with pytest.raises(UsageError, match="activation store"):
@@ -394,10 +397,11 @@ def test_two_writers_use_distinct_temporary_names(tmp_path):
 def test_file_size_limit_on_a_schedule_keeps_the_previous_one(pristine, tmp_path):
     """`ulimit -f 2` truncated the previous ranks.json ("File too large", no file named)."""
     out = tmp_path / "ranks.json"
-    clean_exit(cli("ranks", pristine[1], "--budget", "32", "--out", out))
+    clean_exit(cli("ranks", pristine[1], "--budget", "32", "--checkpoint", "shifted", "--out", out))
     before = out.read_bytes()
     assert len(before) > 2048
-    r = cli("ranks", pristine[1], "--budget", "40", "--out", out, preexec_fn=_fsize_limit(2048))
+    r = cli("ranks", pristine[1], "--budget", "40", "--checkpoint", "shifted", "--out", out,
+            preexec_fn=_fsize_limit(2048))
     refused(r, "environment", str(out), "file-size limit")
     assert out.read_bytes() == before and _no_tmp(tmp_path) == []
 
@@ -559,7 +563,7 @@ def test_ranks_of_an_uninformative_signal_says_so(pristine, tmp_path, values, sa
     edited = tmp_path / "edited.nc"
     dl.save_report(rep, edited)
     out = tmp_path / "ranks.json"
-    err = clean_exit(cli("ranks", edited, "--budget", "36", "--out", out))
+    err = clean_exit(cli("ranks", edited, "--budget", "36", "--checkpoint", "shifted", "--out", out))
     assert "driftlens ranks: warning:" in err and said in err
     assert any(said in w for w in dl.RankSchedule.load(out).meta["warnings"])
 
