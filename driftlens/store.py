@@ -777,6 +777,26 @@ def checkpoint_chunks(path, site: str, index: int) -> list[tuple[str, int | None
     return out
 
 
+def refuse_missing_chunks(path, site: str, index: int, label: str, layer_index: int | None = None) -> None:
+    """Raise :class:`~driftlens.errors.StoreIntegrityError` when a chunk file of one block of a completed
+    checkpoint is missing (a stat per chunk). Only for a local store whose chunks are plain bytes, where
+    every chunk of a completed checkpoint exists; zarr would read a missing one as zeros."""
+    path = location(path)
+    if not is_local(path):
+        return
+    meta = _array_meta(path, site)
+    if _plain_chunk_bytes(meta) is None:
+        return
+    layered = len(meta["shape"]) == 4
+    missing = [ChunkProblem(label, site, layer, span, rel, "missing")
+               for rel, layer, span in checkpoint_chunks(path, site, index)
+               if (layer_index is None or not layered or layer == layer_index) and not (path / rel).exists()]
+    if missing:
+        from driftlens.errors import StoreIntegrityError
+
+        raise StoreIntegrityError(integrity_message(path, missing))
+
+
 def _crc32(file: Path, block: int = 2**24) -> int:
     crc = 0
     with file.open("rb") as fh:
