@@ -395,7 +395,8 @@ def _capture_on_dask(client, model, probes, ckpts: dict, done: set, out: Path, o
     try:
         if pending and not _peek(out):                          # the first checkpoint creates the store
             first = pending.pop(0)
-            client.submit(_capture_task, first, ckpts[first], model, probes, out, options, lock, pure=False).result()
+            client.submit(_capture_task, first, ckpts[first], model, probes, out, options, lock, pure=False,
+                          key=f"driftlens-capture-{first}-{uuid.uuid4().hex[:8]}").result()
             bar.update(1)
         if pending:
             register_checkpoints(out, None, list(ckpts))        # trajectory order, before any task runs
