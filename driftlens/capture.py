@@ -487,13 +487,22 @@ def _check_identities(out: Path, ckpts: dict, idents: dict, completed: set) -> N
 
     from driftlens.store import read_record
 
-    order = list(_peek(out).get("checkpoints", []))
+    attrs = _peek(out)
+    order = list(attrs.get("checkpoints", []))
     unrecorded = []
     for label in ckpts:
         if label not in completed:
             continue
-        record = read_record(out, order.index(label)) or {}
-        had = record.get("identity")
+        record = read_record(out, order.index(label))
+        if record is None and int(attrs.get("format_version", 1) or 1) >= 2:
+            from driftlens.errors import StoreIntegrityError
+
+            raise StoreIntegrityError(
+                f"{out}: checkpoint {label!r} is marked complete but its integrity record "
+                f"(checkpoint/records/{order.index(label)}.json) is missing, in a store made with records: "
+                f"it is damaged. Capture it again with --overwrite {label}."
+            )
+        had = (record or {}).get("identity")
         if had is None:
             unrecorded.append(label)
             continue

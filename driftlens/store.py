@@ -779,18 +779,28 @@ def checkpoint_chunks(path, site: str, index: int) -> list[tuple[str, int | None
 
 def refuse_missing_chunks(path, site: str, index: int, label: str, layer_index: int | None = None) -> None:
     """Raise :class:`~driftlens.errors.StoreIntegrityError` when a chunk file of one block of a completed
-    checkpoint is missing (a stat per chunk). Only for a local store whose chunks are plain bytes, where
-    every chunk of a completed checkpoint exists; zarr would read a missing one as zeros."""
+    checkpoint is missing or cut (a stat per chunk). Only for a local store whose chunks are plain bytes,
+    where every chunk of a completed checkpoint exists at its full size; zarr would read a missing one as
+    zeros."""
     path = location(path)
     if not is_local(path):
         return
     meta = _array_meta(path, site)
-    if _plain_chunk_bytes(meta) is None:
+    want = _plain_chunk_bytes(meta)
+    if want is None:
         return
     layered = len(meta["shape"]) == 4
-    missing = [ChunkProblem(label, site, layer, span, rel, "missing")
-               for rel, layer, span in checkpoint_chunks(path, site, index)
-               if (layer_index is None or not layered or layer == layer_index) and not (path / rel).exists()]
+    missing = []
+    for rel, layer, span in checkpoint_chunks(path, site, index):
+        if layer_index is not None and layered and layer != layer_index:
+            continue
+        try:
+            size = (path / rel).stat().st_size
+        except FileNotFoundError:
+            missing.append(ChunkProblem(label, site, layer, span, rel, "missing"))
+            continue
+        if size != want:
+            missing.append(ChunkProblem(label, site, layer, span, rel, f"{size} bytes, expected {want}"))
     if missing:
         from driftlens.errors import StoreIntegrityError
 

@@ -4,7 +4,8 @@ The issue's reproduction: two captures adding different labels to one store both
 checkpoint lost its completion marker (3 of 3 runs); two captures creating the same new store at
 once, the loser was refused with "is a zarr group but not a driftlens store". The store-level race
 is tested deterministically, many times, in ``tests/unit/test_store_faults.py``; this is the same
-through the command line.
+through the command line. Also: a completed checkpoint whose record went missing is refused at the
+next capture.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import driftlens as dl
 from driftlens.testing import tiny
 
+from ..badinput import clean_exit, cli, refused
 from .test_capture import subset
 
 
@@ -44,4 +46,17 @@ def test_two_captures_of_different_labels_into_one_store_both_complete(models, t
         assert code == 0 and "Traceback" not in err, err[-3000:]
     ds = dl.open_store(out, verify="full")
     assert sorted(ds.checkpoint.values.tolist()) == sorted((["base"] if existing else []) + ["a", "b"])
+    assert dl.store.verify_store(out, "full") == ([], [])
+
+
+def test_a_completed_checkpoint_whose_record_is_missing_is_not_kept_silently(models, tmp_path):
+    """Before: a completed label without a record was kept as 'captured before records' (a warning);
+    in a store made with records it is damage: refused, and --overwrite captures it again."""
+    out = tmp_path / "s.zarr"
+    args = ["capture", models["base"], "--probes", models["probes"], "--out", out, "--batch-size", "2",
+            "--no-progress", "-c", f"base={models['base']}"]
+    clean_exit(cli(*args))
+    (out / "checkpoint" / "records" / "0.json").unlink()
+    refused(cli(*args), "data", "'base'", "0.json", "--overwrite base")
+    clean_exit(cli(*args, "--overwrite", "base"))
     assert dl.store.verify_store(out, "full") == ([], [])

@@ -161,13 +161,18 @@ def test_every_report_records_its_verify_level(pristine):
     assert dl.drift(loaded, **FAST).attrs["verify"] == "not a store"
 
 
-def test_verify_none_does_not_read_a_missing_chunk_as_zeros(store):
-    """Before: the deleted chunk read as zeros (MMD^2 1.35 instead of 0.11) without a word."""
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_verify_none_does_not_read_a_missing_chunk_as_zeros(store, damage):
+    """Before: the deleted chunk read as zeros (MMD^2 1.35 instead of 0.11) without a word, and a cut
+    one failed with a message that named no chunk."""
     from driftlens.store import checkpoint_chunks
 
     index = _attrs(store)["checkpoints"].index("shifted")
     rel = next(r for r, lay, _ in checkpoint_chunks(store, "hidden", index) if lay == 1)
-    (store / rel).unlink()
+    if damage == "delete":
+        (store / rel).unlink()
+    else:
+        (store / rel).write_bytes((store / rel).read_bytes()[:100])
     with pytest.warns(UserWarning, match="unchecked"), pytest.raises(StoreIntegrityError, match=rel):
         dl.drift(store, verify="none", **FAST)
 
