@@ -133,20 +133,28 @@ _HELD = threading.local()                # stores whose file lock this thread ho
 def metadata_lock(path=None):
     """The lock of the root metadata's read-modify-writes.
 
-    A capture task on a Dask worker sets :data:`METADATA_LOCK` (a cluster-wide ``distributed.Lock``);
-    otherwise a local store's updates hold an exclusive ``flock`` on ``checkpoint/records/.lock``
-    (captures in several processes of one machine); a store at a URL has no lock without Dask.
+    A local store's updates hold an exclusive ``flock`` on ``checkpoint/records/.lock`` (captures in
+    several processes of one machine); a capture task on a Dask worker sets :data:`METADATA_LOCK`
+    (a cluster-wide ``distributed.Lock``), held first. A store at a URL has no lock without Dask.
     """
     factory = METADATA_LOCK.get()
-    if factory is not None:
-        return factory()
-    if path is not None and is_local(location(path)):
-        return _file_lock(location(path))
-    return contextlib.nullcontext()
+    local = path is not None and is_local(location(path))
+    if factory is None:
+        return _file_lock(location(path)) if local else contextlib.nullcontext()
+    stack = contextlib.ExitStack()        # the cluster-wide lock, then (local stores) the file lock:
+    stack.enter_context(factory())        # a capture outside Dask writing the same store is excluded too
+    if local:
+        stack.enter_context(_file_lock(location(path), required=False))
+    return stack
+
+
+_NO_FLOCK_WARNED: set = set()
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def _file_lock(path: Path, required: bool = True):
+    """An exclusive ``flock`` on the store's lock file. Where the file system refuses ``flock`` (some
+    network mounts), the update goes ahead unlocked -- with a warning unless another lock is held."""
     try:
         import fcntl
     except ImportError:                   # no flock on this platform: one writer at a time is the user's to ensure
@@ -161,7 +169,15 @@ def _file_lock(path: Path):
     f.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if required and key not in _NO_FLOCK_WARNED:
+                _NO_FLOCK_WARNED.add(key)
+                warnings.warn(f"{path}: the file system refuses flock ({exc}); captures writing this store at the "
+                              f"same time may lose each other's checkpoint list updates", stacklevel=4)
+            yield
+            return
         held.add(key)
         try:
             yield

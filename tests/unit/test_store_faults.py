@@ -225,3 +225,44 @@ def test_concurrent_captures_of_different_labels_all_complete(tmp_path, existing
         _assert_valid(path, (["base"] if existing else []) + labels)
         attrs = json.loads((path / "zarr.json").read_text())["attributes"]
         assert sorted(attrs["checkpoints"]) == sorted(attrs["completed"]), rep
+
+
+def test_a_url_store_whose_creation_did_not_finish_is_built_again(tmp_path):
+    """A store at a URL cannot be renamed into place: it is tagged `creating` until whole; readers refuse
+    it with the way out, and the next capture builds it again."""
+    import uuid
+
+    fsspec = pytest.importorskip("fsspec")
+    pytest.importorskip("upath")
+    import zarr
+
+    from driftlens.store import location
+
+    url = f"memory://driftlens-{uuid.uuid4().hex[:8]}/s.zarr"
+    try:
+        seen = [0]
+
+        def on_write():
+            seen[0] += 1
+            if seen[0] == 12:                                  # (as a kill would: the writes stop here)
+                raise OSError("injected")
+
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(OSError, match="injected"):
+            import zarr.storage
+
+            set_ = zarr.storage.FsspecStore.set
+
+            async def counted(self, key, value):
+                on_write()
+                return await set_(self, key, value)
+
+            mp.setattr(zarr.storage.FsspecStore, "set", counted)
+            ActivationStore(url, _meta(), _tokens())
+        assert zarr.open_group(url, mode="r").attrs["creating"] is True
+        with pytest.raises(StoreMismatchError, match="creation was interrupted"):
+            open_store(url)
+        _capture_one(url, "base")
+        assert verify_store(url, "full") == ([], [])
+        assert list(open_store(url).checkpoint.values.astype(str)) == ["base"]
+    finally:
+        fsspec.filesystem("memory").rm(str(location(url).path).split("/")[0], recursive=True)
