@@ -393,9 +393,10 @@ def _capture_on_dask(client, model, probes, ckpts: dict, done: set, out: Path, o
                unit="ckpt")
     lock = f"driftlens-store-{out.resolve() if isinstance(out, Path) else out}"
     try:
-        if pending and not (out / "zarr.json").exists():       # the first checkpoint creates the store
+        if pending and not _peek(out):                          # the first checkpoint creates the store
             first = pending.pop(0)
-            client.submit(_capture_task, first, ckpts[first], model, probes, out, options, lock, pure=False).result()
+            client.submit(_capture_task, first, ckpts[first], model, probes, out, options, lock, pure=False,
+                          key=f"driftlens-capture-{first}-{uuid.uuid4().hex[:8]}").result()
             bar.update(1)
         if pending:
             register_checkpoints(out, None, list(ckpts))        # trajectory order, before any task runs
@@ -437,13 +438,24 @@ def _materialize(src, model, base_cache, allow_pickle, trust_remote_code):
 
 
 def _peek(out: Path) -> dict:
+    """The root attributes of the store at ``out`` ({} when there is none yet, or when a store at a URL
+    was left unfinished: the capture builds it again); a folder that is not a usable store is refused
+    here, before any model is loaded."""
+    from driftlens.store import CREATING, STORE_FORMAT, is_local, not_a_store_message
+
     f = out / "zarr.json"
     if not f.exists():
         return {}
     try:
-        return json.loads(f.read_text()).get("attributes", {})
-    except (OSError, json.JSONDecodeError) as exc:
+        attrs = json.loads(f.read_text()).get("attributes", {})
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
         raise StoreMismatchError(f"{f} is unreadable: {exc}") from exc
+    attrs = attrs if isinstance(attrs, dict) else {}
+    if attrs.get("format") == STORE_FORMAT and attrs.get(CREATING) and not is_local(out):
+        return {}
+    if attrs.get("format") != STORE_FORMAT or attrs.get(CREATING):
+        raise StoreMismatchError(not_a_store_message(out, attrs))
+    return attrs
 
 
 def _precheck_store(out: Path, want: dict) -> None:
@@ -476,13 +488,22 @@ def _check_identities(out: Path, ckpts: dict, idents: dict, completed: set) -> N
 
     from driftlens.store import read_record
 
-    order = list(_peek(out).get("checkpoints", []))
+    attrs = _peek(out)
+    order = list(attrs.get("checkpoints", []))
     unrecorded = []
     for label in ckpts:
         if label not in completed:
             continue
-        record = read_record(out, order.index(label)) or {}
-        had = record.get("identity")
+        record = read_record(out, order.index(label))
+        if record is None and int(attrs.get("format_version", 1) or 1) >= 2:
+            from driftlens.errors import StoreIntegrityError
+
+            raise StoreIntegrityError(
+                f"{out}: checkpoint {label!r} is marked complete but its integrity record "
+                f"(checkpoint/records/{order.index(label)}.json) is missing, in a store made with records: "
+                f"it is damaged. Capture it again with --overwrite {label}."
+            )
+        had = (record or {}).get("identity")
         if had is None:
             unrecorded.append(label)
             continue

@@ -120,8 +120,17 @@ def mir_cell(v, t, cv, ct, k, counts, level):
     Outlier replacement is decided once on the full sample (the 3-std rule is scale-free); each
     draw recomputes the text-norm scale, the means and the unbiased covariances from per-cluster
     sums (float64), and the Frechet distance (Cholesky in float64, symmetric eigenvalues in
-    float32). The value itself is :func:`driftlens.metrics.mir`, exact in float64.
+    float32). The value itself is :func:`driftlens.metrics.mir`, exact in float64. Every product
+    and decomposition runs on one BLAS thread, so a Dask worker's one thread and the driver's
+    several give the same bits.
     """
+    from driftlens import metrics as M
+
+    with M._one_blas_thread():
+        return _mir_cell(v, t, cv, ct, k, counts, level)
+
+
+def _mir_cell(v, t, cv, ct, k, counts, level):
     import torch
 
     from driftlens import metrics as M

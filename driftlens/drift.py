@@ -66,18 +66,29 @@ Correction = Literal["bh", "holm"] | None
 # ----------------------------------------------------------------------------- the report
 
 
-def _check_opened_store(ds) -> None:
-    """Full integrity check of the store a Dataset was opened from, when every checkpoint is its own.
+_LEVEL_RANK = {"none": 0, "fast": 1, "full": 2}
+UNCHECKED = ("the store was not verified (verify='none'): a chunk, coordinate or record deleted, cut or altered "
+             "since capture would go unnoticed, so these results are unchecked (verify='fast' or 'full' checks it)")
 
-    A Dataset assembled from several stores (``xr.concat``) keeps the first one's attrs; its
-    checkpoints are then not all in that store, and the check is left to each store's own open.
+
+def _check_opened_store(ds, verify: str) -> tuple[str, list[str]]:
+    """Check the store a Dataset was opened from at ``verify`` when it was opened with a weaker check.
+
+    Returns the level the data was checked at and what could not be checked. A Dataset assembled
+    from several stores (``xr.concat``) keeps the first one's attrs; its checkpoints are then not all
+    in that store, and the check is left to each store's own open.
     """
     from driftlens.store import check_store, completed_labels, location
 
+    done = str(ds.attrs.get("store_verified", "none"))
+    notes = list(ds.attrs.get("store_notes", []))
+    if _LEVEL_RANK[verify] <= _LEVEL_RANK.get(done, 0):
+        return done, notes
     path = location(ds.attrs["store_path"])
     labels = [str(c) for c in ds.checkpoint.values.astype(str)]
     if path.is_dir() and set(labels) <= set(completed_labels(path)):
-        check_store(path, "full", labels)
+        return verify, check_store(path, verify, labels)
+    return done, notes
 
 
 def _as_drift_error(fn):
@@ -161,7 +172,12 @@ def drift(ds: xr.Dataset | str | os.PathLike | Mapping[str, xr.Dataset | str | o
     verify : {"full", "fast", "none"}
         Integrity check of the store before any metric is computed (see
         :func:`driftlens.store.verify_store`): ``full`` (default) compares every chunk's CRC32
-        with the one recorded at capture; ``fast`` checks presence and sizes only.
+        with the one recorded at capture; ``fast`` checks presence and sizes only; both check
+        the store's identity and token coordinates. ``none`` checks nothing and warns that the
+        results are unchecked (a chunk file missing from a completed checkpoint of a local store
+        is still refused when its block is read). The report's ``verify`` attribute records the
+        level its data was checked at (``not a store`` for an in-memory Dataset), and what could
+        not be checked is in its ``warnings``.
     client : distributed.Client, optional
         Run the grid as Dask tasks on this client's cluster, one task per (site, layer) block
         (:mod:`driftlens.engine`); ``device`` is then resolved on each worker. The report is the
@@ -270,9 +286,15 @@ def _drift_one(ds, options: dict) -> xr.Dataset:
     if not hasattr(ds, "data_vars"):
         path = ds
         ds = open_store(path, verify=verify)
+        checked, notes = verify, list(ds.attrs.get("store_notes", []))
         blocks = StoreBlocks.of_store(path)          # reads block by block from the store's own files
-    elif ds.attrs.get("store_path") and verify == "full" != ds.attrs.get("store_verified"):
-        _check_opened_store(ds)
+    elif ds.attrs.get("store_path"):
+        checked, notes = _check_opened_store(ds, verify)
+    else:
+        checked, notes = "not a store", []             # an in-memory Dataset: nothing on disk to verify
+    if checked == "none":
+        warnings.warn(UNCHECKED, stacklevel=4)
+        notes.append(UNCHECKED)
     plan = make_plan(ds, **options)
     if client is None:
         from driftlens.devices import resolve_device
@@ -280,6 +302,8 @@ def _drift_one(ds, options: dict) -> xr.Dataset:
         resolve_device(device)      # an unavailable device is refused here, before any task runs
     results = run_grid(plan, blocks or DatasetBlocks(ds), client=client, progress=progress)
     report = assemble(plan, results)
+    report.attrs["verify"] = checked
+    report.attrs["warnings"] = "\n".join(w for w in [report.attrs.get("warnings", ""), *notes] if w)
     for w in plan.notes:
         warnings.warn(w, stacklevel=4)   # the caller of drift(), past its error wrapper
     return report

@@ -87,12 +87,13 @@ class StoreBlocks:
         Layer -> index on the store's ``layer`` dimension.
     """
 
-    def __init__(self, path: str, slots: dict[str, int], layers: dict[int, int]):
+    def __init__(self, path: str, slots: dict[str, int], layers: dict[int, int], completed: tuple[str, ...] = ()):
         self.path, self.slots, self.layers = str(path), dict(slots), dict(layers)
+        self.completed = tuple(completed)
         self._arrays: dict = {}
 
     def __getstate__(self):
-        return {"path": self.path, "slots": self.slots, "layers": self.layers}
+        return {"path": self.path, "slots": self.slots, "layers": self.layers, "completed": self.completed}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -105,12 +106,22 @@ class StoreBlocks:
         root = zarr.open_group(str(path), mode="r")
         labels = list(root.attrs.get("checkpoints", []))
         layers = np.asarray(root["layer"][:]).tolist() if "layer" in root else []
-        return cls(str(path), {c: i for i, c in enumerate(labels)}, {int(v): i for i, v in enumerate(layers)})
+        return cls(str(path), {c: i for i, c in enumerate(labels)}, {int(v): i for i, v in enumerate(layers)},
+                   tuple(root.attrs.get("completed", [])))
 
     def read(self, site, checkpoint, layer):
-        """The block [token, dim] of ``site`` at ``checkpoint`` (and ``layer``): its chunks only."""
+        """The block [token, dim] of ``site`` at ``checkpoint`` (and ``layer``): its chunks only.
+
+        A chunk file missing from a completed checkpoint (of a local, uncompressed store) is refused
+        here, naming it -- zarr would read it as zeros -- whatever check the store had before.
+        """
         import zarr
 
+        from driftlens.store import refuse_missing_chunks
+
+        if checkpoint in self.completed:
+            refuse_missing_chunks(self.path, site, self.slots[checkpoint], checkpoint,
+                                  None if layer is None else self.layers[int(layer)])
         if site not in self._arrays:
             self._arrays[site] = zarr.open_array(self.path, path=site, mode="r")
         arr = self._arrays[site]

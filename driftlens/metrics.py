@@ -34,7 +34,9 @@ Conventions (DESIGN.md, "Conventions"):
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -558,6 +560,78 @@ def sliced_wasserstein(x, y, n_projections: int = 128, p: int = 2, seed: int = 0
         return float(wpp.mean().clamp(min=0.0) ** (1.0 / p))
 
 
+# ----------------------------------------------------------------------------- thread-count invariance
+
+_MKL_LOCAL = None                       # mkl_set_num_threads_local of torch's MKL (False: none found)
+_SERIAL = threading.RLock()             # the fallback's process-wide BLAS limit, one holder at a time
+
+
+def _mkl_set_num_threads_local():
+    """``MKL_Set_Num_Threads_Local`` (the C interface of ``mkl_set_num_threads_local``) of the MKL
+    inside torch's CPU library, or False (another BLAS)."""
+    global _MKL_LOCAL
+    if _MKL_LOCAL is None:
+        _MKL_LOCAL = False
+        try:
+            import ctypes
+            import glob
+            import os
+
+            if torch.backends.mkl.is_available():
+                lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+                for name in sorted(glob.glob(os.path.join(lib, "*torch_cpu*"))):
+                    try:
+                        fn = ctypes.CDLL(name).MKL_Set_Num_Threads_Local     # the C interface (by value)
+                    except (OSError, AttributeError):
+                        continue
+                    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                    _MKL_LOCAL = fn
+                    break
+        except (ImportError, OSError):
+            pass
+    return _MKL_LOCAL
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """Run the enclosed BLAS / LAPACK calls on one thread, so their rounding does not depend on the
+    process's thread count.
+
+    LAPACK's eigensolvers and Cholesky (and BLAS products on some shapes) round differently with
+    1 and 2 threads: a Dask worker (one thread) and the driver (all cores) gave MIR values 3e-6
+    apart. With torch's MKL, the limit is MKL's per-thread setting (``mkl_set_num_threads_local``:
+    nothing else in the process changes); with another BLAS, threadpoolctl's process-wide limit,
+    held by one caller at a time. torch's own reductions (over a dim with several outputs) are
+    already thread-count invariant.
+    """
+    fn = _mkl_set_num_threads_local()
+    if fn:
+        before = fn(1)
+        try:
+            yield
+        finally:
+            fn(before)
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:                 # nothing to limit with: rounding may follow the thread count
+        yield
+        return
+    with _SERIAL, threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _ordered_mean(x: torch.Tensor) -> float:
+    """Mean of a 1-D tensor in one summation order (numpy's pairwise sum; torch splits a long full
+    reduction across threads)."""
+    return float(np.mean(x.detach().cpu().numpy()))
+
+
+def _ordered_std(x: torch.Tensor) -> float:
+    """Unbiased standard deviation of a 1-D tensor in one summation order (see :func:`_ordered_mean`)."""
+    return float(np.std(x.detach().cpu().numpy(), ddof=1))
+
+
 def _mean_cov(a: torch.Tensor):
     """float64 mean [d] and unbiased covariance [d, d]."""
     a = a.detach().to(torch.float64)
@@ -598,7 +672,7 @@ def gaussian_w2(x, y, squared: bool = False) -> float:
     float
     """
     x, y = _check(x, y, names=["x", "y"])
-    with torch.no_grad():
+    with torch.no_grad(), _one_blas_thread():
         w2sq = _frechet(*_mean_cov(x), *_mean_cov(y))
     return w2sq if squared else math.sqrt(w2sq)
 
@@ -654,7 +728,7 @@ def _replace_outliers(a: torch.Tensor) -> torch.Tensor:
     median norm are replaced by the per-dimension (lower) median vector, as in
     shikiw/Modality-Integration-Rate ``replace_outliers_with_median_l2``."""
     norms = a.norm(dim=1)  # [n]
-    out = (norms - norms.median()).abs() > 3.0 * norms.std()
+    out = (norms - norms.median()).abs() > 3.0 * _ordered_std(norms)
     if bool(out.any()):
         a = a.clone()
         a[out] = a.median(dim=0).values
@@ -680,13 +754,14 @@ def mir(v, t) -> float:
     Returns
     -------
     float
-        FD (>= 0). Combine layers with :func:`mir_total`.
+        FD (>= 0), the same to the last bit whatever the number of threads (BLAS and LAPACK run
+        on one thread here, long sums in one order). Combine layers with :func:`mir_total`.
     """
     v, t = _check(v, t, names=["v (visual)", "t (text)"])
-    with torch.no_grad():
+    with torch.no_grad(), _one_blas_thread():
         v64, t64 = v.to(torch.float64), t.to(torch.float64)
-        scale = t64.norm(dim=1).mean()
-        if float(scale) == 0.0:
+        scale = _ordered_mean(t64.norm(dim=1))
+        if scale == 0.0:
             raise UsageError("t (text): all rows have zero norm; the text-centric scale is undefined")
         v64, t64 = _replace_outliers(v64 / scale), _replace_outliers(t64 / scale)
         return _frechet(*_mean_cov(v64), *_mean_cov(t64))

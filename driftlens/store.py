@@ -25,22 +25,44 @@ A checkpoint that is started but not completed is redone by the next capture;
 refuses data from another probe set (fingerprint), another architecture (model type, layer
 count, feature sizes) or another token selection.
 
+Nothing half-made: a new local store is built in a temporary sibling folder
+(``.<name>.creating-<host>-<pid>-<random>``) and renamed into place once complete, so a capture
+killed while it creates the store leaves either no store or a whole one (the leftover folder is
+removed by the next capture on that machine). A store at a URL, which cannot be renamed, carries
+a ``creating`` attribute until its creation finished, and the next capture builds it again.
+The read-modify-writes of the root attributes (the checkpoint list, the completed list) hold a
+lock -- an ``flock`` on ``checkpoint/records/.lock`` for a local store, a cluster-wide
+``distributed.Lock`` for a capture task on a Dask worker -- and re-read the attributes under it,
+so concurrent captures adding labels to one store never lose each other's updates.
+
 Nothing silently damaged: when a checkpoint completes, a record of it is written to
 ``checkpoint/records/<slot>.json`` (inside the folder of the ``checkpoint`` coordinate, which
 zarr does not list): the size and CRC32 of every chunk file of that checkpoint, and the
 checkpoint's identity (its source path, a fingerprint of its weights, the capture options).
-:func:`open_store` checks presence and size of every chunk of the checkpoints it shows (a stat
-per chunk); :func:`driftlens.drift` and ``driftlens check`` also compare the checksums. A chunk
-deleted, cut or altered after capture is reported with its checkpoint, site, layer and token
-rows -- never read back as zeros.
+At creation, ``checkpoint/records/store.json`` records what the whole store's meaning rests on:
+the root attributes that identify it (sites, dims, layers, probe fingerprint, token selection
+...), a checksum of every array's metadata and the size and CRC32 of every chunk file of the
+coordinate arrays (``layer``, ``sample``, ``group``, ``cluster``, ``position``, ``modality``,
+``lang``); the root attribute ``format_version`` (2) says the store was made with these records,
+so a missing record is damage, not an old store. :func:`open_store` checks the store record and
+the presence and size of every chunk of the checkpoints it shows (small files and a stat per
+chunk); :func:`driftlens.drift` and ``driftlens check`` also compare the checksums. A chunk,
+coordinate or identity deleted, cut or altered after capture is reported with its file (and a
+chunk with its checkpoint, site, layer and token rows) -- never read back as zeros.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import itertools
 import json
 import os
+import shutil
+import socket
+import threading
+import uuid
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +71,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from driftlens.errors import DataError, EnvironmentProblem, UsageError
-from driftlens.schema import SITE_DIMS, TOKEN_COORDS, UNLAYERED
+from driftlens.schema import SITE_DIMS, SITES, TOKEN_COORDS, UNLAYERED
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -57,6 +79,15 @@ if TYPE_CHECKING:
 CHUNK_BYTES = 8 * 2**20
 RECORDS = ("checkpoint", "records")   # folder of the per-checkpoint records, inside the `checkpoint` array
 RECORD_FORMAT = "driftlens-record/1"
+STORE_FORMAT = "driftlens-store/1"     # the root attribute ``format`` of every driftlens store
+#: ``format_version`` of the stores this version creates: 2 = made with a store record (coordinates and
+#: identity checksummed) and a record per completed checkpoint. Stores without it predate both.
+FORMAT_VERSION = 2
+STORE_RECORD = "store.json"            # in the records folder
+STORE_RECORD_FORMAT = "driftlens-store-record/1"
+LOCK_FILE = ".lock"                    # in the records folder: the flock of the root metadata's updates
+CREATING = "creating"                  # root attribute of a store at a URL whose creation has not finished
+MUTABLE_ATTRS = ("checkpoints", "completed")   # root attributes a capture updates (not in the store record)
 Verify = Literal["full", "fast", "none"]
 VERIFY_LEVELS: tuple[Verify, ...] = ("full", "fast", "none")
 
@@ -105,25 +136,101 @@ def is_local(path) -> bool:
     return isinstance(path, Path)
 
 
-def metadata_lock():
-    """The current metadata lock (see :data:`METADATA_LOCK`), or a no-op context."""
+_HELD = threading.local()                # stores whose file lock this thread holds (the lock is not reentrant)
+
+
+def metadata_lock(path=None):
+    """The lock of the root metadata's read-modify-writes.
+
+    A local store's updates hold an exclusive ``flock`` on ``checkpoint/records/.lock`` (captures in
+    several processes of one machine); a capture task on a Dask worker sets :data:`METADATA_LOCK`
+    (a cluster-wide ``distributed.Lock``), held first. A store at a URL has no lock without Dask.
+    """
     factory = METADATA_LOCK.get()
-    return contextlib.nullcontext() if factory is None else factory()
+    local = path is not None and is_local(location(path))
+    if factory is None:
+        return _file_lock(location(path)) if local else contextlib.nullcontext()
+    stack = contextlib.ExitStack()        # the cluster-wide lock, then (local stores) the file lock:
+    stack.enter_context(factory())        # a capture outside Dask writing the same store is excluded too
+    if local:
+        stack.enter_context(_file_lock(location(path), required=False))
+    return stack
+
+
+_NO_FLOCK_WARNED: set = set()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, required: bool = True):
+    """An exclusive ``flock`` on the store's lock file. Where the file system refuses ``flock`` (some
+    network mounts), the update goes ahead unlocked -- with a warning unless another lock is held."""
+    try:
+        import fcntl
+    except ImportError:                   # no flock on this platform: one writer at a time is the user's to ensure
+        yield
+        return
+    key = os.path.abspath(path)
+    held = _HELD.__dict__.setdefault("paths", set())
+    if key in held:                       # already held by this thread (a nested update)
+        yield
+        return
+    f = path.joinpath(*RECORDS, LOCK_FILE)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if required and key not in _NO_FLOCK_WARNED:
+                _NO_FLOCK_WARNED.add(key)
+                warnings.warn(f"{path}: the file system refuses flock ({exc}); captures writing this store at the "
+                              f"same time may lose each other's checkpoint list updates", stacklevel=4)
+            yield
+            return
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+    finally:
+        os.close(fd)                      # releases the lock
+
+
+def _open_root(path, mode: str = "r+"):
+    """The store's root group, its attributes read now (a zarr group caches them when opened)."""
+    import zarr
+
+    return zarr.open_group(str(path), mode=mode)
+
+
+def update_root_attrs(path, update) -> dict:
+    """Apply ``update(attrs) -> changes`` to the store's root attributes under the metadata lock.
+
+    The attributes are re-read under the lock, so concurrent writers never lose each other's
+    updates; ``changes`` (a dict, possibly empty) is written back. Returns the attributes after.
+    """
+    with metadata_lock(path):
+        root = _open_root(path)
+        attrs = dict(root.attrs)
+        changes = update(attrs)
+        if changes:
+            root.attrs.update(changes)
+            attrs.update(changes)
+    return attrs
 
 
 def register_checkpoints(root, sites, labels) -> dict[str, int]:
     """Give each label a slot on the checkpoint dim (appended in order; existing ones kept).
 
-    ``root`` is the store's zarr group (or its path). Idempotent, and writes nothing when every
+    ``root`` is the store's path. Idempotent, and writes nothing when every
     label already has its slot -- so many writers of one store can call it for their own label
-    once a driver registered them all. Returns label -> slot.
+    once a driver registered them all. The checkpoint list is re-read under the metadata lock,
+    so captures adding labels concurrently all get their slot. Returns label -> slot.
     """
-    import zarr
-
-    if not hasattr(root, "attrs"):
-        root = zarr.open_group(str(root), mode="r+")
-    sites = list(sites if sites is not None else root.attrs["sites"])
-    with metadata_lock():
+    path = location(root)
+    with metadata_lock(path):
+        root = _open_root(path)
+        sites = list(sites if sites is not None else root.attrs["sites"])
         current = list(root.attrs.get("checkpoints", []))
         new = [lab for lab in dict.fromkeys(labels) if lab not in current]
         labels_all = current + new
@@ -139,6 +246,84 @@ def register_checkpoints(root, sites, labels) -> dict[str, int]:
             c.resize((n,))
             c[:] = np.asarray(labels_all, dtype=str)
     return {lab: labels_all.index(lab) for lab in labels}
+
+
+def _read_attrs(f) -> dict:
+    """The attributes in a group's ``zarr.json`` ({} when it has none)."""
+    body = json.loads(f.read_text())
+    attrs = body.get("attributes", {}) if isinstance(body, dict) else {}
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def _creating_prefix(path) -> str:
+    """Name prefix of the temporary folders this machine builds a new store at ``path`` in."""
+    return f".{path.name}.creating-{socket.gethostname()}-"
+
+
+_BUILDING: set = set()       # temporary creation folders this process is building now
+
+
+def remove_stale_creations(path) -> list[Path]:
+    """Remove the temporary folders of store creations at ``path`` whose process is gone.
+
+    Only folders made on this machine (the host name is in their name) by a process that no
+    longer runs (a capture killed while it created the store), or by this process and no longer
+    being built (an interrupted creation), are removed. Returns them.
+    """
+    path = location(path)
+    prefix = _creating_prefix(path)
+    removed = []
+    for tmp in path.parent.glob(".*.creating-*"):
+        if not tmp.name.startswith(prefix):
+            continue
+        pid = tmp.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        if (int(pid) == os.getpid() and tmp not in _BUILDING) or not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unfinished_creation(path, attrs: dict) -> bool:
+    """Whether ``path`` is a store whose creation did not finish: tagged ``creating``, or (made by a
+    driftlens before creation was atomic) a group with no attributes holding only driftlens's empty
+    arrays (no checkpoint slot, so no captured data)."""
+    if attrs.get("format") == STORE_FORMAT:
+        return bool(attrs.get(CREATING))
+    if attrs or not is_local(path):
+        return False
+    ours = {"zarr.json", "checkpoint", "layer", *TOKEN_COORDS, *SITES}
+    names = {p.name for p in path.iterdir()}
+    if "checkpoint" not in names or not names <= ours:
+        return False
+    f = path / "checkpoint" / "zarr.json"
+    try:
+        return not f.exists() or json.loads(f.read_text()).get("shape") == [0]
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def not_a_store_message(path, attrs: dict) -> str:
+    """Why the zarr group at ``path`` is not a usable driftlens store, and the way out."""
+    if _unfinished_creation(path, attrs):
+        return (f"{path} is a driftlens store whose creation was interrupted (a capture killed while it created "
+                f"the store); it holds no captured data: remove it (rm -r {path}) and rerun the capture")
+    if not attrs and is_local(path) and {p.name for p in path.iterdir()} == {"zarr.json"}:
+        return (f"{path} is an empty zarr group (no arrays, no attributes), not a driftlens store; a capture "
+                f"killed while it created a store leaves one: remove it (rm -r {path}) and rerun the capture")
+    return (f"{path} is a zarr group but not a driftlens store (its zarr.json has no driftlens format tag); "
+            f"choose another --out, or open the store a capture wrote")
 
 
 def _chunk_rows(width: int, itemsize: int, n_tokens: int) -> int:
@@ -163,29 +348,76 @@ class ActivationStore:
     """
 
     def __init__(self, path, meta: dict, tokens: dict[str, np.ndarray]):
-        import zarr
-
         self.path = location(path)
         self.meta = meta
         n_tokens = len(tokens["sample"])
-        if (self.path / "zarr.json").exists():
-            self.root = zarr.open_group(str(self.path), mode="r+")
-            self._check_compatible(meta, tokens)
-        else:
-            if self.path.exists() and any(self.path.iterdir()):
-                raise StoreMismatchError(
-                    f"{self.path} exists and is not a driftlens store (no zarr.json); "
-                    "choose another `out` or remove the folder."
-                )
-            self.root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
-            self._create(meta, tokens, n_tokens)
+        if not self._open_existing(meta, tokens):
+            if is_local(self.path):
+                self._create_local(meta, tokens, n_tokens)
+            else:                           # a URL: built in place, marked `creating` until it is whole
+                self._build(self.path, meta, tokens, n_tokens)
+                self.root = _open_root(self.path)
         self.n_tokens = n_tokens
         self._chunk_rows: dict[str, int] = {}
         self._raw: dict[str, object] = {}        # site -> array metadata when chunks are plain bytes
 
     # -- creation and identity -------------------------------------------------------
-    def _create(self, meta: dict, tokens: dict[str, np.ndarray], n_tokens: int) -> None:
-        root = self.root
+    def _open_existing(self, meta: dict, tokens: dict[str, np.ndarray]) -> bool:
+        """Open the store at ``self.path`` and check it matches; False when there is none to open."""
+        f = self.path / "zarr.json"
+        if not f.exists():
+            if self.path.exists() and any(self.path.iterdir()):
+                raise StoreMismatchError(
+                    f"{self.path} exists and is not a driftlens store (no zarr.json); "
+                    "choose another `out` or remove the folder."
+                )
+            return False
+        if _read_attrs(f).get(CREATING) and not is_local(self.path):
+            return False                    # a URL store whose creation did not finish: build it again
+        self.root = _open_root(self.path)
+        self._check_compatible(meta, tokens)
+        return True
+
+    def _create_local(self, meta: dict, tokens: dict[str, np.ndarray], n_tokens: int) -> None:
+        """Build the store in a unique temporary sibling folder, then rename it into place (atomic).
+
+        When another capture renamed its store into place first, this one's is discarded and
+        the other's is opened (and checked) instead.
+        """
+        parent = self.path.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_creations(self.path)
+        tmp = parent / f"{_creating_prefix(self.path)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        _BUILDING.add(tmp)
+        try:
+            self._build(tmp, meta, tokens, n_tokens)
+            try:
+                os.rename(tmp, self.path)          # replaces a missing or empty folder, never a full one
+                placed = True
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                placed = False
+        finally:
+            _BUILDING.discard(tmp)
+            if tmp.exists():               # (a write still in flight after a Ctrl-C may recreate a file in it:
+                shutil.rmtree(tmp, ignore_errors=True)     # remove_stale_creations removes that later)
+        if not placed and not self._open_existing(meta, tokens):   # another capture created it meanwhile
+            raise StoreMismatchError(f"{self.path} could not be created: the folder filled while this "
+                                     f"capture built the store; choose another `out`")
+        if placed:
+            self.root = _open_root(self.path)
+
+    def _build(self, where, meta: dict, tokens: dict[str, np.ndarray], n_tokens: int) -> None:
+        """Create every array of a new store at ``where``; the identity attributes are written last.
+
+        The first write tags the group as a driftlens store whose creation has not finished
+        (``creating``), so a store at a URL interrupted here is recognised and built again.
+        """
+        import zarr
+
+        root = zarr.open_group(str(where), mode="w", zarr_format=3)
+        root.attrs.put({"format": STORE_FORMAT, CREATING: True})
         dtype = np.dtype(meta["dtype"])
         layers = np.asarray(meta["layers"], dtype=np.int64)
         root.create_array("checkpoint", shape=(0,), chunks=(256,), dtype=str,
@@ -213,13 +445,19 @@ class ActivationStore:
                                   dimension_names=dims, fill_value=0, compressors=None)
             a.attrs.update(_site_attrs(site))
             a.attrs["coordinates"] = " ".join(TOKEN_COORDS)
-        root.attrs.update({**_jsonable(meta), "checkpoints": [], "completed": [],
-                           "format": "driftlens-store/1"})
+        attrs = {**_jsonable(meta), "checkpoints": [], "completed": [], "format": STORE_FORMAT,
+                 "format_version": FORMAT_VERSION}
+        where = location(where)
+        if is_local(where):
+            where.joinpath(*RECORDS).mkdir(parents=True, exist_ok=True)
+            where.joinpath(*RECORDS, LOCK_FILE).touch()
+        write_store_record(where, attrs)
+        root.attrs.put(attrs)                # last: without `creating`, the store is whole
 
     def _check_compatible(self, meta: dict, tokens: dict[str, np.ndarray]) -> None:
         have = dict(self.root.attrs)
-        if have.get("format") != "driftlens-store/1":
-            raise StoreMismatchError(f"{self.path} is a zarr group but not a driftlens store.")
+        if have.get("format") != STORE_FORMAT or have.get(CREATING):
+            raise StoreMismatchError(not_a_store_message(self.path, have))
         want = _jsonable(meta)
         labels = {
             "probe_fingerprint": "another probe set (or an edited one)",
@@ -246,17 +484,17 @@ class ActivationStore:
     # -- checkpoints -----------------------------------------------------------------
     @property
     def checkpoints(self) -> list[str]:
-        """Checkpoint labels of the store, in capture order."""
-        return list(self.root.attrs.get("checkpoints", []))
+        """Checkpoint labels of the store, in capture order (read now: other captures may add some)."""
+        return list(_open_root(self.path, "r").attrs.get("checkpoints", []))
 
     @property
     def completed(self) -> list[str]:
-        """Labels of the checkpoints whose capture completed."""
-        return list(self.root.attrs.get("completed", []))
+        """Labels of the checkpoints whose capture completed (read now)."""
+        return list(_open_root(self.path, "r").attrs.get("completed", []))
 
     def slot(self, label: str) -> int:
         """Index of ``label`` on the checkpoint dim, creating it (idempotently) when new."""
-        return register_checkpoints(self.root, self.meta["sites"], [label])[label]
+        return register_checkpoints(self.path, self.meta["sites"], [label])[label]
 
     def write(self, site: str, index: int, start: int, block: np.ndarray) -> None:
         """Write rows ``start : start + len`` of one checkpoint.
@@ -304,19 +542,12 @@ class ActivationStore:
     def mark_complete(self, label: str, identity: dict | None = None) -> None:
         """Record the checkpoint's chunk sizes and checksums (and ``identity``), then mark it complete."""
         write_record(self.path, label, self.checkpoints.index(label), self.meta["sites"], identity)
-        with metadata_lock():
-            done = self.completed
-            if label not in done:
-                self.root.attrs["completed"] = done + [label]
+        update_root_attrs(self.path, lambda a: {} if label in a.get("completed", [])
+                          else {"completed": list(a.get("completed", [])) + [label]})
 
     def forget(self, label: str) -> None:
         """Unmark a completed checkpoint (its slot and chunk files stay and are rewritten next)."""
-        with metadata_lock():
-            done = self.completed
-            if label in done:
-                self.root.attrs["completed"] = [c for c in done if c != label]
-        if label in self.checkpoints:
-            remove_record(self.path, self.checkpoints.index(label))
+        unmark_complete(self.path, [label])
 
 
 class CheckpointWriter:
@@ -442,9 +673,12 @@ def open_store(path: str | os.PathLike, include_incomplete: bool = False, verify
         Integrity check of the completed checkpoints before anything is read (see
         :func:`verify_store`): ``fast`` (default) stats every chunk file (presence and size),
         ``full`` also compares CRC32 checksums (reads the store once; :func:`driftlens.drift`
-        does this before computing). A damaged chunk raises
+        does this before computing); both check the store's identity and token coordinates
+        against the record made at its creation. A damaged chunk raises
         :class:`~driftlens.errors.StoreIntegrityError` naming the checkpoint, site, layer,
-        token rows and file, and how to recapture.
+        token rows and file, and how to recapture; a damaged coordinate or root attribute names
+        its file. What could not be checked (a store made before these records) is warned about
+        and kept in ``attrs["store_notes"]``. ``none`` checks nothing.
 
     Returns
     -------
@@ -464,8 +698,9 @@ def open_store(path: str | os.PathLike, include_incomplete: bool = False, verify
         raise FileNotFoundError(f"no driftlens store at {path}" + (" (it is a file, not a store folder)"
                                                                    if path.exists() else ""))
     _root_attrs(path)                     # a driftlens store with readable metadata, else a clear error
-    if verify != "none":
-        check_store(path, verify)
+    notes = check_store(path, verify) if verify != "none" else []
+    for note in notes:                    # what could not be checked (a store made before the records)
+        warnings.warn(f"{path}: {note}", stacklevel=2)
     try:
         ds = xr.open_zarr(str(path), consolidated=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -480,6 +715,7 @@ def open_store(path: str | os.PathLike, include_incomplete: bool = False, verify
         ds = ds.sel(checkpoint=[c for c in ds.checkpoint.values if c in done])
     ds.attrs["store_path"] = str(path)          # kept through selections: drift's full check finds the files
     ds.attrs["store_verified"] = verify
+    ds.attrs["store_notes"] = list(notes)       # drift copies them into the report's warnings
     return ds
 
 
@@ -489,13 +725,15 @@ def open_store(path: str | os.PathLike, include_incomplete: bool = False, verify
 
 @dataclass(frozen=True)
 class ChunkProblem:
-    """One damaged chunk of a completed checkpoint.
+    """One damaged chunk of a completed checkpoint, or one damaged file of the whole store.
 
     ``file`` is relative to the store; ``layer`` is None for unlayered sites; ``rows`` is the
-    half-open range of token rows the chunk holds.
+    half-open range of token rows the chunk holds. ``label`` is None for a problem of the store
+    itself (its root metadata, a coordinate array, an array's metadata), which no checkpoint's
+    recapture repairs.
     """
 
-    label: str
+    label: str | None
     site: str
     layer: int | None
     rows: tuple[int, int]
@@ -503,24 +741,26 @@ class ChunkProblem:
     what: str
 
     def __str__(self) -> str:
+        if self.label is None:
+            return f"{self.site} ({self.file}): {self.what}"
         where = f"checkpoint {self.label!r}, site {self.site!r}"
         where += f", layer {self.layer}" if self.layer is not None else ""
         return f"{where}, token rows {self.rows[0]}..{self.rows[1] - 1} (chunk file {self.file}): {self.what}"
 
 
-def _array_meta(path: Path, site: str) -> dict:
+def _array_meta(path: Path, site: str, what: str = "site") -> dict:
     f = path / site / "zarr.json"
     try:
         return json.loads(f.read_text())
     except FileNotFoundError:
         from driftlens.errors import StoreIntegrityError
 
-        raise StoreIntegrityError(f"{path}: the metadata of site {site!r} ({f}) is missing; "
+        raise StoreIntegrityError(f"{path}: the metadata of {what} {site!r} ({f}) is missing; "
                                   f"the store is damaged") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         from driftlens.errors import StoreIntegrityError
 
-        raise StoreIntegrityError(f"{path}: the metadata of site {site!r} ({f}) is unreadable: {exc}") from exc
+        raise StoreIntegrityError(f"{path}: the metadata of {what} {site!r} ({f}) is unreadable: {exc}") from exc
 
 
 def _chunk_key(meta: dict, coords: tuple[int, ...]) -> str:
@@ -562,6 +802,36 @@ def checkpoint_chunks(path, site: str, index: int) -> list[tuple[str, int | None
     return out
 
 
+def refuse_missing_chunks(path, site: str, index: int, label: str, layer_index: int | None = None) -> None:
+    """Raise :class:`~driftlens.errors.StoreIntegrityError` when a chunk file of one block of a completed
+    checkpoint is missing or cut (a stat per chunk). Only for a local store whose chunks are plain bytes,
+    where every chunk of a completed checkpoint exists at its full size; zarr would read a missing one as
+    zeros."""
+    path = location(path)
+    if not is_local(path):
+        return
+    meta = _array_meta(path, site)
+    want = _plain_chunk_bytes(meta)
+    if want is None:
+        return
+    layered = len(meta["shape"]) == 4
+    missing = []
+    for rel, layer, span in checkpoint_chunks(path, site, index):
+        if layer_index is not None and layered and layer != layer_index:
+            continue
+        try:
+            size = (path / rel).stat().st_size
+        except FileNotFoundError:
+            missing.append(ChunkProblem(label, site, layer, span, rel, "missing"))
+            continue
+        if size != want:
+            missing.append(ChunkProblem(label, site, layer, span, rel, f"{size} bytes, expected {want}"))
+    if missing:
+        from driftlens.errors import StoreIntegrityError
+
+        raise StoreIntegrityError(integrity_message(path, missing))
+
+
 def _crc32(file: Path, block: int = 2**24) -> int:
     crc = 0
     with file.open("rb") as fh:
@@ -597,14 +867,145 @@ def write_record(path, label: str, index: int, sites, identity: dict | None = No
         chunks[site] = {"n": len(files), "size": sizes, "crc32": crcs}
     body = {"format": RECORD_FORMAT, "label": label, "index": int(index), "chunks": chunks,
             **({"identity": identity} if identity else {})}
-    out = _record_file(path, index)
+    return _write_json(_record_file(path, index), body)
+
+
+def _write_json(out, body: dict):
+    """Write ``body`` as JSON at ``out`` atomically (a unique temporary name beside it, then a rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(body))
     if not is_local(out):                    # an object store writes an object whole
-        out.write_text(json.dumps(_jsonable(body)))
+        out.write_text(text)
         return out
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_jsonable(body)))
-    os.replace(tmp, out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+# -- the store record: identity, array metadata and coordinates, fixed at creation -----------------
+
+COORD_ARRAYS = ("layer",) + TOKEN_COORDS     # coordinate arrays written once, at creation
+
+
+def _canonical_meta(meta: dict, name: str) -> bytes:
+    """An array's metadata as canonical JSON; the checkpoint dim's length left out (it grows)."""
+    m = json.loads(json.dumps(meta))
+    if (name == "checkpoint" or name in SITES) and isinstance(m.get("shape"), list) and m["shape"]:
+        m["shape"] = [None] + m["shape"][1:]
+    return json.dumps(m, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _array_files(path: Path, name: str) -> list[str]:
+    """Every chunk file of a (small) array, relative to the store, from its metadata."""
+    meta = _array_meta(path, name, "array")
+    shape = meta["shape"]
+    chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    return [f"{name}/{_chunk_key(meta, coords)}"
+            for coords in itertools.product(*(range(-(-s // c)) for s, c in zip(shape, chunks)))]
+
+
+def _file_stat(f) -> tuple[int | None, int | None]:
+    """(size, CRC32) of a file, (None, None) when it does not exist (an all-fill chunk zarr did not write)."""
+    try:
+        return f.stat().st_size, _crc32(f)
+    except FileNotFoundError:
+        return None, None
+
+
+def write_store_record(path, attrs: dict) -> Path:
+    """Record what the store's meaning rests on, at its creation (``checkpoint/records/store.json``).
+
+    The root attributes ``attrs`` except the ones captures update (``checkpoints``, ``completed``),
+    a CRC32 of every array's metadata (the checkpoint dim's length left out), and the size and
+    CRC32 of every chunk file of the coordinate arrays (:data:`COORD_ARRAYS`).
+    """
+    path = location(path)
+    arrays = {}
+    for name in ("checkpoint",) + COORD_ARRAYS + tuple(attrs.get("sites", [])):
+        if not (path / name / "zarr.json").exists() and name == "cluster":
+            continue                                       # (stores before clusters)
+        entry: dict = {"meta_crc32": zlib.crc32(_canonical_meta(_array_meta(path, name, "array"), name))}
+        if name in COORD_ARRAYS:
+            files = _array_files(path, name)
+            stats = [_file_stat(path / rel) for rel in files]
+            entry["chunks"] = {"file": files, "size": [a for a, _ in stats], "crc32": [b for _, b in stats]}
+        arrays[name] = entry
+    body = {"format": STORE_RECORD_FORMAT, "attrs": {k: v for k, v in attrs.items() if k not in MUTABLE_ATTRS},
+            "arrays": arrays}
+    return _write_json(path.joinpath(*RECORDS, STORE_RECORD), body)
+
+
+def _store_problem(name: str, file: str, what: str) -> ChunkProblem:
+    return ChunkProblem(None, name, None, (0, 0), file, what)
+
+
+def _verify_store_record(path: Path, attrs: dict) -> tuple[list[ChunkProblem], list[str]]:
+    """Check the root attributes, every array's metadata and the coordinate chunks against the store record."""
+    rel = "/".join(RECORDS + (STORE_RECORD,))
+    f = path.joinpath(*RECORDS, STORE_RECORD)
+    if not f.exists():
+        if int(attrs.get("format_version", 1) or 1) >= 2:
+            return [_store_problem("the store record", rel, "missing (this store was created with one: "
+                                   "format_version 2); its coordinates and identity cannot be checked")], []
+        return [], ["the store was created before driftlens checksummed a store's coordinates and identity (no "
+                    f"{rel}): its token coordinates (modality, cluster, sample ...) and root metadata were not "
+                    "checked"]
+    try:
+        body = json.loads(f.read_text())
+        assert isinstance(body, dict) and body.get("format") == STORE_RECORD_FORMAT
+        want_attrs, arrays = dict(body["attrs"]), dict(body["arrays"])
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+        return [_store_problem("the store record", rel, f"unreadable or not a driftlens store record ({exc!r})")], []
+    problems = []
+    have = {k: v for k, v in attrs.items() if k not in MUTABLE_ATTRS}
+    for key in sorted(set(want_attrs) | set(have)):
+        if have.get(key) != want_attrs.get(key):
+            problems.append(_store_problem("the store's root metadata", "zarr.json",
+                                           f"attribute {key!r} is {have.get(key)!r}, recorded at creation as "
+                                           f"{want_attrs.get(key)!r}"))
+    for name, entry in arrays.items():
+        try:
+            meta = _array_meta(path, name, "array")
+        except DataError as exc:
+            problems.append(_store_problem(f"array {name!r}", f"{name}/zarr.json", f"missing or unreadable ({exc})"))
+            continue
+        if zlib.crc32(_canonical_meta(meta, name)) != entry.get("meta_crc32"):
+            problems.append(_store_problem(f"array {name!r}", f"{name}/zarr.json", "its metadata changed since the "
+                                           "store was created (shape, data type, chunks or codecs)"))
+            continue
+        chunks = entry.get("chunks")
+        for j, rel_file in enumerate([] if chunks is None else chunks["file"]):
+            size, crc = _file_stat(path / rel_file)
+            if size != chunks["size"][j]:
+                what = "missing" if size is None else (f"{size} bytes, expected {chunks['size'][j]}"
+                                                       if chunks["size"][j] is not None else "present but recorded "
+                                                       "as absent")
+                problems.append(_store_problem(f"coordinate {name!r}", rel_file, what))
+            elif crc != chunks["crc32"][j]:
+                problems.append(_store_problem(f"coordinate {name!r}", rel_file, "contents changed (CRC32 differs "
+                                               "from the one recorded at creation)"))
+    return problems, []
+
+
+def _verify_slots(path: Path, order: list[str], done: list[str]) -> list[ChunkProblem]:
+    """The ``checkpoint`` coordinate names every completed checkpoint at its slot (xarray labels rows by it)."""
+    import zarr
+
+    try:
+        values = list(_strs(zarr.open_array(str(path), path="checkpoint", mode="r")[:]))
+    except Exception as exc:  # noqa: BLE001 - any decoding failure of the coordinate is damage
+        return [_store_problem("coordinate 'checkpoint'", "checkpoint", f"unreadable ({type(exc).__name__}: {exc})")]
+    out = []
+    for label in done:
+        index = order.index(label)
+        have = values[index] if index < len(values) else None
+        if have != label:
+            out.append(_store_problem("coordinate 'checkpoint'", "checkpoint", f"slot {index} is labelled {have!r}, "
+                                      f"the store's checkpoint list says {label!r}"))
     return out
 
 
@@ -632,25 +1033,29 @@ def remove_record(path, index: int) -> None:
 
 
 def verify_store(path, level: Verify = "fast", labels=None) -> tuple[list[ChunkProblem], list[str]]:
-    """Check the completed checkpoints of a store against their records.
+    """Check a store against its records: its identity and coordinates, and its completed checkpoints.
 
     Parameters
     ----------
     path : str or Path
         The store folder.
     level : {"fast", "full", "none"}
-        ``fast``: every chunk file exists with its recorded size (a stat per chunk).
-        ``full``: also its CRC32 (reads the whole store). ``none``: nothing.
+        ``fast``: the store record (root attributes, every array's metadata, the size and CRC32 of
+        the coordinate arrays' small chunk files), the ``checkpoint`` coordinate's labels, and
+        every chunk file of the checked checkpoints with its recorded size (a stat per chunk).
+        ``full``: also every chunk's CRC32 (reads the whole store). ``none``: nothing.
     labels : sequence of str, optional
         Checkpoints to check (default: every completed one).
 
     Returns
     -------
     problems : list of ChunkProblem
-        Empty when every checked chunk is intact.
+        Empty when everything checked is intact.
     notes : list of str
-        What could not be checked (checkpoints completed before records existed are checked
-        for presence and size only, from the array metadata).
+        What could not be checked: a store made before driftlens recorded these (no
+        ``format_version``) has no store record, and its checkpoints completed before records
+        existed are checked for presence and size only. In a store made with records
+        (``format_version`` 2) a missing record is damage, not a note.
     """
     if level not in VERIFY_LEVELS:
         from driftlens.errors import UsageError
@@ -662,19 +1067,29 @@ def verify_store(path, level: Verify = "fast", labels=None) -> tuple[list[ChunkP
     notes: list[str] = []
     if level == "none":
         return problems, notes
+    problems, notes = _verify_store_record(path, attrs)
+    versioned = int(attrs.get("format_version", 1) or 1) >= 2
     order = list(attrs.get("checkpoints", []))
     done = list(attrs.get("completed", []))
-    for label in done if labels is None else labels:
+    checked = done if labels is None else list(labels)
+    for label in checked:
         if label not in order:
             from driftlens.errors import StoreIntegrityError
 
             raise StoreIntegrityError(f"{path}: checkpoint {label!r} is marked complete but has no slot "
                                       f"in the store's checkpoint list {order}")
+    problems += _verify_slots(path, order, [lab for lab in checked if lab in done])
+    for label in checked:
         index = order.index(label)
+        rel = "/".join(RECORDS + (f"{index}.json",))
         record = read_record(path, index)
         if record is not None and record.get("label") != label:
-            problems.append(ChunkProblem(label, "*", None, (0, 0), "/".join(RECORDS + (f"{index}.json",)),
+            problems.append(ChunkProblem(label, "*", None, (0, 0), rel,
                                          f"the record names checkpoint {record.get('label')!r}"))
+            continue
+        if record is None and versioned:
+            problems.append(ChunkProblem(label, "*", None, (0, 0), rel, "the checkpoint's integrity record is "
+                                         "missing (this store was made with records: format_version 2)"))
             continue
         if record is None:
             notes.append(f"checkpoint {label!r} has no integrity record (captured before driftlens recorded "
@@ -724,8 +1139,8 @@ def _root_attrs(path: Path) -> dict:
 
         raise StoreIntegrityError(f"{path}: the store's metadata {f} is unreadable ({exc})") from exc
     attrs = body.get("attributes", {}) if isinstance(body, dict) else {}
-    if attrs.get("format") != "driftlens-store/1":
-        raise StoreMismatchError(f"{path} is not a driftlens store ({f} has no driftlens format tag)")
+    if not isinstance(attrs, dict) or attrs.get("format") != STORE_FORMAT or attrs.get(CREATING):
+        raise StoreMismatchError(not_a_store_message(path, attrs if isinstance(attrs, dict) else {}))
     return attrs
 
 
@@ -749,25 +1164,40 @@ def check_store(path, level: Verify = "fast", labels=None) -> list[str]:
 
 
 def integrity_message(path, problems: list[ChunkProblem], show: int = 5) -> str:
-    """One message for a list of damaged chunks, with the way out."""
-    labels = list(dict.fromkeys(p.label for p in problems))
-    lines = [f"store {path}: {len(problems)} damaged chunk(s) in completed checkpoint(s) {labels}:"]
-    lines += [f"  {p}" for p in problems[:show]]
-    if len(problems) > show:
-        lines.append(f"  ... and {len(problems) - show} more (driftlens check {path} lists them all)")
-    lines.append(f"recapture: rerun the same `driftlens capture ... --out {path}` with "
-                 + " ".join(f"--overwrite {lab}" for lab in labels)
-                 + " (the other checkpoints are kept)")
+    """One message for a list of damaged chunks and store files, with the way out."""
+    store_level = [p for p in problems if p.label is None]
+    chunks = [p for p in problems if p.label is not None]
+    labels = list(dict.fromkeys(p.label for p in chunks))
+    lines = []
+    if store_level:
+        lines.append(f"store {path}: its identity or token coordinates are damaged ({len(store_level)} problem(s)):")
+        lines += [f"  {p}" for p in store_level[:show]]
+    if chunks:
+        lines.append(f"store {path}: {len(chunks)} damaged chunk(s) in completed checkpoint(s) {labels}:")
+        lines += [f"  {p}" for p in chunks[:show]]
+    hidden = max(0, len(store_level) - show) + max(0, len(chunks) - show)
+    if hidden:
+        lines.append(f"  ... and {hidden} more (driftlens check {path} lists them all)")
+    if store_level:
+        lines.append("recapturing a checkpoint does not repair the store's identity or coordinates: capture again "
+                     "into a new --out (or restore the store from a copy)")
+    if chunks:
+        lines.append(f"recapture: rerun the same `driftlens capture ... --out {path}` with "
+                     + " ".join(f"--overwrite {lab}" for lab in labels)
+                     + " (the other checkpoints are kept)")
     return "\n".join(lines)
 
 
 def unmark_complete(path, labels) -> None:
     """Unmark completed checkpoints (``--overwrite``): their records go, their rows are rewritten next."""
-    import zarr
+    labels = list(labels)
 
-    root = zarr.open_group(str(path), mode="r+")
-    order = list(root.attrs.get("checkpoints", []))
-    root.attrs["completed"] = [c for c in root.attrs.get("completed", []) if c not in labels]
+    def drop(attrs):
+        done = list(attrs.get("completed", []))
+        return {"completed": [c for c in done if c not in labels]} if set(done) & set(labels) else {}
+
+    attrs = update_root_attrs(path, drop)
+    order = list(attrs.get("checkpoints", []))
     for label in labels:
         if label in order:
             remove_record(path, order.index(label))
