@@ -197,6 +197,7 @@ def test_a_schedule_from_a_contrast_over_runs_round_trips_through_peft(tmp_path)
     for s in range(3):
         rep = make_report(3, checkpoints=labels, model_type=model.config.model_type, family=spec.family, seed=s,
                           loc=2.0, scale=1.0)
+        rep["mmd"].loc[{"checkpoint": ["ko-1", "ko-2"]}] += np.array([1.0, 3.0, 0.5])[:, None, None]  # [layer]
         rep["mmd_boot"] = rep["mmd"].expand_dims(draw=8).transpose(..., "draw") + xr.DataArray(
             np.random.default_rng(s).normal(0, 0.01, 8), dims="draw")
         reps[f"seed-{s}"] = rep
