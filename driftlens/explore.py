@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from driftlens._version import install_hint
 from driftlens.errors import UsageError
 
 if TYPE_CHECKING:
@@ -173,7 +174,7 @@ class Explorer:
         except ImportError as exc:                           # pragma: no cover - the notebooks extra has it
             from driftlens.errors import EnvironmentProblem
 
-            raise EnvironmentProblem("the explorer's widget needs ipywidgets (pip install 'driftlens[notebooks]'); "
+            raise EnvironmentProblem(f"the explorer's widget needs ipywidgets ({install_hint('notebooks')}); "
                                      "Explorer.figure() draws the same panels statically") from exc
         if self._widget is not None:
             return self._widget

@@ -49,7 +49,7 @@ def test_wheel_in_a_fresh_environment(tmp_path):
     src = _source_copy(tmp_path / "src")
     wheels = tmp_path / "wheels"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheels, src])
-    (wheel,) = wheels.glob("driftlens-*.whl")
+    (wheel,) = wheels.glob("driftlens_vlm-*.whl")     # the distribution name (the import package is driftlens)
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     py = env_dir / "bin" / "python"
