@@ -16,7 +16,7 @@ from driftlens.errors import UsageError
 def _checkpoint_arg(text: str) -> tuple[str, str]:
     label, sep, path = text.partition("=")
     if not sep or not label or not path:
-        raise argparse.ArgumentTypeError(f"expected LABEL=PATH, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected LABEL=PATH (or LABEL=org/name[@REVISION]), got {text!r}")
     return label, path
 
 
@@ -61,13 +61,16 @@ def _add_capture(sub) -> None:
         description="Capture hidden states / attention keys of every decoder layer for a probe set, "
                     "one checkpoint at a time, into a zarr activation store (resumable).",
     )
-    p.add_argument("model", help="base model directory (transformers, safetensors; its processor is loaded from it)")
+    p.add_argument("model", help="base model: a directory (transformers, safetensors; its processor is loaded from "
+                                 "it) or a Hugging Face Hub id org/name[@REVISION], taken from the hub's cache "
+                                 "(downloaded into it unless HF_HUB_OFFLINE=1)")
     p.add_argument("--probes", default="shapes-bilingual",
                    help="probe-set name under data/probes or a manifest.jsonl path (default: %(default)s)")
     p.add_argument("--checkpoint", "-c", action="append", type=_checkpoint_arg, default=[],
                    metavar="LABEL=PATH",
                    help="a trajectory point, in order: a model directory or a PEFT adapter directory "
-                        "(applied on MODEL); repeat. Default: MODEL alone, labelled 'model'")
+                        "(applied on MODEL), or a hub id org/name[@REVISION] of either; repeat. Default: MODEL "
+                        "alone, labelled 'model'")
     p.add_argument("--out", "-o", default="driftlens.zarr", help="store folder (default: %(default)s)")
     p.add_argument("--sites", nargs="+", default=["hidden", "key", "final"],
                    choices=["embed", "hidden", "key", "query", "final"],
