@@ -1,4 +1,4 @@
-"""driftlens command line: capture, drift, ranks, plot, organism, demo.
+"""driftlens command line: capture, drift, check, ranks, plot, report, organism, demo, experiment.
 
 Each subcommand is a thin wrapper over the Python function of the same name; see
 ``driftlens <command> --help``.
@@ -264,11 +264,12 @@ def report_lines(rep) -> list[str]:
         return []
     sel = {"modality": "visual", "site": "hidden" if "hidden" in rep.site.values else str(rep.site.values[0])}
     runs = "run" in rep.dims
+    level = float(rep.attrs.get("level", 0.95))
     lines = []
     if runs:
         n = rep.sizes["run"]
         lines.append(f"visual MMD^2 ({sel['site']}), checkpoint x layer: mean over {n} runs "
-                     f"[{rep.attrs['level']:.0%} across-run interval: runs, then clusters]")
+                     f"[{level:.0%} across-run interval: runs, then clusters]")
         eff, lo, hi = (rep[v].sel(**sel) for v in ("mmd_runs", "mmd_runs_lo", "mmd_runs_hi"))
         for c in eff.checkpoint.values:
             cells = [f"{e:.4f} [{a:.4f}, {b:.4f}]" for e, a, b in
@@ -277,7 +278,7 @@ def report_lines(rep) -> list[str]:
     else:
         eff, lo, hi = (rep[v].sel(**sel) for v in ("mmd", "mmd_lo", "mmd_hi"))
         p = rep["mmd_q" if "mmd_q" in rep else "mmd_p"].sel(**sel)
-        lines.append(f"visual MMD^2 ({sel['site']}), checkpoint x layer: effect [{rep.attrs['level']:.0%} interval] "
+        lines.append(f"visual MMD^2 ({sel['site']}), checkpoint x layer: effect [{level:.0%} interval] "
                      f"{'q' if 'mmd_q' in rep else 'p'}")
         for c in eff.checkpoint.values:
             cells = [f"{e:.4f} [{a:.4f}, {b:.4f}] {q:.3g}" for e, a, b, q in
@@ -289,12 +290,12 @@ def report_lines(rep) -> list[str]:
     if "mmd_contrast" in rep:
         if runs:
             lines.append(f"contrasts, visual MMD^2 ({sel['site']}) per layer: mean over runs "
-                         f"[{rep.attrs['level']:.0%} across-run interval] p over runs, runs needed for 80% power")
+                         f"[{level:.0%} across-run interval] p over runs, runs needed for 80% power")
             v = {k: rep[f"mmd_contrast_runs{k}"].sel(**sel) for k in ("", "_lo", "_hi", "_p", "_needed")}
             fmt = "{:+.4f} [{:+.4f}, {:+.4f}] p={:.3g} n80={:.0f}"
         else:
             lines.append(f"contrasts, visual MMD^2 ({sel['site']}) per layer: difference "
-                         f"[{rep.attrs['level']:.0%} within-run interval] p (probe sampling only)")
+                         f"[{level:.0%} within-run interval] p (probe sampling only)")
             v = {k: rep[f"mmd_contrast{k}"].sel(**sel) for k in ("", "_lo", "_hi", "_p")}
             fmt = "{:+.4f} [{:+.4f}, {:+.4f}] p={:.3g}"
         for c in rep.contrast.values:
@@ -363,6 +364,40 @@ def _run_plot(args) -> int:
     print(f"{len(paths)} figure file(s) in {args.out}:")
     for path in paths:
         print(f"  {path}")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="a drift report's summary, and its self-contained interactive HTML page (--html)",
+        description="Print a drift report's summary (visual MMD^2 per checkpoint and layer with intervals, and its "
+                    "contrasts). With --html, also write one self-contained HTML page that opens from disk with "
+                    "no server and no network: the checkpoint x layer heatmap (hover a cell for its values, click "
+                    "to select it), per-layer curves with the selected checkpoint's interval band, a readout of "
+                    "the selected cell (effect, interval, p, q, clusters; with runs the across-run values), the "
+                    "contrasts with their across-run intervals, and the report's attributes.",
+    )
+    p.add_argument("report", help="netCDF report written by `driftlens drift`")
+    p.add_argument("--html", default=None, metavar="FILE", help="write the interactive page to FILE (default: none)")
+    p.add_argument("--title", default=None, help="the page's heading (default: from the report's probe set and "
+                                                 "model type)")
+    p.add_argument("--metric", default=None, help="the metric shown first (default: mmd, else the first present)")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from driftlens.htmlreport import write_html
+    from driftlens.outputs import check_output, local
+    from driftlens.store import load_report
+
+    if args.html is not None:
+        check_output(local(args.html, "--html"), [("drift report", args.report)], flag="--html")
+    rep = load_report(args.report)
+    for line in report_lines(rep):
+        print(line)
+    if args.html is not None:
+        path = write_html(rep, args.html, title=args.title, **({"metric": args.metric} if args.metric else {}))
+        print(f"page: {path} (open it in a browser; it needs no server and no network)")
     return 0
 
 
@@ -612,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_ranks(sub)
     _add_plot(sub)
+    _add_report(sub)
     _add_experiment(sub)
     return parser
 
