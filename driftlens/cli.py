@@ -77,7 +77,7 @@ def _add_capture(sub) -> None:
                    help="what to capture (default: hidden key final; final = the decoder's final-norm output)")
     p.add_argument("--layers", nargs="+", type=_nonneg, default=None,
                    help="decoder layers, each once (default: all)")
-    p.add_argument("--batch-size", type=_count, default=8)
+    p.add_argument("--batch-size", type=_count, default=8, help="probes per forward pass")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
     p.add_argument("--tokens-per-sample", type=_count, default=None,
@@ -85,10 +85,10 @@ def _add_capture(sub) -> None:
     p.add_argument("--overwrite", action="append", default=[], metavar="LABEL",
                    help="capture this completed checkpoint again, replacing its rows (after its source "
                         "changed or `driftlens check` found it damaged); repeat for several")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the --tokens-per-sample subsampling")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights you trust")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_cluster_options(p, "one task per checkpoint, each writing its own slot of the store")
     p.set_defaults(func=_run_capture)
 
@@ -167,10 +167,6 @@ def _add_drift(sub) -> None:
                     "floor. Give several stores (one per training run of the same design: seeds, data orders) to "
                     "get across-run intervals and tests, and ask comparisons that can come out 'no': --contrast "
                     "(e.g. Korean minus the English control), --trajectories, --layer-contrast, --min-effect.",
-        epilog="examples:\n"
-               "  driftlens drift run.zarr --out report.nc\n"
-               "  driftlens drift seed0.zarr seed1.zarr seed2.zarr --runs seed-0,seed-1,seed-2 \\\n"
-               "      --trajectories ko-,en- --out report.nc      # ko-k minus en-k at every step, across seeds",
     )
     p.add_argument("store", nargs="+", help="activation store folder(s) written by `driftlens capture`; several = "
                                             "one per training run of one design (same probes, same labels)")
@@ -207,7 +203,7 @@ def _add_drift(sub) -> None:
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:0', ... "
                                                     "(default: %(default)s)")
     p.add_argument("--out", "-o", default="report.nc", help="netCDF output (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_cluster_options(p, "one task per site and layer")
     p.set_defaults(func=_run_drift)
 
@@ -415,7 +411,7 @@ def _add_organism(sub) -> None:
     p.add_argument("--cache", default=None,
                    help="cache root of the builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_organism)
 
 
@@ -487,9 +483,10 @@ def _add_ranks(sub) -> None:
     p.add_argument("--signal", action="append", default=None, metavar="EXPR|MODULE=EXPR",
                    help="NAME[@SITE][:MODALITY], e.g. mmd or mmd@key; repeat as MODULE=EXPR for per-module "
                         "signals ('*=EXPR' is the fallback). Default: mmd")
-    p.add_argument("--rule", default="proportional", choices=list(RULES))
-    p.add_argument("--min-rank", type=_count, default=1)
-    p.add_argument("--max-rank", type=_count, default=64)
+    p.add_argument("--rule", default="proportional", choices=list(RULES),
+                   help="how the signal becomes ranks (proportional to it, waterfill, cumulative share, uniform)")
+    p.add_argument("--min-rank", type=_count, default=1, help="smallest rank of an adapted module")
+    p.add_argument("--max-rank", type=_count, default=64, help="largest rank of an adapted module")
     p.add_argument("--modules", nargs="+", default=None, help="targets relative to a decoder block, among "
                    "the spec's block_modules (default: the spec's lora_targets)")
     group = p.add_mutually_exclusive_group()
@@ -500,8 +497,8 @@ def _add_ranks(sub) -> None:
     group.add_argument("--contrast", default=None, metavar="A:B",
                        help="allocate from the contrast A minus B (e.g. ko-5:en-5: the drift the language change "
                             "adds over the English control; mean over runs), computed by `driftlens drift --contrast`")
-    p.add_argument("--site", default=DEFAULT_SITE)
-    p.add_argument("--modality", default=DEFAULT_MODALITY)
+    p.add_argument("--site", default=DEFAULT_SITE, help="the site the signal is read at")
+    p.add_argument("--modality", default=DEFAULT_MODALITY, help="the modality the signal is read at")
     p.add_argument("--share", type=_share, default=0.9, help="cumulative rule: share of signal kept")
     p.add_argument("--alpha-ratio", type=_positive, default=2.0, help="alpha / r (default: %(default)s)")
     p.add_argument("--rslora", action="store_true", help="use rsLoRA scaling with one alpha")
@@ -569,7 +566,7 @@ def _add_experiment(sub) -> None:
                                                            "adapt_steps, 600)")
     p.add_argument("--cache", default=None,
                    help="cache root of the organism builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_experiment)
 
 
@@ -602,8 +599,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--cache", default=None,
                    help="cache root of the organism builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
     p.add_argument("--force", action="store_true", help="rebuild the organism even when cached")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)
 
 
@@ -620,6 +617,52 @@ def _run_demo(args) -> int:
         print(f"  {name:>20}: {path}")
     print(f"  {'summary':>20}: {out / 'summary.json'}, {out / 'summary.md'}")
     return 0
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that wraps paragraphs but keeps multi-line blocks (the examples) as written, and shows every
+    option's default: ``(default: X)`` is added to an option whose help does not already say its default
+    (flags, required options and ``None`` defaults aside)."""
+
+    def _fill_text(self, text, width, indent):
+        blocks = text.split("\n\n")
+        return "\n\n".join("\n".join(indent + line for line in block.split("\n")) if "\n" in block
+                             else super(_HelpFormatter, self)._fill_text(block, width, indent) for block in blocks)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or not action.option_strings or action.required or action.default is None
+                or isinstance(action.default, bool) or action.default is argparse.SUPPRESS or action.default == []):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+#: ``driftlens COMMAND --help`` ends with these examples
+EXAMPLES = {
+    "demo": ["driftlens demo                                  # seeds 0,1,2 into driftlens-demo/",
+             "driftlens demo --seeds 0 --out demo0 --device cpu  # one seed, faster"],
+    "organism": ["driftlens organism build --seeds 0,1,2",
+                 "driftlens organism build --seeds 3-5 --cache /data/driftlens-cache"],
+    "capture": ["driftlens capture ./llava-base --probes shapes-bilingual -c base=./llava-base "
+                "-c ko-500=./lora-ko-500 --out run.zarr",
+                "driftlens capture llava-hf/llava-1.5-7b-hf -c base=llava-hf/llava-1.5-7b-hf "
+                "-c ko=./adapter --probes my/manifest.jsonl --layers 8 16 24 --dtype float16",
+                "HF_HUB_OFFLINE=1 driftlens capture org/name@v1.0 ...   # a pinned hub revision, from the cache only"],
+    "drift": ["driftlens drift run.zarr --out report.nc",
+              "driftlens drift seed0.zarr seed1.zarr seed2.zarr --runs seed-0,seed-1,seed-2 \\",
+              "    --trajectories ko-,en- --out report.nc      # ko-k minus en-k at every step, across seeds",
+              "driftlens drift run.zarr --workers 4 --metrics mmd gap --out report.nc"],
+    "check": ["driftlens check run.zarr", "driftlens check run.zarr --fast"],
+    "ranks": ["driftlens ranks report.nc --budget 256 --contrast ko-5:en-5 --out ranks.json",
+              "driftlens ranks report.nc --budget 256 --checkpoint ko-500 --out ranks.yaml --format axolotl "
+              "--plot ranks.png"],
+    "plot": ["driftlens plot report.nc --out figures --svg",
+             "driftlens plot report.nc --var mmd gap --site hidden --schedule ranks.json"],
+    "report": ["driftlens report report.nc                      # the summary table",
+               "driftlens report report.nc --html report.html  # + the interactive page (open it in a browser)"],
+    "experiment": ["driftlens experiment regularizer --seeds 0,1,2",
+                   "driftlens experiment regularizer --arms lora_uniform,replay --steps 100 --out quick"],
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -649,6 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_report(sub)
     _add_experiment(sub)
+    for name, command in sub.choices.items():
+        command.formatter_class = _HelpFormatter
+        if name in EXAMPLES:
+            command.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
     return parser
 
 
