@@ -426,7 +426,7 @@ class Explorer:
 
         if _live_kernel():
             try:
-                display(self.widget())
+                display(self._bundle(), raw=True)
                 return
             except EnvironmentProblem:
                 import html as _html
@@ -437,6 +437,20 @@ class Explorer:
                     display(self._static_map())
                 return
         display(self.figure())
+
+    def _bundle(self) -> dict:
+        """The widget's display data plus a PNG of the static figure (without the token map): JupyterLab
+        shows the live widget; a saved notebook rendered where widgets do not run (GitHub) shows the
+        picture instead of ``VBox(children=...)``."""
+        import base64
+        import io
+
+        bundle = dict(self.widget()._repr_mimebundle_())
+        buf = io.BytesIO()
+        self.figure(token_map=False).savefig(buf, format="png", dpi=100)
+        bundle["image/png"] = base64.b64encode(buf.getvalue()).decode("ascii")
+        bundle["text/plain"] = f"{self!r} (the live explorer: run the notebook to use it)"
+        return bundle
 
     def _static_map(self):
         from matplotlib.figure import Figure

@@ -177,6 +177,25 @@ def test_the_token_map_panel_shows_only_the_newest_selection(rep, monkeypatch):
     assert ex._map_queue.dropped >= 1
 
 
+def test_in_a_kernel_it_displays_the_widget_with_a_picture_for_static_renderers(rep, monkeypatch):
+    pytest.importorskip("anywidget")
+    import sys
+
+    import IPython.display
+
+    explore_module = sys.modules["driftlens.explore"]       # (dl.explore is the function)
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: shown.append((obj, raw)))
+    monkeypatch.setattr(explore_module, "_live_kernel", lambda: True)
+    ex = explore(rep)
+    ex._ipython_display_()
+    (bundle, raw), = shown
+    assert raw and bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == ex.widget().model_id
+    import base64
+
+    assert base64.b64decode(bundle["image/png"])[:4] == b"\x89PNG" and "Explorer(" in bundle["text/plain"]
+
+
 def test_outside_a_kernel_it_displays_a_static_figure(rep, monkeypatch):
     import IPython.display
 
