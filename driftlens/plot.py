@@ -348,10 +348,10 @@ def _highlighted(chosen: list[str], highlight, reference) -> list[str]:
     if highlight is None:
         return list(chosen)
     picked = [str(highlight)] if isinstance(highlight, str) else [str(h) for h in highlight]
-    unknown = [h for h in picked if h not in chosen]
+    unknown = [h for h in picked if h not in chosen and h != reference]
     if unknown:
         raise UsageError(f"highlight {unknown}: not among the drawn checkpoints {chosen}")
-    return picked
+    return [h for h in picked if h in chosen]      # the reference's all-zero row is not drawn: nothing to highlight
 
 
 def _lines_by_layer(report, var: str, *, site, modality, checkpoints, ax, labels: Mapping[str, str] | None = None,

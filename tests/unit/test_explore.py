@@ -73,6 +73,8 @@ def test_set_moves_the_state_and_refuses_what_the_report_lacks(rep):
     with pytest.raises(UsageError, match="unknown explorer setting"):
         ex.set(colour="red")
     assert ex.state.checkpoint == "ko-2"                   # a refused change changes nothing
+    ex.set(metric="mmd", checkpoint="base")               # the reference: its zero row has no line
+    assert framed(ex.figure()) == (0, 3)
 
 
 def test_readout_of_the_selected_cell_is_the_reports_values(rep):

@@ -401,6 +401,8 @@ def test_many_trajectory_lines_band_only_the_highlighted_ones():
     assert len(bands(plot.drift_by_layer(r, "mmd", ax=new_ax(), highlight=None))) == 10
     with pytest.raises(UsageError, match="highlight"):
         plot.drift_by_layer(r, "mmd", ax=new_ax(), highlight="zz-1")
+    ax = plot.drift_by_layer(r, "mmd", ax=new_ax(), highlight="base")  # the reference's zero row is not drawn
+    assert len(bands(ax)) == 0 and "base" not in [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 def test_a_band_of_few_resamples_is_not_called_95_percent(rep):
