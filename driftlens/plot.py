@@ -333,8 +333,8 @@ MAX_BANDED_LINES = 6
 
 def _highlighted(chosen: list[str], highlight, reference) -> list[str]:
     """The checkpoints drawn in full with their band: ``highlight`` (one label or several), or with
-    ``"auto"`` every line when there are at most :data:`MAX_BANDED_LINES`, else the last step of each
-    trajectory."""
+    ``"auto"`` every line when there are at most :data:`MAX_BANDED_LINES`, else the reference (when
+    drawn: gap, MIR) and the last step of each trajectory."""
     from driftlens.errors import UsageError
 
     if highlight == "auto":
@@ -344,7 +344,7 @@ def _highlighted(chosen: list[str], highlight, reference) -> list[str]:
         for ck in chosen:
             if ck != reference:
                 last[_group(ck)] = ck
-        return list(last.values())
+        return ([reference] if reference in chosen else []) + list(last.values())
     if highlight is None:
         return list(chosen)
     picked = [str(highlight)] if isinstance(highlight, str) else [str(h) for h in highlight]
@@ -541,8 +541,8 @@ def drift_by_layer(report: xr.Dataset, var: str = "mmd", site: Site | str = "hid
         Where to draw; default a new figure.
     highlight : str, sequence of str, "auto" or None
         The checkpoint(s) drawn in full with their band. ``"auto"`` (default): every line when there
-        are at most :data:`MAX_BANDED_LINES`, else the last step of each trajectory (``ko-5``,
-        ``en-5``); ``None``: every line in full.
+        are at most :data:`MAX_BANDED_LINES`, else the reference when it has a line (gap, MIR) and the
+        last step of each trajectory (``ko-5``, ``en-5``); ``None``: every line in full.
     note : bool
         Say in the title what the bands are (:func:`band_note`); off for panels that share one note
         (:func:`metrics_by_layer`).

@@ -399,6 +399,8 @@ def test_many_trajectory_lines_band_only_the_highlighted_ones():
     ax = plot.drift_by_layer(r, "mmd", ax=new_ax(), highlight="ko-3")
     assert len(bands(ax)) == 1 and "bands only on ko-3" in ax.get_title()
     assert len(bands(plot.drift_by_layer(r, "mmd", ax=new_ax(), highlight=None))) == 10
+    ax = plot.modality_gap_by_layer(r, ax=new_ax())            # gap: the reference has a line, and its band
+    assert len(bands(ax)) == 3 and "bands only on base, ko-5, en-5" in ax.get_title()
     with pytest.raises(UsageError, match="highlight"):
         plot.drift_by_layer(r, "mmd", ax=new_ax(), highlight="zz-1")
     ax = plot.drift_by_layer(r, "mmd", ax=new_ax(), highlight="base")  # the reference's zero row is not drawn
