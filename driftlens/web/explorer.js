@@ -61,6 +61,16 @@ function cellKey(meta, state) {
   return parts.join("|");
 }
 
+// fewer cluster resamples than this and a percentile interval is not called "95%" (as driftlens.plot)
+const MIN_DRAWS_FOR_LEVEL = 100;
+
+function intervalLabel(meta, level) {
+  if (meta.n_draws && meta.n_draws < MIN_DRAWS_FOR_LEVEL) {
+    return `rough interval (only ${meta.n_draws} cluster resamples; probe sampling)`;
+  }
+  return `${level}% interval (probe sampling${meta.n_draws ? `, ${meta.n_draws} cluster resamples` : ""})`;
+}
+
 // the values of one (metric, site, modality, checkpoint, layer) cell, as label/value rows
 export function readoutRows(data, state, ck, layer) {
   const meta = data.metrics[state.metric];
@@ -74,8 +84,7 @@ export function readoutRows(data, state, ck, layer) {
   const units = meta.units && meta.units !== "1" ? ` ${meta.units}` : "";
   rows.push([runs ? `effect (mean of ${data.runs.length} runs)` : "effect", fmt(at("effect"), d) + units, "effect"]);
   if (cell.lo) {
-    rows.push([runs ? `${level}% interval, across runs (runs, then clusters)`
-                    : `${level}% interval (probe sampling${meta.n_draws ? `, ${meta.n_draws} cluster resamples` : ""})`,
+    rows.push([runs ? `${level}% interval, across runs (runs, then clusters)` : intervalLabel(meta, level),
                `[${fmt(at("lo"), d)}, ${fmt(at("hi"), d)}]`, "interval"]);
   }
   if (cell.sd) rows.push(["sd over runs", fmt(at("sd"), d), "sd"]);
@@ -355,8 +364,8 @@ export function render({ model, el: root }) {
     });
     const level = Math.round(100 * data.level);
     curveBox.append(el("p", { class: "dl-note" }, `the selected checkpoint in full colour with its band ` +
-      (runs ? `(${level}% across-run interval; dots: one run)` : cell.lo ? `(${level}% interval, probe sampling` +
-        (meta.n_draws ? `, ${meta.n_draws} resamples)` : ")") : "") + "; click a line's point or legend entry to select it"));
+      (runs ? `(${level}% across-run interval; dots: one run)` : cell.lo ? `(${intervalLabel(meta, level)})` : "") +
+      "; click a line's point or legend entry to select it"));
   }
 
   function drawReadout() {

@@ -169,6 +169,7 @@ def _fmt(v, d):
 
 @pytest.mark.heavy
 def test_in_a_browser_hover_shows_a_cells_values_and_a_click_selects_it(browser, rep, tmp_path):
+    rep["sinkhorn_lo"].attrs["n_bootstrap"] = 10
     path = write_html(rep, tmp_path / "page.html", checkpoint="en-2", layer=0)
     page = Page(browser, path)
     assert page.errors == [] and page.requests == [path.as_uri()]       # loads clean, fetches nothing
@@ -195,6 +196,8 @@ def test_in_a_browser_hover_shows_a_cells_values_and_a_click_selects_it(browser,
     assert modality.is_disabled()
     gap = float(rep["gap"].sel(checkpoint="en-1", layer=1, site="hidden"))
     assert _fmt(gap, decimals(rep["gap"].values)) in page.text('[data-testid="readout"]')
+    page.page.select_option('select[data-control="metric"]', "sinkhorn")    # 10 resamples: not called 95%
+    assert "rough interval (only 10 cluster resamples" in page.text('[data-testid="readout"]')
     page.page.select_option('select[data-control="metric"]', "mir")
     assert modality.is_disabled() and page.page.locator('select[data-control="site"]').is_disabled()
     assert page.errors == [] and page.requests == [path.as_uri()]
