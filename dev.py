@@ -12,8 +12,12 @@ installs what its job needs into it:
 1. ``torch==2.13.0`` first. The package itself only asks for ``torch>=2.4``;
    pinning here makes pip take the local CPU wheel on a CPU machine (and the
    CUDA wheel on a GPU machine) instead of resolving the newest CUDA build.
-2. ``driftlens`` in editable mode: plain for ``demo``, with the ``test`` extra for
-   ``test``, with ``test`` and ``notebooks`` (jupyterlab) for ``setup``.
+2. this checkout in editable mode -- the distribution ``driftlens-vlm``, import package
+   ``driftlens`` (the name ``driftlens`` on the package index is an unrelated project): plain
+   for ``demo``, with the ``test`` extra for ``test``, with ``test`` and ``notebooks``
+   (jupyterlab) for ``setup``. A ``driftlens`` distribution already in ``.venv`` (this project
+   before its rename, or the unrelated one: both install the import package ``driftlens``) is
+   uninstalled first.
 3. For ``test``: alibi-detect, the reference implementation the MMD tests
    compare against. It pins ``transformers<5`` and ``numpy<2`` in its metadata
    but its PyTorch MMD code runs fine on current versions, so it is installed
@@ -42,6 +46,7 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 
 TORCH_PIN = "torch==2.13.0"
+OLD_DISTRIBUTION = "driftlens"            # the name before the rename; on the index, an unrelated project
 REFERENCE_NODEPS = ["alibi-detect==0.13.0", "catalogue", "dill", "toml"]
 TEST_COMMAND = ["-m", "pytest", "tests", "notebooks", "--nbmake", "-p", "no:cacheprovider", "-q", "--durations=20"]
 FAST_COMMAND = ["-m", "pytest", "tests/unit", "-m", "not heavy", "-p", "no:cacheprovider", "-q"]
@@ -73,6 +78,8 @@ def ensure_env(kind: str) -> None:
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip = [PY, "-m", "pip", "install", "--disable-pip-version-check"]
     _run(pip + [TORCH_PIN])
+    if subprocess.run([str(PY), "-m", "pip", "show", "-q", OLD_DISTRIBUTION], capture_output=True).returncode == 0:
+        _run([PY, "-m", "pip", "uninstall", "-y", OLD_DISTRIBUTION])   # it would shadow the import package
     _run(pip + ["-e", f"{ROOT}{EXTRAS[kind]}"])
     if kind != "run":
         _run(pip + ["--no-deps"] + REFERENCE_NODEPS)

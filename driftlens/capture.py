@@ -32,12 +32,15 @@ from driftlens.sources import (
     SourceError,
     check_remote_code,
     describe,
+    hub_record,
+    hub_snapshot,
     identity,
     load_config,
     load_model_dir,
     load_processor,
     load_source,
     normalize_checkpoints,
+    resolve_source,
     source_kind,
 )
 from driftlens.store import ActivationStore, StoreMismatchError
@@ -235,15 +238,18 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
 
     Parameters
     ----------
-    model : nn.Module or path
-        The base model: a transformers model in memory or a local model directory. Its
+    model : nn.Module, path or hub id
+        The base model: a transformers model in memory, a local model directory or a Hugging
+        Face Hub id (``org/name``, pinned: ``org/name@REVISION``) resolved through the hub's cache
+        (:func:`driftlens.sources.resolve_source`; offline with ``HF_HUB_OFFLINE=1``). Its
         processor is loaded from the directory unless ``processor`` is given. PEFT adapters
         in ``checkpoints`` are applied to it.
     probes : ProbeSet, str or path
         A probe set or its name / manifest path (see :class:`driftlens.ProbeSet`).
     checkpoints : mapping label -> source, optional
-        The trajectory, in order. A source is an ``nn.Module``, a model directory or a PEFT
-        adapter directory. Default: ``{"model": model}``.
+        The trajectory, in order. A source is an ``nn.Module``, a model directory, a PEFT
+        adapter directory or a hub id of either (the store records its repository, the revision
+        asked for and the commit). Default: ``{"model": model}``.
     out : str or Path
         Store folder (zarr). Completed checkpoints already in it are skipped (after checking
         that their label still names the same weights); an interrupted one is redone; new
@@ -310,6 +316,8 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
     probes = probes if isinstance(probes, ProbeSet) else ProbeSet.load(probes)
     ckpts = normalize_checkpoints(model, checkpoints)
     overwrite = _check_overwrite(overwrite, ckpts)
+    asked = dict(ckpts)
+    model, ckpts = _resolve_hub_ids(model, ckpts, allow_pickle, trust_remote_code)
     for src in ckpts.values():
         source_kind(src)                       # fail early on a missing/odd directory
     _check_out_not_in_inputs(out, model, ckpts, probes)
@@ -337,6 +345,10 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
     _precheck_store(out, want)
     idents = {label: identity(src, model if source_kind(src) == "adapter_dir" else None)
               for label, src in ckpts.items()}
+    for label, src in ckpts.items():          # a hub id: repository, the revision asked for, the commit it is
+        hub = hub_record(asked[label], src)
+        if hub is not None:
+            idents[label]["hub"] = hub
     done = set(_peek(out).get("completed", []))
     _check_identities(out, ckpts, idents, done - set(overwrite))
     if overwrite and done & set(overwrite):
@@ -379,6 +391,19 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
         bar.update(1)
     bar.close()
     return out
+
+
+def _resolve_hub_ids(model, ckpts: dict, allow_pickle: bool, trust_remote_code: bool) -> tuple:
+    """MODEL and the checkpoint sources with hub ids (``org/name[@rev]``) replaced by their cache folders."""
+    memo: dict = {}
+
+    def resolve(src):
+        key = os.fspath(src) if isinstance(src, (str, os.PathLike)) else id(src)
+        if key not in memo:
+            memo[key] = resolve_source(src, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        return memo[key]
+
+    return resolve(model), {label: resolve(src) for label, src in ckpts.items()}
 
 
 def _capture_on_dask(client, model, probes, ckpts: dict, done: set, out: Path, options: dict, progress: bool) -> Path:
@@ -689,12 +714,20 @@ def _check_adapter_base(label, src, model) -> None:
     import warnings
 
     from driftlens.outputs import real
-    from driftlens.sources import adapter_base_name, fingerprint
+    from driftlens.sources import adapter_base_name, fingerprint, hub_id
 
     name = adapter_base_name(src)
     if not name or not isinstance(model, (str, os.PathLike)):
         return
     recorded = Path(name).expanduser()
+    model_hub = hub_snapshot(model)
+    if not recorded.is_dir() and hub_id(name) is not None:       # a hub id: its folder in the cache, if there
+        if model_hub is not None and model_hub["repo_id"] == hub_id(name)[0] and hub_id(name)[1] is None:
+            return                                               # MODEL is that repository (some revision of it)
+        try:
+            recorded = Path(resolve_source(name, local_files_only=True))
+        except SourceError:
+            pass
     if recorded.is_dir() and (recorded / "config.json").is_file():
         if real(recorded) == real(model):
             return
@@ -704,7 +737,7 @@ def _check_adapter_base(label, src, model) -> None:
                 f"checkpoint {label!r}: the PEFT adapter {src} was trained on {name} (base_model_name_or_path in "
                 f"its adapter_config.json, weights fingerprint {theirs}), not on MODEL {model} (fingerprint {ours}); "
                 f"pass {name} as MODEL (a PEFT adapter applies only to the weights it was trained on)")
-    elif recorded.name != real(model).name:
+    elif recorded.name != real(model).name and (model_hub is None or model_hub["repo_id"] != name):
         warnings.warn(f"checkpoint {label!r}: the PEFT adapter {src} was trained on {name!r} (adapter_config.json), "
                       f"which is not a folder here; it is applied to MODEL {model} without checking that they are "
                       f"the same weights", stacklevel=4)

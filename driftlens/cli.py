@@ -1,4 +1,4 @@
-"""driftlens command line: capture, drift, ranks, plot, organism, demo.
+"""driftlens command line: capture, drift, check, ranks, plot, report, organism, demo, experiment.
 
 Each subcommand is a thin wrapper over the Python function of the same name; see
 ``driftlens <command> --help``.
@@ -16,7 +16,7 @@ from driftlens.errors import UsageError
 def _checkpoint_arg(text: str) -> tuple[str, str]:
     label, sep, path = text.partition("=")
     if not sep or not label or not path:
-        raise argparse.ArgumentTypeError(f"expected LABEL=PATH, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected LABEL=PATH (or LABEL=org/name[@REVISION]), got {text!r}")
     return label, path
 
 
@@ -61,20 +61,23 @@ def _add_capture(sub) -> None:
         description="Capture hidden states / attention keys of every decoder layer for a probe set, "
                     "one checkpoint at a time, into a zarr activation store (resumable).",
     )
-    p.add_argument("model", help="base model directory (transformers, safetensors; its processor is loaded from it)")
+    p.add_argument("model", help="base model: a directory (transformers, safetensors; its processor is loaded from "
+                                 "it) or a Hugging Face Hub id org/name[@REVISION], taken from the hub's cache "
+                                 "(downloaded into it unless HF_HUB_OFFLINE=1)")
     p.add_argument("--probes", default="shapes-bilingual",
                    help="probe-set name under data/probes or a manifest.jsonl path (default: %(default)s)")
     p.add_argument("--checkpoint", "-c", action="append", type=_checkpoint_arg, default=[],
                    metavar="LABEL=PATH",
                    help="a trajectory point, in order: a model directory or a PEFT adapter directory "
-                        "(applied on MODEL); repeat. Default: MODEL alone, labelled 'model'")
+                        "(applied on MODEL), or a hub id org/name[@REVISION] of either; repeat. Default: MODEL "
+                        "alone, labelled 'model'")
     p.add_argument("--out", "-o", default="driftlens.zarr", help="store folder (default: %(default)s)")
     p.add_argument("--sites", nargs="+", default=["hidden", "key", "final"],
                    choices=["embed", "hidden", "key", "query", "final"],
                    help="what to capture (default: hidden key final; final = the decoder's final-norm output)")
     p.add_argument("--layers", nargs="+", type=_nonneg, default=None,
                    help="decoder layers, each once (default: all)")
-    p.add_argument("--batch-size", type=_count, default=8)
+    p.add_argument("--batch-size", type=_count, default=8, help="probes per forward pass")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
     p.add_argument("--tokens-per-sample", type=_count, default=None,
@@ -82,10 +85,10 @@ def _add_capture(sub) -> None:
     p.add_argument("--overwrite", action="append", default=[], metavar="LABEL",
                    help="capture this completed checkpoint again, replacing its rows (after its source "
                         "changed or `driftlens check` found it damaged); repeat for several")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the --tokens-per-sample subsampling")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) weights you trust")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_cluster_options(p, "one task per checkpoint, each writing its own slot of the store")
     p.set_defaults(func=_run_capture)
 
@@ -164,10 +167,6 @@ def _add_drift(sub) -> None:
                     "floor. Give several stores (one per training run of the same design: seeds, data orders) to "
                     "get across-run intervals and tests, and ask comparisons that can come out 'no': --contrast "
                     "(e.g. Korean minus the English control), --trajectories, --layer-contrast, --min-effect.",
-        epilog="examples:\n"
-               "  driftlens drift run.zarr --out report.nc\n"
-               "  driftlens drift seed0.zarr seed1.zarr seed2.zarr --runs seed-0,seed-1,seed-2 \\\n"
-               "      --trajectories ko-,en- --out report.nc      # ko-k minus en-k at every step, across seeds",
     )
     p.add_argument("store", nargs="+", help="activation store folder(s) written by `driftlens capture`; several = "
                                             "one per training run of one design (same probes, same labels)")
@@ -204,7 +203,7 @@ def _add_drift(sub) -> None:
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:0', ... "
                                                     "(default: %(default)s)")
     p.add_argument("--out", "-o", default="report.nc", help="netCDF output (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_cluster_options(p, "one task per site and layer")
     p.set_defaults(func=_run_drift)
 
@@ -261,11 +260,12 @@ def report_lines(rep) -> list[str]:
         return []
     sel = {"modality": "visual", "site": "hidden" if "hidden" in rep.site.values else str(rep.site.values[0])}
     runs = "run" in rep.dims
+    level = float(rep.attrs.get("level", 0.95))
     lines = []
     if runs:
         n = rep.sizes["run"]
         lines.append(f"visual MMD^2 ({sel['site']}), checkpoint x layer: mean over {n} runs "
-                     f"[{rep.attrs['level']:.0%} across-run interval: runs, then clusters]")
+                     f"[{level:.0%} across-run interval: runs, then clusters]")
         eff, lo, hi = (rep[v].sel(**sel) for v in ("mmd_runs", "mmd_runs_lo", "mmd_runs_hi"))
         for c in eff.checkpoint.values:
             cells = [f"{e:.4f} [{a:.4f}, {b:.4f}]" for e, a, b in
@@ -274,7 +274,7 @@ def report_lines(rep) -> list[str]:
     else:
         eff, lo, hi = (rep[v].sel(**sel) for v in ("mmd", "mmd_lo", "mmd_hi"))
         p = rep["mmd_q" if "mmd_q" in rep else "mmd_p"].sel(**sel)
-        lines.append(f"visual MMD^2 ({sel['site']}), checkpoint x layer: effect [{rep.attrs['level']:.0%} interval] "
+        lines.append(f"visual MMD^2 ({sel['site']}), checkpoint x layer: effect [{level:.0%} interval] "
                      f"{'q' if 'mmd_q' in rep else 'p'}")
         for c in eff.checkpoint.values:
             cells = [f"{e:.4f} [{a:.4f}, {b:.4f}] {q:.3g}" for e, a, b, q in
@@ -286,12 +286,12 @@ def report_lines(rep) -> list[str]:
     if "mmd_contrast" in rep:
         if runs:
             lines.append(f"contrasts, visual MMD^2 ({sel['site']}) per layer: mean over runs "
-                         f"[{rep.attrs['level']:.0%} across-run interval] p over runs, runs needed for 80% power")
+                         f"[{level:.0%} across-run interval] p over runs, runs needed for 80% power")
             v = {k: rep[f"mmd_contrast_runs{k}"].sel(**sel) for k in ("", "_lo", "_hi", "_p", "_needed")}
             fmt = "{:+.4f} [{:+.4f}, {:+.4f}] p={:.3g} n80={:.0f}"
         else:
             lines.append(f"contrasts, visual MMD^2 ({sel['site']}) per layer: difference "
-                         f"[{rep.attrs['level']:.0%} within-run interval] p (probe sampling only)")
+                         f"[{level:.0%} within-run interval] p (probe sampling only)")
             v = {k: rep[f"mmd_contrast{k}"].sel(**sel) for k in ("", "_lo", "_hi", "_p")}
             fmt = "{:+.4f} [{:+.4f}, {:+.4f}] p={:.3g}"
         for c in rep.contrast.values:
@@ -363,6 +363,40 @@ def _run_plot(args) -> int:
     return 0
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="a drift report's summary, and its self-contained interactive HTML page (--html)",
+        description="Print a drift report's summary (visual MMD^2 per checkpoint and layer with intervals, and its "
+                    "contrasts). With --html, also write one self-contained HTML page that opens from disk with "
+                    "no server and no network: the checkpoint x layer heatmap (hover a cell for its values, click "
+                    "to select it), per-layer curves with the selected checkpoint's interval band, a readout of "
+                    "the selected cell (effect, interval, p, q, clusters; with runs the across-run values), the "
+                    "contrasts with their across-run intervals, and the report's attributes.",
+    )
+    p.add_argument("report", help="netCDF report written by `driftlens drift`")
+    p.add_argument("--html", default=None, metavar="FILE", help="write the interactive page to FILE (default: none)")
+    p.add_argument("--title", default=None, help="the page's heading (default: from the report's probe set and "
+                                                 "model type)")
+    p.add_argument("--metric", default=None, help="the metric shown first (default: mmd, else the first present)")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from driftlens.htmlreport import write_html
+    from driftlens.outputs import check_output, local
+    from driftlens.store import load_report
+
+    if args.html is not None:
+        check_output(local(args.html, "--html"), [("drift report", args.report)], flag="--html")
+    rep = load_report(args.report)
+    for line in report_lines(rep):
+        print(line)
+    if args.html is not None:
+        path = write_html(rep, args.html, title=args.title, **({"metric": args.metric} if args.metric else {}))
+        print(f"page: {path} (open it in a browser; it needs no server and no network)")
+    return 0
+
+
 def _add_organism(sub) -> None:
     """``driftlens organism build [--seeds 0,1,2] [--force]``."""
     p = sub.add_parser("organism", help="build the model organism (a tiny bilingual LLaVA trained here)",
@@ -377,7 +411,7 @@ def _add_organism(sub) -> None:
     p.add_argument("--cache", default=None,
                    help="cache root of the builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_organism)
 
 
@@ -449,9 +483,10 @@ def _add_ranks(sub) -> None:
     p.add_argument("--signal", action="append", default=None, metavar="EXPR|MODULE=EXPR",
                    help="NAME[@SITE][:MODALITY], e.g. mmd or mmd@key; repeat as MODULE=EXPR for per-module "
                         "signals ('*=EXPR' is the fallback). Default: mmd")
-    p.add_argument("--rule", default="proportional", choices=list(RULES))
-    p.add_argument("--min-rank", type=_count, default=1)
-    p.add_argument("--max-rank", type=_count, default=64)
+    p.add_argument("--rule", default="proportional", choices=list(RULES),
+                   help="how the signal becomes ranks (proportional to it, waterfill, cumulative share, uniform)")
+    p.add_argument("--min-rank", type=_count, default=1, help="smallest rank of an adapted module")
+    p.add_argument("--max-rank", type=_count, default=64, help="largest rank of an adapted module")
     p.add_argument("--modules", nargs="+", default=None, help="targets relative to a decoder block, among "
                    "the spec's block_modules (default: the spec's lora_targets)")
     group = p.add_mutually_exclusive_group()
@@ -462,8 +497,8 @@ def _add_ranks(sub) -> None:
     group.add_argument("--contrast", default=None, metavar="A:B",
                        help="allocate from the contrast A minus B (e.g. ko-5:en-5: the drift the language change "
                             "adds over the English control; mean over runs), computed by `driftlens drift --contrast`")
-    p.add_argument("--site", default=DEFAULT_SITE)
-    p.add_argument("--modality", default=DEFAULT_MODALITY)
+    p.add_argument("--site", default=DEFAULT_SITE, help="the site the signal is read at")
+    p.add_argument("--modality", default=DEFAULT_MODALITY, help="the modality the signal is read at")
     p.add_argument("--share", type=_share, default=0.9, help="cumulative rule: share of signal kept")
     p.add_argument("--alpha-ratio", type=_positive, default=2.0, help="alpha / r (default: %(default)s)")
     p.add_argument("--rslora", action="store_true", help="use rsLoRA scaling with one alpha")
@@ -531,7 +566,7 @@ def _add_experiment(sub) -> None:
                                                            "adapt_steps, 600)")
     p.add_argument("--cache", default=None,
                    help="cache root of the organism builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_experiment)
 
 
@@ -564,8 +599,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--cache", default=None,
                    help="cache root of the organism builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
     p.add_argument("--force", action="store_true", help="rebuild the organism even when cached")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_demo)
 
 
@@ -582,6 +617,52 @@ def _run_demo(args) -> int:
         print(f"  {name:>20}: {path}")
     print(f"  {'summary':>20}: {out / 'summary.json'}, {out / 'summary.md'}")
     return 0
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that wraps paragraphs but keeps multi-line blocks (the examples) as written, and shows every
+    option's default: ``(default: X)`` is added to an option whose help does not already say its default
+    (flags, required options and ``None`` defaults aside)."""
+
+    def _fill_text(self, text, width, indent):
+        blocks = text.split("\n\n")
+        return "\n\n".join("\n".join(indent + line for line in block.split("\n")) if "\n" in block
+                             else super(_HelpFormatter, self)._fill_text(block, width, indent) for block in blocks)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or not action.option_strings or action.required or action.default is None
+                or isinstance(action.default, bool) or action.default is argparse.SUPPRESS or action.default == []):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+#: ``driftlens COMMAND --help`` ends with these examples
+EXAMPLES = {
+    "demo": ["driftlens demo                                  # seeds 0,1,2 into driftlens-demo/",
+             "driftlens demo --seeds 0 --out demo0 --device cpu  # one seed, faster"],
+    "organism": ["driftlens organism build --seeds 0,1,2",
+                 "driftlens organism build --seeds 3-5 --cache /data/driftlens-cache"],
+    "capture": ["driftlens capture ./llava-base --probes shapes-bilingual -c base=./llava-base "
+                "-c ko-500=./lora-ko-500 --out run.zarr",
+                "driftlens capture llava-hf/llava-1.5-7b-hf -c base=llava-hf/llava-1.5-7b-hf "
+                "-c ko=./adapter --probes my/manifest.jsonl --layers 8 16 24 --dtype float16",
+                "HF_HUB_OFFLINE=1 driftlens capture org/name@v1.0 ...   # a pinned hub revision, from the cache only"],
+    "drift": ["driftlens drift run.zarr --out report.nc",
+              "driftlens drift seed0.zarr seed1.zarr seed2.zarr --runs seed-0,seed-1,seed-2 \\",
+              "    --trajectories ko-,en- --out report.nc      # ko-k minus en-k at every step, across seeds",
+              "driftlens drift run.zarr --workers 4 --metrics mmd gap --out report.nc"],
+    "check": ["driftlens check run.zarr", "driftlens check run.zarr --fast"],
+    "ranks": ["driftlens ranks report.nc --budget 256 --contrast ko-5:en-5 --out ranks.json",
+              "driftlens ranks report.nc --budget 256 --checkpoint ko-500 --out ranks.yaml --format axolotl "
+              "--plot ranks.png"],
+    "plot": ["driftlens plot report.nc --out figures --svg",
+             "driftlens plot report.nc --var mmd gap --site hidden --schedule ranks.json"],
+    "report": ["driftlens report report.nc                      # the summary table",
+               "driftlens report report.nc --html report.html  # + the interactive page (open it in a browser)"],
+    "experiment": ["driftlens experiment regularizer --seeds 0,1,2",
+                   "driftlens experiment regularizer --arms lora_uniform,replay --steps 100 --out quick"],
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -609,7 +690,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_ranks(sub)
     _add_plot(sub)
+    _add_report(sub)
     _add_experiment(sub)
+    for name, command in sub.choices.items():
+        command.formatter_class = _HelpFormatter
+        if name in EXAMPLES:
+            command.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
     return parser
 
 

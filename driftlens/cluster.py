@@ -7,9 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 
+from driftlens._version import install_hint
 from driftlens.errors import EnvironmentProblem, UsageError
 
-INSTALL = "pip install 'driftlens[scale]'"
+INSTALL = install_hint("scale")
 #: Seconds to wait for a scheduler's handshake, and then for a first worker, before giving up with a
 #: one-line error (``$DRIFTLENS_DASK_TIMEOUT`` or ``--dask-timeout`` change it; a cluster whose workers
 #: start from a batch queue may need more).

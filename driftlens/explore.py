@@ -1,35 +1,47 @@
 """An interactive explorer of a drift report (and its store) for Jupyter.
 
-:func:`explore` returns an :class:`Explorer`. In a live Jupyter kernel with ipywidgets it shows
-checkpoint and layer sliders, metric and modality selectors and a site toggle above three
-panels -- the checkpoint x layer heatmap (the selected cell framed), the per-layer lines (the
-selected checkpoint emphasised, the selected layer marked) and, when a store is given, the token
-map of the selected layer at the reference and the selected checkpoint -- redrawn in place on
-every change. Anywhere else (a script, a static notebook render, ipywidgets missing) it is a
-static matplotlib figure of the same panels for its current state: ``Explorer.figure()``.
+:func:`explore` returns an :class:`Explorer`. In a live Jupyter kernel it is a widget with two parts:
 
-Token maps cost a UMAP fit per layer (the first one of a process also compiles numba code, tens of
-seconds); the explorer computes a layer's map once, for every checkpoint, and keeps it.
+- the **report view**, drawn in the browser by the same viewer as the HTML report page
+  (:mod:`driftlens.htmlreport`; an anywidget whose state Python and the page share): the checkpoint x
+  layer heatmap (hover a cell for its values, click to select it), the per-layer curves with the
+  selected checkpoint highlighted and its band, a **readout** of the selected cell (effect, interval,
+  p, q, clusters; with runs and contrasts the across-run values) and the contrasts; metric, site and
+  modality controls, the ones that do not apply disabled (modality for gap and MIR). Every change is
+  drawn in the browser at once: it never shows a figure of an earlier state;
+- with a store, the **token map** of the selected layer at the reference and the selected
+  checkpoint. A map costs a UMAP fit (the first one of a process also compiles numba code, tens of
+  seconds), so it is computed in a background thread: while it runs the panel says so (busy), a
+  request superseded by a newer selection is dropped unseen, and each layer's map is computed once.
+
+Outside a live kernel (a script, a static notebook render) and without anywidget, the explorer is
+a static matplotlib figure of the same panels (``Explorer.figure()``, the readout in its title);
+in a kernel without anywidget the HTML page is shown instead (everything but the token map stays
+interactive). ``Explorer.html()`` is that page as a string.
 
 Example::
 
     ex = dl.explore(report, store)      # the last expression of a cell: the widget
-    ex.set(checkpoint="ko-5", layer=2)  # or from code
+    ex.set(checkpoint="ko-5", layer=2)  # or from code (the page follows)
+    ex.readout()                        # the selected cell's values, as a dict
     fig = ex.figure()                   # a static Figure of the current state
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import threading
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
-from driftlens.errors import UsageError
+from driftlens._version import install_hint
+from driftlens.errors import EnvironmentProblem, UsageError
+from driftlens.htmlreport import METRICS, initial_state, page_data, report_html
 
 if TYPE_CHECKING:
     import xarray as xr
     from matplotlib.figure import Figure
 
-#: report variables the explorer offers, in this order, where the report has them
-METRICS = ("mmd", "sinkhorn", "sliced_w", "gauss_w2", "paired_shift", "gap", "mir")
+__all__ = ["METRICS", "Explorer", "LatestOnly", "State", "explore"]
+
 _FRAME = "#D55E00"
 
 
@@ -44,17 +56,103 @@ class State:
     layer: int
 
 
-def _labels(report, dim: str) -> list:
-    return [v.item() if hasattr(v, "item") else v for v in report[dim].values] if dim in report.coords else []
+class LatestOnly:
+    """Run requests in one background thread, newest first: a request superseded before or while it
+    runs is dropped, so what is published is always the latest request's result.
+
+    Parameters
+    ----------
+    compute : callable
+        ``compute(key) -> result`` (runs in the worker thread).
+    publish : callable
+        ``publish(key, result)``: called only for a request that is still the newest when it finishes.
+    busy : callable, optional
+        ``busy(key or None)``: the request now pending (``None`` once the newest one is published or
+        failed).
+
+    Attributes
+    ----------
+    dropped : int
+        Requests whose result was never published because a newer one came.
+    """
+
+    def __init__(self, compute, publish, busy=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._compute, self._publish, self._busy = compute, publish, busy or (lambda key: None)
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftlens-explore")
+        self.dropped = 0
+        self.error: BaseException | None = None
+
+    def request(self, key):
+        """Ask for ``key``'s result; returns a future of the request (None when dropped)."""
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+        self._busy(key)
+        return self._pool.submit(self._run, generation, key)
+
+    def _latest(self, generation: int) -> bool:
+        with self._lock:
+            return generation == self._generation
+
+    def _run(self, generation: int, key):
+        if not self._latest(generation):                 # superseded while queued: never computed
+            self.dropped += 1
+            return None
+        try:
+            result = self._compute(key)
+        except BaseException as exc:                     # noqa: BLE001 - shown in the panel, not lost
+            self.error = exc
+            if self._latest(generation):
+                self._busy(None)
+                self._publish(key, exc)
+            return None
+        if not self._latest(generation):                 # superseded while computing: not shown
+            self.dropped += 1
+            return None
+        self._publish(key, result)
+        self._busy(None)
+        return result
+
+    def wait(self) -> None:
+        """Block until every request submitted so far has finished (for tests and scripts)."""
+        self._pool.submit(lambda: None).result()
+
+
+_VIEW_CLASS = None
+
+
+def _view_class():
+    """The anywidget class of the report view (made on first use; needs anywidget)."""
+    global _VIEW_CLASS
+    if _VIEW_CLASS is None:
+        import anywidget
+        import traitlets
+
+        from driftlens.htmlreport import asset
+
+        class ReportView(anywidget.AnyWidget):
+            """The report viewer of :mod:`driftlens.htmlreport` as a Jupyter widget (``state`` is shared)."""
+
+            _esm = asset("explorer.js")
+            _css = asset("explorer.css")
+            data = traitlets.Dict().tag(sync=True)
+            state = traitlets.Dict().tag(sync=True)
+
+        _VIEW_CLASS = ReportView
+    return _VIEW_CLASS
 
 
 class Explorer:
-    """The explorer's state, its static figure and (in a live kernel) its widget.
+    """The explorer's state, readout, static figure, page and (in a live kernel) its widget.
 
     Parameters
     ----------
     report : xarray.Dataset
-        A drift report (:func:`driftlens.drift`).
+        A drift report (:func:`driftlens.drift`), with or without runs and contrasts.
     store : xarray.Dataset, optional
         The activation store it was computed from (:func:`driftlens.open_store`): adds the token map.
     metric, site, modality, checkpoint, layer
@@ -68,85 +166,162 @@ class Explorer:
                  site: str | None = None, modality: str | None = None, checkpoint: str | None = None,
                  layer: int | None = None, max_tokens: int = 1500):
         self.report, self.store, self.max_tokens = report, store, max_tokens
-        self.metrics = [m for m in METRICS if m in report.data_vars]
-        if not self.metrics:
-            raise UsageError(f"the report has none of {METRICS}: nothing to explore")
-        self.checkpoints = [str(c) for c in _labels(report, "checkpoint")]
-        self.layers = [int(v) for v in _labels(report, "layer")]
-        self.sites = [str(s) for s in _labels(report, "site")] or ["hidden"]
-        self.modalities = [str(m) for m in _labels(report, "modality")] or ["visual"]
-        if not self.checkpoints or not self.layers:
-            raise UsageError("the report has no checkpoint or no layer: nothing to explore")
-        self.reference = str(report.attrs.get("reference", self.checkpoints[0]))
-        self.state = State(metric or ("mmd" if "mmd" in self.metrics else self.metrics[0]), site or self.sites[0],
-                           modality or self.modalities[0], checkpoint or self.checkpoints[-1],
-                           self.layers[0] if layer is None else int(layer))
-        self._check(self.state)
+        try:
+            self.data = page_data(report)
+        except UsageError as exc:
+            raise UsageError(f"{exc}: nothing to explore") from None
+        self.metrics = list(self.data["metrics"])
+        self.checkpoints, self.layers = self.data["checkpoints"], self.data["layers"]
+        self.sites = self.data["sites"] or ["hidden"]
+        self.modalities = self.data["modalities"] or ["visual"]
+        self.reference = self.data["reference"] or self.checkpoints[0]
+        self.state = State(**initial_state(self.data, metric=metric, site=site, modality=modality,
+                                           checkpoint=checkpoint, layer=layer))
         self._maps: dict = {}             # (site, layer) -> token map Dataset
+        self._maps_lock = threading.Lock()
+        self._view = None
         self._widget = None
-        self._output = None
+        self._map_image = self._map_status = None
+        self._map_shown: tuple | None = None
+        self._map_queue: LatestOnly | None = None
         self.last_figure: Figure | None = None
 
     # ------------------------------------------------------------------------------- state
     def _check(self, s: State) -> None:
-        for name, value, allowed in (("metric", s.metric, self.metrics), ("site", s.site, self.sites),
-                                     ("modality", s.modality, self.modalities),
-                                     ("checkpoint", s.checkpoint, self.checkpoints), ("layer", s.layer, self.layers)):
-            if value not in allowed:
-                raise UsageError(f"{name} {value!r} is not in the report; choose from {allowed}")
+        initial_state(self.data, **asdict(s))            # raises UsageError naming what the report has
 
     def set(self, **changes) -> Explorer:
-        """Change the state (``metric``, ``site``, ``modality``, ``checkpoint``, ``layer``) and redraw."""
+        """Change the state (``metric``, ``site``, ``modality``, ``checkpoint``, ``layer``); the view follows."""
         unknown = sorted(set(changes) - set(State.__dataclass_fields__))
         if unknown:
             raise UsageError(f"unknown explorer setting(s) {unknown}; use {list(State.__dataclass_fields__)}")
         new = replace(self.state, **changes)
         self._check(new)
-        self.state = new
-        if self._widget is not None:
-            self._sync_controls()
-            self._redraw()
+        self._apply(new)
         return self
 
+    def _apply(self, new: State) -> None:
+        self.state = new
+        if self._view is not None and dict(self._view.state) != asdict(new):
+            self._view.state = asdict(new)
+        if self._widget is not None and self.store is not None:
+            self._request_map()
+
+    def applicable(self) -> dict[str, bool]:
+        """Which controls apply to the current metric: ``{"site": ..., "modality": ...}`` (gap has no
+        modality; MIR neither a site nor a modality)."""
+        meta = self.data["metrics"][self.state.metric]
+        return {"site": meta["has_site"] and len(self.sites) > 1,
+                "modality": meta["has_modality"] and len(self.modalities) > 1}
+
+    def readout(self) -> dict:
+        """The selected cell's values, read from the report.
+
+        Returns
+        -------
+        dict
+            ``metric``, ``checkpoint``, ``layer``, ``site`` / ``modality`` (where the metric has them),
+            ``effect``, ``lo``, ``hi``, ``p``, ``q``, ``pmin`` (those the report has), ``level``,
+            ``covers`` (``"probe sampling"`` or ``"runs, then clusters"``), ``n_clusters``,
+            ``decimals`` (the metric's fixed precision); with runs ``sd`` and ``runs`` ({run: {effect,
+            lo, hi}}), the values being the mean over runs and the across-run interval; with contrasts
+            of the metric ``contrasts`` ({label: {effect, lo, hi, p[, needed]}} at the selected layer,
+            across runs when the report has runs).
+        """
+        s, rep = self.state, self.report
+        meta = self.data["metrics"][s.metric]
+        runs = bool(self.data["runs"])
+        where = {k: v for k, v in (("site", s.site), ("modality", s.modality)) if meta[f"has_{k}"]}
+        cell = {"checkpoint": s.checkpoint, "layer": s.layer, **where}
+        name = f"{s.metric}_runs" if runs else s.metric
+        out = {"metric": s.metric, **cell, "level": self.data["level"],
+               "covers": "runs, then clusters" if runs else "probe sampling", "decimals": meta["decimals"]}
+        for key, suffix in (("effect", ""), ("lo", "_lo"), ("hi", "_hi"), ("sd", "_sd"), ("p", "_p"), ("q", "_q"),
+                            ("pmin", "_pmin")):
+            var = name + suffix
+            if var in rep.data_vars:
+                out[key] = float(rep[var].sel({k: v for k, v in cell.items() if k in rep[var].dims}))
+        mod = s.modality if meta["has_modality"] else ""
+        out["n_clusters"] = self.data["n_clusters"].get(mod, self.data["n_clusters"][""])
+        if runs:
+            out["runs"] = {str(r): {k: float(rep[f"{s.metric}{suf}"].sel(run=r, **{kk: v for kk, v in cell.items()
+                                                                                   if kk in rep[s.metric].dims}))
+                                    for k, suf in (("effect", ""), ("lo", "_lo"), ("hi", "_hi"))
+                                    if f"{s.metric}{suf}" in rep.data_vars}
+                           for r in self.data["runs"]}
+        con = f"{s.metric}_contrast" + ("_runs" if runs else "")
+        if s.metric in self.data["contrasts"] and con in rep.data_vars:
+            sel = {"layer": s.layer, **where}
+            out["contrasts"] = {
+                str(label): {k: float(rep[con + suf].sel(contrast=label, **sel))
+                             for k, suf in (("effect", ""), ("lo", "_lo"), ("hi", "_hi"), ("p", "_p"),
+                                            ("needed", "_needed")) if con + suf in rep.data_vars}
+                for label in self.data["contrasts"][s.metric]["labels"]}
+        return out
+
+    def readout_text(self) -> str:
+        """:meth:`readout` in one line, at the metric's fixed precision."""
+        r, d = self.readout(), self.readout()["decimals"]
+        text = f"{r['checkpoint']}, layer {r['layer']}: {r.get('effect', float('nan')):.{d}f}"
+        if "lo" in r:
+            text += f" [{r['lo']:.{d}f}, {r['hi']:.{d}f}] ({r['level']:.0%}, {r['covers']})"
+        for key in ("p", "q", "pmin"):
+            if key in r:
+                text += f", {key} {r[key]:.3g}"
+        if r.get("n_clusters") is not None:
+            text += f", {r['n_clusters']} clusters"
+        return text
+
     # ------------------------------------------------------------------------------- figure
-    def _token_map(self):
-        key = (self.state.site, self.state.layer)
-        if key not in self._maps:
-            from driftlens.tokenmap import token_map_data
+    def _token_map(self, site: str, layer: int):
+        key = (site, layer)
+        with self._maps_lock:
+            if key in self._maps:
+                return self._maps[key]
+        from driftlens.tokenmap import token_map_data
 
-            self._maps[key] = token_map_data(self.store, self.state.layer, site=self.state.site,
-                                             checkpoints=self.checkpoints, max_tokens=self.max_tokens,
-                                             reference=self.reference)
-        return self._maps[key]
+        data = token_map_data(self.store, layer, site=site, checkpoints=self.checkpoints,
+                              max_tokens=self.max_tokens, reference=self.reference)
+        with self._maps_lock:
+            self._maps[key] = data
+        return data
 
-    def figure(self) -> Figure:
-        """A static figure of the current state: heatmap, per-layer lines (and the token map)."""
+    def _draw_map(self, fig, cells, site: str, layer: int, checkpoint: str) -> None:
+        from driftlens.tokenmap import plot_token_map
+
+        pair = [self.reference] + ([checkpoint] if checkpoint != self.reference else [])
+        axes = [fig.add_subplot(c) for c in cells][: len(pair)]
+        data = self._token_map(site, layer)
+        plot_token_map(data, color="modality", checkpoints=pair, ax=axes, title="")
+        axes[-1].annotate(f"token map of layer {layer} (UMAP of {pair[0]!r}, others placed in it): "
+                          f"{data.attrs['n_tokens']} tokens, {data.attrs['n_clusters']} clusters", (1.0, -0.12),
+                          xycoords="axes fraction", ha="right", va="top", fontsize=7)
+
+    def figure(self, *, token_map: bool = True) -> Figure:
+        """A static figure of the current state: heatmap, per-layer curves (and the token map).
+
+        The selected cell is framed, its checkpoint's line highlighted with its band (the others
+        thin), its layer marked; the title carries the readout (:meth:`readout_text`).
+        """
         from matplotlib.figure import Figure
 
         from driftlens import plot
 
         s = self.state
-        with_map = self.store is not None
+        with_map = self.store is not None and token_map
         fig = Figure(figsize=(15.0 if with_map else 10.5, 5.0), layout="constrained")
         grid = fig.add_gridspec(1, 4 if with_map else 2, width_ratios=[1.0, 1.3] + ([0.9, 0.9] if with_map else []))
         heat, lines = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
         kw = {"site": s.site, "modality": s.modality}
         plot.drift_heatmap(self.report, s.metric, ax=heat, annotate=len(self.layers) <= 12, **kw)
         self._frame_cell(heat)
-        plot.drift_by_layer(self.report, s.metric, ax=lines, **kw)
+        plot.drift_by_layer(self.report, s.metric, ax=lines, highlight=[s.checkpoint], **kw)
         self._emphasise(lines)
         if with_map:
-            from driftlens.tokenmap import plot_token_map
-
-            pair = [self.reference] + ([s.checkpoint] if s.checkpoint != self.reference else [])
-            axes = [fig.add_subplot(grid[2]), fig.add_subplot(grid[3])][: len(pair)]
-            data = self._token_map()
-            plot_token_map(data, color="modality", checkpoints=pair, ax=axes, title="")
-            axes[-1].annotate(f"token map (UMAP of {pair[0]!r}, others placed in it): {data.attrs['n_tokens']} tokens, "
-                              f"{data.attrs['n_clusters']} clusters", (1.0, -0.12), xycoords="axes fraction",
-                              ha="right", va="top", fontsize=7)
-        fig.suptitle(f"{s.metric} at {s.site}" + (f", {s.modality}" if "modality" in self.report[s.metric].dims
-                                                    else "") + f": checkpoint {s.checkpoint}, layer {s.layer}",
+            self._draw_map(fig, [grid[2], grid[3]], s.site, s.layer, s.checkpoint)
+        meta = self.data["metrics"][s.metric]
+        where = ", ".join(v for k, v in (("site", s.site), ("modality", s.modality)) if meta[f"has_{k}"])
+        fig.suptitle(f"{s.metric}" + (f" at {where}" if where else "") + f" -- selected {self.readout_text()}",
                      fontsize=10)
         self.last_figure = fig
         return fig
@@ -165,64 +340,126 @@ class Explorer:
                 line.set_zorder(4)
         ax.axvline(self.state.layer, color=_FRAME, lw=1.2, ls=":", zorder=1, label="_selected layer")
 
+    def html(self, title: str | None = None) -> str:
+        """The report page of the current state (:func:`driftlens.htmlreport.report_html`)."""
+        return report_html(self.report, title, **asdict(self.state))
+
     # ------------------------------------------------------------------------------- widget
     def widget(self):
-        """The ipywidgets control panel with its figure output (needs ipywidgets)."""
-        try:
-            import ipywidgets as w
-        except ImportError as exc:                           # pragma: no cover - the notebooks extra has it
-            from driftlens.errors import EnvironmentProblem
-
-            raise EnvironmentProblem("the explorer's widget needs ipywidgets (pip install 'driftlens[notebooks]'); "
-                                     "Explorer.figure() draws the same panels statically") from exc
+        """The live widget: the report view and, with a store, the token-map panel (needs anywidget)."""
         if self._widget is not None:
             return self._widget
-        s = self.state
-        self._controls = {
-            "checkpoint": w.SelectionSlider(options=self.checkpoints, value=s.checkpoint, description="checkpoint",
-                                            continuous_update=False),
-            "layer": w.SelectionSlider(options=self.layers, value=s.layer, description="layer",
-                                       continuous_update=False),
-            "metric": w.Dropdown(options=self.metrics, value=s.metric, description="metric"),
-            "modality": w.Dropdown(options=self.modalities, value=s.modality, description="modality"),
-            "site": w.ToggleButtons(options=self.sites, value=s.site, description="site"),
-        }
-        for name, control in self._controls.items():
-            control.observe(lambda change, name=name: self._on_change(name, change["new"]), names="value")
-        self._output = w.Output()
-        self._widget = w.VBox([w.HBox([self._controls["checkpoint"], self._controls["layer"]]),
-                               w.HBox([self._controls["metric"], self._controls["modality"], self._controls["site"]]),
-                               self._output])
-        self._redraw()
+        try:
+            import ipywidgets as w
+
+            view_cls = _view_class()
+        except ImportError as exc:
+            raise EnvironmentProblem(f"the explorer's widget needs anywidget and ipywidgets ({exc}; "
+                                     f"{install_hint('notebooks')}); Explorer.html() and Explorer.figure() draw "
+                                     f"the same panels without them") from exc
+        self._view = view_cls(data=self.data, state=asdict(self.state))
+        self._view.observe(self._on_view_state, names="state")
+        parts = [self._view]
+        if self.store is not None:
+            self._map_status = w.HTML(value="")
+            self._map_image = w.Image(format="png", layout=w.Layout(max_width="100%"))
+            self._map_queue = LatestOnly(self._map_png, self._show_map, self._map_busy)
+            parts.append(w.VBox([self._map_status, self._map_image]))
+        self._widget = w.VBox(parts)
+        if self.store is not None:
+            self._request_map()
         return self._widget
 
-    def _on_change(self, name: str, value) -> None:
-        if getattr(self.state, name) != value:
-            self.set(**{name: value})
+    def _on_view_state(self, change) -> None:
+        """A click or control in the page: validate and adopt its state."""
+        try:
+            new = State(**{**asdict(self.state), **dict(change["new"])})
+            self._check(new)
+        except (TypeError, UsageError):
+            self._view.state = asdict(self.state)       # an impossible state from the page: put ours back
+            return
+        if new != self.state:
+            self._apply(new)
 
-    def _sync_controls(self) -> None:
-        for name, control in self._controls.items():
-            if control.value != getattr(self.state, name):
-                control.value = getattr(self.state, name)
+    def _map_key(self) -> tuple:
+        s = self.state
+        return (s.site, s.layer, s.checkpoint)
 
-    def _redraw(self) -> None:
-        from IPython.display import display
+    def _request_map(self) -> None:
+        if self._map_queue is not None and self._map_key() != self._map_shown:
+            self._map_queue.request(self._map_key())
 
-        fig = self.figure()
-        with self._output:
-            self._output.clear_output(wait=True)
-            display(fig)
+    def _map_busy(self, key) -> None:
+        if self._map_status is None:
+            return
+        if key is None:
+            self._map_status.value = ""
+            return
+        site, layer, ck = key
+        first = (site, layer) not in self._maps
+        self._map_status.value = (f"<span class='dl-busy'>computing the token map of layer {layer} ({site}, {ck})"
+                                  + (" -- a UMAP fit; the first of a session also compiles numba code, tens of "
+                                     "seconds" if first else "") + "; the map below is the previous one</span>")
+
+    def _map_png(self, key) -> bytes:
+        import io
+
+        from matplotlib.figure import Figure
+
+        site, layer, ck = key
+        fig = Figure(figsize=(7.6, 3.6), layout="constrained")
+        grid = fig.add_gridspec(1, 2)
+        self._draw_map(fig, [grid[0], grid[1]], site, layer, ck)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        return buf.getvalue()
+
+    def _show_map(self, key, result) -> None:
+        if isinstance(result, BaseException):
+            self._map_status.value = f"token map of layer {key[1]} failed: {type(result).__name__}: {result}"
+            return
+        self._map_image.value = result
+        self._map_shown = key
 
     def _ipython_display_(self) -> None:
-        from IPython.display import display
+        from IPython.display import HTML, display
 
         if _live_kernel():
             try:
-                display(self.widget())
+                display(self._bundle(), raw=True)
                 return
-            except ImportError:                              # pragma: no cover
-                pass
+            except EnvironmentProblem:
+                import html as _html
+
+                display(HTML(f'<iframe srcdoc="{_html.escape(self.html())}" style="width:100%;height:820px;'
+                             f'border:0"></iframe>'))
+                if self.store is not None:
+                    display(self._static_map())
+                return
         display(self.figure())
+
+    def _bundle(self) -> dict:
+        """The widget's display data plus a PNG of the static figure (without the token map): JupyterLab
+        shows the live widget; a saved notebook rendered where widgets do not run (GitHub) shows the
+        picture instead of ``VBox(children=...)``."""
+        import base64
+        import io
+
+        bundle = dict(self.widget()._repr_mimebundle_())
+        buf = io.BytesIO()
+        self.figure(token_map=False).savefig(buf, format="png", dpi=100)
+        bundle["image/png"] = base64.b64encode(buf.getvalue()).decode("ascii")
+        bundle["text/plain"] = f"{self!r} (the live explorer: run the notebook to use it)"
+        return bundle
+
+    def _static_map(self):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7.6, 3.6), layout="constrained")
+        grid = fig.add_gridspec(1, 2)
+        s = self.state
+        self._draw_map(fig, [grid[0], grid[1]], s.site, s.layer, s.checkpoint)
+        return fig
 
     def __repr__(self) -> str:
         return f"Explorer({self.state}, store={'yes' if self.store is not None else 'no'})"
@@ -240,3 +477,4 @@ def _live_kernel() -> bool:
 def explore(report: xr.Dataset, store: xr.Dataset | None = None, **state) -> Explorer:
     """An :class:`Explorer` of ``report`` (and ``store`` for the token map); see the module docstring."""
     return Explorer(report, store, **state)
+

@@ -31,7 +31,7 @@ Conventions
 - **Errors.** A variable, site or modality the report does not have is a
   :class:`driftlens.errors.UsageError` naming what it has.
 
-Functions: :func:`drift_heatmap`, :func:`drift_by_layer`, :func:`contrast_by_layer`,
+Functions: :func:`drift_heatmap`, :func:`drift_by_layer`, :func:`metrics_by_layer`, :func:`contrast_by_layer`,
 :func:`modality_gap_by_layer`,
 :func:`mir_by_layer`, :func:`rank_schedule`, :func:`grounding_vs_drift`, :func:`seeds_by_layer`,
 :func:`probe_accuracy`, :func:`save`, :func:`plot_report`. Importing this module imports neither
@@ -58,9 +58,9 @@ if TYPE_CHECKING:
     from driftlens.schedule import RankSchedule
     from driftlens.schema import Modality, Site
 
-__all__ = ["OKABE_ITO", "contrast_by_layer", "drift_by_layer", "drift_heatmap", "grounding_vs_drift", "mir_by_layer",
-           "modality_gap_by_layer", "token_map", "plot_report", "probe_accuracy", "rank_schedule", "save",
-           "seeds_by_layer"]
+__all__ = ["OKABE_ITO", "band_note", "contrast_by_layer", "decimals", "drift_by_layer", "drift_heatmap",
+           "grounding_vs_drift", "metrics_by_layer", "mir_by_layer", "modality_gap_by_layer", "token_map",
+           "plot_report", "probe_accuracy", "rank_schedule", "save", "seeds_by_layer"]
 
 #: Okabe & Ito (2008) colour-blind-safe palette, in the order categories take them (black, kept
 #: for the reference, and yellow, too pale on white for lines, come last)
@@ -187,6 +187,40 @@ def _level(report) -> str:
         return ""
 
 
+def decimals(values, digits: int = 3) -> int:
+    """Decimal places that show the largest magnitude in ``values`` with ``digits`` significant digits.
+
+    One precision for every number of a metric in a figure (heatmap cells, readouts): ``0.100``
+    beside ``0.058``, never ``0.1`` beside ``0.0577``. Between 0 and 6 places.
+    """
+    import math
+
+    arr = np.asarray(values, dtype=float)
+    arr = np.abs(arr[np.isfinite(arr)])
+    top = float(arr.max()) if arr.size else 0.0
+    if top == 0.0:
+        return digits - 1
+    return int(min(6, max(0, digits - 1 - math.floor(math.log10(top)))))
+
+
+#: fewer cluster-bootstrap draws than this and a percentile band is not called a "95%" interval
+MIN_DRAWS_FOR_LEVEL = 100
+
+
+def band_note(report, var: str) -> str:
+    """What the bands of ``var`` are, for a title: ``"bands: 95% interval (probe sampling, 1000 cluster
+    resamples)"``; with fewer than :data:`MIN_DRAWS_FOR_LEVEL` draws a "rough interval from N resamples"
+    (a 2.5% tail of 10 draws is not a 95% interval); with runs, the across-run interval."""
+    if _runs(report, var):
+        return f"bands: {_level(report)}across-run interval (runs, then clusters)"
+    lo = report[f"{var}_lo"] if f"{var}_lo" in report.data_vars else None
+    n = lo.attrs.get("n_bootstrap") if lo is not None else None
+    if n is not None and int(n) < MIN_DRAWS_FOR_LEVEL:
+        return (f"bands: rough interval from only {int(n)} cluster resamples (probe sampling; too few for "
+                f"{_level(report)}coverage)")
+    return f"bands: {_level(report)}interval (probe sampling" + (f", {int(n)} cluster resamples)" if n else ")")
+
+
 _STEP = re.compile(r"[\s_.:/-]*\d+$")
 
 
@@ -293,8 +327,36 @@ def _run_dots(ax, report, var: str, sel: Mapping, ck: str, layers, color, marker
                    marker=marker, alpha=0.6, lw=0, zorder=2)
 
 
+#: more lines than this in one panel, and only the highlighted ones get bands (see :func:`drift_by_layer`)
+MAX_BANDED_LINES = 6
+
+
+def _highlighted(chosen: list[str], highlight, reference) -> list[str]:
+    """The checkpoints drawn in full with their band: ``highlight`` (one label or several), or with
+    ``"auto"`` every line when there are at most :data:`MAX_BANDED_LINES`, else the reference (when
+    drawn: gap, MIR) and the last step of each trajectory."""
+    from driftlens.errors import UsageError
+
+    if highlight == "auto":
+        if len(chosen) <= MAX_BANDED_LINES:
+            return list(chosen)
+        last: dict[str, str] = {}
+        for ck in chosen:
+            if ck != reference:
+                last[_group(ck)] = ck
+        return ([reference] if reference in chosen else []) + list(last.values())
+    if highlight is None:
+        return list(chosen)
+    picked = [str(highlight)] if isinstance(highlight, str) else [str(h) for h in highlight]
+    unknown = [h for h in picked if h not in chosen and h != reference]
+    if unknown:
+        raise UsageError(f"highlight {unknown}: not among the drawn checkpoints {chosen}")
+    return [h for h in picked if h in chosen]      # the reference's all-zero row is not drawn: nothing to highlight
+
+
 def _lines_by_layer(report, var: str, *, site, modality, checkpoints, ax, labels: Mapping[str, str] | None = None,
-                    legend_title: str | None = None, title: str | None = None, ylabel: str | None = None):
+                    legend_title: str | None = None, title: str | None = None, ylabel: str | None = None,
+                    highlight="auto", note: bool = True):
     """The per-layer line plot behind drift_by_layer, modality_gap_by_layer and mir_by_layer."""
     dims = ("checkpoint", "layer")
     runs = _runs(report, var)
@@ -304,18 +366,23 @@ def _lines_by_layer(report, var: str, *, site, modality, checkpoints, ax, labels
     reference = _reference(report)
     vs_ref = var in _VS_REFERENCE
     chosen = _pick_checkpoints(da, checkpoints, reference, drop_zero_reference=vs_ref)
+    strong = _highlighted(chosen, highlight, reference)
     styles = _checkpoint_styles(_have(da, "checkpoint"), reference)
     ax = ax if ax is not None else _new_axes((7.2, 4.2))
     layers = da["layer"].values
-    for ck in chosen:
-        st = styles[ck]
-        ax.plot(layers, da.sel(checkpoint=ck).values, color=st["color"], marker=st["marker"], ms=4.5, lw=1.6,
-                label=(labels or {}).get(ck, ck), zorder=3)
-        if band is not None:
+    for ck in sorted(chosen, key=lambda c: c in strong):          # the highlighted ones on top
+        st, full = styles[ck], ck in strong
+        ax.plot(layers, da.sel(checkpoint=ck).values, color=st["color"], marker=st["marker"],
+                ms=4.5 if full else 3.0, lw=1.8 if full else 0.9, alpha=1.0 if full else 0.55,
+                label=(labels or {}).get(ck, ck), zorder=3 if full else 2)
+        if band is not None and full:
             ax.fill_between(layers, band[0].sel(checkpoint=ck).values, band[1].sel(checkpoint=ck).values,
                             color=st["color"], alpha=0.14, lw=0, zorder=1)
-        if runs:
+        if runs and full:
             _run_dots(ax, report, var, sel, ck, layers, st["color"], st["marker"])
+    handles, names = ax.get_legend_handles_labels()            # legend in trajectory order
+    order = {(labels or {}).get(ck, ck): i for i, ck in enumerate(chosen)}
+    pairs = sorted(zip(handles, names), key=lambda hn: order.get(hn[1], len(order)))
     if vs_ref:
         ax.axhline(0.0, color=_GREY, lw=0.8, zorder=0)
     _layer_ticks(ax, layers)
@@ -327,17 +394,19 @@ def _lines_by_layer(report, var: str, *, site, modality, checkpoints, ax, labels
         second = [where] if where else []
         if vs_ref and reference is not None:
             second.append(f"vs {reference}")
-        if runs:
-            second.append(f"lines: mean of {report.sizes['run']} runs, dots: one run, bands: {_level(report)}"
-                          f"across-run interval")
-        elif band is not None:
-            second.append(f"bands: {_level(report)}interval (probe sampling)")
+        if note and runs:
+            second.append(f"lines: mean of {report.sizes['run']} runs, dots: one run, " + band_note(report, var))
+        elif note and band is not None:
+            second.append(band_note(report, var))
+        if band is not None and len(strong) < len(chosen):
+            second.append("bands" + (" and dots" if runs else "") + f" only on {', '.join(strong)}")
         if second:
             title += "\n" + "; ".join(second)
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", color="#e6e6e6", lw=0.6, zorder=0)
     ax.set_axisbelow(True)
-    _legend_outside(ax, title=legend_title or "checkpoint", title_fontsize="small")
+    _legend_outside(ax, handles=[h for h, _ in pairs], labels=[n for _, n in pairs],
+                    title=legend_title or "checkpoint", title_fontsize="small")
     return ax
 
 
@@ -362,7 +431,8 @@ def drift_heatmap(report: xr.Dataset, var: str = "mmd", site: Site | str = "hidd
     alpha : float
         Cells whose marking p-value is at most ``alpha`` get a ``*``.
     annotate : bool
-        Write each cell's value (3 significant digits) in it; the ``*`` marks are drawn either way.
+        Write each cell's value in it, every cell at one precision (3 significant digits of the
+        largest: :func:`decimals`); the ``*`` marks are drawn either way.
     marks : {"auto", "min_effect", "against_zero", "none"}
         Which test marks a cell. ``min_effect``: ``{var}_pmin``, "the effect exceeds the minimum effect
         of interest" (``driftlens drift --min-effect``), a test that can come out "no". ``against_zero``:
@@ -416,12 +486,13 @@ def drift_heatmap(report: xr.Dataset, var: str = "mmd", site: Site | str = "hidd
     for spine in ax.spines.values():
         spine.set_visible(False)
     fs = 7 if n_l <= 12 else 6
+    places = decimals(vals)                      # one precision for every cell of this metric
     for (i, j), v in np.ndenumerate(vals):
         star = sig is not None and np.isfinite(sig[i, j]) and sig[i, j] <= alpha
         if not np.isfinite(v) or not (annotate or star):
             continue
         r, g, b, _ = cmap(norm(v))
-        text = (f"{v:.3g}" if annotate else "") + ("*" if star else "")
+        text = (f"{v:.{places}f}" if annotate else "") + ("*" if star else "")
         ax.text(j, i, text, ha="center", va="center", fontsize=fs if annotate else 2 * fs,
                 color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
     where = ", ".join(sel.values())
@@ -446,8 +517,12 @@ def drift_heatmap(report: xr.Dataset, var: str = "mmd", site: Site | str = "hidd
 
 def drift_by_layer(report: xr.Dataset, var: str = "mmd", site: Site | str = "hidden",
                    modality: Modality | None = "visual", checkpoints: Sequence[str] | None = None, *,
-                   ax: Axes | None = None) -> Axes:
+                   ax: Axes | None = None, highlight: str | Sequence[str] | None = "auto", note: bool = True) -> Axes:
     """One line per checkpoint of a per-layer report variable, with its interval band.
+
+    Ten banded lines in one panel are spaghetti: beyond :data:`MAX_BANDED_LINES` lines only the
+    highlighted checkpoints are drawn in full with their band (and, with runs, their dots), the
+    others thin and pale for context.
 
     Parameters
     ----------
@@ -464,6 +539,13 @@ def drift_by_layer(report: xr.Dataset, var: str = "mmd", site: Site | str = "hid
         left out when its row is all 0 (the grey line at 0 stands for it).
     ax : matplotlib.axes.Axes, optional
         Where to draw; default a new figure.
+    highlight : str, sequence of str, "auto" or None
+        The checkpoint(s) drawn in full with their band. ``"auto"`` (default): every line when there
+        are at most :data:`MAX_BANDED_LINES`, else the reference when it has a line (gap, MIR) and the
+        last step of each trajectory (``ko-5``, ``en-5``); ``None``: every line in full.
+    note : bool
+        Say in the title what the bands are (:func:`band_note`); off for panels that share one note
+        (:func:`metrics_by_layer`).
 
     Returns
     -------
@@ -476,7 +558,61 @@ def drift_by_layer(report: xr.Dataset, var: str = "mmd", site: Site | str = "hid
     driftlens.errors.UsageError
         Unknown variable, site, modality or checkpoint, or a variable without a ``layer`` dim.
     """
-    return _lines_by_layer(report, var, site=site, modality=modality, checkpoints=checkpoints, ax=ax)
+    return _lines_by_layer(report, var, site=site, modality=modality, checkpoints=checkpoints, ax=ax,
+                           highlight=highlight, note=note)
+
+
+def metrics_by_layer(report: xr.Dataset, metrics: Sequence[str] = ("mmd", "sinkhorn", "sliced_w", "gauss_w2"),
+                     site: Site | str = "hidden", modality: Modality | None = "visual",
+                     checkpoints: Sequence[str] | None = None, *, highlight: str | Sequence[str] | None = "auto",
+                     axes=None) -> np.ndarray:
+    """Several metrics per layer side by side, one panel each, the band note said once.
+
+    Each panel is :func:`drift_by_layer` with its own y units; the figure's title says once what
+    the bands of each metric are -- the metrics may have different numbers of resamples (transport
+    metrics: ``transport_resamples``), and a band of 10 resamples is a rough interval, not a 95% one.
+
+    Parameters
+    ----------
+    report : xarray.Dataset
+        A drift report.
+    metrics : sequence of str
+        Report variables, one panel each (default the four distributional metrics).
+    site, modality, checkpoints, highlight
+        As :func:`drift_by_layer`.
+    axes : sequence of matplotlib.axes.Axes, optional
+        One per metric; default a new figure with one row of panels.
+
+    Returns
+    -------
+    numpy.ndarray of matplotlib.axes.Axes
+        One Axes per metric; the legend is on the last.
+    """
+    from driftlens.errors import UsageError
+
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not metrics:
+        raise UsageError("no metric given: nothing to draw")
+    if axes is None:
+        fig = _new_figure((3.3 * len(metrics) + 1.6, 3.4))
+        axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    axes = np.atleast_1d(np.asarray(axes, dtype=object))
+    if len(axes) != len(metrics):
+        raise UsageError(f"{len(metrics)} metrics need {len(metrics)} axes, got {len(axes)}")
+    notes = {}
+    for ax, m in zip(axes, metrics):
+        drift_by_layer(report, m, site=site, modality=modality, checkpoints=checkpoints, ax=ax, highlight=highlight,
+                       note=False)
+        ax.set_title(_short(m) + (f" vs {_reference(report)}" if m in _VS_REFERENCE and _reference(report) else ""),
+                     fontsize=9)
+        if f"{m}_lo" in report.data_vars or f"{m}_runs_lo" in report.data_vars:
+            notes.setdefault(band_note(report, m).removeprefix("bands: "), []).append(_short(m))
+        if ax is not axes[-1] and ax.get_legend() is not None:
+            ax.get_legend().remove()
+    where = ", ".join(str(v) for v in (site, modality) if v is not None)
+    lines = [f"{', '.join(names) if len(notes) > 1 else 'bands'}: {what}" for what, names in notes.items()]
+    axes[0].figure.suptitle((f"{where}: " if where else "") + "; ".join(lines), fontsize=9)
+    return axes
 
 
 def contrast_by_layer(report: xr.Dataset, var: str = "mmd", contrasts: Sequence[str] | None = None,
@@ -555,7 +691,8 @@ def contrast_by_layer(report: xr.Dataset, var: str = "mmd", contrasts: Sequence[
 
 
 def modality_gap_by_layer(report: xr.Dataset, site: Site | str = "hidden",
-                          checkpoints: Sequence[str] | None = None, *, ax: Axes | None = None) -> Axes:
+                          checkpoints: Sequence[str] | None = None, *, ax: Axes | None = None,
+                          highlight: str | Sequence[str] | None = "auto") -> Axes:
     """The modality gap (``gap``) per layer, one line per checkpoint with its interval band.
 
     Parameters
@@ -568,6 +705,8 @@ def modality_gap_by_layer(report: xr.Dataset, site: Site | str = "hidden",
         Default all (the reference included: its gap is a value, not 0).
     ax : matplotlib.axes.Axes, optional
         Where to draw; default a new figure.
+    highlight : str, sequence of str, "auto" or None
+        The checkpoint(s) drawn in full with their band (see :func:`drift_by_layer`).
 
     Returns
     -------
@@ -579,12 +718,13 @@ def modality_gap_by_layer(report: xr.Dataset, site: Site | str = "hidden",
     driftlens.errors.UsageError
         No ``gap`` in the report, or an unknown site or checkpoint.
     """
-    return _lines_by_layer(report, "gap", site=site, modality=None, checkpoints=checkpoints, ax=ax,
+    return _lines_by_layer(report, "gap", site=site, modality=None, checkpoints=checkpoints, ax=ax, highlight=highlight,
                            ylabel=_axis_label("gap", report["gap"].attrs if "gap" in report.data_vars else {},
                                               prefix="visual-text "))
 
 
-def mir_by_layer(report: xr.Dataset, checkpoints: Sequence[str] | None = None, *, ax: Axes | None = None) -> Axes:
+def mir_by_layer(report: xr.Dataset, checkpoints: Sequence[str] | None = None, *, ax: Axes | None = None,
+                 highlight: str | Sequence[str] | None = "auto") -> Axes:
     """The modality integration rate's per-layer term (``mir``), one line per checkpoint with its
     interval band; each legend entry carries the checkpoint's ``mir_total``.
 
@@ -596,6 +736,8 @@ def mir_by_layer(report: xr.Dataset, checkpoints: Sequence[str] | None = None, *
         Default all.
     ax : matplotlib.axes.Axes, optional
         Where to draw; default a new figure.
+    highlight : str, sequence of str, "auto" or None
+        The checkpoint(s) drawn in full with their band (see :func:`drift_by_layer`).
 
     Returns
     -------
@@ -614,7 +756,7 @@ def mir_by_layer(report: xr.Dataset, checkpoints: Sequence[str] | None = None, *
         labels = {str(c): f"{c}: {float(v):.2f}" for c, v in zip(tot["checkpoint"].values, tot.values)}
         legend_title = f"checkpoint: MIR total\n({_units_text(tot.attrs.get('units', 'log10'))})"
     return _lines_by_layer(report, "mir", site=None, modality=None, checkpoints=checkpoints, ax=ax, labels=labels,
-                           legend_title=legend_title)
+                           legend_title=legend_title, highlight=highlight)
 
 
 def rank_schedule(schedule: RankSchedule, report: xr.Dataset | None = None, *, ax: Axes | None = None) -> Axes:
@@ -716,14 +858,38 @@ def _common_prefix(names: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------- other figures
 
 
+def _language_colors(ax, labels: Sequence[str], langs: Sequence[str], colors: Mapping[str, str] | None) -> dict:
+    """Each language's colour, with the meaning colours have in every other figure: a language named
+    like a trajectory (``ko`` for ``ko-1 ... ko-5``) takes that trajectory's colour (trajectories in
+    order of appearance take the Okabe-Ito colours, as in :func:`_checkpoint_styles`); a language
+    already drawn on ``ax`` keeps its colour; ``colors`` overrides both."""
+    drawn = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    groups = [g for g in dict.fromkeys(_group(c) for c in labels) if g in langs]
+    taken = {drawn[lang] for lang in langs if lang in drawn}
+    order = groups + [lang for lang in langs if lang not in groups]
+    free = [c for c in _GROUP_COLORS if c not in taken]
+    out = {}
+    for lang in order:
+        if colors is not None and lang in colors:
+            out[lang] = colors[lang]
+        elif lang in drawn:
+            out[lang] = drawn[lang]
+        else:
+            out[lang] = free.pop(0) if free else _GREY
+    return out
+
+
 def grounding_vs_drift(accuracy: Mapping[str, Mapping[str, float]], drift: Mapping[str, float], *,
                        ax: Axes | None = None, chance: float | None = None,
                        xlabel: str = "visual drift: mean MMD$^2$ over layers (dimensionless)", tag: str = "",
-                       annotate: Annotate = "ends") -> Axes:
+                       annotate: Annotate = "ends", colors: Mapping[str, str] | None = None) -> Axes:
     """Grounding accuracy per language against drift, one point per checkpoint in trajectory order.
 
     Call it again on the same ``ax`` with a ``tag`` to overlay a second trajectory (a control):
-    a language keeps its colour, the tagged series is dashed with square markers.
+    a language keeps its colour, the tagged series is dashed with square markers. Colours mean what
+    they mean in the report figures: the language of a trajectory (``ko`` for ``ko-1 ... ko-5``) gets
+    that trajectory's colour there -- draw the adaptation first, the control second, as the report
+    orders them.
 
     Parameters
     ----------
@@ -742,6 +908,8 @@ def grounding_vs_drift(accuracy: Mapping[str, Mapping[str, float]], drift: Mappi
         Appended to the legend labels of this series (``" (control)"``); a non-empty tag draws dashed.
     annotate : {"ends", "all", "none"}
         Label the first and last checkpoint of each line, every checkpoint, or none.
+    colors : mapping, optional
+        ``{language: colour}``, overriding the colours above.
 
     Returns
     -------
@@ -751,12 +919,13 @@ def grounding_vs_drift(accuracy: Mapping[str, Mapping[str, float]], drift: Mappi
     ax = ax if ax is not None else _new_axes((7.2, 4.4))
     labels = [c for c in drift if c in accuracy]
     langs = sorted({lang for c in labels for lang in accuracy[c]})
+    color_of = _language_colors(ax, labels, langs, colors)
     seen = {(t.get_text(), tuple(np.round(getattr(t, "xy", (np.nan, np.nan)), 9))) for t in ax.texts}
-    for i, lang in enumerate(langs):
+    for lang in langs:
         xs = [float(drift[c]) for c in labels]
         ys = [float(accuracy[c][lang]) for c in labels]
         ax.plot(xs, ys, marker="s" if tag else "o", ls="--" if tag else "-", ms=5, lw=1.5,
-                color=OKABE_ITO[i % len(OKABE_ITO)], label=lang + tag, mfc="white" if tag else None)
+                color=color_of[lang], label=lang + tag, mfc="white" if tag else None)
         if annotate == "none":
             continue
         keep = range(len(labels)) if annotate == "all" else sorted({0, len(labels) - 1})

@@ -8,12 +8,21 @@ A source is one of
 - a PEFT adapter directory (``adapter_config.json``), applied on a fresh copy of the base
   model and merged.
 
+A path-like string that is not a folder here but reads as a Hugging Face Hub id (``org/name``,
+optionally pinned: ``org/name@REVISION``, a branch, tag or commit) is resolved through
+``huggingface_hub``'s cache (:func:`resolve_source`): offline (``HF_HUB_OFFLINE=1``) only from
+the cache, otherwise downloaded into it -- safetensors and configs only, no pickle weights unless
+``allow_pickle`` and no ``.py`` files unless ``trust_remote_code``. The checkpoint's identity
+records the repository, the revision asked for and the commit it resolved to.
+
 Loading is safe by default: safetensors only (a directory holding only pickle weights is
 refused unless ``allow_pickle=True``), ``trust_remote_code=False`` unless the user asks.
 """
 from __future__ import annotations
 
 import copy
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +33,105 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 class SourceError(DataError):
     """A checkpoint source cannot be loaded; the message names it."""
+
+
+#: ``org/name`` or ``org/name@revision``: what a hub id looks like (a local folder of that name wins).
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
+#: files of a hub repository that capture needs (weights, configs, tokenizer and processor files)
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py", "*.bin",
+                "*.pt", "*.pth")
+
+
+def hub_id(source) -> tuple[str, str | None] | None:
+    """``(repo_id, revision or None)`` when ``source`` reads as a hub id and is not a path here, else None."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    text = os.fspath(source)
+    match = HUB_ID.match(text)
+    if match is None or Path(text).expanduser().exists() or ".." in text.split("@")[0].split("/"):
+        return None
+    return match["repo"], match["revision"]
+
+
+def hub_snapshot(path) -> dict | None:
+    """``{"repo_id", "commit"}`` when ``path`` is a snapshot folder of a hub cache
+    (``.../models--ORG--NAME/snapshots/COMMIT``), else None."""
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return {"repo_id": parts[-3][len("models--"):].replace("--", "/"), "commit": parts[-1]}
+    return None
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def resolve_source(source, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                   local_files_only: bool | None = None):
+    """A checkpoint source with hub ids replaced by their snapshot folder in the hub cache.
+
+    A module or an existing path is returned as is. ``org/name[@revision]`` that is not a path here
+    is resolved with ``huggingface_hub.snapshot_download``: from the cache only when
+    ``local_files_only`` (default: when ``HF_HUB_OFFLINE`` is set), otherwise downloading what is
+    missing -- configs, tokenizer files and safetensors weights; pickle weights only with
+    ``allow_pickle``, Python files only with ``trust_remote_code``. The folder is then checked like
+    any model folder (safetensors only, no ``auto_map`` without ``trust_remote_code``).
+
+    Raises
+    ------
+    SourceError
+        In one line: the model is neither a folder here nor in the cache (naming the cache, the
+        command that downloads it and ``HF_HOME``), the hub has no such repository or revision,
+        or the hub could not be reached.
+    """
+    parsed = hub_id(source)
+    if parsed is None:
+        return source
+    repo, revision = parsed
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError as exc:           # pragma: no cover - transformers depends on it
+        raise SourceError(f"{source}: not a folder here, and huggingface_hub is missing to look it up as a hub "
+                          f"id ({exc})") from None
+    offline = _offline() if local_files_only is None else bool(local_files_only)
+    patterns = [p for p in HUB_PATTERNS if (allow_pickle or p not in ("*.bin", "*.pt", "*.pth"))
+                and (trust_remote_code or p != "*.py")]
+    get = f"`hf download {repo}{f' --revision {revision}' if revision else ''}`"
+    try:
+        path = snapshot_download(repo, revision=revision, local_files_only=offline, allow_patterns=patterns)
+    except RevisionNotFoundError:
+        raise SourceError(f"{source}: the hub repository {repo} has no revision {revision!r} (a branch, tag or "
+                          f"commit)") from None
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        raise SourceError(f"{source} is not a folder here, and the hub has no model {repo} you can read "
+                          f"({type(exc).__name__}; a gated or private model needs `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        cache = constants.HF_HUB_CACHE
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        raise SourceError(f"{source} is not a folder here nor in the Hugging Face cache {cache} ({why}): download "
+                          f"it with {get} (or `huggingface-cli download {repo}`), or set HF_HOME / HF_HUB_CACHE "
+                          f"to the cache that has it") from None
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{source}: cannot fetch it from the hub into its cache ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); download it with {get}") from None
+    return Path(path)
+
+
+def hub_record(source, resolved) -> dict | None:
+    """What a checkpoint's identity records about a hub source: repository, revision asked for, commit."""
+    parsed = hub_id(source)
+    snap = hub_snapshot(resolved) if isinstance(resolved, (str, os.PathLike)) else None
+    if parsed is None or snap is None:
+        return None
+    return {"repo_id": parsed[0], "revision": parsed[1] or "main", "commit": snap["commit"]}
 
 
 def describe(source) -> str:
@@ -45,7 +153,8 @@ def source_kind(source) -> str:
         )
     path = Path(source)
     if not path.exists():
-        raise SourceError(f"checkpoint directory {path} does not exist")
+        hint = "" if os.path.isabs(path) else " (a Hugging Face Hub id is org/name or org/name@revision)"
+        raise SourceError(f"checkpoint directory {path} does not exist{hint}")
     if not path.is_dir():
         raise SourceError(f"checkpoint source {path} is not a directory")
     if (path / "adapter_config.json").exists():
@@ -357,7 +466,13 @@ def identity(source, base=None) -> dict:
     kind = source_kind(source)
     out = {"kind": kind, "source": describe(source) if kind == "module" else str(Path(source).resolve()),
            "fingerprint": fingerprint(source)}
+    snap = hub_snapshot(source) if kind != "module" else None
+    if snap is not None:
+        out["hub"] = snap
     if kind == "adapter_dir" and base is not None:
         out["base"] = describe(base) if not isinstance(base, (str, Path)) else str(Path(base).resolve())
         out["base_fingerprint"] = fingerprint(base)
+        base_snap = hub_snapshot(base) if isinstance(base, (str, Path)) else None
+        if base_snap is not None:
+            out["base_hub"] = base_snap
     return out

@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from driftlens._version import install_hint
 from driftlens.errors import DataError, EnvironmentProblem, UsageError
 from driftlens.schema import SITE_DIMS, SITES, TOKEN_COORDS, UNLAYERED
 
@@ -119,7 +120,7 @@ def location(path):
         from upath import UPath
     except ImportError:
         raise EnvironmentProblem(f"{text}: a store at a URL needs universal_pathlib and fsspec: "
-                                 f"pip install 'driftlens[scale]'") from None
+                                 f"{install_hint('scale')}") from None
     protocol = text.split("://", 1)[0]
     try:
         fsspec.get_filesystem_class(protocol)

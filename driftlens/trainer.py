@@ -17,8 +17,9 @@ text-only forward)::
 :class:`DriftTrainer` logs every term (``lm_loss``, ``drift_loss``, ``contrast_loss``, averaged
 over the steps since the last log); :class:`DriftCallback` measures, every ``every`` steps, the
 drift of a small probe set's visual tokens against their states at the start of training, per
-layer, with the report's statistic (paired cluster MMD^2, cluster-bootstrap interval) -- so a
-user sees drift while training, not after.
+layer, with the report's statistic (paired cluster MMD^2, cluster-bootstrap interval), and logs
+it through ``Trainer.log`` (``drift_mmd/layer_{l}``, ``_lo``, ``_hi``, ``_p``) -- so a user sees drift
+while training, in whatever dashboard ``report_to`` feeds, not after.
 """
 from __future__ import annotations
 
@@ -180,6 +181,14 @@ def make_drift_trainer():
             super().__init__(*args, **kwargs)
             self.objective = objective
             self._terms = _TermLog()
+            for callback in self.callback_handler.callbacks:      # drift callbacks log through this trainer
+                if hasattr(callback, "attach"):
+                    callback.trainer = self
+
+        def add_callback(self, callback):
+            super().add_callback(callback)
+            if hasattr(callback, "attach") and not isinstance(callback, type):
+                callback.trainer = self
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, terms, out = self.objective(model, inputs)
@@ -261,6 +270,16 @@ def drift_now(reference: Mapping[int, torch.Tensor], current: Mapping[int, torch
     return out
 
 
+def drift_log_names(layer: int) -> dict[str, str]:
+    """The metric names :class:`DriftCallback` logs for ``layer``: effect, interval bounds, p-value.
+
+    ``{"effect": "drift_mmd/layer_{l}", "lo": "drift_mmd/layer_{l}_lo", "hi": "..._hi", "p": "..._p"}``;
+    the ``drift_mmd/`` prefix groups them in W&B and TensorBoard.
+    """
+    base = f"drift_mmd/layer_{int(layer)}"
+    return {"effect": base, "lo": f"{base}_lo", "hi": f"{base}_hi", "p": f"{base}_p"}
+
+
 def make_drift_callback():
     """The :class:`DriftCallback` class (built on first use, like :func:`make_drift_trainer`)."""
     from transformers import TrainerCallback
@@ -282,9 +301,21 @@ def make_drift_callback():
         Attributes
         ----------
         history : list of dict
-            ``{"step": s, "layer": l, "effect": ..., "lo": ..., "hi": ..., "p": ...}`` rows; each
-            measurement is also appended to the trainer's ``state.log_history`` as
-            ``drift_mmd/layer_{l}`` (+ ``_lo``, ``_hi``).
+            ``{"step": s, "layer": l, "effect": ..., "lo": ..., "hi": ..., "p": ...}`` rows.
+        trainer : transformers.Trainer or None
+            The trainer whose ``log`` each measurement goes through (see :meth:`attach`).
+
+        Notes
+        -----
+        Each measurement is logged through ``Trainer.log`` -- so ``report_to`` integrations (W&B,
+        TensorBoard, MLflow ...) and ``state.log_history`` receive it at the current step -- under
+        stable names (:func:`drift_log_names`): ``drift_mmd/layer_{l}`` (the effect, paired cluster
+        MMD^2 against the start of training), ``drift_mmd/layer_{l}_lo`` / ``_hi`` (its
+        cluster-bootstrap interval, probe sampling only) and ``drift_mmd/layer_{l}_p``. A
+        :func:`make_drift_trainer` trainer attaches its drift callbacks itself; with a plain
+        ``transformers.Trainer`` call ``callback.attach(trainer)`` (instead of passing it in
+        ``callbacks=``). An unattached callback can only append to ``state.log_history``, which
+        no dashboard reads: it warns once.
         """
 
         def __init__(self, batches, clusters, layers: Sequence[int], every: int = 50, n_bootstrap: int = 200,
@@ -296,25 +327,46 @@ def make_drift_callback():
             self.spec, self.seed = spec, seed
             self.reference = None
             self.history: list[dict] = []
+            self.trainer = None
+            self._warned = False
 
-        def _measure(self, model, state):
+        def attach(self, trainer):
+            """Add this callback to ``trainer`` and log through its ``log`` (returns the trainer)."""
+            if self not in trainer.callback_handler.callbacks:
+                trainer.add_callback(self)
+            self.trainer = trainer
+            return trainer
+
+        def _measure(self, model, state, control):
             cur = visual_states(model, self.batches, self.layers, self.spec)
             if len(self.clusters) != next(iter(cur.values())).shape[0]:
                 raise UsageError(f"{len(self.clusters)} cluster labels for {next(iter(cur.values())).shape[0]} "
                                  f"visual rows: build batches and clusters with probe_batches()")
             res = drift_now(self.reference, cur, self.clusters, self.n_bootstrap, self.n_bootstrap, seed=self.seed)
-            entry = {"step": state.global_step}
+            entry = {}
             for la, r in res.items():
                 self.history.append({"step": state.global_step, "layer": la, **r})
-                entry.update({f"drift_mmd/layer_{la}": r["effect"], f"drift_mmd/layer_{la}_lo": r["lo"],
-                              f"drift_mmd/layer_{la}_hi": r["hi"]})
-            state.log_history.append(entry)
+                names = drift_log_names(la)
+                entry.update({names[key]: float(r[key]) for key in ("effect", "lo", "hi", "p")})
+            if self.trainer is not None:
+                should_log = control.should_log   # Trainer's own log of this step must still happen
+                self.trainer.log(entry)           # report_to integrations and state.log_history, at this step
+                control.should_log = self.trainer.control.should_log = should_log
+                return
+            if not self._warned:
+                import warnings
+
+                warnings.warn("DriftCallback is not attached to its trainer: its drift goes to state.log_history "
+                              "only, not to report_to dashboards; use make_drift_trainer() or "
+                              "callback.attach(trainer)", stacklevel=2)
+                self._warned = True
+            state.log_history.append({**entry, "step": state.global_step})
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.reference = visual_states(model, self.batches, self.layers, self.spec)
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-                self._measure(model, state)
+                self._measure(model, state, control)
 
     return DriftCallback

@@ -49,7 +49,7 @@ def test_wheel_in_a_fresh_environment(tmp_path):
     src = _source_copy(tmp_path / "src")
     wheels = tmp_path / "wheels"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheels, src])
-    (wheel,) = wheels.glob("driftlens-*.whl")
+    (wheel,) = wheels.glob("driftlens_vlm-*.whl")     # the distribution name (the import package is driftlens)
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     py = env_dir / "bin" / "python"
@@ -68,6 +68,11 @@ def test_wheel_in_a_fresh_environment(tmp_path):
     _run([env_dir / "bin" / "driftlens", "drift", store, "--reference", "base", "--out", tmp_path / "r.nc",
           "--metrics", "mmd", "--permutations", "50", "--bootstrap", "50", "--no-progress"], cwd=tmp_path)
     assert (tmp_path / "r.nc").stat().st_size > 0
+    # the report page's viewer (driftlens/web) ships in the wheel; the distribution is driftlens-vlm
+    _run([env_dir / "bin" / "driftlens", "report", tmp_path / "r.nc", "--html", tmp_path / "r.html"], cwd=tmp_path)
+    assert "export default { render }" in (tmp_path / "r.html").read_text()
+    meta = _run([py, "-c", "import importlib.metadata as m; print(m.version('driftlens-vlm'))"], cwd=tmp_path)
+    assert meta.stdout.strip() == driftlens.__version__
 
 
 def test_editable_install_sees_a_new_spec_file():

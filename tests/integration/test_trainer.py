@@ -123,11 +123,18 @@ def test_trainer_logs_terms_and_the_callbacks_drift(setup, tmp_path):
                              per_device_train_batch_size=1, report_to=[], save_strategy="no", use_cpu=True,
                              remove_unused_columns=False, disable_tqdm=True)
     callback = make_drift_callback()(s["batches"], s["clusters"], layers=LAYERS, every=2, n_bootstrap=50)
+    dashboard = recording_integration()
     trainer = make_drift_trainer()(model=s["model"], args=args, train_dataset=data, data_collator=lambda xs: xs[0],
-                                   objective=objective, callbacks=[callback])
+                                   objective=objective, callbacks=[dashboard, callback])
     trainer.train()
     objective.detach()
     logs = trainer.state.log_history
+    seen = [(step, e) for step, e in dashboard.calls if "drift_mmd/layer_1" in e]
+    assert [step for step, _ in seen] == [2, 4]             # a report_to integration sees the drift, at its step
+    for _, e in seen:
+        for la in LAYERS:
+            assert {f"drift_mmd/layer_{la}{suf}" for suf in ("", "_lo", "_hi", "_p")} <= set(e)
+            assert e[f"drift_mmd/layer_{la}_lo"] <= e[f"drift_mmd/layer_{la}_hi"]
     steps = [entry for entry in logs if "lm_loss" in entry]
     assert len(steps) == 4
     assert any("drift_loss" in e for e in steps) and any("contrast_loss" in e for e in steps)
@@ -138,6 +145,57 @@ def test_trainer_logs_terms_and_the_callbacks_drift(setup, tmp_path):
             lo, eff, hi = (e[f"drift_mmd/layer_{la}{suf}"] for suf in ("_lo", "", "_hi"))
             assert np.isfinite([lo, eff, hi]).all()
     assert len(callback.history) == 2 * len(LAYERS)
+
+
+def recording_integration():
+    """A stand-in for a ``report_to`` integration (W&B, TensorBoard): a callback that records ``on_log``.
+
+    Trainer puts the integrations before the user's callbacks, so this one goes first too."""
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.calls = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.calls.append((state.global_step, dict(logs or {})))
+
+    return Recorder()
+
+
+def test_a_plain_trainer_with_an_attached_callback_reaches_report_to(setup, tmp_path):
+    import copy
+
+    from transformers import Trainer, TrainingArguments
+
+    from driftlens.trainer import drift_log_names, make_drift_callback
+
+    s = dict(setup, model=copy.deepcopy(setup["model"]))
+    batch = _mixed_batches(s)
+    data = [batch(2 * i) for i in range(3)]                 # image batches: the model's own LM loss
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, logging_steps=10, learning_rate=1e-3,
+                             per_device_train_batch_size=1, report_to=[], save_strategy="no", use_cpu=True,
+                             remove_unused_columns=False, disable_tqdm=True)
+    dashboard = recording_integration()
+    trainer = Trainer(model=s["model"], args=args, train_dataset=data, data_collator=lambda xs: xs[0],
+                      callbacks=[dashboard])
+    callback = make_drift_callback()(s["batches"], s["clusters"], layers=LAYERS, every=2, n_bootstrap=30)
+    assert callback.attach(trainer) is trainer and callback.trainer is trainer
+    trainer.train()
+    names = drift_log_names(3)
+    assert names == {"effect": "drift_mmd/layer_3", "lo": "drift_mmd/layer_3_lo", "hi": "drift_mmd/layer_3_hi",
+                     "p": "drift_mmd/layer_3_p"}
+    seen = [step for step, e in dashboard.calls if set(names.values()) <= set(e)]
+    assert seen == [2, 3]                                   # every 2 steps and the last
+    assert [e["step"] for e in trainer.state.log_history if names["effect"] in e] == [2, 3]
+
+    unattached = make_drift_callback()(s["batches"], s["clusters"], layers=LAYERS, every=1, n_bootstrap=30)
+    args.max_steps = 1
+    plain = Trainer(model=s["model"], args=args, train_dataset=data, data_collator=lambda xs: xs[0],
+                    callbacks=[unattached])
+    with pytest.warns(UserWarning, match="not attached to its trainer"):
+        plain.train()
+    assert any(names["effect"] in e for e in plain.state.log_history)
 
 
 def test_visual_states_match_the_tapped_rows_and_clusters(setup):

@@ -27,6 +27,28 @@ def test_every_command_has_help(capsys):
         assert "usage: driftlens " + cmd in capsys.readouterr().out
 
 
+def test_every_command_help_has_examples_and_shows_its_defaults(capsys):
+    """Each ``--help`` ends with examples of that command, and every option with a default says it."""
+    import argparse
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for cmd, command in sub.choices.items():
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = " ".join(capsys.readouterr().out.split())          # unwrapped
+        assert f"examples: driftlens {cmd}" in text, cmd
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            assert action.help, (cmd, action.option_strings)           # every option says what it does
+            shown = action.default is not None and not isinstance(action.default, bool) and action.default != []
+            if shown and not action.required:
+                help_text = " ".join((action.help % {"default": action.default}
+                                      if "%(default)" in action.help else action.help).split())
+                assert "default" in help_text.lower() or f"(default: {action.default})" in text, (cmd, action.dest)
+
+
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "driftlens.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout

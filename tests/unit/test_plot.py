@@ -371,3 +371,74 @@ def test_heatmap_marks_come_from_the_minimum_effect_test(runs_rep):
     assert not any(t.get_text().endswith("*") for t in none.texts)
     with pytest.raises(UsageError, match="min-effect"):
         plot.drift_heatmap(one.drop_vars("mmd_pmin"), "mmd", marks="min_effect")
+
+
+# ------------------------------------------------------------------------------------ readable figures (issue 26)
+
+def test_heatmap_numbers_share_one_precision(rep):
+    """``0.100`` beside ``0.058``: one number of decimals per metric, not 3 significant digits per cell."""
+    r = rep.copy(deep=True)
+    sel = dict(site="hidden", modality="visual")
+    vals = np.full((len(CKPTS), L), 0.0577)
+    vals[1, 0] = 0.1
+    r["mmd"].loc[sel] = vals
+    ax = plot.drift_heatmap(r, "mmd", ax=new_ax(), marks="none")
+    texts = {t.get_text() for t in ax.texts}
+    assert texts == {"0.100", "0.058"}
+
+
+def test_many_trajectory_lines_band_only_the_highlighted_ones():
+    ckpts = ("base", *(f"ko-{k}" for k in range(1, 6)), *(f"en-{k}" for k in range(1, 6)))
+    r = make_report(n_layers=L, checkpoints=ckpts, seed=5)
+    r["mmd"].loc[dict(checkpoint="base")] = 0.0
+    ax = plot.drift_by_layer(r, "mmd", ax=new_ax())            # 10 lines: bands on ko-5 and en-5 only
+    assert len(bands(ax)) == 2 and "bands only on ko-5, en-5" in ax.get_title()
+    widths = {line.get_label(): line.get_linewidth() for line in ax.get_lines() if line.get_label() in ckpts}
+    assert widths["ko-5"] > widths["ko-2"] and widths["en-5"] > widths["en-1"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(ckpts[1:])     # trajectory order kept
+    ax = plot.drift_by_layer(r, "mmd", ax=new_ax(), highlight="ko-3")
+    assert len(bands(ax)) == 1 and "bands only on ko-3" in ax.get_title()
+    assert len(bands(plot.drift_by_layer(r, "mmd", ax=new_ax(), highlight=None))) == 10
+    ax = plot.modality_gap_by_layer(r, ax=new_ax())            # gap: the reference has a line, and its band
+    assert len(bands(ax)) == 3 and "bands only on base, ko-5, en-5" in ax.get_title()
+    with pytest.raises(UsageError, match="highlight"):
+        plot.drift_by_layer(r, "mmd", ax=new_ax(), highlight="zz-1")
+    ax = plot.drift_by_layer(r, "mmd", ax=new_ax(), highlight="base")  # the reference's zero row is not drawn
+    assert len(bands(ax)) == 0 and "base" not in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_a_band_of_few_resamples_is_not_called_95_percent(rep):
+    r = rep.copy()
+    r["sinkhorn_lo"].attrs["n_bootstrap"] = 10
+    r["mmd_lo"].attrs["n_bootstrap"] = 1000
+    assert "95% interval (probe sampling, 1000 cluster resamples)" in plot.band_note(r, "mmd")
+    note = plot.band_note(r, "sinkhorn")
+    assert "95% interval" not in note and "10 cluster resamples" in note
+    assert "95% interval" not in plot.drift_by_layer(r, "sinkhorn", ax=new_ax()).get_title()
+
+
+def test_several_metrics_say_what_their_bands_are_once(rep):
+    r = rep.copy()
+    for m in ("sinkhorn", "sliced_w", "gauss_w2"):
+        r[f"{m}_lo"].attrs["n_bootstrap"] = 10
+    r["mmd_lo"].attrs["n_bootstrap"] = 1000
+    axes = plot.metrics_by_layer(r)
+    assert len(axes) == 4 and all("bands" not in ax.get_title() for ax in axes)
+    assert [ax.get_legend() is not None for ax in axes] == [False, False, False, True]
+    title = axes[0].figure._suptitle.get_text()
+    assert title.count("rough interval from only 10") == 1 and title.count("1000 cluster resamples") == 1
+
+
+def test_grounding_colours_mean_what_the_trajectories_mean_elsewhere(rep):
+    """The Korean trajectory's colour in the drift figures is Korean's colour here (it was English's)."""
+    acc = {"base": {"en": 0.9, "ko": 0.3}, "ko-1": {"en": 0.6, "ko": 0.5}}
+    ctrl = {"base": {"en": 0.9, "ko": 0.3}, "en-1": {"en": 0.88, "ko": 0.28}}
+    ax = new_ax()
+    plot.grounding_vs_drift(acc, {"base": 0.0, "ko-1": 0.2}, ax=ax)
+    plot.grounding_vs_drift(ctrl, {"base": 0.0, "en-1": 0.1}, ax=ax, tag=" (control)")
+    styles = plot._checkpoint_styles(["base", "ko-1", "en-1"], "base")
+    from matplotlib.colors import to_hex
+
+    colour = {line.get_label(): to_hex(line.get_color()) for line in ax.get_lines()}
+    assert colour["ko"] == to_hex(styles["ko-1"]["color"]) and colour["en"] == to_hex(styles["en-1"]["color"])
+    assert colour["ko (control)"] == colour["ko"] and colour["en (control)"] == colour["en"]
