@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -473,13 +474,10 @@ def run_stats(values: np.ndarray, draws: np.ndarray, *, level: float = 0.95, min
     if n_runs < 2:
         raise UsageError(f"across-run inference needs at least 2 runs, got {n_runs}")
     mean, sd = values.mean(0), values.std(0, ddof=1)                  # [...]
-    run_mean = np.nanmean(np.asarray(draws, dtype=np.float64), axis=0)   # [..., B]: the run-mean per draw
-    with np.errstate(invalid="ignore", divide="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            v_probe = np.nan_to_num(np.nanvar(run_mean, axis=-1, ddof=1), nan=0.0)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # all-NaN draws (the reference's cells)
+        run_mean = np.nanmean(np.asarray(draws, dtype=np.float64), axis=0)   # [..., B]: the run-mean per draw
+        v_probe = np.nan_to_num(np.nanvar(run_mean, axis=-1, ddof=1), nan=0.0)
     se = np.sqrt(sd ** 2 / n_runs + v_probe)
     tq = stats.t.ppf((1 + level) / 2, n_runs - 1)
     out = {"mean": mean, "sd": sd, "v_probe": v_probe, "se": se, "lo": mean - tq * se, "hi": mean + tq * se}

@@ -349,6 +349,13 @@ def _pass_on_report_warnings(report) -> None:
         warnings.warn(f"the drift report says: {w}", stacklevel=3)
 
 
+def _runs_of(report) -> list[str] | None:
+    """The training runs a signal was averaged over (one, when a run was picked with ``sel``)."""
+    if "run" not in report.coords:
+        return None
+    return [str(v) for v in np.atleast_1d(report["run"].values)]
+
+
 def allocate_ranks(report: xr.Dataset, budget: int, signal: str | Mapping[str, str] = "mmd",
                    rule: Rule = "proportional", min_rank: int = 1, max_rank: int = 64,
                    modules: Sequence[str] | None = None, *, checkpoint: str | int | None = None,
@@ -472,7 +479,7 @@ def allocate_ranks(report: xr.Dataset, budget: int, signal: str | Mapping[str, s
         "signal": dict(signal) if isinstance(signal, Mapping) else signal,
         "signals": exprs, "rule": rule, "budget": int(budget), "min_rank": int(min_rank),
         "max_rank": int(max_rank), "share": share if rule == "cumulative" else None, "checkpoint": ck,
-        "contrast": con, "runs": list(map(str, report["run"].values)) if "run" in report.coords else None,
+        "contrast": con, "runs": _runs_of(report),
         "modality_default": modality, "alpha_ratio": alpha_ratio, "use_rslora": bool(use_rslora),
         "lora_alpha": lora_alpha, "family": spec.family,
         "model_type": (getattr(getattr(model, "config", None), "model_type", None) if model is not None else None)
