@@ -353,7 +353,7 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
             "layers": None if layers is None and n_config is None else
             (list(range(n_config)) if layers is None else layers)}
     _precheck_store(out, want)
-    idents = {label: identity(src, model if source_kind(src) == "adapter_dir" else None)
+    idents = {label: identity(src, model if source_kind(src) in ("adapter_dir", "merge") else None)
               for label, src in ckpts.items()}
     done = set(_peek(out).get("completed", []))
     _check_identities(out, ckpts, idents, done - set(overwrite))
@@ -443,7 +443,7 @@ def _capture_task(label, src, model, probes, out, options, lock_name) -> str:
 def _materialize(src, model, base_cache, allow_pickle, trust_remote_code):
     kind = source_kind(src)
     base = None
-    if kind == "adapter_dir":
+    if kind == "adapter_dir" or (kind == "merge" and src.base is None):
         if "base" not in base_cache:
             base_cache["base"] = (
                 load_model_dir(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -451,7 +451,7 @@ def _materialize(src, model, base_cache, allow_pickle, trust_remote_code):
             )
         base = base_cache["base"]
     return load_source(src, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                       base_name=describe(model))
+                       base_name=describe(model), cache=base_cache)
 
 
 def _peek(out: Path) -> dict:
@@ -672,6 +672,13 @@ def _check_sources(model, ckpts: dict, config, trust_remote_code: bool) -> None:
             _same_architecture(label, src, load_config(src, trust_remote_code), model, config)
         elif kind == "adapter_dir":
             _check_adapter_base(label, src, model)
+        elif kind == "merge":              # its parts, as checkpoints of their own (an adapter: on the merge's base)
+            from driftlens.merges import components
+
+            parts = components(src, model)
+            _check_sources(parts["base"], {f"{label} (merge ADAPTED)": parts["adapted"]}, config, trust_remote_code)
+            if parts["base"] is not model:
+                _check_sources(model, {f"{label} (merge BASE)": parts["base"]}, config, trust_remote_code)
 
 
 def _check_adapter_base(label, src, model) -> None:
@@ -713,11 +720,15 @@ def _check_out_not_in_inputs(out, model, ckpts: dict, probes) -> None:
     A store inside the probe set's folder is allowed: capture writes only into the store folder, which
     must be new or a store, and the probe set's fingerprint covers its manifest and images.
     """
+    from driftlens.merges import Merge, components
     from driftlens.outputs import check_output
 
     inputs = [("model directory", model)] if isinstance(model, (str, os.PathLike)) else []
     inputs += [(f"checkpoint {label!r} directory", src) for label, src in ckpts.items()
                if isinstance(src, (str, os.PathLike))]
+    inputs += [(f"checkpoint {label!r} merge {role} directory", part) for label, src in ckpts.items()
+               if isinstance(src, Merge) for role, part in components(src).items()
+               if isinstance(part, (str, os.PathLike))]
     inputs.append(("probe manifest", probes.manifest))
     check_output(out, inputs)
 

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Literal
 
 from driftlens.engine import CORRECTIONS, DatasetBlocks, StoreBlocks, assemble, make_plan, run_grid, task_notes
 from driftlens.errors import DriftError
+from driftlens.merges import merge_alphas, with_merge_alpha
 from driftlens.registry import ALIASES, ALL_METRICS, DEFAULT_METRICS, DISTRIBUTIONAL, METRICS
 from driftlens.schema import MODALITIES, Modality, Site
 from driftlens.store import Verify, check_report_path, save_report
@@ -292,7 +293,7 @@ def _drift_one(ds, options: dict) -> xr.Dataset:
 
         resolve_device(device)      # an unavailable device is refused here, before any task runs
     results = run_grid(plan, blocks or DatasetBlocks(ds), client=client, progress=progress)
-    report = assemble(plan, results)
+    report = with_merge_alpha(assemble(plan, results), merge_alphas(ds))    # merged checkpoints: their alpha
     for w in plan.notes + task_notes(results):
         warnings.warn(w, stacklevel=4)   # the caller of drift(), past its error wrapper
     return report
