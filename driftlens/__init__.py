@@ -2,7 +2,7 @@
 
 The package namespace only re-exports; importing it loads no model and touches no file.
 """
-from driftlens import inference, metrics, plot
+from driftlens import inference, merges, metrics, plot
 from driftlens._version import __version__
 from driftlens.capture import CaptureError, capture
 from driftlens.drift import DriftError, drift
@@ -19,6 +19,7 @@ from driftlens.errors import (
 )
 from driftlens.explore import explore
 from driftlens.inputs import model_inputs
+from driftlens.merges import Merge
 from driftlens.probes import Probe, ProbeError, ProbeSet, list_probe_sets
 from driftlens.probing import probe
 from driftlens.ranks import allocate_ranks
@@ -38,8 +39,9 @@ from driftlens.trainer import DriftObjective
 from driftlens.training import VisualTap
 
 __all__ = ["AnchorDriftLoss", "ArgumentTypeError", "CaptureError", "CheckpointIdentityError", "DataError", "DriftError",
-           "DriftObjective", "DriftlensError", "EnvironmentProblem", "Probe", "ProbeError", "ProbeSet",
+           "DriftObjective", "DriftlensError", "EnvironmentProblem", "Merge", "Probe", "ProbeError", "ProbeSet",
            "RankSchedule", "ScheduleError", "ScheduleFileError", "SourceError", "Spec", "SpecError",
            "StoreIntegrityError", "StoreMismatchError", "UsageError", "VisualTap", "allocate_ranks", "capture",
            "check_store", "drift", "explore", "inference", "list_probe_sets", "list_specs", "load_report", "load_spec",
-           "metrics", "model_inputs", "open_store", "plot", "probe", "save_report", "verify_store", "__version__"]
+           "merges", "metrics", "model_inputs", "open_store", "plot", "probe", "save_report", "verify_store",
+           "__version__"]

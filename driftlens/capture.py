@@ -162,21 +162,27 @@ def _first(x):
 
 
 def trace_batch(nmodel, spec, inputs: dict, layers: list[int], sites: tuple[str, ...],
-                rows_b, rows_p, stop_after: bool = True, stack: bool = True) -> dict:
+                rows_b, rows_p, stop_after: bool = True, stack: bool = True,
+                route_layers: Sequence[int] = (), n_experts: int | None = None) -> dict:
     """Run one nnsight trace and return the gathered rows per site.
 
     Returns
     -------
     dict
-        ``embed`` / ``final`` -> ``[r, d]``; ``hidden`` / ``key`` / ``query`` ->
+        ``embed`` / ``final`` -> ``[r, d]``; ``hidden`` / ``key`` / ``query`` / ``route`` ->
         ``[n_layers, r, width]`` (with ``stack=False``: a list of ``n_layers`` tensors
-        ``[r, width]``, saving a copy). Modules are read in forward order (embed, then per layer
-        q_proj, k_proj, output, then the final norm).
+        ``[r, width]``, saving a copy). ``route`` holds the routing distribution over the
+        ``n_experts`` experts at the sparse blocks ``route_layers`` (the spec's router logits
+        through :meth:`Spec.route_probabilities`) and NaN at dense blocks. Modules are read in
+        forward order (embed, then per layer q_proj, k_proj, the router, output, then the final norm).
     """
     import torch
 
     out: dict[str, list] = {s: [] for s in sites}   # created before the trace (nnsight gotcha)
     decoder = _envoy(nmodel, spec.decoder_layers)
+    sparse = set(route_layers) if "route" in sites else set()
+    seq = int(inputs["input_ids"].shape[1])
+    flat = rows_b * seq + rows_p                     # routers see the batch flattened to [B * S, hidden]
     with torch.inference_mode(), nmodel.trace(**inputs, use_cache=False) as tracer:
         if "embed" in sites:
             out["embed"].append(_first(decoder[0].input)[rows_b, rows_p].save())
@@ -186,12 +192,20 @@ def trace_batch(nmodel, spec, inputs: dict, layers: list[int], sites: tuple[str,
                 out["query"].append(_envoy(block, spec.query_proj).output[rows_b, rows_p].save())
             if "key" in sites:
                 out["key"].append(_envoy(block, spec.key_proj).output[rows_b, rows_p].save())
+            if i in sparse:
+                logits = _envoy(block, spec.router).output[spec.router_logits]
+                out["route"].append((logits[rows_b, rows_p] if logits.ndim == 3 else logits[flat]).save())
             if "hidden" in sites:
                 out["hidden"].append(_first(block.output)[rows_b, rows_p].save())
         if "final" in sites:
             out["final"].append(_first(_envoy(nmodel, spec.final_norm).output)[rows_b, rows_p].save())
         if stop_after:
             tracer.stop()
+    if "route" in sites:
+        probs = iter([spec.route_probabilities(t) for t in out["route"]])
+        out["route"] = [next(probs) if i in sparse else
+                        torch.full((len(rows_b), int(n_experts or 1)), float("nan"), device=flat.device)
+                        for i in layers]
     result = {}
     for s in sites:
         if s in UNLAYERED:
@@ -327,6 +341,10 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
         spec = load_spec(config)
     elif not isinstance(spec, Spec):
         spec = load_spec(path=spec)
+    if "route" in sites and spec.router is None:
+        raise UsageError(f"site 'route' reads a mixture-of-experts router, and spec {spec.path} (family "
+                         f"{spec.family!r}) names none (a dense decoder); leave 'route' out of --sites, or add "
+                         f"`router` to the spec")
     n_config = _config_layers(config)
     if layers is not None and n_config is not None:
         _layers_in_range(layers, n_config, describe(model))
@@ -343,7 +361,7 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
             "layers": None if layers is None and n_config is None else
             (list(range(n_config)) if layers is None else layers)}
     _precheck_store(out, want)
-    idents = {label: identity(src, model if source_kind(src) == "adapter_dir" else None)
+    idents = {label: identity(src, model if source_kind(src) in ("adapter_dir", "merge") else None)
               for label, src in ckpts.items()}
     for label, src in ckpts.items():          # a hub id: repository, the revision asked for, the commit it is
         hub = hub_record(asked[label], src)
@@ -451,7 +469,7 @@ def _capture_task(label, src, model, probes, out, options, lock_name) -> str:
 def _materialize(src, model, base_cache, allow_pickle, trust_remote_code):
     kind = source_kind(src)
     base = None
-    if kind == "adapter_dir":
+    if kind == "adapter_dir" or (kind == "merge" and src.base is None):
         if "base" not in base_cache:
             base_cache["base"] = (
                 load_model_dir(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -459,7 +477,7 @@ def _materialize(src, model, base_cache, allow_pickle, trust_remote_code):
             )
         base = base_cache["base"]
     return load_source(src, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                       base_name=describe(model))
+                       base_name=describe(model), cache=base_cache)
 
 
 def _peek(out: Path) -> dict:
@@ -700,6 +718,13 @@ def _check_sources(model, ckpts: dict, config, trust_remote_code: bool) -> None:
             _same_architecture(label, src, load_config(src, trust_remote_code), model, config)
         elif kind == "adapter_dir":
             _check_adapter_base(label, src, model)
+        elif kind == "merge":              # its parts, as checkpoints of their own (an adapter: on the merge's base)
+            from driftlens.merges import components
+
+            parts = components(src, model)
+            _check_sources(parts["base"], {f"{label} (merge ADAPTED)": parts["adapted"]}, config, trust_remote_code)
+            if parts["base"] is not model:
+                _check_sources(model, {f"{label} (merge BASE)": parts["base"]}, config, trust_remote_code)
 
 
 def _check_adapter_base(label, src, model) -> None:
@@ -749,11 +774,15 @@ def _check_out_not_in_inputs(out, model, ckpts: dict, probes) -> None:
     A store inside the probe set's folder is allowed: capture writes only into the store folder, which
     must be new or a store, and the probe set's fingerprint covers its manifest and images.
     """
+    from driftlens.merges import Merge, components
     from driftlens.outputs import check_output
 
     inputs = [("model directory", model)] if isinstance(model, (str, os.PathLike)) else []
     inputs += [(f"checkpoint {label!r} directory", src) for label, src in ckpts.items()
                if isinstance(src, (str, os.PathLike))]
+    inputs += [(f"checkpoint {label!r} merge {role} directory", part) for label, src in ckpts.items()
+               if isinstance(src, Merge) for role, part in components(src).items()
+               if isinstance(part, (str, os.PathLike))]
     inputs.append(("probe manifest", probes.manifest))
     check_output(out, inputs)
 
@@ -776,12 +805,13 @@ def _capture_one(net, spec, plan: Plan, label, layer_ids, sites, dev, out, store
     nmodel = NNsight(net)
     fdtype = _model_dtype(net)
     writer = None
+    route = _route_info(net, spec, layer_ids, label, src) if "route" in sites else {}
     try:
         for batch in tqdm(plan.batches, desc=f"capture {label}", leave=False, disable=not progress):
             raise_if_interrupted()
-            arrays = _trace_arrays(nmodel, spec, batch, layer_ids, sites, dev, fdtype, label, src)
+            arrays = _trace_arrays(nmodel, spec, batch, layer_ids, sites, dev, fdtype, label, src, route)
             if store is None:
-                store = ActivationStore(out, _meta(ctx, spec, layer_ids, sites, arrays, plan), plan.tokens)
+                store = ActivationStore(out, _meta(ctx, spec, layer_ids, sites, arrays, plan, route), plan.tokens)
             if writer is None:
                 writer = store.writer(store.slot(label))
             for s, arr in arrays.items():
@@ -793,7 +823,18 @@ def _capture_one(net, spec, plan: Plan, label, layer_ids, sites, dev, out, store
     return store
 
 
-def _trace_arrays(nmodel, spec, batch: Batch, layer_ids, sites, dev, fdtype, label, src) -> dict:
+def _route_info(net, spec, layer_ids, label, src) -> dict:
+    """The sparse blocks among ``layer_ids``, the number of experts and experts per token (site ``route``)."""
+    sparse = [i for i in spec.router_layers(net) if i in layer_ids]
+    if not sparse:
+        raise CaptureError(f"checkpoint {label!r} ({describe(src)}): site 'route' asked, but none of the captured "
+                           f"decoder blocks {list(layer_ids)} has the router {spec.router!r} of spec {spec.path} "
+                           f"(sparse blocks: {spec.router_layers(net)}); capture a sparse block or leave 'route' out")
+    return {"route_layers": sparse, "n_experts": spec.n_experts(net), "route_top_k": spec.top_k(net.config),
+            "route_scores": spec.router_scores}
+
+
+def _trace_arrays(nmodel, spec, batch: Batch, layer_ids, sites, dev, fdtype, label, src, route=None) -> dict:
     """One batch's captured rows as host arrays: ``embed`` ``[r, d]``; layered sites a list of
     ``n_layers`` arrays ``[r, width]`` (cast to the storage dtype when written)."""
     import torch
@@ -801,8 +842,10 @@ def _trace_arrays(nmodel, spec, batch: Batch, layer_ids, sites, dev, fdtype, lab
     inputs = _to_device(batch.inputs, dev, fdtype)
     rb = torch.as_tensor(batch.rows_b, device=dev)
     rp = torch.as_tensor(batch.rows_p, device=dev)
+    route = route or {}
     try:
-        got = trace_batch(nmodel, spec, inputs, layer_ids, sites, rb, rp, stack=False)
+        got = trace_batch(nmodel, spec, inputs, layer_ids, sites, rb, rp, stack=False,
+                          route_layers=route.get("route_layers", ()), n_experts=route.get("n_experts"))
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise _explain(exc, label, src, batch) from exc
     return {s: _host(v) if s in UNLAYERED else [_host(t) for t in v] for s, v in got.items()}
@@ -818,9 +861,11 @@ def _host(t) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def _meta(ctx, spec, layer_ids, sites, arrays, plan) -> dict:
+def _meta(ctx, spec, layer_ids, sites, arrays, plan, route=None) -> dict:
     probes, config = ctx["probes"], ctx["config"]
+    route = {k: v for k, v in (route or {}).items() if k != "n_experts"}   # the width is in `dims`
     return {
+        **route,
         "model_type": config.model_type,
         "family": spec.family,
         "probe_set": probes.name,

@@ -85,6 +85,46 @@ def transport_cell(f, r, c, rows: Rows, flips, counts, level):
     return I.Inference(value - base, lo, hi, I.p_value(null, value), rows.k), boot
 
 
+def routing_cell(r, c, rows: Rows, flips, counts, level, metrics) -> dict:
+    """The routing metrics of one (checkpoint, sparse layer, modality) cell.
+
+    ``r``, ``c`` [n, E]: the same tokens' routing distributions at the reference and the checkpoint.
+    Returns metric -> ``(Inference, draws [B])`` for the requested ones among ``route_js`` and
+    ``route_load`` (:func:`driftlens.inference.paired_routing`).
+    """
+    js, delta = I.routing_terms(r, c, rows.codes, rows.k)
+    out = {}
+    if "route_js" in metrics:
+        out["route_js"] = I.cluster_mean_draws(js, counts, level)
+    if "route_load" in metrics:
+        out["route_load"] = I.u_statistic_draws(I.gram_rows(delta), flips, counts, level)
+    return out
+
+
+def top_k_members(route_ref, k: int):
+    """[n, E] bool: row i is routed to expert e at the reference (e among its ``k`` most probable experts)."""
+    import torch
+
+    top = torch.topk(route_ref, min(int(k), route_ref.shape[1]), dim=1).indices                # [n, k]
+    return torch.zeros(route_ref.shape, dtype=torch.bool, device=route_ref.device).scatter_(1, top, True)
+
+
+def expert_cell(r, c, rows: Rows, member, sigma, flips, counts, level, where: str):
+    """Paired cluster MMD^2 of one cell restricted to the rows in ``member`` [n] (the tokens routed to one
+    expert at the reference): ``(Inference, draws [B])``, the draws paired with every other cell's
+    (:func:`driftlens.inference.subset_u_draws`)."""
+    import torch
+
+    codes = rows.codes[member]
+    present = torch.bincount(codes.cpu(), minlength=rows.k) > 0
+    h = I.paired_mmd_matrix(r[member], c[member], codes, rows.k, sigma)
+    try:
+        return I.subset_u_draws(h.cpu(), present, flips, counts, level)
+    except FloatingPointError as exc:
+        raise DriftError(f"expert_mmd at {where}: {exc} (sigma {sigma:.4g}); please report this with the "
+                         f"store") from exc
+
+
 def _gap_terms(v, t, cv, ct, k):
     """Per-cluster sums of L2-normalized visual / text vectors [K, d] and counts [K]."""
     import torch

@@ -67,14 +67,19 @@ def _add_capture(sub) -> None:
     p.add_argument("--probes", default="shapes-bilingual",
                    help="probe-set name under data/probes or a manifest.jsonl path (default: %(default)s)")
     p.add_argument("--checkpoint", "-c", action="append", type=_checkpoint_arg, default=[],
-                   metavar="LABEL=PATH",
-                   help="a trajectory point, in order: a model directory or a PEFT adapter directory "
-                        "(applied on MODEL), or a hub id org/name[@REVISION] of either; repeat. Default: MODEL "
-                        "alone, labelled 'model'")
+                   metavar="LABEL=SOURCE",
+                   help="a trajectory point, in order: a model directory, a PEFT adapter directory "
+                        "(applied on MODEL), a hub id org/name[@REVISION] of either, or a merge "
+                        "'merge:METHOD:ALPHA[,density=D][,seed=S]:[BASE:]ADAPTED' "
+                        "(BASE + ALPHA * (ADAPTED - BASE); METHOD linear, ties or dare; BASE left out: MODEL; "
+                        "e.g. -c merge-0.5=merge:linear:0.5:BASE:ADAPTED); repeat. Default: MODEL alone, "
+                        "labelled 'model'")
     p.add_argument("--out", "-o", default="driftlens.zarr", help="store folder (default: %(default)s)")
     p.add_argument("--sites", nargs="+", default=["hidden", "key", "final"],
-                   choices=["embed", "hidden", "key", "query", "final"],
-                   help="what to capture (default: hidden key final; final = the decoder's final-norm output)")
+                   choices=["embed", "hidden", "key", "query", "route", "final"],
+                   help="what to capture (default: hidden key final; final = the decoder's final-norm output; "
+                        "route = the routing distribution over experts at a mixture-of-experts decoder's sparse "
+                        "blocks, for the metrics route_js, route_load, expert_mmd)")
     p.add_argument("--layers", nargs="+", type=_nonneg, default=None,
                    help="decoder layers, each once (default: all)")
     p.add_argument("--batch-size", type=_count, default=8, help="probes per forward pass")

@@ -41,6 +41,16 @@ Cross-modal values per checkpoint, with cluster-bootstrap intervals: ``gap`` (Li
 2022; per layer and site) and ``mir`` (Huang et al. 2025; ``hidden`` only, visual tokens vs the
 text tokens after the image; the last layer on the post-final-norm state, site ``final``, as the
 paper's ``hidden_states[-1]``), and ``mir_total = log10(sum over layers)``.
+
+Mixture-of-experts decoders (a store with the site ``route``: per-token routing distributions at
+the sparse layers), per (checkpoint, sparse layer, modality): ``route_js``, the mean per-token
+Jensen-Shannon divergence between a token's routing at the reference and at the checkpoint (bits;
+interval, no p-value -- a per-token change of a deterministic model has no sampling null), and
+``route_load``, the expert-load shift (the paired cluster U-statistic of the mean routing change;
+interval and sign-flip p-value, like ``mmd``). ``expert_mmd`` is ``mmd`` restricted to the tokens the
+reference routes to one expert (per sparse layer, site, modality and expert; ``expert_clusters``
+counts the clusters with such tokens, NaN cells below ``expert_min_clusters`` with the reason in
+the report's warnings).
 """
 from __future__ import annotations
 
@@ -49,8 +59,9 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
-from driftlens.engine import CORRECTIONS, DatasetBlocks, StoreBlocks, assemble, make_plan, run_grid
+from driftlens.engine import CORRECTIONS, DatasetBlocks, StoreBlocks, assemble, make_plan, run_grid, task_notes
 from driftlens.errors import DriftError
+from driftlens.merges import merge_alphas, with_merge_alpha
 from driftlens.registry import ALIASES, ALL_METRICS, DEFAULT_METRICS, DISTRIBUTIONAL, METRICS
 from driftlens.schema import MODALITIES, Modality, Site
 from driftlens.store import Verify, check_report_path, save_report
@@ -60,7 +71,8 @@ if TYPE_CHECKING:
     import xarray as xr
     from distributed import Client
 
-Metric = Literal["mmd", "sinkhorn", "sliced_w", "gauss_w2", "paired_shift", "shift", "gap", "mir"]
+Metric = Literal["mmd", "sinkhorn", "sliced_w", "gauss_w2", "paired_shift", "shift", "gap", "mir", "route_js",
+                 "route_load", "expert_mmd"]
 Correction = Literal["bh", "holm"] | None
 
 # ----------------------------------------------------------------------------- the report
@@ -137,7 +149,9 @@ def drift(ds: xr.Dataset | str | os.PathLike | Mapping[str, xr.Dataset | str | o
         Reference checkpoint label (default: the first).
     metrics : sequence of str
         Any of ``mmd``, ``sinkhorn``, ``sliced_w``, ``gauss_w2``, ``paired_shift`` (or
-        ``shift``), ``gap``, ``mir``.
+        ``shift``), ``gap``, ``mir``; for a store with the site ``route`` (a mixture-of-experts
+        decoder), ``route_js``, ``route_load`` (per sparse layer and modality) and ``expert_mmd``
+        (per sparse layer, site, modality and expert).
     sites : sequence of str, optional
         Layered sites (default: those in the store among ``hidden``, ``key``, ``query``).
     modalities : sequence of str
@@ -301,10 +315,10 @@ def _drift_one(ds, options: dict) -> xr.Dataset:
 
         resolve_device(device)      # an unavailable device is refused here, before any task runs
     results = run_grid(plan, blocks or DatasetBlocks(ds), client=client, progress=progress)
-    report = assemble(plan, results)
+    report = with_merge_alpha(assemble(plan, results), merge_alphas(ds))    # merged checkpoints: their alpha
     report.attrs["verify"] = checked
     report.attrs["warnings"] = "\n".join(w for w in [report.attrs.get("warnings", ""), *notes] if w)
-    for w in plan.notes:
+    for w in tuple(plan.notes) + tuple(task_notes(results)):
         warnings.warn(w, stacklevel=4)   # the caller of drift(), past its error wrapper
     return report
 

@@ -26,8 +26,8 @@ import numpy as np
 from driftlens import cells
 from driftlens import inference as I
 from driftlens.errors import DriftError, check_count, raise_if_interrupted
-from driftlens.registry import ALIASES, ALL_METRICS, METRICS, base_metric
-from driftlens.schema import CLUSTER_COORDS, REPORT_DIMS
+from driftlens.registry import ALIASES, ALL_METRICS, METRICS, base_metric, of_kind
+from driftlens.schema import CLUSTER_COORDS, REPORT_DIMS, ROUTE_SITE
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 CORRECTIONS = ("bh", "holm", None)
 FEW_CLUSTERS = 10   # below this, percentile intervals are rough; said in the report's warnings
 MMD_CACHE_ROWS = 4096   # the reference's kernel tile is kept across a task's checkpoints up to this size
+#: an expert's cell needs tokens routed to it from this many clusters (else NaN, and the report says why)
+EXPERT_MIN_CLUSTERS = 5
+EXPERT_CLUSTERS = "expert_clusters"     # the report variable counting them, per (layer, modality, expert)
 #: What a report records of the store it was computed from: the probe set's fingerprint, the token
 #: selection's hash and the store's path (``AnchorDriftLoss.from_store(weights=report)`` compares them).
 IDENTITY_ATTRS = ("probe_fingerprint", "token_selection", "store_path")
@@ -133,8 +136,8 @@ class StoreBlocks:
 class Task:
     """One (site, layer) block of the grid and what to compute there."""
 
-    site: str
-    site_index: int | None    # index on the report's ``site`` dim; None: the site only feeds ``mir``
+    site: str                 # a report site, or ``route`` (the routing metrics' task at a sparse layer)
+    site_index: int | None    # index on the report's ``site`` dim; None: the site only feeds ``mir`` or routing
     layer: int
     layer_index: int
     mir: bool                 # compute the layer's MIR term here (site ``hidden``)
@@ -177,6 +180,10 @@ class GridPlan:
     notes: tuple[str, ...]
     n_clusters: dict[str, int]     # "all" and per modality
     attrs: dict = field(default_factory=dict)
+    route_layers: tuple[int, ...] = ()   # sparse (mixture-of-experts) layers among ``layers`` (site ``route``)
+    route_top_k: int = 1           # experts per token: a token belongs to its top-k experts' cells
+    n_experts: int = 0             # length of the report's ``expert`` dim
+    expert_min_clusters: int = EXPERT_MIN_CLUSTERS
 
     def of_kind(self, *kinds) -> list[str]:
         """The plan's metrics of these kinds (:mod:`driftlens.registry`), in the caller's order."""
@@ -272,6 +279,10 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
         raise DriftError(f"reference {reference!r} is not a checkpoint of the store; it has {labels}")
     if sites is None:
         sites = [s for s in ("hidden", "key", "query") if s in ds.data_vars]
+    if ROUTE_SITE in sites:
+        raise DriftError(f"site {ROUTE_SITE!r} holds routing distributions, read by the routing metrics "
+                         f"({', '.join(of_kind('routing'))}), not a site of the distributional ones; leave it out of "
+                         f"sites and add the routing metrics to metrics")
     missing = [s for s in sites if s not in ds.data_vars]
     if missing or not sites:
         raise DriftError(f"site(s) {missing or list(sites)} not in the store; it has {list(ds.data_vars)}")
@@ -313,6 +324,9 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
              for si, site in enumerate(sites) for li, layer in enumerate(layers)]
     if do_mir and "hidden" not in sites:
         tasks += [Task("hidden", None, layer, li, True) for li, layer in enumerate(layers)]
+    metrics, route = _route_plan(ds, metrics, layers, notes)
+    tasks += [Task(ROUTE_SITE, None, layer, layers.index(layer), False) for layer in route.get("route_layers", ())
+              if of_kind_in(metrics, "routing")]
     n_tr = min(transport_resamples, n_permutations), min(transport_resamples, n_bootstrap)
     return GridPlan(
         labels=tuple(labels), reference=reference, layers=tuple(layers), sites=tuple(sites),
@@ -326,7 +340,42 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
         attrs={"model_type": str(ds.attrs.get("model_type", "")), "family": str(ds.attrs.get("family", "")),
                "n_layers": int(ds.attrs.get("n_layers", len(layers))),
                "probe_set": str(ds.attrs.get("probe_set", "")), "cluster_coord": cluster_coord,
-               **_identity_attrs(ds.attrs)})
+               **_identity_attrs(ds.attrs)},
+        **route)
+
+
+def of_kind_in(metrics, *kinds) -> list[str]:
+    """The names among ``metrics`` whose registry kind is one of ``kinds``."""
+    return [m for m in metrics if METRICS[m].kind in kinds]
+
+
+def _route_plan(ds, metrics: list[str], layers: list[int], notes: list) -> tuple[list[str], dict]:
+    """The routing and expert metrics' part of the plan: the sparse layers, top-k and number of experts.
+
+    Without the store site ``route`` those metrics are left out, with a note; a store that does not say
+    which layers are sparse (root attribute ``route_layers``) or how many experts a token goes to
+    (``route_top_k``) gets every layer / top-1, with a note.
+    """
+    wanted = of_kind_in(metrics, "routing", "expert")
+    if not wanted:
+        return metrics, {}
+    if ROUTE_SITE not in ds.data_vars:
+        notes.append(f"{wanted} need the site {ROUTE_SITE!r} (per-token routing distributions of a mixture-of-experts "
+                     f"decoder: capture with sites including 'route' on a model whose spec names its router); "
+                     f"they were skipped")
+        return [m for m in metrics if m not in wanted], {}
+    sparse = ds.attrs.get("route_layers")
+    if sparse is None:
+        notes.append("the store does not record its sparse layers (attribute route_layers): every layer is read as "
+                     "sparse")
+        sparse = layers
+    top_k = ds.attrs.get("route_top_k")
+    if not (isinstance(top_k, int) and top_k > 0):
+        notes.append("the store does not record the experts per token (attribute route_top_k): expert cells use "
+                     "each token's top-1 expert")
+        top_k = 1
+    return metrics, {"route_layers": tuple(int(v) for v in sparse if int(v) in layers), "route_top_k": int(top_k),
+                     "n_experts": int(ds.sizes[str(ds[ROUTE_SITE].dims[-1])])}
 
 
 def _check_token_rows(modality: np.ndarray, modalities, metrics, notes: list) -> None:
@@ -402,6 +451,8 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
     from driftlens.devices import resolve_device
 
     dev = resolve_device(plan.device)
+    if task.site == ROUTE_SITE:
+        return _run_route_task(plan, task, blocks, dev)
     C, Mo = len(plan.labels), len(plan.modalities)
     main = task.site_index is not None
     dist = plan.of_kind("kernel", "transport") if main else []
@@ -439,6 +490,7 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
         sigma[mi] = M.median_sigma(r, pairs="reference", seed=plan.seed) * plan.bandwidth_scale
         per_mod[mi] = {"rows": rows, "r": r, "sigma": sigma[mi],
                        "cache": {} if "mmd" in dist and r.shape[0] <= MMD_CACHE_ROWS else None}
+    experts = _expert_setup(plan, task, blocks, dev, per_mod) if main else None
     where = f"site {task.site!r}, layer {task.layer}"
     for ci, label in enumerate(plan.labels):
         raise_if_interrupted()
@@ -448,6 +500,8 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
                 for m in dist + paired:
                     for suf in ("", "_lo", "_hi", "_boot"):
                         values[m + suf][ci, mi] = 0.0
+                if experts is not None:
+                    _expert_cells(plan, experts, ci, mi, pm, None, "")
                 continue
             rows, r = pm["rows"], pm["r"]
             c = cur_raw[rows.rows] - centre
@@ -467,6 +521,9 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
                 vals = cells.shift_cell(r, c, rows, _draws("counts", rows.k, plan.n_bootstrap, plan.seed), plan.level)
                 for suf, v in zip(("", "_lo", "_hi", "_boot"), vals):
                     values["paired_shift" + suf][ci, mi] = v
+            if experts is not None:
+                _expert_cells(plan, experts, ci, mi, pm, c, f"checkpoint {label!r}, {where}, "
+                                                         f"{plan.modalities[mi]} tokens")
         if do_gap:
             vals = cells.gap_cell(cur_raw[vis], cur_raw[txt], all_codes[vis], all_codes[txt], k_all,
                                   _draws("counts", k_all, plan.n_bootstrap, plan.seed), plan.level)
@@ -480,12 +537,106 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
                 raise DriftError(f"mir is not finite at checkpoint {label!r}, layer {task.layer}")
             values["mir"][ci], values["mir_lo"][ci], values["mir_hi"][ci] = value, lo, hi
             mir_boot[ci] = boot
-    return {"task": task, "values": values, "sigma": sigma, "mir_boot": mir_boot}
+    out = {"task": task, "values": values, "sigma": sigma, "mir_boot": mir_boot}
+    if experts is not None:
+        out["cells"] = {name: ({"layer": task.layer_index, "site": task.site_index}, arr)
+                        for name, arr in experts["values"].items()}
+        out["notes"] = experts["notes"]
+    return out
 
 
 def _put(values, m, idx, inf: I.Inference, draws: np.ndarray) -> None:
     for suf, v in zip(("", "_lo", "_hi", "_p", "_boot"), (inf.effect, inf.lo, inf.hi, inf.p, draws)):
-        values[m + suf][idx] = v
+        if m + suf in values:
+            values[m + suf][idx] = v
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+def _metric_values(plan: GridPlan, names, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """NaN arrays ``shape`` for every output of ``names`` and ``shape + (draws,)`` for their ``_boot``."""
+    out = {m + suf: np.full(shape, np.nan) for m in names for suf in METRICS[m].outputs}
+    out.update({m + "_boot": np.full(shape + (plan.n_draws(m),), np.nan) for m in names})
+    return out
+
+
+def _run_route_task(plan: GridPlan, task: Task, blocks: BlockSource, dev) -> dict:
+    """The routing metrics of one sparse layer (site ``route``), for every checkpoint and modality.
+
+    Returns a task result whose ``cells`` map each variable to ``({"layer": index}, array [checkpoint,
+    modality(, draw)])`` (see :func:`assemble`).
+    """
+    names = plan.of_kind("routing")
+    C, Mo = len(plan.labels), len(plan.modalities)
+    values = _metric_values(plan, names, (C, Mo))
+    ref = _read(blocks, plan.reference, ROUTE_SITE, task.layer, dev)                     # [T, E]
+    mods = {mi: cells.Rows(np.flatnonzero(plan.modality == mod), plan.cluster, dev)
+            for mi, mod in enumerate(plan.modalities) if (plan.modality == mod).any()}
+    for ci, label in enumerate(plan.labels):
+        raise_if_interrupted()
+        cur = ref if label == plan.reference else _read(blocks, label, ROUTE_SITE, task.layer, dev)
+        for mi, rows in mods.items():
+            if label == plan.reference:         # not tested: effect 0 by definition
+                for m in names:
+                    for suf in ("", "_lo", "_hi", "_boot"):
+                        values[m + suf][ci, mi] = 0.0
+                continue
+            got = cells.routing_cell(ref[rows.rows], cur[rows.rows], rows,
+                                     _draws("flips", rows.k, plan.n_permutations, plan.seed),
+                                     _draws("counts", rows.k, plan.n_bootstrap, plan.seed), plan.level, names)
+            for m, (inf, draws) in got.items():
+                _put(values, m, (ci, mi), inf, draws)
+    return {"task": task, "values": {}, "sigma": None, "mir_boot": None,
+            "cells": {name: ({"layer": task.layer_index}, arr) for name, arr in values.items()}, "notes": []}
+
+
+def _expert_setup(plan: GridPlan, task: Task, blocks: BlockSource, dev, per_mod: dict) -> dict | None:
+    """Per modality, which rows the reference routes to each expert at this (sparse) layer, and the cells to fill.
+
+    None when the plan has no expert metric or the layer is dense.
+    """
+    names = plan.of_kind("expert")
+    if not names or task.layer not in plan.route_layers:
+        return None
+    C, Mo, E = len(plan.labels), len(plan.modalities), plan.n_experts
+    ref = _read(blocks, plan.reference, ROUTE_SITE, task.layer, dev)                     # [T, E]
+    values = _metric_values(plan, names, (C, Mo, E))
+    clusters = np.full((Mo, E), np.nan)                                                   # clusters with such tokens
+    members, notes = {}, []
+    for mi, pm in per_mod.items():
+        rows = pm["rows"]
+        member = cells.top_k_members(ref[rows.rows], plan.route_top_k)                   # [n, E]
+        members[mi] = {}
+        for e in range(E):
+            k_e = int((np.bincount(rows.codes[member[:, e]].cpu().numpy(), minlength=rows.k) > 0).sum())
+            clusters[mi, e] = k_e
+            if k_e >= plan.expert_min_clusters:
+                members[mi][e] = member[:, e]
+        small = [e for e in range(E) if clusters[mi, e] < plan.expert_min_clusters]
+        if small:
+            notes.append(f"expert_mmd at layer {task.layer}, site {task.site!r}, {plan.modalities[mi]} tokens: "
+                         f"expert(s) {small} receive tokens from fewer than {plan.expert_min_clusters} clusters "
+                         f"(counts {[int(clusters[mi, e]) for e in small]}): NaN")
+    values[EXPERT_CLUSTERS] = clusters
+    return {"names": names, "values": values, "members": members, "notes": notes}
+
+
+def _expert_cells(plan: GridPlan, experts: dict, ci: int, mi: int, pm: dict, c, where: str) -> None:
+    """Fill the expert cells of one (checkpoint, modality) from its centred rows ``c``."""
+    rows, r = pm["rows"], pm["r"]
+    for e, member in experts["members"].get(mi, {}).items():
+        if plan.labels[ci] == plan.reference:
+            for m in experts["names"]:
+                for suf in ("", "_lo", "_hi", "_boot"):
+                    experts["values"][m + suf][ci, mi, e] = 0.0
+            continue
+        inf, draws = cells.expert_cell(r, c, rows, member, pm["sigma"],
+                                       _draws("flips", rows.k, plan.n_permutations, plan.seed),
+                                       _draws("counts", rows.k, plan.n_bootstrap, plan.seed), plan.level,
+                                       f"{where}, expert {e}")
+        for m in experts["names"]:       # the expert kind: a kernel cell restricted to one expert's tokens
+            _put(experts["values"], m, (ci, mi, e), inf, draws)
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -551,7 +702,9 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
         boots["gap"] = np.full((C, L, S, B), np.nan)
     if mir:
         boots["mir"] = np.full((C, L, B), np.nan)
+    ext = _extra_arrays(plan)
     for out in results:
+        _fill_cells(ext, out.get("cells", {}))
         t = out["task"]
         for name, arr in out["values"].items():
             if name.endswith("_boot"):
@@ -574,15 +727,25 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
 
     level = plan.level
     data = {name: (REPORT_DIMS, arr, _attrs(plan, name)) for name, arr in res.items()}
+    for name, (dims, arr) in ext.items():
+        if name == EXPERT_CLUSTERS:
+            attrs = {"long_name": "clusters with tokens routed to the expert", "units": "clusters",
+                     "definition": f"number of probe clusters with at least one token the reference routes to the "
+                                   f"expert (among its top {plan.route_top_k}) at this layer; expert_mmd is NaN below "
+                                   f"{plan.expert_min_clusters}"}
+        else:
+            attrs = _boot_attrs(plan, name[:-len("_boot")]) if name.endswith("_boot") else _attrs(plan, name)
+        data[name] = (dims, arr, attrs)
     n_tests = {}
     if plan.correction is not None:
         not_ref = np.array([lab != plan.reference for lab in plan.labels])
         for m in plan.metrics:
             if not METRICS[m].tested:
                 continue
-            p = np.where(not_ref[:, None, None, None], res[m + "_p"], np.nan)
+            dims, p = (REPORT_DIMS, res[m + "_p"]) if m + "_p" in res else ext[m + "_p"]
+            p = np.where(not_ref.reshape((-1,) + (1,) * (p.ndim - 1)), p, np.nan)
             n_tests[m] = int(np.isfinite(p).sum())
-            data[m + "_q"] = (REPORT_DIMS, I.adjust_pvalues(p, plan.correction), {
+            data[m + "_q"] = (dims, I.adjust_pvalues(p, plan.correction), {
                 "long_name": f"{METRICS[m].long_name}, adjusted p-value", "units": "1", "correction": plan.correction,
                 "n_tests": n_tests[m],
                 "definition": f"{'Benjamini-Hochberg' if plan.correction == 'bh' else 'Holm'} adjustment of "
@@ -619,6 +782,8 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
                                     f"Sinkhorn blur is a fraction of the median-heuristic sigma itself"})
     coords = {"checkpoint": list(plan.labels), "layer": list(plan.layers), "site": list(plan.sites),
               "modality": list(plan.modalities)}
+    if ext:
+        coords["expert"] = list(range(plan.n_experts))
     report = xr.Dataset(data, coords=coords)
     report.attrs.update({
         "reference": plan.reference,
@@ -641,10 +806,48 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
                      "bootstrap (percentile)",
         "intervals_cover": "probe sampling only: the clusters of this run's probe set are resampled; the variation "
                            "between training runs (seeds) is not covered (combine runs: driftlens.compare)",
-        "warnings": "\n".join(plan.notes),
+        "warnings": "\n".join(plan.notes + task_notes(results)),
         "driftlens_version": __version__,
     })
+    if ext:
+        report.attrs.update({"route_layers": list(plan.route_layers), "route_top_k": plan.route_top_k,
+                             "expert_min_clusters": plan.expert_min_clusters})
     return report
+
+
+def task_notes(results: list[dict]) -> tuple[str, ...]:
+    """The notes the tasks found in the data (e.g. expert cells left NaN, and why), in task order."""
+    return tuple(n for out in results for n in out.get("notes", ()))
+
+
+def _extra_arrays(plan: GridPlan) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    """NaN arrays of the registry-described variables of the routing and expert kinds: name -> (dims, array).
+
+    Their shapes come from each metric's registry ``dims`` (plus ``draw`` for ``{m}_boot``), so a new
+    metric of these kinds needs no code here.
+    """
+    sizes = {"checkpoint": len(plan.labels), "layer": len(plan.layers), "site": len(plan.sites),
+             "modality": len(plan.modalities), "expert": plan.n_experts}
+    out = {}
+    for m in plan.of_kind("routing", "expert"):
+        dims = METRICS[m].dims
+        for suf in METRICS[m].outputs:
+            out[m + suf] = (dims, np.full(tuple(sizes[d] for d in dims), np.nan))
+        out[m + "_boot"] = (dims + ("draw",), np.full(tuple(sizes[d] for d in dims) + (plan.max_draws,), np.nan))
+    if plan.of_kind("expert"):
+        dims = ("layer", "modality", "expert")
+        out[EXPERT_CLUSTERS] = (dims, np.full(tuple(sizes[d] for d in dims), np.nan))
+    return out
+
+
+def _fill_cells(ext: dict, cells_out: dict) -> None:
+    """Write a task's ``cells`` -- name -> (fixed dim positions, array over the other dims) -- into ``ext``."""
+    for name, (fixed, arr) in cells_out.items():
+        dims, target = ext[name]
+        idx = tuple(fixed[d] if d in fixed else slice(None) for d in dims)
+        if name.endswith("_boot"):
+            idx = idx[:-1] + (slice(0, arr.shape[-1]),)
+        target[idx] = arr
 
 
 def _boot_attrs(plan: GridPlan, metric: str) -> dict:

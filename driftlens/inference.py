@@ -38,10 +38,12 @@ __all__ = [
     "p_value",
     "paired_mmd",
     "paired_mmd_matrix",
+    "paired_routing",
     "paired_shift",
     "quadratic_u",
     "rows_by_cluster",
     "sign_flips",
+    "subset_u_draws",
     "u_statistic_draws",
     "u_statistic_inference",
 ]
@@ -170,6 +172,47 @@ def u_statistic_draws(h: torch.Tensor, flips: torch.Tensor, counts: torch.Tensor
     tol = 1e3 * torch.finfo(torch.float64).eps * scale
     lo, hi = percentile_interval(boot, level)
     return Inference(effect, lo, hi, p_value(null, effect, tol), k), boot.cpu().numpy()
+
+
+def subset_u_draws(h: torch.Tensor, present: torch.Tensor, flips: torch.Tensor, counts: torch.Tensor,
+                   level: float = 0.95) -> tuple[Inference, np.ndarray]:
+    """:func:`u_statistic_draws` over the clusters marked ``present`` (the others hold no rows of the cell).
+
+    ``h`` [K, K] is the pair term over all K clusters of the modality (rows and columns of absent
+    clusters are ignored); ``flips`` and ``counts`` [K, B] are the report's draws over all K. The
+    effect and the sign-flip null are the U-statistic over the present clusters; bootstrap draw
+    ``b`` weights the present clusters by their counts in column ``b`` -- the same clusters every
+    other cell of the report resamples in draw ``b``, so the draws stay paired with theirs. A draw
+    holding fewer than two copies of present clusters has no pair of distinct clusters: NaN
+    (its interval ignores it).
+    """
+    present = present.to(torch.bool).cpu()
+    idx = torch.nonzero(present).reshape(-1)
+    k = int(idx.numel())
+    if k < MIN_CLUSTERS:
+        raise UsageError(f"a cluster U-statistic needs at least {MIN_CLUSTERS} clusters with rows, got {k}")
+    h = h.to(torch.float64).cpu()
+    hp = h[idx][:, idx]
+    if not bool(torch.isfinite(hp).all()):
+        raise FloatingPointError(f"the pair terms hold {int((~torch.isfinite(hp)).sum())} non-finite value(s)")
+    effect = float(quadratic_u(hp, torch.ones(k, 1, dtype=torch.float64))[0])
+    null = quadratic_u(hp, flips.cpu()[idx], signs=True)
+    h0 = h.clone()
+    h0[~present] = 0.0
+    h0[:, ~present] = 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boot = quadratic_u(h0, counts.cpu() * present[:, None].to(torch.float64)).numpy()
+    boot = np.where(np.isfinite(boot), boot, np.nan)
+    tol = 1e3 * torch.finfo(torch.float64).eps * float(hp.abs().mean())
+    lo, hi = nan_percentile_interval(boot, level)
+    return Inference(effect, lo, hi, p_value(null, effect, tol), k), boot
+
+
+def nan_percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """:func:`percentile_interval` of the finite values (NaN, NaN when there are none)."""
+    v = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return percentile_interval(v, level) if v.size else (float("nan"), float("nan"))
 
 
 def percentile_interval(values: torch.Tensor | np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -400,6 +443,97 @@ def paired_shift(r, c, clusters, n_bootstrap: int = 1000, level: float = 0.95, s
                           bootstrap_counts(len(uniq), n_bootstrap, seed + 1))
     lo, hi = percentile_interval(est[1:], level)
     return float(est[0]), lo, hi
+
+
+# ----------------------------------------------------------------------------- routing (mixture of experts)
+
+
+def route_distributions(a: torch.Tensor) -> torch.Tensor:
+    """Rows of routing probabilities [n, E] as float64 distributions (negatives from storage rounding
+    clipped, rows renormalized to sum 1)."""
+    a = a.to(torch.float64).clamp(min=0.0)
+    return a / a.sum(1, keepdim=True).clamp(min=1e-300)
+
+
+def js_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per-row Jensen-Shannon divergence in bits between distributions ``p``, ``q`` [n, E] -> [n] (0 log 0 = 0)."""
+    m = (p + q) / 2
+
+    def kl(a):
+        ratio = torch.where(a > 0, a / m.clamp(min=1e-300), torch.ones_like(a))
+        return (a * torch.log2(ratio)).sum(1)
+
+    return ((kl(p) + kl(q)) / 2).clamp(min=0.0)
+
+
+def routing_terms(r: torch.Tensor, c: torch.Tensor, codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster terms of the routing metrics from the same tokens' routing at the reference (``r``) and
+    the checkpoint (``c``), [n, E] each.
+
+    Returns
+    -------
+    js : tensor [K] float64
+        Mean over the cluster's tokens of the per-token Jensen-Shannon divergence (bits).
+    delta : tensor [K, E] float64
+        Mean over the cluster's tokens of ``c_i - r_i`` (``D_a`` of ``route_load``).
+    """
+    p, q = route_distributions(r), route_distributions(c)
+    codes = codes.to(p.device)
+    n = cluster_sums(torch.ones(p.shape[0], dtype=torch.float64, device=p.device), codes, k).clamp(min=1.0)
+    js = cluster_sums(js_bits(p, q), codes, k) / n
+    delta = cluster_sums(q - p, codes, k) / n[:, None]
+    return js.cpu(), delta.cpu()
+
+
+def cluster_mean_draws(values: torch.Tensor, counts: torch.Tensor, level: float = 0.95) -> tuple[Inference, np.ndarray]:
+    """The mean of per-cluster values [K] (clusters weighted equally) with its cluster-bootstrap interval.
+
+    Returns ``(Inference, draws [B])`` with ``p`` NaN (no null: see ``route_js``); draw ``b`` is the
+    count-weighted mean under column ``b`` of ``counts`` [K, B], paired with every other cell's draw ``b``.
+    """
+    v = values.to(torch.float64).cpu()
+    w = counts.to(torch.float64).cpu()
+    boot = ((w * v[:, None]).sum(0) / w.sum(0)).numpy()
+    lo, hi = percentile_interval(boot, level)
+    return Inference(float(v.mean()), lo, hi, float("nan"), int(v.shape[0])), boot
+
+
+def paired_routing(r, c, clusters, n_permutations: int = 1000, n_bootstrap: int = 1000, level: float = 0.95,
+                   seed: int = 0) -> dict[str, Inference]:
+    """Routing drift between the same tokens' routing distributions at two checkpoints, with inference.
+
+    Parameters
+    ----------
+    r, c : tensor [n, E]
+        Per-token routing distributions over E experts (rows sum to 1) at the reference and the
+        checkpoint, same token rows.
+    clusters : sequence [n]
+        Cluster label of each row (the unit of independence).
+    n_permutations, n_bootstrap, level, seed
+        As :func:`paired_mmd` (sign flips ``seed``, bootstrap draws ``seed + 1``).
+
+    Returns
+    -------
+    dict
+        ``route_js``: the mean per-token Jensen-Shannon divergence (bits; clusters weighted equally)
+        with its cluster-bootstrap interval and ``p`` NaN -- JS is symmetric, so a sign flip leaves
+        it unchanged and there is no paired null. ``route_load``: the paired cluster U-statistic
+        ``mean over a != b of <D_a, D_b>``, ``D_a`` the cluster's mean of ``c_i - r_i``, unbiased
+        for ``|E c - E r|^2`` (the squared shift of the expert load), with its interval and
+        cluster sign-flip p-value.
+    """
+    r, c = torch.as_tensor(r), torch.as_tensor(c)
+    if r.ndim != 2 or r.shape != c.shape:
+        raise UsageError(f"r and c must be [n, experts] of one shape, got {tuple(r.shape)} and {tuple(c.shape)}")
+    codes_np, uniq = cluster_codes(clusters)
+    if len(codes_np) != r.shape[0]:
+        raise UsageError(f"clusters has {len(codes_np)} labels for {r.shape[0]} rows")
+    k = len(uniq)
+    check_clusters(k, "paired_routing")
+    js, delta = routing_terms(r, c, torch.as_tensor(codes_np), k)
+    counts = bootstrap_counts(k, n_bootstrap, seed + 1)
+    return {"route_js": cluster_mean_draws(js, counts, level)[0],
+            "route_load": u_statistic_inference(gram_rows(delta), sign_flips(k, n_permutations, seed), counts, level)}
 
 
 def check_clusters(k: int, what: str) -> None:

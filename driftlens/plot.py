@@ -32,7 +32,7 @@ Conventions
   :class:`driftlens.errors.UsageError` naming what it has.
 
 Functions: :func:`drift_heatmap`, :func:`drift_by_layer`, :func:`metrics_by_layer`, :func:`contrast_by_layer`,
-:func:`modality_gap_by_layer`,
+:func:`drift_vs_alpha` (merge sweeps), :func:`modality_gap_by_layer`,
 :func:`mir_by_layer`, :func:`rank_schedule`, :func:`grounding_vs_drift`, :func:`seeds_by_layer`,
 :func:`probe_accuracy`, :func:`save`, :func:`plot_report`. Importing this module imports neither
 matplotlib nor pyplot; each function imports what it needs.
@@ -59,8 +59,8 @@ if TYPE_CHECKING:
     from driftlens.schema import Modality, Site
 
 __all__ = ["OKABE_ITO", "band_note", "contrast_by_layer", "decimals", "drift_by_layer", "drift_heatmap",
-           "grounding_vs_drift", "metrics_by_layer", "mir_by_layer", "modality_gap_by_layer", "token_map",
-           "plot_report", "probe_accuracy", "rank_schedule", "save", "seeds_by_layer"]
+           "drift_vs_alpha", "grounding_vs_drift", "metrics_by_layer", "mir_by_layer", "modality_gap_by_layer",
+           "token_map", "plot_report", "probe_accuracy", "rank_schedule", "save", "seeds_by_layer"]
 
 #: Okabe & Ito (2008) colour-blind-safe palette, in the order categories take them (black, kept
 #: for the reference, and yellow, too pale on white for lines, come last)
@@ -613,6 +613,106 @@ def metrics_by_layer(report: xr.Dataset, metrics: Sequence[str] = ("mmd", "sinkh
     lines = [f"{', '.join(names) if len(notes) > 1 else 'bands'}: {what}" for what, names in notes.items()]
     axes[0].figure.suptitle((f"{where}: " if where else "") + "; ".join(lines), fontsize=9)
     return axes
+
+
+_ALPHA = re.compile(r"[\s_:/=-]*[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$")
+
+
+def _sweep_name(label: str) -> str:
+    """A merged checkpoint's sweep: its label without the trailing alpha (``ko-merge-0.25`` -> ``ko-merge``)."""
+    return _ALPHA.sub("", label) or label
+
+
+def drift_vs_alpha(report: xr.Dataset, var: str = "mmd", site: Site | str = "hidden",
+                   modality: Modality | None = "visual", layers: Sequence[int] | None = None, *,
+                   alphas: Mapping[str, float] | None = None, sweeps: Mapping[str, Sequence[str]] | None = None,
+                   ax: Axes | None = None) -> Axes:
+    """Drift against the merge coefficient: one line per (sweep, layer), with its interval band.
+
+    A merge sweep (:func:`driftlens.merges.sweep`) is a trajectory whose points are merges
+    ``base + alpha * (adapted - base)``; this draws ``var`` at each merged checkpoint against its
+    alpha, layers in colour, sweeps (e.g. the Korean model's and the English control's) in line style.
+
+    Parameters
+    ----------
+    report : xarray.Dataset
+        A drift report whose merged checkpoints have a ``merge_alpha`` coordinate (``driftlens.drift``
+        adds it from the store's records), or any report with ``alphas`` given.
+    var : str
+        A variable with ``checkpoint`` and ``layer`` dims (``mmd``, ``paired_shift``, ``route_js`` ...).
+    site, modality : str
+        Selected where ``var`` has that dim.
+    layers : sequence of int, optional
+        Which layers (default all).
+    alphas : mapping label -> float, optional
+        The alpha of each merged checkpoint (default the report's ``merge_alpha``; NaN: not a merge).
+    sweeps : mapping name -> sequence of labels, optional
+        Which checkpoints form each sweep (default: grouped by their label without the alpha).
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; default a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Raises
+    ------
+    driftlens.errors.UsageError
+        No alpha known for any checkpoint, or an unknown variable, site, modality, layer or label.
+    """
+    from driftlens.errors import UsageError
+
+    runs = _runs(report, var)
+    da, sel = _select(report, f"{var}_runs" if runs else var, site=site, modality=modality)
+    have = _have(da, "checkpoint")
+    if alphas is None:
+        if "merge_alpha" not in report.coords:
+            raise UsageError("the report has no merge_alpha coordinate (no checkpoint of its store is a merge, or the "
+                             "report came from a Dataset without a store): pass alphas={label: alpha}")
+        alphas = {c: float(a) for c, a in zip(_have(report, "checkpoint"), report["merge_alpha"].values)}
+    alphas = {str(c): float(a) for c, a in alphas.items() if np.isfinite(a)}
+    unknown = [c for c in alphas if c not in have]
+    if unknown or not alphas:
+        raise UsageError(f"merge alphas for {unknown or 'no checkpoint'}; the report has {have}")
+    if sweeps is None:
+        sweeps = {}
+        for c in have:
+            if c in alphas:
+                sweeps.setdefault(_sweep_name(c), []).append(c)
+    bad = [c for labs in sweeps.values() for c in labs if c not in alphas]
+    if bad:
+        raise UsageError(f"checkpoints {bad} have no merge alpha")
+    all_layers = [int(v) for v in da.layer.values]
+    layers = all_layers if layers is None else [int(v) for v in layers]
+    if [v for v in layers if v not in all_layers]:
+        raise UsageError(f"layers {[v for v in layers if v not in all_layers]} are not in the report: {all_layers}")
+    band = _band(report, f"{var}_runs" if runs else var, sel, ("checkpoint", "layer"))
+    ax = _new_axes((6.4, 4.0)) if ax is None else ax
+    from matplotlib import colormaps
+
+    colors = (list(_GROUP_COLORS) if len(layers) <= len(_GROUP_COLORS) else
+              [colormaps["viridis"](0.9 * i / max(1, len(layers) - 1)) for i in range(len(layers))])
+    styles = ("-", "--", ":", "-.")
+    for si, (name, labs) in enumerate(sweeps.items()):
+        labs = sorted(labs, key=lambda c: alphas[c])
+        x = np.array([alphas[c] for c in labs])
+        for li, layer in enumerate(layers):
+            y = da.sel(checkpoint=labs, layer=layer).values
+            color = colors[li]
+            ax.plot(x, y, linestyle=styles[si % len(styles)], marker=_MARKERS[si % len(_MARKERS)], ms=4,
+                    color=color, label=f"{name}, layer {layer}" if len(sweeps) > 1 else f"layer {layer}")
+            if band is not None:
+                lo, hi = (b.sel(checkpoint=labs, layer=layer).values for b in band)
+                ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+    ax.axhline(0.0, color=_GREY, lw=0.8, zorder=0)
+    ax.set_xlabel("merge coefficient alpha (0 = base, 1 = adapted)")
+    where = ", ".join(str(v) for v in sel.values())
+    ax.set_ylabel(_axis_label(var, report[var].attrs, prefix=f"{modality} " if "modality" in sel else ""))
+    covers = "runs, then clusters" if runs else "probe sampling"
+    ax.set_title(f"{_short(var)} vs merge alpha{f' ({where})' if where else ''}"
+                 + (f"\nbands: {_level(report)}interval ({covers})" if band is not None else ""), fontsize="medium")
+    _legend_outside(ax)
+    return ax
 
 
 def contrast_by_layer(report: xr.Dataset, var: str = "mmd", contrasts: Sequence[str] | None = None,
@@ -1189,7 +1289,8 @@ def plot_report(report: xr.Dataset, out_dir: str | Path, formats: Sequence[str] 
     Per distributional metric (``mmd``, ``sinkhorn``, ``sliced_w``, ``gauss_w2``) and ``paired_shift``
     present, per site and modality: ``{var}_heatmap_{site}_{modality}`` (:func:`drift_heatmap`) and
     ``{var}_by_layer_{site}_{modality}`` (:func:`drift_by_layer`) and, with contrasts,
-    ``{var}_contrast_by_layer_{site}_{modality}`` (:func:`contrast_by_layer`); per site of ``gap``:
+    ``{var}_contrast_by_layer_{site}_{modality}`` (:func:`contrast_by_layer`); with merged checkpoints
+    (a ``merge_alpha`` coordinate), ``mmd_vs_alpha_{site}_{modality}`` (:func:`drift_vs_alpha`); per site of ``gap``:
     ``gap_by_layer_{site}``; with ``mir``: ``mir_by_layer``; with a ``schedule``: ``rank_schedule``.
     A cell with no finite value is skipped with a warning.
 
@@ -1263,6 +1364,14 @@ def plot_report(report: xr.Dataset, out_dir: str | Path, formats: Sequence[str] 
                     suffix = "".join(f"_{s}" for s in (site, mod) if s is not None)
                     jobs.append((f"{var}_contrast_by_layer{suffix}",
                                  lambda v=var, s=site, m=mod: contrast_by_layer(report, v, site=s, modality=m)))
+    if "merge_alpha" in report.coords and np.isfinite(report["merge_alpha"].values).any():
+        for var in ("mmd",):
+            if var not in chosen:
+                continue
+            for site in site_list(report[var]):
+                for mod in _have(report[var], "modality"):
+                    jobs.append((f"{var}_vs_alpha_{site}_{mod}",
+                                 lambda v=var, s=site, m=mod: drift_vs_alpha(report, v, site=s, modality=m)))
     if "gap" in chosen:
         for site in site_list(report["gap"]):
             jobs.append((f"gap_by_layer{f'_{site}' if site else ''}",

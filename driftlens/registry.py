@@ -17,13 +17,25 @@ Kinds
 ``cross_modal``
     Visual tokens against the text tokens after the image, at one checkpoint (no reference):
     ``gap`` per (checkpoint, layer, site), ``mir`` per (checkpoint, layer) on ``hidden``.
+``routing``
+    The reference's and the checkpoint's per-token routing distributions over experts (the store
+    site ``route`` of a mixture-of-experts decoder), paired by token: ``route_js`` (per-token
+    divergence; interval) and ``route_load`` (expert-load shift, a cluster U-statistic like
+    ``mmd``; interval and sign-flip p-value), per (checkpoint, sparse layer, modality).
+``expert``
+    A kernel metric restricted to the tokens the reference routes to one expert: ``expert_mmd``
+    per (checkpoint, sparse layer, site, modality, expert); NaN with a reason in the report's
+    warnings where too few clusters have such tokens.
+
+``MetricSpec.site`` names the store site a metric reads when it is not the report's ``site``
+(``route`` for the routing kind); the engine reads kinds and sites from here, never metric names.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-Kind = Literal["kernel", "transport", "paired", "cross_modal"]
+Kind = Literal["kernel", "transport", "paired", "cross_modal", "routing", "expert"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +46,7 @@ class MetricSpec:
     ----------
     name : str
         Variable name in the report.
-    kind : {"kernel", "transport", "paired", "cross_modal"}
+    kind : {"kernel", "transport", "paired", "cross_modal", "routing", "expert"}
         How the engine computes it (see the module docstring).
     long_name, units, definition : str
         The report variable's attributes.
@@ -42,6 +54,9 @@ class MetricSpec:
         The report variable's dimensions.
     outputs : tuple of str
         Suffixes of the variables a cell fills: ``""`` (effect), ``"_lo"``, ``"_hi"``, ``"_p"``.
+    site : str or None
+        The store site the metric reads where it is not the report's ``site`` dim (``"route"``:
+        the routing distributions); None for the others.
     """
 
     name: str
@@ -51,6 +66,7 @@ class MetricSpec:
     definition: str
     dims: tuple[str, ...] = ("checkpoint", "layer", "site", "modality")
     outputs: tuple[str, ...] = ("", "_lo", "_hi", "_p")
+    site: str | None = None
 
     @property
     def tested(self) -> bool:
@@ -93,6 +109,27 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
         "text-token norm, 3-std norm outliers replaced by the per-dimension median, unbiased covariances, exact "
         "square root (Huang et al. 2025); the last layer after the model's final norm",
         dims=("checkpoint", "layer"), outputs=("", "_lo", "_hi")),
+    MetricSpec(
+        "route_js", "routing", "routing divergence per token (Jensen-Shannon)", "bits",
+        "mean over clusters of the mean over the cluster's tokens of JS(p_i, q_i) = (KL(p_i|m_i) + KL(q_i|m_i)) / 2, "
+        "m_i = (p_i + q_i) / 2, log base 2 (0 = the token is routed the same, 1 = to disjoint experts): p_i and q_i "
+        "the routing distributions over experts of the same token at the reference and at the checkpoint (site "
+        "`route`). A per-token change of a deterministic model: interval, no p-value (see route_load)",
+        dims=("checkpoint", "layer", "modality"), outputs=("", "_lo", "_hi"), site="route"),
+    MetricSpec(
+        "route_load", "routing", "expert-load shift (paired cluster estimate)", "probability^2",
+        "mean over pairs of distinct clusters a != b of <D_a, D_b>, D_a the mean over cluster a's tokens of q_i - p_i "
+        "(checkpoint minus reference routing distribution over experts): unbiased for |E q - E p|^2, the squared L2 "
+        "distance between the expert loads (mean routing distributions) of the token population, clusters weighted "
+        "equally; the MMD^2 of the routing distributions with a linear kernel, with the same sign-flip null",
+        dims=("checkpoint", "layer", "modality"), site="route"),
+    MetricSpec(
+        "expert_mmd", "expert", "squared MMD of the tokens routed to one expert (paired cluster estimate)", "1",
+        "the paired cluster MMD^2 (as `mmd`, same kernel bandwidth `sigma`) restricted to the tokens the reference "
+        "routes to the expert at this layer (its top-k experts, k = attrs route_top_k): how the tokens that expert "
+        "serves drifted, at the cell's site; U-statistic over the clusters that have such tokens (attrs "
+        "expert_min_clusters; NaN below, with the reason in the report's warnings)",
+        dims=("checkpoint", "layer", "site", "modality", "expert")),
 )}
 
 ALIASES = {"shift": "paired_shift"}

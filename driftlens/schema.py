@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-Site = Literal["embed", "hidden", "key", "query", "final"]
-#: where in the model a token's vector is read, in forward order: the input embedding, a decoder
-#: layer's output, its attention keys, its queries, the final norm's output
-SITES: tuple[Site, ...] = ("embed", "hidden", "key", "query", "final")
+Site = Literal["embed", "hidden", "key", "query", "route", "final"]
+#: where in the model a token's vector is read: the input embedding, a decoder layer's output, its
+#: attention keys, its queries, its mixture-of-experts routing distribution (sparse layers only), the
+#: final norm's output
+SITES: tuple[Site, ...] = ("embed", "hidden", "key", "query", "route", "final")
 #: the feature dim of each site's array in the store
 SITE_DIMS: dict[str, str] = {"embed": "hidden_dim", "hidden": "hidden_dim", "key": "key_dim", "query": "query_dim",
-                             "final": "hidden_dim"}
+                             "route": "expert", "final": "hidden_dim"}
+#: the site holding per-token routing distributions over experts (read by the routing metrics, not by
+#: the distributional ones)
+ROUTE_SITE: Site = "route"
 #: sites with one vector per token and checkpoint (no ``layer`` dim)
 UNLAYERED: tuple[Site, ...] = ("embed", "final")
 

@@ -6,7 +6,9 @@ A source is one of
 - a transformers model directory (``config.json`` + ``*.safetensors``), loaded with
   ``from_pretrained``;
 - a PEFT adapter directory (``adapter_config.json``), applied on a fresh copy of the base
-  model and merged.
+  model and merged;
+- a merge of a base and an adapted model (:class:`driftlens.merges.Merge`, or its source string
+  ``merge:METHOD:ALPHA[,density=D][,seed=S]:[BASE:]ADAPTED``): see :mod:`driftlens.merges`.
 
 A path-like string that is not a folder here but reads as a Hugging Face Hub id (``org/name``,
 optionally pinned: ``org/name@REVISION``, a branch, tag or commit) is resolved through
@@ -138,15 +140,29 @@ def describe(source) -> str:
     """A short human-readable description of a source (for messages and attrs)."""
     if isinstance(source, (str, Path)):
         return str(source)
+    if _is_merge(source):
+        return source.spec()
     return f"<in-memory {type(source).__name__}>"
 
 
+def _is_merge(source) -> bool:
+    from driftlens.merges import Merge
+
+    return isinstance(source, Merge)
+
+
 def source_kind(source) -> str:
-    """``"module"``, ``"model_dir"`` or ``"adapter_dir"``; raises :class:`SourceError`."""
+    """``"module"``, ``"model_dir"``, ``"adapter_dir"`` or ``"merge"``; raises :class:`SourceError`."""
     import torch
+
+    from driftlens import merges
 
     if isinstance(source, torch.nn.Module):
         return "module"
+    source = merges.as_source(source)
+    if isinstance(source, merges.Merge):
+        merges.check(source)
+        return "merge"
     if not isinstance(source, (str, Path)):
         raise SourceError(
             f"checkpoint source {source!r} is neither an nn.Module nor a directory path"
@@ -358,21 +374,28 @@ def apply_adapter(base, path, allow_pickle: bool = False, base_name: str | None 
 
 
 def load_source(source, base=None, allow_pickle: bool = False, trust_remote_code: bool = False,
-                base_name: str | None = None):
+                base_name: str | None = None, cache: dict | None = None):
     """Materialize one checkpoint source as an ``nn.Module`` in eval mode.
 
     Parameters
     ----------
-    source : nn.Module or path
+    source : nn.Module, path or Merge
         See the module docstring.
     base : nn.Module, optional
-        The base model PEFT adapters are applied to.
+        The base model PEFT adapters are applied to (and merges merged into when they name no base).
     base_name : str, optional
         How messages name that base (its directory).
+    cache : dict, optional
+        Keeps what merges load (their base and adapted weights) between the points of a sweep.
     """
     kind = source_kind(source)
     if kind == "module":
         return source.eval()
+    if kind == "merge":
+        from driftlens import merges
+
+        return merges.materialize(merges.as_source(source), base, cache, allow_pickle=allow_pickle,
+                                  trust_remote_code=trust_remote_code)
     if kind == "model_dir":
         return load_model_dir(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if base is None:
@@ -393,7 +416,9 @@ def normalize_checkpoints(model, checkpoints) -> dict:
     for label in checkpoints:
         if not isinstance(label, str) or not label:
             raise UsageError(f"checkpoint labels must be non-empty strings, got {label!r}")
-    return dict(checkpoints)
+    from driftlens.merges import as_source
+
+    return {label: as_source(src) for label, src in checkpoints.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +472,10 @@ def fingerprint(source) -> str:
 
     h = hashlib.sha256()
     kind = source_kind(source)
+    if kind == "merge":                 # its recipe and both parts (a merge that names its base)
+        from driftlens import merges
+
+        return merges.identity(merges.as_source(source))["fingerprint"]
     if kind == "module":
         _module_digest(h, source)
     else:
@@ -462,8 +491,13 @@ def fingerprint(source) -> str:
 
 
 def identity(source, base=None) -> dict:
-    """What a store records about a checkpoint's source: kind, path, fingerprint (and base's for adapters)."""
+    """What a store records about a checkpoint's source: kind, path, fingerprint (and base's for adapters;
+    a merge's recipe and both parts' fingerprints, :func:`driftlens.merges.identity`)."""
     kind = source_kind(source)
+    if kind == "merge":
+        from driftlens import merges
+
+        return merges.identity(merges.as_source(source), base)
     out = {"kind": kind, "source": describe(source) if kind == "module" else str(Path(source).resolve()),
            "fingerprint": fingerprint(source)}
     snap = hub_snapshot(source) if kind != "module" else None

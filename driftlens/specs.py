@@ -27,6 +27,16 @@ Example spec (``hooks/llava.toml``)::
 --modules`` / :func:`driftlens.ranks.allocate_ranks` refuse a target outside it before any file is
 written, and :meth:`Spec.validate` checks each entry exists in block 0; without it targets are
 checked only against a loaded model.
+
+Mixture-of-experts decoders add four optional fields (``hooks/qwen3_vl_moe.toml``)::
+
+    router = "mlp.gate"                      # the router, relative to one decoder block
+    router_logits = 0                        # position of the logits [tokens, experts] in its output
+    router_scores = "softmax"                # "softmax" or "sigmoid" (normalized to sum 1)
+    router_top_k = ["num_experts_per_tok"]   # text-config fields holding the experts per token
+
+Blocks that have the router are the sparse ones (:meth:`Spec.router_layers`); the capture site
+``route`` reads the router's logits there and stores the routing distribution over experts.
 """
 from __future__ import annotations
 
@@ -42,7 +52,9 @@ from driftlens.errors import DataError
 _STR_FIELDS = ("family", "decoder_layers", "key_proj", "query_proj", "vision_tower", "projector", "embed",
                "final_norm")
 _LIST_FIELDS = ("model_types", "lora_targets", "image_token")
-_OPTIONAL = ("prompt_template", "block_modules")
+_OPTIONAL = ("prompt_template", "block_modules", "router", "router_logits", "router_scores", "router_top_k")
+#: how a router's logits become the routing distribution over experts (see :meth:`Spec.route_probabilities`)
+ROUTER_SCORES = ("softmax", "sigmoid")
 
 SEARCH_PATH_ENV = "DRIFTLENS_HOOKS"
 HOW_TO_ADD = (
@@ -84,6 +96,15 @@ class Spec:
     block_modules : tuple of str
         Every module of one decoder block LoRA may adapt (relative to the block); empty when the
         spec does not say (optional field).
+    router : str or None
+        The mixture-of-experts router, relative to one decoder block (present in the sparse blocks
+        only); None for a dense decoder.
+    router_logits : int
+        Position of the router logits ``[tokens, experts]`` in the router's output tuple.
+    router_scores : {"softmax", "sigmoid"}
+        How the logits become the routing distribution (sigmoid scores are normalized to sum 1).
+    router_top_k : tuple of str
+        Text-config fields holding the number of experts per token, first present wins.
     """
 
     family: str
@@ -100,6 +121,10 @@ class Spec:
     prompt_template: str | None
     path: Path
     block_modules: tuple[str, ...] = ()
+    router: str | None = None
+    router_logits: int = 0
+    router_scores: str = "softmax"
+    router_top_k: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ paths
     def layer_path(self, i: int) -> str:
@@ -130,6 +155,53 @@ class Spec:
             f"{type(config).__name__} (model_type {getattr(config, 'model_type', None)!r}); "
             f"fix `image_token` in the spec to name the field that holds the image-placeholder token id"
         )
+
+    # ------------------------------------------------------------------ mixture of experts
+    def router_layers(self, model) -> list[int]:
+        """Decoder blocks of ``model`` that have the spec's router (the sparse ones); [] without a router."""
+        if self.router is None:
+            return []
+        model = unwrap(model)
+        blocks = self._get(model, self.decoder_layers, _names(model))
+        return [i for i, block in enumerate(blocks) if self._find(block, self.router) is not None]
+
+    def n_experts(self, model) -> int:
+        """Routed experts per sparse block: the rows of the first router's weight."""
+        layers = self.router_layers(model)
+        if not layers:
+            raise SpecError(f"spec {self.path}: {type(unwrap(model)).__name__} has no router {self.router!r} in any "
+                            f"decoder block" if self.router else f"spec {self.path} names no router (a dense decoder)")
+        router = unwrap(model).get_submodule(self.module_path(layers[0], self.router))
+        return int(router.weight.shape[0])
+
+    def top_k(self, config) -> int | None:
+        """Experts per token: the first ``router_top_k`` field present on the text config (None if none)."""
+        config = getattr(unwrap(config), "config", config)
+        try:
+            text = config.get_text_config()
+        except (AttributeError, TypeError, ValueError):
+            text = config
+        for name in self.router_top_k:
+            for cfg in (text, config):
+                value = getattr(cfg, name, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value
+        return None
+
+    def route_probabilities(self, logits):
+        """The routing distribution over experts from router logits ``[..., experts]`` (float32).
+
+        ``softmax``: the softmax of the logits (Qwen3-VL-MoE, Aria); ``sigmoid``: the sigmoid
+        scores normalized to sum 1 (Llama 4, GLM-4.5V). Either way the top-k experts of the
+        distribution are the top-k logits.
+        """
+        import torch
+
+        logits = logits.float()
+        if self.router_scores == "sigmoid":
+            s = torch.sigmoid(logits)
+            return s / s.sum(-1, keepdim=True)
+        return torch.softmax(logits, dim=-1)
 
     # ------------------------------------------------------------------ validation
     def validate(self, model) -> None:
@@ -164,6 +236,10 @@ class Spec:
             path = getattr(self, field)
             if self._find(model, path) is None:
                 problems.append(self._missing(field, path, names))
+        if self.router is not None and isinstance(layers, nn.ModuleList) and len(layers) \
+                and not self.router_layers(model):
+            problems.append(self._missing("router", self.module_path(0, self.router), names)
+                            + " (in no decoder block: the router names the mixture-of-experts gate of a sparse block)")
         config = getattr(model, "config", None)
         if config is not None and not any(getattr(config, f, None) is not None for f in self.image_token):
             fields = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
@@ -265,14 +341,39 @@ def _from_dict(data: dict, path: Path) -> Spec:
     template = data.get("prompt_template")
     if template is not None and (not isinstance(template, str) or "{prompt}" not in template):
         raise SpecError(f"spec {path}: prompt_template must be a string containing '{{prompt}}', got {template!r}")
+    router = _router_fields(data, path)
     return Spec(
         family=data["family"], model_types=tuple(data["model_types"]),
         decoder_layers=data["decoder_layers"], key_proj=data["key_proj"], query_proj=data["query_proj"],
         lora_targets=tuple(data["lora_targets"]), vision_tower=data["vision_tower"],
         projector=data["projector"], embed=data["embed"], final_norm=data["final_norm"],
         image_token=tuple(data["image_token"]),
-        prompt_template=template, path=path, block_modules=block_modules,
+        prompt_template=template, path=path, block_modules=block_modules, **router,
     )
+
+
+def _router_fields(data: dict, path: Path) -> dict:
+    """The optional mixture-of-experts fields, checked (``router`` is required by the others)."""
+    given = [k for k in ("router_logits", "router_scores", "router_top_k") if k in data]
+    router = data.get("router")
+    if router is None:
+        if given:
+            raise SpecError(f"spec {path}: {given} describe a router, but the spec has no `router` field")
+        return {}
+    if not isinstance(router, str) or not router.strip() or router.startswith(data["decoder_layers"] + "."):
+        raise SpecError(f"spec {path}: field 'router' must be a module path relative to one decoder block "
+                        f"(e.g. 'mlp.gate'), got {router!r}")
+    logits = data.get("router_logits", 0)
+    if isinstance(logits, bool) or not isinstance(logits, int) or logits < 0:
+        raise SpecError(f"spec {path}: field 'router_logits' must be an integer >= 0 (the logits' position in "
+                        f"the router's output tuple), got {logits!r}")
+    scores = data.get("router_scores", "softmax")
+    if scores not in ROUTER_SCORES:
+        raise SpecError(f"spec {path}: field 'router_scores' must be one of {list(ROUTER_SCORES)}, got {scores!r}")
+    top_k = data.get("router_top_k", [])
+    if not isinstance(top_k, list) or not all(isinstance(x, str) and x for x in top_k):
+        raise SpecError(f"spec {path}: field 'router_top_k' must be a list of config field names, got {top_k!r}")
+    return {"router": router, "router_logits": logits, "router_scores": scores, "router_top_k": tuple(top_k)}
 
 
 def _block_modules(data: dict, path: Path) -> tuple[str, ...]:

@@ -647,8 +647,10 @@ def _site_attrs(site: str) -> dict:
         "key": "output of block `layer`'s key projection (k_proj), all key/value heads concatenated",
         "query": "output of block `layer`'s query projection (q_proj), all heads concatenated",
         "final": "output of the decoder's final norm (HF hidden_states[-1]): the last block's output after the norm",
+        "route": "block `layer`'s mixture-of-experts routing distribution over experts (the router's logits through "
+                 "the spec's router_scores); NaN at dense blocks (root attribute route_layers lists the sparse ones)",
     }[site]
-    return {"long_name": site, "definition": text, "units": "model units"}
+    return {"long_name": site, "definition": text, "units": "probability" if site == "route" else "model units"}
 
 
 def _strs(values) -> np.ndarray:

@@ -24,11 +24,16 @@ from driftlens.sources import image_only_processor as _image_only
 FAMILIES: tuple[str, ...] = (
     "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
     "idefics3", "paligemma", "internvl", "gemma3",
+    "qwen3_vl", "qwen3_vl_moe", "llama4", "glm4v", "glm4v_moe", "aria",
 )
+#: families whose decoder has mixture-of-experts blocks (their specs name the router)
+MOE_FAMILIES: tuple[str, ...] = ("qwen3_vl_moe", "llama4", "glm4v_moe", "aria")
 
 HIDDEN = 64          # LLM hidden size
 VISION_HIDDEN = 32   # vision tower hidden size
 HEADS = 4            # attention heads (LLM and vision tower)
+EXPERTS = 4          # routed experts of an MoE decoder block
+TOP_K = 2            # experts per token (Llama 4 routes each token to one)
 KV_HEADS = 2         # LLM key/value heads (grouped-query attention, as in most real VLMs)
 IMAGE = 32           # vision tower input resolution (px)
 PATCH = 8            # vision patch size (px): (32 / 8)^2 = 16 patches per tile
@@ -91,7 +96,8 @@ def _split(overrides: dict) -> tuple[dict, dict, dict]:
 
 
 # Families whose processors take a video processor (transformers >= 5 makes it mandatory).
-VIDEO_FAMILIES = frozenset({"llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl"})
+VIDEO_FAMILIES = frozenset({"llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_vl", "qwen3_vl_moe",
+                            "glm4v", "glm4v_moe"})
 
 
 def _with_video(cls, video_cls: str, **parts):
@@ -185,7 +191,7 @@ def _qwen_tokenizer():
                        "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
 
 
-def _qwen_processor(tok, proc_cls):
+def _qwen_processor(tok, proc_cls, video: str = "Qwen2VLVideoProcessor"):
     from transformers import Qwen2VLImageProcessorPil
 
     # Qwen2-VL: "<|vision_start|><|image_pad|><|vision_end|>" before the text, ChatML turns.
@@ -194,8 +200,7 @@ def _qwen_processor(tok, proc_cls):
     ip = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=2, temporal_patch_size=2,
                                   size={"shortest_edge": 4 * factor * factor,
                                         "longest_edge": 16 * factor * factor})
-    return _with_video(proc_cls, "Qwen2VLVideoProcessor", image_processor=ip, tokenizer=tok,
-                       chat_template=template)
+    return _with_video(proc_cls, video, image_processor=ip, tokenizer=tok, chat_template=template)
 
 
 def _qwen_top(tok) -> dict:
@@ -323,10 +328,139 @@ def _gemma3(n_layers, t, v, c):
     return cfg, proc
 
 
+def _qwen3_vl(n_layers, t, v, c, moe: bool = False):
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig, Qwen3VLProcessor
+
+    tok = _qwen_tokenizer()
+    proc = _qwen_processor(tok, Qwen3VLProcessor, video="Qwen3VLVideoProcessor")
+    head_dim = HIDDEN // HEADS
+    text = _text(tok, n_layers, t, head_dim=head_dim)
+    text.setdefault("rope_parameters", {**_mrope(head_dim), "mrope_interleaved": True})
+    if moe:      # every block sparse (decoder_sparse_step 1), as Qwen3-VL-30B-A3B
+        text = {"num_experts": EXPERTS, "num_experts_per_tok": TOP_K, "moe_intermediate_size": HIDDEN // 2,
+                "decoder_sparse_step": 1, **text}
+    # DeepStack: visual features of vision block 0 are also added to the first decoder block's output
+    vision = dict(depth=2, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_heads=HEADS,
+                  out_hidden_size=text["hidden_size"], patch_size=PATCH, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=(IMAGE // PATCH) ** 2, deepstack_visual_indexes=[0])
+    vision.update(v)
+    cfg = (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(text_config=text, vision_config=vision, **_qwen_top(tok), **c)
+    return cfg, proc
+
+
+def _qwen3_vl_moe(n_layers, t, v, c):
+    return _qwen3_vl(n_layers, t, v, c, moe=True)
+
+
+def _glm4v(n_layers, t, v, c, moe: bool = False):
+    from transformers import Glm4vConfig, Glm4vImageProcessorPil, Glm4vMoeConfig, Glm4vProcessor
+
+    tok = _tokenizer(("<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                      "<|end_of_video|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|endoftext|>"),
+                     {"image_token": "<|image|>", "video_token": "<|video|>"})
+    # GLM-4.1V / GLM-4.5V: "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>{prompt}<|assistant|>\n"
+    template = chat_template("<|user|>\n", "<|begin_of_image|><|image|><|end_of_image|>", "", "<|assistant|>\n",
+                              "<|endoftext|>", bos="[gMASK]<sop>")
+    factor = PATCH * 2
+    ip = Glm4vImageProcessorPil(patch_size=PATCH, merge_size=2, temporal_patch_size=2,
+                                size={"shortest_edge": 4 * factor * factor, "longest_edge": 16 * factor * factor})
+    proc = _with_video(Glm4vProcessor, "Glm4vVideoProcessor", image_processor=ip, tokenizer=tok,
+                       chat_template=template)
+    head_dim = HIDDEN // HEADS
+    text = _text(tok, n_layers, t, head_dim=head_dim)
+    # rotary on half of each head (partial_rotary_factor 0.5), M-RoPE sections over that half, as GLM-4.1V / 4.5V
+    text.setdefault("rope_parameters", {**_mrope(head_dim // 2), "partial_rotary_factor": 0.5})
+    if moe:      # block 0 dense, the others sparse with a shared expert, as GLM-4.5V (one block: sparse)
+        text = {"n_routed_experts": EXPERTS, "num_experts_per_tok": TOP_K, "moe_intermediate_size": HIDDEN // 2,
+                "first_k_dense_replace": 1 if n_layers > 1 else 0, "n_shared_experts": 1, "n_group": 1,
+                "topk_group": 1, **text}
+    vision = dict(depth=2, hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_heads=HEADS,
+                  out_hidden_size=text["hidden_size"], patch_size=PATCH, spatial_merge_size=2,
+                  temporal_patch_size=2, image_size=IMAGE)
+    vision.update(v)
+    ids = tok.convert_tokens_to_ids
+    cfg = (Glm4vMoeConfig if moe else Glm4vConfig)(
+        text_config=text, vision_config=vision, image_token_id=ids("<|image|>"), video_token_id=ids("<|video|>"),
+        image_start_token_id=ids("<|begin_of_image|>"), image_end_token_id=ids("<|end_of_image|>"),
+        video_start_token_id=ids("<|begin_of_video|>"), video_end_token_id=ids("<|end_of_video|>"), **c)
+    return cfg, proc
+
+
+def _glm4v_moe(n_layers, t, v, c):
+    return _glm4v(n_layers, t, v, c, moe=True)
+
+
+ARIA_IMAGE = 980     # Aria's processor always resizes to its max_image_size (a processor default: 490 or 980)
+ARIA_PATCH = 140     # so that the tiny tower sees 7 x 7 patches of a 980 px image
+
+
+def _aria(n_layers, t, v, c):
+    from transformers import AriaConfig, AriaImageProcessorPil, AriaProcessor
+
+    tok = _tokenizer(("<|img|>", "<|im_start|>", "<|im_end|>"), {"image_token": "<|img|>"})
+    # Aria: ChatML turns with the image placeholder before the text; the processor expands <|img|>
+    template = chat_template(image="<|img|>\n", **_CHATML)
+    queries = 4           # the projector's cross-attention turns 7 x 7 patches into 4 visual tokens
+    ip = AriaImageProcessorPil(max_image_size=ARIA_IMAGE, min_image_size=ARIA_IMAGE // 2, split_image=False)
+    proc = AriaProcessor(image_processor=ip, tokenizer=tok, chat_template=template,
+                         size_conversion={ARIA_IMAGE // 2: queries, ARIA_IMAGE: queries})
+    text = _text(tok, n_layers, t, moe_num_experts=EXPERTS, moe_topk=TOP_K, moe_num_shared_experts=1)
+    vision = _vit(v, model_type="idefics3_vision", image_size=ARIA_IMAGE, patch_size=ARIA_PATCH)
+    cfg = AriaConfig(text_config=text, vision_config=vision,
+                     image_token_index=tok.convert_tokens_to_ids("<|img|>"),
+                     projector_patch_to_query_dict={(ARIA_IMAGE // ARIA_PATCH) ** 2: queries}, **c)
+    return cfg, proc
+
+
+def _llama4_image_processor(**kwargs):
+    """transformers' Llama4ImageProcessor (torchvision), or driftlens's NumPy/PIL port without torchvision."""
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        from transformers import Llama4ImageProcessor
+
+        return Llama4ImageProcessor(**kwargs)
+    from driftlens.testing.processors import Llama4ImageProcessorPil
+
+    return Llama4ImageProcessorPil(**kwargs)
+
+
+def _llama4(n_layers, t, v, c):
+    from transformers import Llama4Config, Llama4Processor
+
+    tok = _tokenizer(("<|image|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "<|tile_x_separator|>",
+                      "<|tile_y_separator|>", "<|header_start|>", "<|header_end|>", "<|eot|>", "<|begin_of_text|>"),
+                     {"image_token": "<|image|>"})
+    # Llama-4-*-Instruct: "<|begin_of_text|><|header_start|>user<|header_end|>\n\n<|image|>{prompt}<|eot|>..."
+    template = chat_template("<|header_start|>user<|header_end|>\n\n", "<|image|>", "<|eot|>",
+                              "<|header_start|>assistant<|header_end|>\n\n", "<|eot|>", bos="<|begin_of_text|>")
+    # up to 2 x 2 tiles of 32 px plus a global tile, as the real processor tiles 336 px
+    ip = _llama4_image_processor(size={"height": IMAGE, "width": IMAGE}, max_patches=4)
+    proc = Llama4Processor(image_processor=ip, tokenizer=tok, patch_size=PATCH, pixel_shuffle_ratio=0.5,
+                           chat_template=template)
+    # blocks alternate dense / sparse (interleave_moe_layer_step 2), as Llama-4-Maverick (one block: sparse);
+    # one expert per token
+    text = _text(tok, n_layers, t, head_dim=HIDDEN // HEADS, num_local_experts=EXPERTS, num_experts_per_tok=1,
+                 intermediate_size=HIDDEN, intermediate_size_mlp=2 * HIDDEN,
+                 interleave_moe_layer_step=2 if n_layers > 1 else 1,
+                 attention_chunk_size=256, no_rope_layer_interval=2)
+    vision = dict(hidden_size=VISION_HIDDEN, intermediate_size=4 * VISION_HIDDEN, num_hidden_layers=2,
+                  num_attention_heads=HEADS, image_size=IMAGE, patch_size=PATCH, pixel_shuffle_ratio=0.5,
+                  vision_output_dim=text["hidden_size"], projector_input_dim=text["hidden_size"],
+                  projector_output_dim=text["hidden_size"])
+    vision.update(v)
+    ids = tok.convert_tokens_to_ids
+    cfg = Llama4Config(text_config=text, vision_config=vision, image_token_index=ids("<|patch|>"),
+                       boi_token_index=ids("<|image_start|>"), eoi_token_index=ids("<|image_end|>"), **c)
+    return cfg, proc
+
+
 _BUILDERS: dict[str, Callable] = {
     "llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision,
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "idefics3": _idefics3,
     "paligemma": _paligemma, "internvl": _internvl, "gemma3": _gemma3,
+    "qwen3_vl": _qwen3_vl, "qwen3_vl_moe": _qwen3_vl_moe, "llama4": _llama4, "glm4v": _glm4v,
+    "glm4v_moe": _glm4v_moe, "aria": _aria,
 }
 
 
@@ -407,9 +541,34 @@ def save(family: str, out_dir, seed: int = 0, **overrides) -> Path:
 
 
 def load_processor(path):
-    """Load a saved processor offline (see :func:`driftlens.sources.load_processor`)."""
+    """Load a saved processor offline (see :func:`driftlens.sources.load_processor`).
+
+    A Llama 4 processor saved without torchvision (its image processor the NumPy/PIL port of
+    :mod:`driftlens.testing.processors`, saved as ``Llama4ImageProcessor``) is read back with the
+    port where transformers' own class would need torchvision.
+    """
+    import json
+
+    from transformers.utils import is_torchvision_available
+
     from driftlens.sources import load_processor as _load
 
+    config = Path(path) / "processor_config.json"
+    body = json.loads(config.read_text()) if config.is_file() else {}
+    image = body.get("image_processor", {}) if isinstance(body.get("image_processor"), dict) else {}
+    if body.get("processor_class") == "Llama4Processor" and not is_torchvision_available() \
+            and image.get("image_processor_type") == "Llama4ImageProcessor":
+        from transformers import AutoTokenizer, Llama4Processor
+
+        from driftlens.testing.processors import Llama4ImageProcessorPil
+
+        kept = {k: v for k, v in image.items() if k not in ("image_processor_type", "processor_class", "backend")}
+        extra = {k: v for k, v in body.items() if k not in ("processor_class", "image_processor")}
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        template = Path(path) / "chat_template.jinja"
+        if template.is_file():
+            extra["chat_template"] = template.read_text(encoding="utf-8")
+        return Llama4Processor(image_processor=Llama4ImageProcessorPil(**kept), tokenizer=tok, **extra)
     return _load(path)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import pytest
 
@@ -33,6 +34,9 @@ def test_block_modules_exist_at_layer_0(family):
     assert spec.block_modules and not missing, (spec.path, missing)
     assert all(isinstance(modules[spec.module_path(0, m)], nn.Linear) for m in spec.block_modules)
     spec.validate(model)                     # validate checks block_modules too ...
-    broken = dataclasses.replace(spec, block_modules=(*spec.block_modules, "mlp.gateproj"))
-    with pytest.raises(SpecError, match=r"block_modules: module '.*\.0\.mlp\.gateproj' not found.*mlp\.gate_proj"):
+    last = spec.block_modules[-1]                    # a near miss of a real entry, e.g. mlp.down_proj -> mlp.downproj
+    typo = last.replace("_proj", "proj") if "_proj" in last else last + "x"
+    broken = dataclasses.replace(spec, block_modules=(*spec.block_modules, typo))
+    with pytest.raises(SpecError, match=rf"block_modules: module '.*\.0\.{re.escape(typo)}' not found; nearest "
+                                         rf"existing: .*\.0\.{re.escape(last)}"):
         broken.validate(model)               # ... and names a wrong entry with its nearest module

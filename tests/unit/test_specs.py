@@ -15,7 +15,9 @@ from driftlens.specs import SpecError, list_specs, load_spec
 REQUIRED = ("family", "model_types", "decoder_layers", "key_proj", "query_proj", "lora_targets",
             "vision_tower", "projector", "embed", "image_token")
 EXPECTED = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma",
-            "internvl", "gemma3"}
+            "internvl", "gemma3", "qwen3_vl", "qwen3_vl_moe", "llama4", "glm4v", "glm4v_moe", "aria"}
+#: first parts of the top-level paths: ``model.`` in most families; Llama 4 keeps its towers at the top
+TOP_LEVEL = {"model", "language_model", "vision_model", "multi_modal_projector"}
 HOOKS = resources.files("driftlens.hooks")
 
 
@@ -42,12 +44,28 @@ def test_every_spec_file_parses_with_all_fields(entry):
     assert spec.family == entry.name[: -len(".toml")]
     assert spec.model_types and all(isinstance(t, str) for t in spec.model_types)
     for field in ("decoder_layers", "vision_tower", "projector", "embed"):
-        assert getattr(spec, field).split(".")[0] == "model", field   # from the top-level model
+        assert getattr(spec, field).split(".")[0] in TOP_LEVEL, field   # from the top-level model
     for rel in (spec.key_proj, spec.query_proj, *spec.lora_targets):
         assert not rel.startswith("model.") and not rel[0].isdigit(), rel   # relative to one block
     assert spec.key_proj in spec.lora_targets and spec.query_proj in spec.lora_targets
     assert spec.prompt_template is None or "{prompt}" in spec.prompt_template
     assert spec.path.name == entry.name
+    if spec.router is not None:          # a mixture-of-experts spec says how to read its router
+        assert not spec.router.startswith(spec.decoder_layers) and spec.router_top_k, spec.path
+        assert spec.router_scores in ("softmax", "sigmoid")
+
+
+def test_router_fields_are_checked(tmp_path):
+    spec = load_spec(path=write_spec(tmp_path, router="mlp.gate", router_scores="sigmoid",
+                                     router_top_k=["num_experts_per_tok"]))
+    assert spec.router == "mlp.gate" and spec.router_logits == 0 and spec.router_top_k == ("num_experts_per_tok",)
+    assert load_spec(path=write_spec(tmp_path, name="dense.toml")).router is None
+    for bad, match in ((dict(router_scores="relu", router="mlp.gate"), "router_scores.*softmax"),
+                       (dict(router_logits=-1, router="mlp.gate"), "router_logits.*>= 0"),
+                       (dict(router_top_k=["k"]), "no `router` field"),
+                       (dict(router="model.language_model.layers.0.mlp.gate"), "relative to one decoder block")):
+        with pytest.raises(SpecError, match=match):
+            load_spec(path=write_spec(tmp_path, name="bad.toml", **bad))
 
 
 def test_specs_cover_every_family_once():
