@@ -484,7 +484,20 @@ def evaluate(trajectory: Trajectory, progress: bool = True) -> dict:
                 set(ev.get("per_scene", {})) == set(trajectory.all_checkpoints):
             return ev
     ev = evaluate_all(trajectory, progress)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(dumps(ev), encoding="utf-8")
-    tmp.replace(cache)
+    _write_atomic(cache, dumps(ev))
     return ev
+
+
+def _write_atomic(path, text: str) -> None:
+    """Write ``text`` to a unique temporary file beside ``path``, then rename it to ``path``."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
