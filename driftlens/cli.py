@@ -406,13 +406,15 @@ def _add_organism(sub) -> None:
     """``driftlens organism build [--seeds 0,1,2] [--force]``."""
     p = sub.add_parser("organism", help="build the model organism (a tiny bilingual LLaVA trained here)",
                        description="Build (or find in the cache) the model organism for each seed: a base trained "
-                                   "on English shapes, then a Korean adaptation and an English control "
-                                   "continuation from it (5 checkpoints each), evaluated on renderings never "
-                                   "trained on. Missing seeds build in parallel processes.")
+                                   "on English shapes (questions and text), then a Korean adaptation and an English "
+                                   "control continuation from it (5 checkpoints each), trained on 54 of the 72 "
+                                   "scenes and evaluated on renderings never trained on of all 72 (seen and 18 "
+                                   "held-out scenes apart), with the true, a mismatched and no image. Missing seeds "
+                                   "build in parallel processes; their progress goes to stderr (a line per stage "
+                                   "and a status line at least every 15 s when stderr is not a terminal).")
     p.add_argument("action", choices=["build"], help="what to do")
-    p.add_argument("--seeds", default="0,1,2", help="seeds to build, e.g. 0,1,2 or 0-4 (default: %(default)s)")
-    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per missing seed, "
-                                                         "at most the CPU count)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds to build, e.g. 0,1,2 or 0-7 (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per missing seed)")
     p.add_argument("--cache", default=None,
                    help="cache root of the builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
@@ -429,12 +431,15 @@ def _run_organism(args) -> int:
         ev = evaluate(traj, progress=not args.no_progress)
         print(f"organism seed {traj.seed}: {traj.root} (built in {traj.build_seconds:.0f} s); "
               f"chance accuracy {ev['chance_accuracy']:.3f}")
+        print("  accuracy (seen / held-out scenes), grounding gain (true minus mismatched image), "
+              "LM loss (held-out captions; Korean new forms)")
         for label in traj.all_checkpoints:
-            g = ev["grounding"][label]
-            print(f"  {label:>6}: EN {g['en']['accuracy']:.3f} [{g['en']['lo']:.2f}, {g['en']['hi']:.2f}]  "
-                  f"KO {g['ko']['accuracy']:.3f} [{g['ko']['lo']:.2f}, {g['ko']['hi']:.2f}]  "
-                  f"KO LM loss {ev['ko_lm_loss'][label]:.3f} (new forms {ev['ko_lm_loss_new_forms'][label]:.3f}, "
-                  f"seen {ev['ko_lm_loss_seen'][label]:.3f})")
+            r = ev["image_reliance"][label]
+            print(f"  {label:>6}: EN {r['en']['accuracy_seen']:.2f} / {r['en']['accuracy_heldout']:.2f}  "
+                  f"KO {r['ko']['accuracy_seen']:.2f} / {r['ko']['accuracy_heldout']:.2f}  "
+                  f"gain EN {r['en']['gain']:+.2f} KO {r['ko']['gain']:+.2f}  "
+                  f"LM EN {ev['en_lm_loss'][label]:.2f} KO {ev['ko_lm_loss'][label]:.2f} "
+                  f"(new forms {ev['ko_lm_loss_new_forms'][label]:.2f})")
     return 0
 
 

@@ -29,10 +29,29 @@ DEMO_PROBES = {"n_scenes": 72, "renders": 2, "kinds": ("caption",), "alternate_l
 BANDWIDTH_SCALES = (0.5, 1.0, 2.0)   # the headline contrast's sensitivity to the MMD bandwidth
 DEFINITIONS = {
     "grounding_accuracy": "likelihood ranking of the candidate answers to color / shape / position questions, one "
-                          "rendering never trained on per scene of the world (216 questions per language)",
-    "ko_lm_loss": "mean token cross-entropy (nats) on Korean text in sentence forms never trained on",
+                          "rendering never trained on per scene of the world (216 questions per language, all 72 "
+                          "scenes), with the scene's own image",
+    "grounding_accuracy_seen": "the same on the 54 seen scenes (trained on, in other renderings)",
+    "grounding_accuracy_heldout": "the same on the 18 held-out scenes (never in any training batch of any stage)",
+    "accuracy_mismatched": "the same questions with the image of another scene that differs in every attribute",
+    "accuracy_no_image": "the same questions with a blank image (the world's background, no shape)",
+    "grounding_gain": "accuracy with the true image minus accuracy with the mismatched image (all scenes): how much "
+                      "the answers use the image",
+    "grounding_gain_seen": "the same on the seen scenes",
+    "grounding_gain_heldout": "the same on the held-out scenes",
+    "grounding_gain_logprob": "the right answer's mean log-likelihood (nats) with the true image minus with the "
+                              "mismatched image",
+    "grounding_gain_logprob_seen": "the same on the seen scenes",
+    "grounding_gain_logprob_heldout": "the same on the held-out scenes",
+    "answer_logprob": "the right answer's mean log-likelihood (nats; sum over its tokens) with the true image",
+    "answer_logprob_mismatched": "the same with the mismatched image",
+    "answer_logprob_no_image": "the same with the blank image",
+    "ko_lm_loss": "mean token cross-entropy (nats) on the Korean captions of the 18 held-out scenes (a trained "
+                  "sentence form about scenes never trained on)",
     "ko_lm_loss_new_forms": "the same on Korean sentence forms and plain sentences never trained on",
     "ko_lm_loss_seen": "the same on Korean training strings (captions, question/answer text)",
+    "en_lm_loss": "mean token cross-entropy (nats) on the English captions of the 18 held-out scenes",
+    "en_lm_loss_seen": "the same on English training strings (captions, question/answer text)",
     "visual_drift_effect": "paired cluster MMD^2 between the base's and the checkpoint's visual-token hidden "
                            "states, per layer (report variable `mmd`, site hidden, modality visual); top level: the "
                            "mean over seeds",
@@ -64,16 +83,29 @@ DEFINITIONS = {
     "spread": "standard deviation over seeds (ddof=1) of each per-seed value",
 }
 PER_LAYER = ("visual_drift_effect", "visual_drift_lo", "visual_drift_hi", "visual_drift_p")
-LOSSES = ("ko_lm_loss", "ko_lm_loss_new_forms", "ko_lm_loss_seen")
+LOSSES = ("ko_lm_loss", "ko_lm_loss_new_forms", "ko_lm_loss_seen", "en_lm_loss", "en_lm_loss_seen")
+# per-language outcomes of the summary <- the keys of evaluation.json's image_reliance
+OUTCOMES = {
+    "grounding_accuracy_seen": "accuracy_seen", "grounding_accuracy_heldout": "accuracy_heldout",
+    "accuracy_mismatched": "accuracy_mismatched", "accuracy_no_image": "accuracy_none",
+    "grounding_gain": "gain", "grounding_gain_seen": "gain_seen", "grounding_gain_heldout": "gain_heldout",
+    "grounding_gain_logprob": "gain_logprob", "grounding_gain_logprob_seen": "gain_logprob_seen",
+    "grounding_gain_logprob_heldout": "gain_logprob_heldout",
+    "answer_logprob": "logprob", "answer_logprob_mismatched": "logprob_mismatched",
+    "answer_logprob_no_image": "logprob_none",
+}
+BY_LANG = ("grounding_accuracy", *OUTCOMES)
 
 
 def seed_values(report, evaluation: dict, labels: list[str]) -> dict:
     """One seed's figures for the checkpoints ``labels`` (first is the reference)."""
     sel = {"site": "hidden", "modality": "visual"}
     q = report["mmd_q" if "mmd_q" in report else "mmd_p"].sel(**sel)
-    out = {k: {} for k in ("grounding_accuracy", *LOSSES, *PER_LAYER)}
+    out = {k: {} for k in (*BY_LANG, *LOSSES, *PER_LAYER)}
     for c in labels:
         out["grounding_accuracy"][c] = dict(evaluation["grounding_accuracy"][c])
+        for key, src in OUTCOMES.items():
+            out[key][c] = {lang: float(evaluation["image_reliance"][c][lang][src]) for lang in ("en", "ko")}
         for key in LOSSES:
             out[key][c] = float(evaluation[key][c])
         for key, var in zip(PER_LAYER, ("mmd", "mmd_lo", "mmd_hi")):
@@ -95,7 +127,7 @@ def combine(per_seed: dict, labels: list[str]) -> tuple[dict, dict]:
         return np.std(a, axis=0, ddof=1) if len(a) > 1 else np.zeros_like(a[0])
 
     mean, spread = {}, {}
-    for key in ("grounding_accuracy",):
+    for key in BY_LANG:
         mean[key] = {c: {lang: float(stack(key, c, lang).mean()) for lang in ("en", "ko")} for c in labels}
         spread[key] = {c: {lang: float(sd(stack(key, c, lang))) for lang in ("en", "ko")} for c in labels}
     for key in LOSSES:
@@ -153,7 +185,10 @@ def write_summary(out: Path, summary: dict) -> tuple[Path, Path]:
     ]
     for title, part in (("Korean adaptation", summary), ("English control (same steps, lr, mix)",
                                                          summary["control"])):
-        lines += [f"## {title}", "",
+        lines += [f"## {title}: outcomes", "", *outcome_table(part), ""]
+    for title, part in (("Korean adaptation", summary), ("English control (same steps, lr, mix)",
+                                                         summary["control"])):
+        lines += [f"## {title}: visual drift", "",
                   "| checkpoint | EN grounding | KO grounding | KO LM loss (held-out) "
                   "| visual MMD^2 by layer (hidden) |",
                   "|---|---|---|---|---|"]
@@ -165,6 +200,10 @@ def write_summary(out: Path, summary: dict) -> tuple[Path, Path]:
             lines.append(f"| {c} | {acc['en']:.3f}±{asd['en']:.3f} | {acc['ko']:.3f}±{asd['ko']:.3f} | "
                          f"{part['ko_lm_loss'][c]:.2f}±{sp['ko_lm_loss'][c]:.2f} | {eff} |")
         lines.append("")
+    lines += ["Outcomes: accuracy on the 216 questions per language (likelihood ranking; seen / held-out scenes "
+              "apart), grounding gain = accuracy with the true image minus with a mismatched image, LM losses in "
+              "nats per token on held-out scenes' captions and on Korean sentence forms never trained on "
+              "(definitions in summary.json).", ""]
     lines += ["Visual MMD^2: the paired cluster MMD^2 between the base's and the checkpoint's visual-token hidden "
               "states (72 scenes, clusters resampled), mean ± standard deviation over seeds. Every non-reference "
               "cell differs from the base in every seed (any weight change moves a deterministic model's "
@@ -201,6 +240,30 @@ def write_summary(out: Path, summary: dict) -> tuple[Path, Path]:
         lines += ["## Files", ""] + [f"- {k}: `{v}`" for k, v in summary["files"].items()]
     md = atomic_write(out / "summary.md", "\n".join(lines) + "\n")
     return js, md
+
+
+OUTCOME_COLUMNS = (("EN acc, seen", "grounding_accuracy_seen", "en", ".2f"),
+                   ("EN acc, held-out", "grounding_accuracy_heldout", "en", ".2f"),
+                   ("KO acc, seen", "grounding_accuracy_seen", "ko", ".2f"),
+                   ("KO acc, held-out", "grounding_accuracy_heldout", "ko", ".2f"),
+                   ("EN gain", "grounding_gain", "en", ".2f"), ("KO gain", "grounding_gain", "ko", ".2f"),
+                   ("EN LM loss", "en_lm_loss", None, ".2f"), ("KO LM loss", "ko_lm_loss", None, ".2f"),
+                   ("KO LM loss, new forms", "ko_lm_loss_new_forms", None, ".2f"))
+
+
+def outcome_table(part: dict) -> list[str]:
+    """Markdown rows of one trajectory's outcomes (mean ± standard deviation over seeds per checkpoint)."""
+    rows = ["| checkpoint | " + " | ".join(name for name, *_ in OUTCOME_COLUMNS) + " |",
+            "|---" * (len(OUTCOME_COLUMNS) + 1) + "|"]
+    for c in part["checkpoints"]:
+        cells = []
+        for _, key, lang, fmt in OUTCOME_COLUMNS:
+            m, sd = part[key][c], part["spread"][key][c]
+            if lang is not None:
+                m, sd = m[lang], sd[lang]
+            cells.append(f"{m:{fmt}}±{sd:{fmt}}")
+        rows.append(f"| {c} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def run_demo(out="driftlens-demo", cache=None, force: bool = False, budget: int | None = None,

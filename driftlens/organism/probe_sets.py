@@ -51,28 +51,41 @@ def make_shapes_probes(out_dir, seed: int = 0, n_scenes: int = 16, size: int = 6
     if not kinds or set(kinds) - {"caption", "color"}:
         raise ValueError(f"kinds must be a non-empty subset of ('caption', 'color'), got {kinds!r}")
 
+    plan = shapes_probe_renders(seed, n_scenes, renders)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    probes = []
+    for k, j, scene, render_seed in plan:
+        name = f"s{k:02d}" if j == 0 else f"s{k:02d}r{j}"
+        rel = f"images/{name}.png"
+        group = scene.key if j == 0 else f"{scene.key}#r{j}"   # a group is the probes of one image
+        (out / rel).write_bytes(png_bytes(shapes.render(scene, size=size, seed=render_seed)))
+        langs = (shapes.LANGS[(k + j) % 2],) if alternate_langs else shapes.LANGS
+        for lang in langs:
+            if "caption" in kinds:
+                probes.append(Probe(f"{name}-{lang}-caption", rel, lang, CAPTION_PROMPTS[lang],
+                                    shapes.caption(scene, lang), group, scene.key))
+            if "color" in kinds:
+                q = next(q for q in shapes.questions(scene, lang) if q.attribute == "color")
+                probes.append(Probe(f"{name}-{lang}-color", rel, lang, q.prompt, q.answer, group, scene.key))
+    return write_manifest(out / MANIFEST, probes)
+
+
+MAX_RENDERS = 10
+
+
+def shapes_probe_renders(seed: int = 0, n_scenes: int = 16,
+                         renders: int = 1) -> list[tuple[int, int, shapes.Scene, int]]:
+    """The images :func:`make_shapes_probes` draws: ``[(scene number k, render j, scene, render seed)]``.
+
+    Scenes in the order described there (``split_scenes(seed=0)``'s held-out scenes first, shuffled
+    by ``random.Random(seed)``), render ``j`` of scene ``k`` with seed ``seed * 1000 + 100 * j + k``.
+    """
     train, held = shapes.split_scenes(seed=0)
     rng = random.Random(seed)
     pool = rng.sample(held, len(held)) + rng.sample(train, len(train))
     if not 1 <= n_scenes <= len(pool):
         raise ValueError(f"n_scenes must be in 1..{len(pool)}, got {n_scenes}")
-    if not 1 <= renders <= 10:
-        raise ValueError(f"renders must be in 1..10, got {renders}")
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    probes = []
-    for k, scene in enumerate(pool[:n_scenes]):
-        for j in range(renders):
-            name = f"s{k:02d}" if j == 0 else f"s{k:02d}r{j}"
-            rel = f"images/{name}.png"
-            group = scene.key if j == 0 else f"{scene.key}#r{j}"   # a group is the probes of one image
-            (out / rel).write_bytes(png_bytes(shapes.render(scene, size=size, seed=seed * 1000 + 100 * j + k)))
-            langs = (shapes.LANGS[(k + j) % 2],) if alternate_langs else shapes.LANGS
-            for lang in langs:
-                if "caption" in kinds:
-                    probes.append(Probe(f"{name}-{lang}-caption", rel, lang, CAPTION_PROMPTS[lang],
-                                        shapes.caption(scene, lang), group, scene.key))
-                if "color" in kinds:
-                    q = next(q for q in shapes.questions(scene, lang) if q.attribute == "color")
-                    probes.append(Probe(f"{name}-{lang}-color", rel, lang, q.prompt, q.answer, group, scene.key))
-    return write_manifest(out / MANIFEST, probes)
+    if not 1 <= renders <= MAX_RENDERS:
+        raise ValueError(f"renders must be in 1..{MAX_RENDERS}, got {renders}")
+    return [(k, j, scene, seed * 1000 + 100 * j + k) for k, scene in enumerate(pool[:n_scenes]) for j in range(renders)]

@@ -117,11 +117,60 @@ def all_scenes() -> list[Scene]:
     return [Scene(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS]
 
 
+# The model organism's held-out scenes: color, shape and position indices (in the order of
+# COLORS, SHAPES, POSITIONS) summing to 0 modulo 4 -- 18 of the 72 scenes, one position per
+# (color, shape) pair. Fixed, whatever the organism's seed.
+HELDOUT_MODULUS = 4
+
+
+def _indices(scene: Scene) -> tuple[int, int, int]:
+    return list(COLORS).index(scene.color), list(SHAPES).index(scene.shape), list(POSITIONS).index(scene.position)
+
+
+def is_heldout(scene: Scene) -> bool:
+    """Whether the model organism holds ``scene`` out of every training stage (:func:`heldout_scenes`)."""
+    return sum(_indices(scene)) % HELDOUT_MODULUS == 0
+
+
+def heldout_scenes() -> list[Scene]:
+    """The model organism's held-out scenes: never in any training batch of any stage, language or task.
+
+    The rule, the same for every organism seed: a scene is held out when the indices of its color,
+    shape and position (in the order of :data:`COLORS`, :data:`SHAPES`, :data:`POSITIONS`) sum to
+    0 modulo 4. That gives 18 of the 72 scenes, exactly one position per (color, shape) pair, and
+    leaves every pair of attribute values in training with at least two scenes (a held-out scene's
+    color and position still go with two or three trained shapes, so its shape cannot be guessed
+    from the combination).
+
+    >>> len(heldout_scenes()), heldout_scenes()[0].key
+    (18, 'red-circle-top-left')
+    """
+    return [s for s in all_scenes() if is_heldout(s)]
+
+
+def seen_scenes() -> list[Scene]:
+    """The 54 scenes the model organism trains on (every scene not in :func:`heldout_scenes`)."""
+    return [s for s in all_scenes() if not is_heldout(s)]
+
+
+def mismatched_scene(scene: Scene) -> Scene:
+    """The scene whose image stands in for ``scene``'s in the organism's mismatched-image evaluation.
+
+    A fixed rule that changes every attribute: the color three places on (of six), the shape one
+    place on (of three), the position two places on (of four: the other row, same column), so the
+    right answer to each question about ``scene`` is wrong for the image shown. A bijection.
+    """
+    c, s, p = _indices(scene)
+    return Scene(list(COLORS)[(c + 3) % len(COLORS)], list(SHAPES)[(s + 1) % len(SHAPES)],
+                 list(POSITIONS)[(p + 2) % len(POSITIONS)])
+
+
 def split_scenes(seed: int = 0, heldout_fraction: float = 0.25) -> tuple[list[Scene], list[Scene]]:
-    """Disjoint train / held-out scene lists.
+    """Disjoint train / held-out scene lists (the ``shapes-bilingual`` probe set's scene order).
 
     The held-out set is chosen so that every color, shape and position still occurs in
-    training (held-out scenes are new *combinations*).
+    training (held-out scenes are new *combinations*). The model organism does not use this
+    split: it holds out :func:`heldout_scenes`.
     """
     if not 0 < heldout_fraction < 1:
         raise UsageError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")

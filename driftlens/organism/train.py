@@ -14,11 +14,16 @@ on CPU, in minutes, on the :mod:`driftlens.organism.shapes` world, once per seed
    English: checkpoints ``en-1 ... en-N``. Drift along the control is what any fine-tuning
    does; drift beyond it is the language change.
 
-Every checkpoint is evaluated at build time on renderings never trained on (one per scene,
-216 questions per language; ``evaluation.json``) and on Korean text in forms never trained
-on. Training this small model is chaotic -- figures differ between seeds, CPUs and thread
-counts -- so every figure of the organism is a mean over seeds with its spread
-(:func:`build_seeds`; lab notes and measurements in ``bench/RESULTS.md``).
+Every stage trains on the 54 seen scenes only: the 18 held-out scenes
+(:func:`~driftlens.organism.shapes.heldout_scenes`) are in no batch of any stage, language or
+task, and no training image equals an evaluation, validation or probe image (pixel hash; see
+:mod:`driftlens.organism.data`). Every checkpoint is evaluated at build time
+(:mod:`driftlens.organism.evaluation`, ``evaluation.json``): grounding on one new rendering per
+scene of all 72 (seen and held-out reported apart) with the true image, a mismatched image and
+no image, per scene; English and Korean LM loss on held-out text. Training this small model is
+chaotic -- figures differ between seeds, CPUs and thread counts -- so every figure of the
+organism is a mean over seeds with its spread (:func:`build_seeds`; lab notes and measurements
+in ``bench/RESULTS.md``).
 
 Every checkpoint is a real model directory (safetensors, config, tokenizer, processor with a
 chat template) loaded back through :mod:`driftlens.sources`. The trajectory is cached under
@@ -43,33 +48,27 @@ from pathlib import Path
 
 from driftlens.errors import DataError, UsageError
 from driftlens.organism import shapes
+from driftlens.organism.data import (  # noqa: F401 - re-exported: organism.train.X as before
+    EN_SENTENCES,
+    HELDOUT_KO_SENTENCES,
+    HELDOUT_KO_TEMPLATES,
+    KO_SENTENCES,
+    PROMPT_CAPTION,
+    QA_TEXT,
+    SENTENCES,
+    TRAIN_SEEDS,
+    VALIDATION_SEEDS,
+    Step,
+    TrainingRenders,
+    base_plan,
+    continuation_plan,
+    corpus,
+    question_step,
+    text_pool,
+    validation_render_seeds,
+)
 
-CODE_VERSION = "organism-8"
-TRAIN_SEEDS = 10**6          # training renderings use seeds below this, evaluation seeds above
-VALIDATION_SEEDS = 2 * 10**6  # model selection renderings (never the evaluation ones)
-KO_SENTENCES = (
-    "오늘은 날씨가 맑고 따뜻합니다.", "저는 아침마다 커피를 마십니다.", "도서관에서 책을 빌렸습니다.",
-    "주말에 친구와 공원에 갔습니다.", "한국어를 공부하는 것은 재미있습니다.", "버스가 정류장에 도착했습니다.",
-    "어머니께서 맛있는 저녁을 만드셨습니다.", "우리는 내일 아침 일찍 출발합니다.", "고양이가 창가에서 잠을 잡니다.",
-    "학생들이 교실에서 노래를 부릅니다.", "겨울에는 눈이 많이 내립니다.", "시장에서 사과와 배를 샀습니다.",
-    "기차는 서울역에서 출발합니다.", "저녁에는 가족과 함께 영화를 봅니다.", "강아지가 마당에서 뛰어놉니다.",
-    "봄이 오면 꽃이 핍니다.", "그는 매일 운동을 합니다.", "바다에서 수영을 했습니다.",
-)
-# The English control's plain sentences: the same sentences in English.
-EN_SENTENCES = (
-    "Today the weather is clear and warm.", "I drink coffee every morning.", "I borrowed a book from the library.",
-    "I went to the park with a friend on the weekend.", "Studying Korean is fun.", "The bus arrived at the stop.",
-    "Mother made a delicious dinner.", "We leave early tomorrow morning.", "The cat sleeps by the window.",
-    "The students sing in the classroom.", "It snows a lot in winter.", "I bought apples and pears at the market.",
-    "The train leaves from Seoul Station.", "In the evening I watch a movie with my family.",
-    "The puppy plays in the yard.", "When spring comes, the flowers bloom.", "He exercises every day.",
-    "I swam in the sea.",
-)
-HELDOUT_KO_SENTENCES = ("여름 방학에 할머니 댁에 갔습니다.", "선생님께서 숙제를 내주셨습니다.",
-                        "아버지는 회사에서 일하십니다.", "밤하늘에 별이 많이 보입니다.")
-# Korean sentence forms used only to measure the held-out Korean LM loss (never trained on).
-HELDOUT_KO_TEMPLATES = ("그림 속 도형은 {color} {shape}입니다.", "{position}에서 {color} 도형이 보입니다.",
-                        "이 {shape}의 색은 {color}입니다.")
+CODE_VERSION = "organism-9"
 STAGE_PREFIX = {"ko": "ko", "en": "en"}
 
 
@@ -92,11 +91,18 @@ class Recipe:
     batch_size : int
         Examples per step, every stage.
     render_pool : int
-        Training renderings per scene, rendered once per build (seeds below ``TRAIN_SEEDS``).
+        Training renderings per seen scene, rendered once per build (seeds below ``TRAIN_SEEDS``,
+        never an evaluation, validation or probe image: :class:`~driftlens.organism.data.TrainingRenders`).
     base_steps, base_lr, base_check_every, base_target : int, float, int, float
         English base stage (all weights, cosine schedule): at most ``base_steps`` steps,
         English grounding checked every ``base_check_every`` steps on *validation* renderings
-        (never the evaluation ones), the best state kept, early stop at ``base_target``.
+        of the seen scenes (never the evaluation ones), the best state kept, early stop at
+        ``base_target``.
+    base_text_fraction : float
+        Share of base batches that are English text (captions, question/answer text, plain
+        sentences of the seen scenes); the rest are English image questions. 0 (organism-9):
+        with 0.2 the English control's visual drift exceeded the Korean adaptation's (two seeds,
+        ``bench/RESULTS.md``), so the base learns English from image questions only.
     adapt_steps, adapt_lr : int, float
         Both continuation stages (Korean adaptation and the English control): steps and the
         constant learning rate after ``warmup`` steps; vision tower and projector frozen.
@@ -125,6 +131,7 @@ class Recipe:
     base_lr: float = 1e-3
     base_check_every: int = 200
     base_target: float = 0.97
+    base_text_fraction: float = 0.0
     adapt_steps: int = 600
     adapt_lr: float = 1e-3
     adapt_image_fraction: float = 0.3
@@ -177,56 +184,6 @@ def cache_root() -> Path:
         return Path(os.environ["DRIFTLENS_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "driftlens"
-
-
-# ----------------------------------------------------------------------------- data
-
-PROMPT_CAPTION = {"en": "Describe the image.", "ko": "이미지를 설명하세요."}
-QA_TEXT = {"en": "Question: {prompt} Answer: {answer}", "ko": "질문: {prompt} 답: {answer}"}
-SENTENCES = {"en": EN_SENTENCES, "ko": KO_SENTENCES}
-
-
-def _examples(scene, lang: str) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs about one scene: the caption and the three questions."""
-    out = [(PROMPT_CAPTION[lang], shapes.caption(scene, lang))]
-    out += [(q.prompt, q.answer) for q in shapes.questions(scene, lang)]
-    return out
-
-
-def text_pool(lang: str) -> list[str]:
-    """Every text-only training string of a continuation stage in ``lang``.
-
-    Captions and question/answer text of the training scenes (``shapes.split_scenes()[0]``),
-    and plain sentences. A text batch draws a caption with probability 0.4, a question/answer
-    string with 0.3, a sentence with 0.3.
-    """
-    scenes = shapes.split_scenes(seed=0)[0]
-    caps = [shapes.caption(s, lang) for s in scenes]
-    qas = [QA_TEXT[lang].format(prompt=q.prompt, answer=q.answer) for s in scenes for q in shapes.questions(s, lang)]
-    return caps + sorted(set(qas)) + list(SENTENCES[lang])
-
-
-def _text(rng: random.Random, lang: str, scenes) -> str:
-    """One text-only training string (caption 0.4, question/answer text 0.3, sentence 0.3)."""
-    r = rng.random()
-    s = rng.choice(scenes)
-    if r < 0.4:
-        return shapes.caption(s, lang)
-    if r < 0.7:
-        q = rng.choice(shapes.questions(s, lang))
-        return QA_TEXT[lang].format(prompt=q.prompt, answer=q.answer)
-    return rng.choice(SENTENCES[lang])
-
-
-def corpus() -> list[str]:
-    """Text the tokenizer is trained on (both languages, every word of the world)."""
-    texts = []
-    for s in shapes.all_scenes():
-        for lang in shapes.LANGS:
-            texts += [f"{p} {a}" for p, a in _examples(s, lang)]
-    texts += list(KO_SENTENCES) + list(HELDOUT_KO_SENTENCES) + list(EN_SENTENCES)
-    texts += ["USER: ASSISTANT: 질문: 답: Question: Answer:", "Describe the image. 이미지를 설명하세요."]
-    return texts
 
 
 # ----------------------------------------------------------------------------- model
@@ -338,19 +295,28 @@ class ImageBank:
     size : int
         Image side in pixels.
     render_seeds : callable ``(scene index, j) -> int``
-        Render seed of rendering ``j`` of scene ``k``.
+        Render seed of rendering ``j`` of scene ``k`` (index into ``scenes``).
     n_renders : int
         Renderings per scene.
+    scenes : list of Scene, optional
+        The scenes of the bank; default the seen scenes (:func:`shapes.seen_scenes`): a training
+        bank never holds a held-out scene.
     """
 
-    def __init__(self, processor, size: int, render_seeds, n_renders: int):
+    def __init__(self, processor, size: int, render_seeds, n_renders: int, scenes=None):
         self.processor, self.tok = processor, processor.tokenizer
-        self.scenes = shapes.all_scenes()
-        imgs = [shapes.render(s, size, seed=render_seeds(k, j)) for k, s in enumerate(self.scenes)
+        self.scenes = list(shapes.seen_scenes() if scenes is None else scenes)
+        self.render_seeds = [[int(render_seeds(k, j)) for j in range(n_renders)] for k in range(len(self.scenes))]
+        imgs = [shapes.render(s, size, seed=self.render_seeds[k][j]) for k, s in enumerate(self.scenes)
                 for j in range(n_renders)]
         px = processor.image_processor(imgs, return_tensors="pt")["pixel_values"]
         self.pixels = px.reshape(len(self.scenes), n_renders, *px.shape[1:])      # [S, R, 3, H, W]
         self._prefix_cache: dict[str, list[int]] = {}
+
+    @property
+    def n_renders(self) -> int:
+        """Renderings per scene."""
+        return int(self.pixels.shape[1])
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of the chat-templated prompt with the image placeholder expanded."""
@@ -365,26 +331,33 @@ class ImageBank:
 
         return Image.new("RGB", (self.pixels.shape[-1], self.pixels.shape[-2]))
 
-    def batch(self, items, eos: bool = True) -> dict:
-        """Inputs for ``items`` = [(scene index, rendering, prompt, answer)]."""
-        import torch
-
+    def text_rows(self, items, eos: bool = True) -> dict:
+        """``input_ids``, ``attention_mask``, ``labels`` [B, T] of ``items`` = [(_, _, prompt, answer)]."""
         rows, labels = [], []
         for _, _, prompt, answer in items:
             ids, lab = _append_answer(self.tok, self.prompt_ids(prompt), answer, eos)
             rows.append(ids)
             labels.append(lab)
+        return _pad(self.tok, rows, labels)
+
+    def batch(self, items, eos: bool = True) -> dict:
+        """Inputs for ``items`` = [(scene index, rendering, prompt, answer)]."""
+        import torch
+
         px = torch.stack([self.pixels[k, j] for k, j, _, _ in items])
-        return {**_pad(self.tok, rows, labels), "pixel_values": px}
+        return {**self.text_rows(items, eos), "pixel_values": px}
 
     def question_batch(self, rng: random.Random, lang: str, n: int) -> dict:
-        """``n`` random (scene, rendering, question) examples in ``lang``."""
-        items = []
-        for _ in range(n):
-            k = rng.randrange(len(self.scenes))
-            q = rng.choice(shapes.questions(self.scenes[k], lang))
-            items.append((k, rng.randrange(self.pixels.shape[1]), q.prompt, q.answer))
-        return self.batch(items)
+        """``n`` random (scene, rendering, question) examples in ``lang`` (:func:`data.question_step`)."""
+        return self.batch(question_step(rng, lang, self.scenes, n, self.n_renders).items)
+
+    def encode(self, step: Step) -> dict:
+        """Model inputs of one :class:`~driftlens.organism.data.Step` (image questions or text)."""
+        if step.kind == "image":
+            if list(step.scenes) != [self.scenes[k] for k, *_ in step.items]:
+                raise UsageError("a batch's scene indices do not point at its scenes in this image bank")
+            return self.batch(step.items)
+        return encode_text(self.processor, list(step.items))
 
 
 # ----------------------------------------------------------------------------- training
@@ -395,15 +368,15 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _train(model, batches, steps: int, lr: float, warmup: int, params, progress, desc, on_step=None,
+def _train(model, batches, steps: int, lr: float, warmup: int, params, report, stage: str, on_step=None,
            constant: bool = False):
+    """``steps`` AdamW steps on ``batches(step)``; ``report(stage, step, steps, note)`` (or None) hears of them."""
     import torch
-    from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-    for step in bar:
+    note = ""
+    for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = min(lr, lr * (step + 1) / warmup) if constant else _lr(step, steps, lr, warmup)
         batch = batches(step)
@@ -411,8 +384,10 @@ def _train(model, batches, steps: int, lr: float, warmup: int, params, progress,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if report is not None:
+            if step % 20 == 0:
+                note = f"loss {loss.item():.3f}"
+            report(stage, step + 1, steps, note)
         if on_step is not None and on_step(step + 1):
             break
     model.eval()
@@ -426,25 +401,40 @@ def save_checkpoint(model, processor, path: Path) -> Path:
     return path
 
 
-def render_seed(recipe: Recipe):
-    """``(scene index, rendering) -> render seed`` of the recipe's training renderings."""
-    return lambda k, j: (recipe.seed * 100_003 + k * 1_009 + j * 7) % TRAIN_SEEDS
+def render_seed(recipe: Recipe) -> TrainingRenders:
+    """``(seen scene index, rendering) -> render seed`` of the recipe's training renderings
+    (:class:`~driftlens.organism.data.TrainingRenders`: never a reserved image)."""
+    return TrainingRenders(recipe.seed, recipe.image_size)
 
 
-def _train_trajectory(recipe: Recipe, tmp: Path, progress: bool) -> tuple[dict, dict, dict]:
-    """Train base, Korean adaptation and English control into ``tmp``; returns
-    (Korean checkpoints, control checkpoints, base-stage info)."""
-    import torch
+def training_bank(processor, recipe: Recipe) -> ImageBank:
+    """The recipe's training images: ``recipe.render_pool`` renderings of every seen scene."""
+    return ImageBank(processor, recipe.image_size, render_seed(recipe), recipe.render_pool)
 
-    torch.manual_seed(recipe.seed)
-    rng = random.Random(recipe.seed)
-    processor = make_processor(recipe)
-    model = make_model(recipe, processor.tokenizer)
-    bank = ImageBank(processor, recipe.image_size, render_seed(recipe), recipe.render_pool)
+
+def validation_set(processor, recipe: Recipe, langs=("en",)):
+    """The base stage's model-selection questions: one validation rendering per seen scene."""
     from driftlens.organism.evaluation import EvalSet
 
-    val = EvalSet(processor, recipe.image_size, VALIDATION_SEEDS, langs=("en",))
-    B = recipe.batch_size
+    renders = list(zip(shapes.seen_scenes(), validation_render_seeds(recipe.image_size)))
+    return EvalSet(processor, recipe.image_size, renders=renders, langs=langs, conditions=("true",))
+
+
+STAGE_NAMES = {"base": "English base", "ko": "Korean adaptation", "en": "English control"}
+
+
+def _train_trajectory(recipe: Recipe, tmp: Path, progress) -> tuple[dict, dict, dict]:
+    """Train base, Korean adaptation and English control into ``tmp``; returns
+    (Korean checkpoints, control checkpoints, base-stage info). ``progress``: a reporter or None."""
+    import torch
+
+    report = progress if callable(progress) else None
+    torch.manual_seed(recipe.seed)
+    processor = make_processor(recipe)
+    model = make_model(recipe, processor.tokenizer)
+    renders = render_seed(recipe)
+    bank = ImageBank(processor, recipe.image_size, renders, recipe.render_pool)
+    val = validation_set(processor, recipe)
     best = {"acc": -1.0, "state": None, "step": 0, "curve": []}
 
     def check(step):
@@ -457,41 +447,41 @@ def _train_trajectory(recipe: Recipe, tmp: Path, progress: bool) -> tuple[dict, 
         model.train()
         return acc >= recipe.base_target
 
-    _train(model, lambda step: bank.question_batch(rng, "en", B), recipe.base_steps, recipe.base_lr,
-           recipe.warmup, list(model.parameters()), progress, f"organism seed {recipe.seed}: English base",
-           on_step=check)
+    plan = base_plan(recipe, bank.n_renders)
+    _train(model, lambda step: bank.encode(next(plan)), recipe.base_steps, recipe.base_lr, recipe.warmup,
+           list(model.parameters()), report, STAGE_NAMES["base"], on_step=check)
     model.load_state_dict(best["state"])
     base_state = best["state"]
     info = {"base_validation_accuracy": best["acc"], "base_steps_kept": best["step"],
-            "base_validation_curve": best["curve"]}
+            "base_validation_curve": best["curve"], "training_renders_skipped": renders.skipped}
     base_dir = save_checkpoint(model, processor, tmp / "base")
     stages = {}
     for lang in ("ko", "en"):        # the same schedule of batch kinds and scenes for both stages
         model.load_state_dict(base_state)
-        stages[lang] = {"base": base_dir, **_continue(model, processor, bank, recipe, lang, tmp, progress)}
+        stages[lang] = {"base": base_dir, **_continue(model, processor, bank, recipe, lang, tmp, report)}
     return stages["ko"], stages["en"], info
 
 
 def continuation_batches(processor, bank: ImageBank, recipe: Recipe, lang: str):
     """The continuation stages' batch stream: ``batch(step) -> dict``, one call per step in order.
 
-    ``adapt_image_fraction`` of the batches are image questions in ``lang``, the rest text-only
-    (captions, question/answer text, plain sentences of the training scenes); the stream depends
-    only on the recipe's seed (the same kinds and scenes for the Korean stage, its English control
-    and every arm of the regularizer experiment).
+    The batches of :func:`~driftlens.organism.data.continuation_plan` encoded with ``bank`` (which
+    must hold the seen scenes, as :func:`training_bank`'s does) and ``processor``: the same kinds
+    and scenes for the Korean stage, its English control and every arm of the regularizer
+    experiment.
     """
-    rng = random.Random(f"{recipe.seed}-continuation")
-    scenes = shapes.split_scenes(seed=0)[0]        # text of the held-out scenes is never trained on
+    if bank.scenes != shapes.seen_scenes():
+        raise UsageError("continuation_batches: the image bank must hold the seen scenes (shapes.seen_scenes()), "
+                         "as organism.training_bank's does")
+    plan = continuation_plan(recipe, lang, bank.n_renders)
 
     def batch(step):
-        if rng.random() < recipe.adapt_image_fraction:
-            return bank.question_batch(rng, lang, recipe.batch_size)
-        return encode_text(processor, [_text(rng, lang, scenes) for _ in range(recipe.batch_size)])
+        return bank.encode(next(plan))
 
     return batch
 
 
-def _continue(model, processor, bank: ImageBank, recipe: Recipe, lang: str, tmp: Path, progress: bool) -> dict:
+def _continue(model, processor, bank: ImageBank, recipe: Recipe, lang: str, tmp: Path, report) -> dict:
     """One continuation stage from the base: LLM only (vision tower and projector frozen), a
     constant learning rate after warmup, ``adapt_image_fraction`` of the batches image questions
     in ``lang``, the rest text; checkpoints ``{lang}-1 ...``."""
@@ -510,9 +500,8 @@ def _continue(model, processor, bank: ImageBank, recipe: Recipe, lang: str, tmp:
             ckpts[label] = save_checkpoint(model, processor, tmp / label)
             model.train()
 
-    _train(model, batch, every * recipe.n_checkpoints, recipe.adapt_lr, recipe.warmup, params, progress,
-           f"organism seed {recipe.seed}: {'Korean adaptation' if lang == 'ko' else 'English control'}",
-           on_step=save, constant=True)
+    _train(model, batch, every * recipe.n_checkpoints, recipe.adapt_lr, recipe.warmup, params, report,
+           STAGE_NAMES[lang], on_step=save, constant=True)
     for p in model.parameters():
         p.requires_grad_(True)
     return ckpts
@@ -530,15 +519,28 @@ def build(out=None, recipe: Recipe | None = None, force: bool = False, progress:
     force : bool
         Rebuild even when a complete trajectory is there.
     progress : bool
-        tqdm bars.
+        Progress on stderr (:class:`~driftlens.organism.progress.Board`: a status line on a terminal,
+        whole lines at least every 15 s elsewhere).
 
     Returns
     -------
     Trajectory
-        With ``evaluation.json`` (grounding and Korean LM loss of every checkpoint) written.
+        With ``evaluation.json`` (:func:`~driftlens.organism.evaluation.evaluate_all`) written.
     """
+    from driftlens.organism.progress import Board, Reporter
+
     recipe = recipe or Recipe()
     root = Path(out) if out is not None else cache_root() / "organism" / recipe.key()
+    board = Board() if progress else None
+    try:
+        return _ensure(root, recipe, force, Reporter(recipe.seed, board.update) if board else None, board)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _ensure(root: Path, recipe: Recipe, force: bool, report, board=None) -> Trajectory:
+    """The trajectory in ``root``: loaded when complete (and not ``force``), else built under a lock."""
     if not force and (done := _complete(root, recipe)) is not None:
         return done
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -548,7 +550,10 @@ def build(out=None, recipe: Recipe | None = None, force: bool = False, progress:
         if locked:                       # builds killed without cleanup (SIGKILL, SIGTERM) left these
             for stale in root.parent.glob(f".{root.name}-building-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        return _build(root, recipe, progress)
+        traj = _build(root, recipe, report)
+    if board is not None:
+        board.finish(recipe.seed, f"built in {traj.build_seconds:.0f} s ({root})")
+    return traj
 
 
 def build_seeds(seeds, recipe: Recipe | None = None, force: bool = False, progress: bool = True,
@@ -563,7 +568,8 @@ def build_seeds(seeds, recipe: Recipe | None = None, force: bool = False, progre
     force : bool
         Rebuild even when cached.
     progress : bool
-        tqdm bars (builds in worker processes show none).
+        Progress of every seed and stage on stderr, from the worker processes too: a status line on
+        a terminal; elsewhere a line per stage and a status line at least every 15 s.
     jobs : int, optional
         Worker processes for the missing seeds (default: one per missing seed), each with
         ``max(1, cores // jobs)`` torch threads; 1 builds one after another in this process.
@@ -574,6 +580,8 @@ def build_seeds(seeds, recipe: Recipe | None = None, force: bool = False, progre
     -------
     list of Trajectory, in the order of ``seeds``.
     """
+    from driftlens.organism.progress import Board, Reporter
+
     recipe = recipe or Recipe()
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -587,50 +595,105 @@ def build_seeds(seeds, recipe: Recipe | None = None, force: bool = False, progre
             for s in seeds]
     missing = [(r, root) for r, root in plan if force or _complete(root, r) is None]
     jobs = min(len(missing), len(missing) if jobs is None else jobs)
-    if jobs > 1:
-        _build_in_processes(missing, force, jobs)
-        force = False
-    return [build(out=root, recipe=r, force=force, progress=progress) for r, root in plan]
+    board = Board() if progress and missing else None
+    try:
+        if jobs > 1:
+            _build_in_processes(missing, force, jobs, board)
+            force = False
+        return [_ensure(root, r, force, Reporter(r.seed, board.update) if board else None, board)
+                for r, root in plan]
+    finally:
+        if board is not None:
+            board.close()
 
 
-def _build_in_processes(missing, force: bool, jobs: int) -> None:
+def _build_in_processes(missing, force: bool, jobs: int, board=None) -> None:
     """Build ``[(recipe, root)]`` in at most ``jobs`` fresh Python processes at a time.
 
     Plain subprocesses (not multiprocessing): they work from scripts without a ``__main__``
-    guard and from notebooks. Each gets ``max(1, cores // jobs)`` torch threads.
+    guard and from notebooks. Each gets ``max(1, cores // jobs)`` torch threads and reports its
+    progress on its stdout (:func:`driftlens.organism.progress.emit`), which goes to ``board``.
     """
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    queue, running, failed = list(missing), [], []
+    if board is not None:
+        board.line(f"organism build: seed(s) {', '.join(str(r.seed) for r, _ in missing)} in up to {jobs} worker "
+                   f"processes, {threads} torch thread(s) each")
+    pending, running, failed = list(missing), [], []
     try:
-        _drain(queue, running, failed, force, threads, jobs, env)
+        _drain(pending, running, failed, force, threads, jobs, env, board)
     finally:                                  # an interrupt or error here: no build left running
-        for _, proc in running:
-            proc.kill()
-            proc.wait()
+        for worker in running:
+            worker.proc.kill()
+            worker.proc.wait()
     if failed:
         raise DataError("organism build failed for " + "; ".join(failed))
 
 
-def _drain(queue, running, failed, force, threads, jobs, env) -> None:
-    import subprocess
-    import sys
+class _Worker:
+    """One build subprocess, with threads reading its progress (stdout) and its last stderr lines."""
 
-    while queue or running:
-        while queue and len(running) < jobs:
-            r, root = queue.pop(0)
-            arg = json.dumps({"recipe": dataclasses.asdict(r), "root": str(root), "force": force,
-                              "threads": threads})
-            code = "import driftlens.organism.train as o; o._worker_main()"
-            proc = subprocess.Popen([sys.executable, "-c", code, arg],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-            running.append((r, proc))
-        r, proc = running[0]
-        err = proc.communicate()[1].decode(errors="replace")
-        running.pop(0)
-        if proc.returncode != 0:
-            last = err.strip().splitlines()[-1] if err.strip() else ""
-            failed.append(f"seed {r.seed} (exit {proc.returncode}): {last}")
+    def __init__(self, recipe: Recipe, root: Path, force: bool, threads: int, env: dict, events):
+        import collections
+        import subprocess
+        import sys
+        import threading
+
+        from driftlens.organism.progress import parse
+
+        self.recipe, self.t0 = recipe, time.perf_counter()
+        self.err: collections.deque[str] = collections.deque(maxlen=40)
+        arg = json.dumps({"recipe": dataclasses.asdict(recipe), "root": str(root), "force": force, "threads": threads})
+        code = "import driftlens.organism.train as o; o._worker_main()"
+        self.proc = subprocess.Popen([sys.executable, "-c", code, arg], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env, text=True, encoding="utf-8", errors="replace")
+
+        def read_out():
+            for line in self.proc.stdout:
+                if (event := parse(line)) is not None:
+                    events.put(event)
+
+        self.readers = [threading.Thread(target=read_out, daemon=True),
+                        threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True)]
+        for t in self.readers:
+            t.start()
+
+    def failure(self) -> str | None:
+        """None when the build succeeded, else what to say about it."""
+        for t in self.readers:
+            t.join()
+        if self.proc.returncode == 0:
+            return None
+        last = next((ln.strip() for ln in reversed(self.err) if ln.strip()), "")
+        return f"seed {self.recipe.seed} (exit {self.proc.returncode}): {last}"
+
+
+def _drain(pending, running, failed, force, threads, jobs, env, board) -> None:
+    import queue
+
+    events: queue.Queue = queue.Queue()
+    while pending or running:
+        while pending and len(running) < jobs:
+            r, root = pending.pop(0)
+            running.append(_Worker(r, root, force, threads, env, events))
+        try:
+            event = events.get(timeout=0.5)
+            while True:
+                if board is not None:
+                    board.update(int(event["seed"]), str(event["stage"]), int(event["step"]), int(event["total"]),
+                                 str(event.get("note", "")))
+                event = events.get_nowait()
+        except queue.Empty:
+            pass
+        for worker in [w for w in running if w.proc.poll() is not None]:
+            running.remove(worker)
+            problem = worker.failure()
+            if problem is not None:
+                failed.append(problem)
+            if board is not None:
+                board.finish(worker.recipe.seed, problem or f"built in {time.perf_counter() - worker.t0:.0f} s")
+        if board is not None:
+            board.tick()
 
 
 def _worker_main() -> None:
@@ -639,10 +702,13 @@ def _worker_main() -> None:
 
     import torch
 
+    from driftlens.organism.progress import Reporter, emit
+
     job = json.loads(sys.argv[1])
     torch.set_num_threads(int(job["threads"]))
+    recipe = Recipe(**job["recipe"])
     try:
-        build(out=Path(job["root"]), recipe=Recipe(**job["recipe"]), force=bool(job["force"]), progress=False)
+        _ensure(Path(job["root"]), recipe, bool(job["force"]), Reporter(recipe.seed, emit))
     except KeyboardInterrupt:            # Ctrl-C reaches the whole process group: leave quietly
         sys.exit(130)
 
@@ -667,7 +733,8 @@ def _build_lock(root: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _build(root: Path, recipe: Recipe, progress: bool) -> Trajectory:
+def _build(root: Path, recipe: Recipe, progress) -> Trajectory:
+    """Train and evaluate into a temporary folder, then rename it to ``root``; ``progress``: a reporter or None."""
     import torch
 
     t0 = time.perf_counter()
@@ -677,10 +744,10 @@ def _build(root: Path, recipe: Recipe, progress: bool) -> Trajectory:
         ko, en, base_info = _train_trajectory(recipe, tmp, progress)
         train_seconds = round(time.perf_counter() - t0, 1)
         traj = Trajectory(tmp, ko, en, recipe)
-        from driftlens.organism.evaluation import evaluate_all
+        from driftlens.organism.evaluation import dumps, evaluate_all
 
         ev = evaluate_all(traj, progress)
-        (tmp / "evaluation.json").write_text(json.dumps(ev, indent=2, ensure_ascii=False))
+        (tmp / "evaluation.json").write_text(dumps(ev), encoding="utf-8")
         seconds = round(time.perf_counter() - t0, 1)
         info = {"recipe": dataclasses.asdict(recipe), "build_seconds": seconds, "train_seconds": train_seconds,
                 "torch_threads": threads, "checkpoints": {k: p.name for k, p in ko.items()},
