@@ -2,7 +2,7 @@
 
 The package namespace only re-exports; importing it loads no model and touches no file.
 """
-from driftlens import inference, merges, metrics, outcomes, plot
+from driftlens import compare, inference, merges, metrics, outcomes, plot
 from driftlens._version import __version__
 from driftlens.capture import CaptureError, capture
 from driftlens.drift import DriftError, drift
@@ -42,6 +42,6 @@ __all__ = ["AnchorDriftLoss", "ArgumentTypeError", "CaptureError", "CheckpointId
            "DriftObjective", "DriftlensError", "EnvironmentProblem", "Merge", "Probe", "ProbeError", "ProbeSet",
            "RankSchedule", "ScheduleError", "ScheduleFileError", "SourceError", "Spec", "SpecError",
            "StoreIntegrityError", "StoreMismatchError", "UsageError", "VisualTap", "allocate_ranks", "capture",
-           "check_store", "drift", "explore", "inference", "list_probe_sets", "list_specs", "load_report", "load_spec",
+           "check_store", "compare", "drift", "explore", "inference", "list_probe_sets", "list_specs", "load_report", "load_spec",
            "merges", "metrics", "model_inputs", "open_store", "outcomes", "plot", "probe", "save_report", "verify_store",
            "__version__"]
