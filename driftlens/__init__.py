@@ -38,10 +38,10 @@ from driftlens.store import (
 from driftlens.trainer import DriftObjective
 from driftlens.training import VisualTap
 
-__all__ = ["AnchorDriftLoss", "ArgumentTypeError", "CaptureError", "CheckpointIdentityError", "DataError", "DriftError",
-           "DriftObjective", "DriftlensError", "EnvironmentProblem", "Merge", "Probe", "ProbeError", "ProbeSet",
-           "RankSchedule", "ScheduleError", "ScheduleFileError", "SourceError", "Spec", "SpecError",
+__all__ = ["AnchorDriftLoss", "ArgumentTypeError", "CaptureError", "CheckpointIdentityError", "DataError",
+           "DriftError", "DriftObjective", "DriftlensError", "EnvironmentProblem", "Merge", "Probe", "ProbeError",
+           "ProbeSet", "RankSchedule", "ScheduleError", "ScheduleFileError", "SourceError", "Spec", "SpecError",
            "StoreIntegrityError", "StoreMismatchError", "UsageError", "VisualTap", "allocate_ranks", "capture",
-           "check_store", "compare", "drift", "explore", "inference", "list_probe_sets", "list_specs", "load_report", "load_spec",
-           "merges", "metrics", "model_inputs", "open_store", "outcomes", "plot", "probe", "save_report", "verify_store",
-           "__version__"]
+           "check_store", "compare", "drift", "explore", "inference", "list_probe_sets", "list_specs", "load_report",
+           "load_spec", "merges", "metrics", "model_inputs", "open_store", "outcomes", "plot", "probe",
+           "save_report", "verify_store", "__version__"]
