@@ -20,7 +20,8 @@ KEYS = ("checkpoints", "seeds", "chance_accuracy", "grounding_accuracy", "ko_lm_
         "answer_logprob", "answer_logprob_mismatched", "answer_logprob_no_image", "en_lm_loss",
         "ko_lm_loss_new_forms", "ko_lm_loss_seen", "en_lm_loss_seen")
 CONTRAST_KEYS = ("excess_drift", "excess_drift_lo", "excess_drift_hi", "excess_drift_p", "excess_drift_runs_needed",
-                 "layers_excess_fraction", "layers_positive_every_seed", "ranks_agreement", "bandwidth_sensitivity")
+                 "layers_excess_fraction", "layers_positive_every_seed", "ranks_agreement", "bandwidth_sensitivity",
+                 "seed_spread_over_halfwidth")
 
 
 @pytest.mark.slow
@@ -67,6 +68,8 @@ def test_demo_end_to_end(demo_run):
         assert all(0 < p <= 1 for p in summary["excess_drift_p"][lab])
         assert all(n >= 2 for n in summary["excess_drift_runs_needed"][lab])
         assert 0 <= summary["layers_excess_fraction"][lab] <= 1
+    ratio = summary["seed_spread_over_halfwidth"]                   # computed, not a quoted number
+    assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
     # the top-level interval is across seeds: it contains the seeds' mean (a seed's own interval need not)
     top_lo, top_hi = np.array(summary["visual_drift_lo"]["ko-5"]), np.array(summary["visual_drift_hi"]["ko-5"])
     assert np.all(top_lo <= np.array(summary["visual_drift_effect"]["ko-5"])) and np.all(
