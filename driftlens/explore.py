@@ -180,6 +180,7 @@ class Explorer:
                                            checkpoint=checkpoint, layer=layer))
         self._maps: dict = {}             # (site, layer) -> token map Dataset
         self._maps_lock = threading.Lock()
+        self._building: dict = {}         # (site, layer) -> lock held while that map is computed
         self._view = None
         self._widget = None
         self._map_image = self._map_status = None
@@ -279,12 +280,17 @@ class Explorer:
         with self._maps_lock:
             if key in self._maps:
                 return self._maps[key]
+            building = self._building.setdefault(key, threading.Lock())
         from driftlens.tokenmap import token_map_data
 
-        data = token_map_data(self.store, layer, site=site, checkpoints=self.checkpoints,
-                              max_tokens=self.max_tokens, reference=self.reference)
-        with self._maps_lock:
-            self._maps[key] = data
+        with building:                    # a second caller of the same map waits for the first's result
+            with self._maps_lock:
+                if key in self._maps:
+                    return self._maps[key]
+            data = token_map_data(self.store, layer, site=site, checkpoints=self.checkpoints,
+                                  max_tokens=self.max_tokens, reference=self.reference)
+            with self._maps_lock:
+                self._maps[key] = data
         return data
 
     def _draw_map(self, fig, cells, site: str, layer: int, checkpoint: str) -> None:

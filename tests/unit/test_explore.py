@@ -276,3 +276,30 @@ def test_static_figure_titles_stay_inside_their_panels(with_map, monkeypatch):
         assert lines.x1 <= right.x0 or lines.y1 <= right.y0 or right.y1 <= lines.y0, (lines, right)
     title = " ".join(fig.axes[1].get_title().split())
     assert "95% interval (probe sampling, 1000 cluster resamples); bands only on ko-5" in title
+
+
+def test_a_token_map_is_computed_once_when_two_threads_ask_for_it(rep, monkeypatch):
+    """The widget computes the selected layer's map in the background while a cell may ask for the same
+    map (``explorer.figure()``): the second caller waits for the first instead of fitting UMAP again
+    (the two fits also raced on the global warning filters, leaking umap-learn's warnings into notebook
+    05's output)."""
+    import driftlens.tokenmap
+
+    calls = []
+
+    def slow_map(store, layer, **kwargs):
+        calls.append(layer)
+        time.sleep(0.3)
+        return {"layer": layer}
+
+    monkeypatch.setattr(driftlens.tokenmap, "token_map_data", slow_map)
+    ex = explore(rep, checkpoint="ko-1", layer=2)
+    ex.store = object()
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(ex._token_map("hidden", 2))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [2] and got == [{"layer": 2}] * 2
+    assert ex._token_map("hidden", 2) is got[0] and calls == [2]
