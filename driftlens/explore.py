@@ -28,6 +28,7 @@ Example::
 """
 from __future__ import annotations
 
+import textwrap
 import threading
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
@@ -179,6 +180,7 @@ class Explorer:
                                            checkpoint=checkpoint, layer=layer))
         self._maps: dict = {}             # (site, layer) -> token map Dataset
         self._maps_lock = threading.Lock()
+        self._building: dict = {}         # (site, layer) -> lock held while that map is computed
         self._view = None
         self._widget = None
         self._map_image = self._map_status = None
@@ -278,12 +280,17 @@ class Explorer:
         with self._maps_lock:
             if key in self._maps:
                 return self._maps[key]
+            building = self._building.setdefault(key, threading.Lock())
         from driftlens.tokenmap import token_map_data
 
-        data = token_map_data(self.store, layer, site=site, checkpoints=self.checkpoints,
-                              max_tokens=self.max_tokens, reference=self.reference)
-        with self._maps_lock:
-            self._maps[key] = data
+        with building:                    # a second caller of the same map waits for the first's result
+            with self._maps_lock:
+                if key in self._maps:
+                    return self._maps[key]
+            data = token_map_data(self.store, layer, site=site, checkpoints=self.checkpoints,
+                                  max_tokens=self.max_tokens, reference=self.reference)
+            with self._maps_lock:
+                self._maps[key] = data
         return data
 
     def _draw_map(self, fig, cells, site: str, layer: int, checkpoint: str) -> None:
@@ -309,14 +316,16 @@ class Explorer:
 
         s = self.state
         with_map = self.store is not None and token_map
-        fig = Figure(figsize=(15.0 if with_map else 10.5, 5.0), layout="constrained")
-        grid = fig.add_gridspec(1, 4 if with_map else 2, width_ratios=[1.0, 1.3] + ([0.9, 0.9] if with_map else []))
+        width, ratios = (15.0 if with_map else 10.5), [1.0, 1.3] + ([0.9, 0.9] if with_map else [])
+        fig = Figure(figsize=(width, 5.0), layout="constrained")
+        grid = fig.add_gridspec(1, len(ratios), width_ratios=ratios)
         heat, lines = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
         kw = {"site": s.site, "modality": s.modality}
         plot.drift_heatmap(self.report, s.metric, ax=heat, annotate=len(self.layers) <= 12, **kw)
         self._frame_cell(heat)
         plot.drift_by_layer(self.report, s.metric, ax=lines, highlight=[s.checkpoint], **kw)
         self._emphasise(lines)
+        _wrap_title(lines, 0.8 * width * ratios[1] / sum(ratios))     # the panel less its legend
         if with_map:
             self._draw_map(fig, [grid[2], grid[3]], s.site, s.layer, s.checkpoint)
         meta = self.data["metrics"][s.metric]
@@ -463,6 +472,13 @@ class Explorer:
 
     def __repr__(self) -> str:
         return f"Explorer({self.state}, store={'yes' if self.store is not None else 'no'})"
+
+
+def _wrap_title(ax, width_in: float, fontsize: float = 8.0) -> None:
+    """Wrap ``ax``'s title to about ``width_in`` inches, so it runs neither past the figure's edge nor
+    over a neighbouring panel's title (a line of about 0.55 ``fontsize`` points per character)."""
+    chars = max(20, int(width_in * 72 / (0.55 * fontsize)))
+    ax.set_title("\n".join(textwrap.fill(line, chars) for line in ax.get_title().split("\n")), fontsize=fontsize)
 
 
 def _live_kernel() -> bool:

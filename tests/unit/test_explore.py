@@ -240,3 +240,66 @@ def test_with_a_store_the_token_map_of_the_selected_layer_is_drawn(tmp_path):
     t0 = time.perf_counter()
     png = ex._map_png((ex.state.site, 1, "same"))         # what the widget's panel shows
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and np.isfinite(time.perf_counter() - t0)
+
+
+@pytest.mark.parametrize("with_map", [False, True])
+def test_static_figure_titles_stay_inside_their_panels(with_map, monkeypatch):
+    """The curves panel's title (metric, band note, highlighted checkpoint) is wrapped to its panel: it
+    neither runs past the figure's edge nor over the heatmap's title (found on notebook 05's organism
+    report of 11 checkpoints, where both happened: past the edge without the token map, over the
+    heatmap's title with it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    ckpts = ("base", *(f"ko-{k}" for k in range(1, 6)), *(f"en-{k}" for k in range(1, 6)))
+    report = make_report(n_layers=4, checkpoints=ckpts, seed=1)
+    report.attrs["level"] = 0.95                          # the band note and name of a real report
+    report["mmd_lo"].attrs["n_bootstrap"] = 1000
+    report["mmd"].attrs["long_name"] = "squared maximum mean discrepancy (paired cluster estimate)"
+    ex = explore(report, checkpoint="ko-5", layer=3)
+    if with_map:                                          # the token map's layout, without fitting UMAP
+        def fake_map(self, fig, cells, site, layer, checkpoint):
+            for cell, title in zip(cells, ("base (reference)", checkpoint)):
+                ax = fig.add_subplot(cell)
+                ax.set(aspect="equal", title=title, xlabel="UMAP 1")
+
+        monkeypatch.setattr(Explorer, "_draw_map", fake_map)
+        ex.store = object()
+    fig = ex.figure()
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    heat, lines = (ax.title.get_window_extent(renderer) for ax in fig.axes[:2])
+    width = fig.bbox.width
+    assert 0 <= lines.x0 and lines.x1 <= width, (lines.x0, lines.x1, width)
+    assert heat.x1 <= lines.x0 or heat.y1 <= lines.y0 or lines.y1 <= heat.y0, (heat, lines)
+    if with_map:
+        right = next(ax for ax in fig.axes if ax.get_xlabel() == "UMAP 1").title.get_window_extent(renderer)
+        assert lines.x1 <= right.x0 or lines.y1 <= right.y0 or right.y1 <= lines.y0, (lines, right)
+    title = " ".join(fig.axes[1].get_title().split())
+    assert "95% interval (probe sampling, 1000 cluster resamples); bands only on ko-5" in title
+
+
+def test_a_token_map_is_computed_once_when_two_threads_ask_for_it(rep, monkeypatch):
+    """The widget computes the selected layer's map in the background while a cell may ask for the same
+    map (``explorer.figure()``): the second caller waits for the first instead of fitting UMAP again
+    (the two fits also raced on the global warning filters, leaking umap-learn's warnings into notebook
+    05's output)."""
+    import driftlens.tokenmap
+
+    calls = []
+
+    def slow_map(store, layer, **kwargs):
+        calls.append(layer)
+        time.sleep(0.3)
+        return {"layer": layer}
+
+    monkeypatch.setattr(driftlens.tokenmap, "token_map_data", slow_map)
+    ex = explore(rep, checkpoint="ko-1", layer=2)
+    ex.store = object()
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(ex._token_map("hidden", 2))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [2] and got == [{"layer": 2}] * 2
+    assert ex._token_map("hidden", 2) is got[0] and calls == [2]
