@@ -379,15 +379,18 @@ def bandwidth_sensitivity(stores, pair: tuple[str, str], ko_ends: tuple[str, str
     0.5x, 1x and 2x the median-heuristic bandwidth (visual tokens, site hidden; MMD only)."""
     from driftlens.compare import combine_runs
     from driftlens.drift import drift
+    from driftlens.store import open_store
 
     out = {}
     a, b = pair
     first, last = ko_ends
+    needed = list(dict.fromkeys(["base", first, last, a, b]))    # only the checkpoints read (identical values)
+    opened = [open_store(store, verify="fast").sel(checkpoint=needed) for store in stores]
     for scale in BANDWIDTH_SCALES:
         reps = {f"seed-{i}": drift(store, reference="base", metrics=("mmd",), sites=("hidden",),
                                    modalities=("visual",), n_permutations=1, n_bootstrap=2, correction=None,
                                    bandwidth_scale=scale, device=device, progress=False, verify="fast")
-                for i, store in enumerate(stores)}
+                for i, store in enumerate(opened)}
         eff = combine_runs(reps)["mmd"].sel(site="hidden", modality="visual").mean("run")    # [checkpoint, layer]
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = (eff.sel(checkpoint=last) / eff.sel(checkpoint=first)).values
