@@ -295,8 +295,8 @@ class AnchorDriftLoss(torch.nn.Module):
                  weights: Mapping[int, float] | None = None, block_size: int = DEFAULT_BLOCK,
                  scales: Sequence[float] = DEFAULT_SCALES, site: Site = "hidden"):
         super().__init__()
-        from driftlens.training import SITES
         from driftlens.metrics import median_sigma
+        from driftlens.training import SITES
 
         if mode not in MODES:
             raise UsageError(f"mode must be one of {MODES}, got {mode!r}")
@@ -345,7 +345,8 @@ class AnchorDriftLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         """Mode, layers, anchor counts and block size (for ``repr``)."""
         n = {la: int(getattr(self, f"anchor_{la}").shape[0]) for la in self.layers}
-        return f"mode={self.mode!r}, site={self.site!r}, layers={self.layers}, anchors={n}, block_size={self.block_size}"
+        return (f"mode={self.mode!r}, site={self.site!r}, layers={self.layers}, anchors={n}, "
+                f"block_size={self.block_size}")
 
     def anchors(self, layer: int) -> torch.Tensor:
         """The anchor states of ``layer`` in the mode's frame ``[n, d]``."""

@@ -81,7 +81,8 @@ class VisualTap:
         The image-placeholder token id (``spec.image_token_id`` of the model's config).
     """
 
-    def __init__(self, model, layers=None, spec=None, site: Literal["hidden", "key"] = "hidden", keep_text: bool = True):
+    def __init__(self, model, layers=None, spec=None, site: Literal["hidden", "key"] = "hidden",
+                 keep_text: bool = True):
         if site not in SITES:
             raise UsageError(f"VisualTap site must be one of {SITES}, got {site!r}")
         self.model = model
