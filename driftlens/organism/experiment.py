@@ -589,17 +589,24 @@ def measure_arms(seed: int, traj, plan: dict, out: Path, arms, settings: Setting
         m = json.loads(cached.read_text(encoding="utf-8"))
         if set(m.get("arms", [])) >= set(arms):
             return m
+    seconds = {}
+    tick = time.perf_counter()
     ckpts = {"base": traj.checkpoints["base"], **{a: folder / a / "model" for a in arms}}
     store = folder / "arms.zarr"
     capture(ckpts["base"], plan["stores"][str(seed)]["probes"], ckpts, out=store, sites=("hidden",), batch_size=16,
             progress=progress)
     ds = open_store(store)
-    with warnings.catch_warnings():
+    seconds["capture"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    with warnings.catch_warnings():        # effects and cluster-bootstrap draws; no permutation test (see drift)
         warnings.simplefilter("ignore")
         report = drift(ds, reference="base", metrics=("mmd",), sites=("hidden",), modalities=("visual",),
-                       progress=progress, out=folder / "arms_drift.nc")
+                       n_permutations=1, correction=None, n_bootstrap=settings.n_bootstrap, progress=progress,
+                       out=folder / "arms_drift.nc")
     mmd = report["mmd"].sel(site="hidden", modality="visual")
     boot = report["mmd_boot"].sel(site="hidden", modality="visual")
+    seconds["drift"] = time.perf_counter() - tick
+    tick = time.perf_counter()
     ev = organism.evaluate(traj, progress=False)
     scenes = ev["scenes"]
     m = {"arms": list(arms), "drift": {}, "drift_boot_mean": {}, "displacement": {}, "association": {},
@@ -617,6 +624,8 @@ def measure_arms(seed: int, traj, plan: dict, out: Path, arms, settings: Setting
             change = {k: res["per_scene"][lang]["gain_logprob"][i] - ev["per_scene"]["base"][lang]["gain_logprob"][i]
                       for i, k in enumerate(scenes)}
             m["association"][a][lang] = association(last, change, seed=seed)._asdict()
+    seconds["displacement_association"] = time.perf_counter() - tick
+    tick = time.perf_counter()
     for attr in PROBE_ATTRIBUTES:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -624,6 +633,8 @@ def measure_arms(seed: int, traj, plan: dict, out: Path, arms, settings: Setting
                        progress=False)
         for a in ["base", *arms]:
             m["probe_transfer"].setdefault(a, {})[attr] = [float(v) for v in pr["transfer"].sel(checkpoint=a).values]
+    seconds["probe"] = time.perf_counter() - tick
+    m["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     atomic_write(cached, json.dumps(m) + "\n")
     return m
 
