@@ -195,7 +195,9 @@ def assemble(plan: dict, arms, results: dict, measures: dict, base: dict) -> dic
         if node.parent and node.parent in arms and len(seeds) >= 2:
             out["contrasts"][f"{a} - {node.parent}"] = {
                 "arm": a, "parent": node.parent, "factor": node.factor,
-                "outcomes": {k: contrast(v, k, a, node.parent) for k in OUTCOMES}}
+                "outcomes": {k: contrast(v, k, a, node.parent) for k in OUTCOMES},
+                "time_per_step_ratio": [results[s][a]["seconds_per_step"] / results[s][node.parent]["seconds_per_step"]
+                                        for s in seeds]}
     if len(seeds) >= 2:
         out["goal"] = goal(v, arms)
         out["per_image"] = per_image(measures, arms, seeds)
@@ -292,7 +294,9 @@ def markdown(result: dict) -> str:
     lines += ["", "## Each arm against its parent (per-seed paired differences; across seeds: mean [95% interval], "
               "t-test p over seeds, seeds needed for 80% power)", ""]
     for name, c in result["contrasts"].items():
-        lines.append(f"**{name}** (factor `{c['factor']}`): " + words(c["outcomes"], len(seeds)))
+        ratio = np.asarray(c.get("time_per_step_ratio", [np.nan]))
+        lines.append(f"**{name}** (factor `{c['factor']}`; time per step x{np.mean(ratio):.2f} of the parent's, "
+                     f"seeds {np.min(ratio):.2f}-{np.max(ratio):.2f}, same run): " + words(c["outcomes"], len(seeds)))
         lines.append("")
         lines.append("| outcome | per seed | mean [95% interval] | p | seeds needed |")
         lines.append("|---|---|---|---|---|")
