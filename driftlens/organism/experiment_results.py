@@ -294,9 +294,7 @@ def markdown(result: dict) -> str:
     lines += ["", "## Each arm against its parent (per-seed paired differences; across seeds: mean [95% interval], "
               "t-test p over seeds, seeds needed for 80% power)", ""]
     for name, c in result["contrasts"].items():
-        ratio = np.asarray(c.get("time_per_step_ratio", [np.nan]))
-        lines.append(f"**{name}** (factor `{c['factor']}`; time per step x{np.mean(ratio):.2f} of the parent's, "
-                     f"seeds {np.min(ratio):.2f}-{np.max(ratio):.2f}, same run): " + words(c["outcomes"], len(seeds)))
+        lines.append(f"**{name}** (factor `{c['factor']}`): " + words(c["outcomes"], len(seeds)))
         lines.append("")
         lines.append("| outcome | per seed | mean [95% interval] | p | seeds needed |")
         lines.append("|---|---|---|---|---|")
@@ -331,20 +329,21 @@ def markdown(result: dict) -> str:
 
 
 def words(outcomes: dict, n_seeds: int, alpha: float = 0.05) -> str:
-    """One sentence per contrast: where the arm beats or loses to its parent across seeds, and what stays open."""
-    better, worse, unknown = [], [], []
+    """One sentence per contrast: where the arm beats or loses to its parent across seeds, what moved, what stays open."""
+    better, worse, moved, unknown = [], [], [], []
     for k, o in outcomes.items():
-        sign = OUTCOMES[k][4] or 1
+        sign = OUTCOMES[k][4]
         if o["p"] is not None and o["p"] < alpha:
-            (better if o["mean"] * sign > 0 else worse).append(
-                f"{k} {o['mean']:+.3f} [{o['lo']:+.3f}, {o['hi']:+.3f}]")
+            text = f"{k} {o['mean']:+.3f} [{o['lo']:+.3f}, {o['hi']:+.3f}]"
+            (moved if sign == 0 else better if o["mean"] * sign > 0 else worse).append(text)
         else:
             need = "never" if o["seeds_needed"] is None else f"~{int(o['seeds_needed'])}"
             unknown.append(f"{k} ({need})")
-    mech = "(visual_drift, displacement, probe_transfer: higher = more of it, not better or worse)"
-    return (f"across {n_seeds} seeds it is higher-is-better / lower-loss better on: {', '.join(better) or 'nothing'}; "
-            f"worse on: {', '.join(worse) or 'nothing'}; not distinguishable from its parent on: "
-            f"{', '.join(unknown) or 'nothing'} (seeds needed at the observed effect) {mech}.")
+    return (f"across {n_seeds} seeds (t over seeds, p < {alpha:g}) it is better than its parent on "
+            f"{', '.join(better) or 'nothing'}; worse on {', '.join(worse) or 'nothing'}; the measurements of the "
+            f"visual tokens moved: {', '.join(moved) or 'none'}; not distinguishable from the parent on "
+            f"{', '.join(unknown) or 'nothing'} (in brackets: the seeds the observed effect would need for 80% "
+            f"power; never: no number would).")
 
 
 def plot_contrasts(result: dict, outcomes=FIGURE):

@@ -95,7 +95,7 @@ def test_words_table_and_figure():
     res = _data(GOOD)
     res["tree"] = tree_dict(ARMS)
     md = R.markdown(res)
-    assert "**replay - lora_uniform** (factor `replay`; time per step x1.00" in md and "en_gain +0." in md
+    assert "**replay - lora_uniform** (factor `replay`):" in md and "en_gain +0." in md
     assert "`replay_anchor`: **" in md and "| anchor_fixed |" in md
     fig = R.plot_contrasts(res)
     axes = [ax for ax in fig.axes if ax.get_visible()]
