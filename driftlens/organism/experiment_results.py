@@ -329,7 +329,7 @@ def markdown(result: dict) -> str:
 
 
 def words(outcomes: dict, n_seeds: int, alpha: float = 0.05) -> str:
-    """One sentence per contrast: where the arm beats or loses to its parent across seeds, what moved, what stays open."""
+    """One sentence per contrast: where the arm beats or loses to its parent, what moved, what stays open."""
     better, worse, moved, unknown = [], [], [], []
     for k, o in outcomes.items():
         sign = OUTCOMES[k][4]
