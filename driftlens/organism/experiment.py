@@ -463,7 +463,7 @@ def prepare(out: Path, seeds, trajs, arms, settings: Settings, cache, progress: 
                          "batch_size": recipe.batch_size, "adapt_image_fraction": recipe.adapt_image_fraction,
                          "warmup": recipe.warmup, "adapt_steps": recipe.adapt_steps, "n_layers": recipe.n_layers}}
     _fix(out / "settings.json", plan)
-    return plan
+    return {**plan, "written": json.loads((out / "settings.json").read_text(encoding="utf-8"))["written"]}
 
 
 _FIXED = ("settings", "seeds", "steps", "budget", "contrast", "layer_ranks", "anchor_layer_weights")
