@@ -147,22 +147,22 @@ def test_a_few_steps_of_every_arm_train_what_they_say(organisms, plan):
 def test_the_command_writes_the_tree_and_resumes(organisms, organism_cache, tmp_path, capsys):
     out = tmp_path / "exp"
     args = ["experiment", "regularizer", "--out", str(out), "--seeds", "0,1", "--steps", "2", "--arms",
-            "replay_anchor", "--jobs", "1", "--cache", str(organism_cache), "--no-progress"]
+            "replay", "--jobs", "1", "--cache", str(organism_cache), "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "replay_anchor - replay" in printed and "regularizer.png" in printed
+    assert "replay - lora_uniform" in printed and "regularizer.png" in printed
     res = json.loads((out / "regularizer.json").read_text())
-    assert res["seeds"] == [0, 1] and list(res["arms"]) == ["lora_uniform", "replay", "replay_anchor"]
-    assert [t["arm"] for t in res["tree"]] == ["lora_uniform", "replay", "replay_anchor"]
+    assert res["seeds"] == [0, 1] and list(res["arms"]) == ["lora_uniform", "replay"]
+    assert [t["arm"] for t in res["tree"]] == ["lora_uniform", "replay"]
     assert res["settings"]["steps"] == 2 and res["settings"]["settings"]["margin"] == E.Settings().margin
-    c = res["contrasts"]["replay_anchor - replay"]
-    assert c["factor"] == "anchor" and set(c["outcomes"]) == set(res["outcomes"])
+    c = res["contrasts"]["replay - lora_uniform"]
+    assert c["factor"] == "replay" and set(c["outcomes"]) == set(res["outcomes"])
     o = c["outcomes"]["en_gain"]
     assert len(o["per_seed"]) == 2 and o["lo"] <= o["mean"] <= o["hi"]
     for a in res["arms"]:
         assert len(res["arms"][a]["visual_drift_by_layer"][0]) == organisms[0].recipe.n_layers
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("seed-*/*/result.json")}
-    assert len(stamps) == 6
+    assert len(stamps) == 4
     assert main(args) == 0                                     # a rerun trains nothing again
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("seed-*/*/result.json")}
     assert main(["3" if a == "2" else a for a in args]) == 2    # other settings in the same folder: refused
