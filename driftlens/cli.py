@@ -557,26 +557,30 @@ def _run_ranks(args) -> int:
 
 
 def _add_experiment(sub) -> None:
-    """``driftlens experiment regularizer [--seeds 0,1,2] [--arms ...] [--steps N]``."""
+    """``driftlens experiment regularizer [--seeds 0-4] [--arms ...] [--steps N] [--jobs 2]``."""
     from driftlens.organism.experiment import ARMS
 
     p = sub.add_parser(
         "experiment", help="the closed-loop regularizer experiment on the model organism",
         description="From each organism seed's English base, adapt to Korean with the same data and steps in "
-                    f"arms that differ in one factor ({', '.join(ARMS)}); evaluate English and Korean grounding, "
-                    "held-out Korean LM loss and the final visual drift against the base; write "
-                    "regularizer.json, regularizer.md (table, targets) and regularizer.png into --out. Finished "
-                    "(arm, seed) pairs are kept: an interrupted run resumes.")
+                    f"arms arranged as a tree ({', '.join(ARMS)}): each arm differs from its parent in one factor. "
+                    "Settings and the rank schedule / anchor weights (from the Korean-minus-control drift contrast, "
+                    "mean over the seeds) are fixed in OUT/settings.json before any arm trains. Per (arm, seed): "
+                    "English and Korean accuracy and grounding gain (true minus mismatched image), held-out LM "
+                    "losses, visual drift per layer, per-scene displacement, probe transfer; each arm against its "
+                    "parent across seeds (the training run is the unit). Writes regularizer.json, regularizer.md "
+                    "and regularizer.png into --out. Finished (arm, seed) pairs are kept: an interrupted run "
+                    "resumes.")
     p.add_argument("which", choices=["regularizer"], help="the experiment")
     p.add_argument("--out", "-o", default="driftlens-experiment", help="output folder (default: %(default)s)")
-    p.add_argument("--demo", default=None, help="a `driftlens demo` output folder for the same seeds (anchors, "
-                                                "rank schedules, probe set); default OUT/demo, run when absent")
-    p.add_argument("--seeds", default="0,1,2", help="organism seeds (default: %(default)s)")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default: all)")
+    p.add_argument("--seeds", default="0-4", help="organism seeds, at least 2 for the contrasts (default: %(default)s)")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms; parents are added (default: all)")
     p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the organism's "
                                                            "adapt_steps, 600)")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes, 1 torch thread each (default: %(default)s)")
     p.add_argument("--cache", default=None,
-                   help="cache root of the organism builds (default: $DRIFTLENS_CACHE or ~/.cache/driftlens)")
+                   help="cache root of the organism builds and their measured examples (default: $DRIFTLENS_CACHE "
+                        "or ~/.cache/driftlens)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_experiment)
 
@@ -587,12 +591,15 @@ def _run_experiment(args) -> int:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    run_experiment(out=args.out, demo_dir=args.demo, seeds=parse_seeds(args.seeds), arms=arms,
-                   cache=args.cache, settings=Settings(steps=args.steps), progress=not args.no_progress)
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    run_experiment(out=args.out, seeds=parse_seeds(args.seeds), arms=arms, cache=args.cache,
+                   settings=Settings(steps=args.steps), jobs=args.jobs, progress=not args.no_progress)
     out = Path(args.out)
     print((out / "regularizer.md").read_text(encoding="utf-8"))
-    for name in ("regularizer.json", "regularizer.md", "regularizer.png"):
-        print(f"  {out / name}")
+    for name in ("settings.json", "regularizer.json", "regularizer.md", "regularizer.png"):
+        if (out / name).exists():
+            print(f"  {out / name}")
     return 0
 
 
@@ -671,8 +678,8 @@ EXAMPLES = {
              "driftlens plot report.nc --var mmd gap --site hidden --schedule ranks.json"],
     "report": ["driftlens report report.nc                      # the summary table",
                "driftlens report report.nc --html report.html  # + the interactive page (open it in a browser)"],
-    "experiment": ["driftlens experiment regularizer --seeds 0,1,2",
-                   "driftlens experiment regularizer --arms lora_uniform,replay --steps 100 --out quick"],
+    "experiment": ["driftlens experiment regularizer --seeds 0-4",
+                   "driftlens experiment regularizer --arms replay_anchor --steps 100 --out quick"],
 }
 
 

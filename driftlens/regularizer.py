@@ -274,6 +274,10 @@ class AnchorDriftLoss(torch.nn.Module):
     scales : sequence of float
         Bandwidths of the kernel mixture in units of the anchors' median-heuristic sigma
         (default 0.5, 1, 2, 4, 8; ``(1.0,)`` gives the single median-heuristic kernel).
+    site : {"hidden", "key"}
+        What the anchors are, and so what the training tap must read
+        (:class:`~driftlens.trainer.DriftObjective` taps this site): decoder-block outputs, or the
+        attention keys (the key projection's output, the seed method's key-space view).
 
     Attributes
     ----------
@@ -289,12 +293,16 @@ class AnchorDriftLoss(torch.nn.Module):
     def __init__(self, anchors: Mapping[int, torch.Tensor], mode: AnchorMode = "fixed",
                  anchor_text: Mapping[int, torch.Tensor] | None = None,
                  weights: Mapping[int, float] | None = None, block_size: int = DEFAULT_BLOCK,
-                 scales: Sequence[float] = DEFAULT_SCALES):
+                 scales: Sequence[float] = DEFAULT_SCALES, site: Site = "hidden"):
         super().__init__()
         from driftlens.metrics import median_sigma
+        from driftlens.training import SITES
 
         if mode not in MODES:
             raise UsageError(f"mode must be one of {MODES}, got {mode!r}")
+        if site not in SITES:
+            raise UsageError(f"site must be one of {SITES} (what a VisualTap reads during training), got {site!r}")
+        self.site = site
         if not anchors:
             raise UsageError("anchors is empty: give at least one layer")
         if block_size < 1:
@@ -337,7 +345,8 @@ class AnchorDriftLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         """Mode, layers, anchor counts and block size (for ``repr``)."""
         n = {la: int(getattr(self, f"anchor_{la}").shape[0]) for la in self.layers}
-        return f"mode={self.mode!r}, layers={self.layers}, anchors={n}, block_size={self.block_size}"
+        return (f"mode={self.mode!r}, site={self.site!r}, layers={self.layers}, anchors={n}, "
+                f"block_size={self.block_size}")
 
     def anchors(self, layer: int) -> torch.Tensor:
         """The anchor states of ``layer`` in the mode's frame ``[n, d]``."""
@@ -438,7 +447,7 @@ class AnchorDriftLoss(torch.nn.Module):
             if mode == "tracking":
                 text[la] = torch.as_tensor(block[txt_rows], dtype=dtype, device=device)
         loss = cls(anchors, mode=mode, anchor_text=text or None, weights=weights, block_size=block_size,
-                   scales=scales)
+                   scales=scales, site=site)
         loss.source = {"checkpoint": checkpoint, "site": site, "n_anchors": int(rows.size),
                        "n_clusters": int(np.unique(_cluster_of(ds)[rows]).size), "seed": int(seed)}
         return loss

@@ -77,7 +77,7 @@ class DriftObjective:
         self.contrast_weight = float(contrast_weight)
         self.tap = None
         if drift is not None and self.drift_weight > 0:
-            self.tap = VisualTap(model, drift.layers, spec=self.spec).attach()
+            self.tap = VisualTap(model, drift.layers, spec=self.spec, site=getattr(drift, "site", "hidden")).attach()
         self.contrast = None
         if self.contrast_weight > 0:
             pad = getattr(base.config, "pad_token_id", None)

@@ -44,7 +44,7 @@ from typing import Literal, Self
 from driftlens.errors import UsageError
 from driftlens.specs import Spec, load_spec, unwrap
 
-SITES = ("hidden",)
+SITES = ("hidden", "key")
 
 
 class VisualTap:
@@ -59,11 +59,13 @@ class VisualTap:
         Decoder blocks to read (distinct, ``0 .. n_layers - 1``); default every block.
     spec : Spec or path, optional
         Architecture spec; default picked by ``config.model_type``.
-    site : {"hidden"}
+    site : {"hidden", "key"}
         What is read: ``"hidden"``, the output of each decoder block (the store's ``hidden``
-        variable, what :class:`driftlens.AnchorDriftLoss` compares). The only site for now: the
-        store's ``final`` is unlayered (one final-norm vector per token), and ``key`` / ``query``
-        are not hidden states.
+        variable); ``"key"``, the output of each block's key projection (``spec.key_proj``, the
+        store's ``key`` variable: the attention keys before rotary embedding, ``[rows, n_kv x
+        head_dim]``). The hook sits on the module found at that path when the tap is made, so a
+        PEFT model's LoRA-wrapped projection is read with its adapter. The store's ``final`` is
+        unlayered (one final-norm vector per token) and is not a site here.
     keep_text : bool
         Also keep the text-token rows (``text``); the tracking mode of the regularizer needs them.
 
@@ -79,7 +81,8 @@ class VisualTap:
         The image-placeholder token id (``spec.image_token_id`` of the model's config).
     """
 
-    def __init__(self, model, layers=None, spec=None, site: Literal["hidden"] = "hidden", keep_text: bool = True):
+    def __init__(self, model, layers=None, spec=None, site: Literal["hidden", "key"] = "hidden",
+                 keep_text: bool = True):
         if site not in SITES:
             raise UsageError(f"VisualTap site must be one of {SITES}, got {site!r}")
         self.model = model
@@ -87,6 +90,8 @@ class VisualTap:
         self.spec = _resolve_spec(self.base, spec)
         self.blocks = _decoder_blocks(self.base, self.spec)
         self.layers = _check_layers(layers, len(self.blocks), self.spec)
+        if site == "key":                   # the key projection of each block (LoRA-wrapped or not)
+            self.blocks = [_key_module(block, self.spec, i) for i, block in enumerate(self.blocks)]
         self.image_token_id = int(self.spec.image_token_id(self.base.config))
         self.site = site
         self.keep_text = bool(keep_text)
@@ -274,6 +279,17 @@ def _decoder_blocks(model, spec: Spec):
         raise SpecError(f"spec {spec.path}: decoder_layers = {spec.decoder_layers!r} is not a non-empty "
                         f"ModuleList on {type(model).__name__}; check it with spec.validate(model)")
     return blocks
+
+
+def _key_module(block, spec: Spec, i: int):
+    """The key projection ``spec.key_proj`` inside decoder block ``i``."""
+    try:
+        return block.get_submodule(spec.key_proj)
+    except AttributeError:
+        from driftlens.specs import SpecError
+
+        raise SpecError(f"spec {spec.path}: key_proj = {spec.key_proj!r} is not a module of "
+                        f"{spec.layer_path(i)}; check it with spec.validate(model)") from None
 
 
 def _check_layers(layers, n_layers: int, spec: Spec) -> list[int]:

@@ -100,6 +100,42 @@ def test_tap_under_peft_reads_the_adapted_states(family, tmp_path):
     assert not np.allclose(adapted[1].numpy(), base.visual[1].detach().numpy(), **TOL)   # LoRA is read
 
 
+@pytest.mark.parametrize("family", PEFT_FAMILIES)
+def test_key_site_reads_the_captured_keys_and_the_adapter(family, tmp_path):
+    """``site="key"``: the rows are the store's ``key`` rows (the key projection's output), and under
+    PEFT the LoRA-wrapped projection is read -- gradients reach the key adapters, and a block's later
+    modules (its query projection) get none from its keys."""
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = tiny.build(family, seed=0, n_layers=2)
+    spec = load_spec(model)
+    probes = subset("shapes-bilingual", 3, tmp_path / "probes")
+    ds = dl.open_store(dl.capture(model, probes, out=tmp_path / "s.zarr", processor=processor, sites=("key",),
+                                  batch_size=len(probes), progress=False))
+    modality = ds.modality.values.astype(str)
+    inputs = _batch(processor, spec, probes)
+    with torch.enable_grad(), VisualTap(model, [0, 1], site="key") as tap:
+        model(**inputs, use_cache=False)
+    for layer in (0, 1):
+        rows = ds.key.isel(checkpoint=0, layer=layer).values                       # [T, d_kv]
+        np.testing.assert_allclose(tap.visual[layer].detach().numpy(), rows[modality == "visual"], **TOL)
+        np.testing.assert_allclose(tap.text[layer].detach().numpy(), rows[modality == "text"], **TOL)
+    targets = [spec.module_path(i, m) for i in range(2) for m in (spec.key_proj, spec.query_proj)]
+    torch.manual_seed(3)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                 init_lora_weights=False))
+    with torch.enable_grad(), VisualTap(peft_model, [1], site="key") as tap:
+        peft_model(**inputs, use_cache=False)
+    tap.visual[1].pow(2).sum().backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if "lora_" in n}
+    key1 = [g for n, g in grads.items() if f"layers.1.{spec.key_proj}" in n]
+    query1 = [g for n, g in grads.items() if f"layers.1.{spec.query_proj}" in n]
+    assert key1 and all(g is not None and bool(g.abs().sum() > 0) for g in key1)
+    assert query1 and all(g is None or not bool(g.abs().any()) for g in query1)
+    assert not np.allclose(tap.visual[1].detach().numpy(), ds.key.isel(checkpoint=0, layer=1).values[
+        modality == "visual"], **TOL)                                        # the adapter is read
+
+
 def test_detach_removes_every_hook(llava):
     model, spec, inputs, _ = llava
     blocks = model.get_submodule(spec.decoder_layers)
