@@ -17,23 +17,12 @@ import numpy as np
 from scipy import stats
 
 
-def contrasts(spec, n, n_runs, seed0=0, token_units=False):
-    from driftlens.testing import simulate_runs
-
-    d, db = [], []
-    for rep in range(n):
-        e, b = simulate_runs(spec, n_runs, seed=seed0 + rep, token_units=token_units)
-        d.append(e[:, 1] - e[:, 2])
-        db.append(b[:, 1] - b[:, 2])
-    return np.asarray(d), np.asarray(db)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--replicates", type=int, default=400)
     args = ap.parse_args()
     from driftlens.compare import bootstrap_pvalue, run_stats
-    from driftlens.testing import RunsSpec
+    from driftlens.testing import RunsSpec, simulate_contrasts
 
     n = args.replicates
     runs = (3, 5, 8)
@@ -42,7 +31,7 @@ def main():
           "probe-sampling se only | a single run's within-run test |")
     print("|---|---|---|---|---|---|---|")
     for label, spec in (("normal", RunsSpec()), ("Student t, 3 df", RunsSpec(run_df=3.0))):
-        d, db = contrasts(spec, n, max(runs), seed0=0 if spec.run_df is None else 10_000)
+        d, db = simulate_contrasts(spec, n, max(runs), seed0=0 if spec.run_df is None else 10_000)
         lo, hi = np.quantile(db, [0.025, 0.975], axis=-1)
         ratio = np.median(d.std(axis=1, ddof=1) / np.median((hi - lo) / 2, axis=1))
         for r in runs:
@@ -55,15 +44,15 @@ def main():
             print(f"| {label} | {r} | {ratio:.1f}x | {np.mean(p <= 0.05):.3f} | {np.mean(z <= 0.05):.3f} | "
                   f"{np.mean(probe <= 0.05):.3f} | {within:.3f} |")
     spec = RunsSpec(run_sd=0.0, tokens_per_cluster=4, checkpoint_cluster_sd=0.3)
-    _, db = contrasts(spec, n, 1, seed0=20_000)
-    _, db_tok = contrasts(spec, n, 1, seed0=20_000, token_units=True)
+    _, db = simulate_contrasts(spec, n, 1, seed0=20_000)
+    _, db_tok = simulate_contrasts(spec, n, 1, seed0=20_000, token_units=True)
     print(f"\nWithin one run, no run effect ({n} replicates): rejection rate of the within-run contrast test "
           f"{np.mean(bootstrap_pvalue(db[:, 0]) <= 0.05):.3f} (clusters resampled), "
           f"{np.mean(bootstrap_pvalue(db_tok[:, 0]) <= 0.05):.3f} (tokens resampled: broken)")
     spec = RunsSpec(drift_a=1.3, drift_b=1.0)
-    truth_d, _ = contrasts(spec, 1500, 1, seed0=30_000)
+    truth_d, _ = simulate_contrasts(spec, 1500, 1, seed0=30_000)
     truth = truth_d.mean()
-    d, db = contrasts(spec, 2 * n, max(runs), seed0=40_000)
+    d, db = simulate_contrasts(spec, 2 * n, max(runs), seed0=40_000)
     print(f"\nPlanted difference (true mean contrast {truth:.4f}, from 1500 independent runs; {2 * n} replicates):\n")
     print("| runs | across-run interval coverage | probe-sampling interval coverage |")
     print("|---|---|---|")

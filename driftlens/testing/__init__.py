@@ -12,9 +12,10 @@ from driftlens.testing.synthetic import (
     pvalue_calibration,
     run_reports,
     shift_vector,
+    simulate_contrasts,
     simulate_runs,
     true_mmd2,
 )
 
 __all__ = ["ClusteredSpec", "RunsSpec", "clustered_pair", "make_report", "make_store", "pvalue_calibration",
-           "run_reports", "shift_vector", "simulate_runs", "tiny", "true_mmd2"]
+           "run_reports", "shift_vector", "simulate_contrasts", "simulate_runs", "tiny", "true_mmd2"]

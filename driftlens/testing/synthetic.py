@@ -261,6 +261,24 @@ def simulate_runs(spec: RunsSpec, n_runs: int, seed: int = 0, token_units: bool 
     return effects, draws
 
 
+
+def simulate_contrasts(spec: RunsSpec, n: int, n_runs: int, seed0: int = 0, token_units: bool = False):
+    """``n`` replicates of :func:`simulate_runs` (seeds ``seed0``, ``seed0 + 1``, ...) as the contrast ``A - B``.
+
+    Returns
+    -------
+    contrasts : numpy [n, n_runs]
+        Per replicate and run, the effect of ``A`` minus that of ``B``.
+    draws : numpy [n, n_runs, n_boot]
+        Their paired cluster-bootstrap draws' differences.
+    """
+    d, db = [], []
+    for rep in range(n):
+        e, b = simulate_runs(spec, n_runs, seed=seed0 + rep, token_units=token_units)
+        d.append(e[:, 1] - e[:, 2])
+        db.append(b[:, 1] - b[:, 2])
+    return np.asarray(d), np.asarray(db)
+
 def run_reports(spec: RunsSpec, n_runs: int, seed: int = 0, token_units: bool = False) -> dict:
     """:func:`simulate_runs` as per-run mini reports (checkpoints ``base``, ``A``, ``B``; variables ``mmd``
     and ``mmd_boot``), the shape :func:`driftlens.compare.combine_runs` takes.

@@ -18,7 +18,7 @@ import pytest
 from scipy import stats
 
 from driftlens.compare import bootstrap_pvalue, run_stats
-from driftlens.testing import RunsSpec, simulate_runs
+from driftlens.testing import RunsSpec, simulate_contrasts
 
 pytestmark = pytest.mark.heavy
 
@@ -27,19 +27,9 @@ RUNS = (3, 5, 8)
 ALPHA = 0.05
 
 
-def _contrasts(spec: RunsSpec, n: int, n_runs: int, seed0: int = 0, token_units: bool = False):
-    """[n, runs] per-run contrasts A - B and [n, runs, B] their paired draws."""
-    d, db = [], []
-    for rep in range(n):
-        e, b = simulate_runs(spec, n_runs, seed=seed0 + rep, token_units=token_units)
-        d.append(e[:, 1] - e[:, 2])
-        db.append(b[:, 1] - b[:, 2])
-    return np.asarray(d), np.asarray(db)
-
-
 @pytest.fixture(scope="module")
 def null_runs():
-    return _contrasts(RunsSpec(), N_NULL, max(RUNS))
+    return simulate_contrasts(RunsSpec(), N_NULL, max(RUNS))
 
 
 def _reject(d, db, n_runs, stat=run_stats):
@@ -83,7 +73,7 @@ def test_a_normal_quantile_with_three_runs_is_too_liberal(null_runs):
 
 
 def test_the_across_run_test_holds_with_heavy_tailed_run_effects():
-    d, db = _contrasts(RunsSpec(run_df=3.0), 250, 5, seed0=10_000)
+    d, db = simulate_contrasts(RunsSpec(run_df=3.0), 250, 5, seed0=10_000)
     fpr = _reject(d, db, 5).mean()
     assert fpr <= 0.08, fpr
 
@@ -94,18 +84,18 @@ def test_the_within_run_contrast_is_calibrated_for_probe_sampling():
     Each checkpoint has its own per-scene susceptibility, so the contrast varies between clusters
     (the case where treating tokens as independent goes wrong)."""
     spec = RunsSpec(run_sd=0.0, tokens_per_cluster=4, checkpoint_cluster_sd=0.3)
-    d, db = _contrasts(spec, N_NULL, 1, seed0=20_000)
+    d, db = simulate_contrasts(spec, N_NULL, 1, seed0=20_000)
     p = bootstrap_pvalue(db[:, 0])
     assert 0.02 <= np.mean(p <= ALPHA) <= 0.08
-    _, db_tok = _contrasts(spec, N_NULL, 1, seed0=20_000, token_units=True)
+    _, db_tok = simulate_contrasts(spec, N_NULL, 1, seed0=20_000, token_units=True)
     assert np.mean(bootstrap_pvalue(db_tok[:, 0]) <= ALPHA) > 0.12
 
 
 def test_the_across_run_interval_covers_a_planted_difference():
     spec = RunsSpec(drift_a=1.3, drift_b=1.0)
-    truth_d, _ = _contrasts(spec, 1500, 1, seed0=30_000)         # fresh probe set and run each time
+    truth_d, _ = simulate_contrasts(spec, 1500, 1, seed0=30_000)         # fresh probe set and run each time
     truth = truth_d.mean()                                         # E over runs and probe sets
-    d, db = _contrasts(spec, 800, max(RUNS), seed0=40_000)
+    d, db = simulate_contrasts(spec, 800, max(RUNS), seed0=40_000)
     assert abs(truth) > 10 * truth_d.std() / np.sqrt(len(truth_d))   # a difference that is there
     for n_runs in RUNS:
         cover, cover_probe = [], []
