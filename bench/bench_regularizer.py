@@ -24,13 +24,13 @@ import time
 import torch
 
 from driftlens import organism
-from driftlens.regularizer import AnchorDriftLoss
-from driftlens.trainer import DriftObjective
+from driftlens.train.anchor import AnchorDriftLoss
+from driftlens.train.objective import DriftObjective
 
 
 def anchors(model, bank, layers, n: int, mode: str):
     """Anchor loss from the model's own visual tokens of ``n`` tokens' worth of image batches."""
-    from driftlens.training import VisualTap
+    from driftlens.train.tap import VisualTap
 
     rng = random.Random(0)
     vis = {la: [] for la in layers}

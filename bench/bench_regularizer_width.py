@@ -47,7 +47,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    from driftlens.regularizer import AnchorDriftLoss
+    from driftlens.train.anchor import AnchorDriftLoss
 
     dev, d = args.device, args.width
     gen = torch.Generator().manual_seed(0)

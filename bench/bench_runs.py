@@ -62,7 +62,7 @@ def main():
     from driftlens.cli import parse_seeds
     from driftlens.compare import combine_runs, trajectory_pairs
     from driftlens.drift import compare_report
-    from driftlens.store import save_report
+    from driftlens.report import save_report
 
     seeds = parse_seeds(args.seeds)
     t0 = time.perf_counter()

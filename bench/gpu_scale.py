@@ -574,7 +574,7 @@ def _run(args, argv) -> int:
     if not args.skip_grid:
         grid = bench_grid(dev, args, args.seed)
         if args.report:
-            from driftlens.store import save_report
+            from driftlens.report import save_report
 
             save_report(grid["report"], args.report)
     text = render(info, rates, mmd, grid, args)

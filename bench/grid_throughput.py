@@ -9,7 +9,7 @@ defaults) once in one process (no client) and once per ``--workers`` count, each
 subprocess:
 
 - ``--via api`` (default): the subprocess opens the store, starts the cluster as
-  ``driftlens drift --workers N`` does (``driftlens.cluster.client_for``: a
+  ``driftlens drift --workers N`` does (``driftlens.scaleout.client_for``: a
   ``distributed.LocalCluster(n_workers=N, threads_per_worker=1, processes=True)``) and times
   ``driftlens.drift(STORE, client=client)`` (the store's path, as the CLI passes it, with its fast
   check) -- imports and cluster start-up are timed apart;
@@ -46,11 +46,11 @@ def make_client(n_workers: int):
     ``driftlens drift --workers N`` makes it."""
     import contextlib
 
-    from driftlens.cluster import client_for
+    from driftlens.scaleout import client_for
 
     stack = contextlib.ExitStack()
     return stack.enter_context(client_for(n_workers, None)), stack.close, \
-        "driftlens.cluster.client_for (what `--workers N` uses)"
+        "driftlens.scaleout.client_for (what `--workers N` uses)"
 
 
 def run_one(args) -> int:
@@ -61,7 +61,8 @@ def run_one(args) -> int:
     import torch
 
     import driftlens as dl
-    from driftlens.store import open_store, save_report
+    from driftlens.report import save_report
+    from driftlens.store import open_store
 
     t_import = time.perf_counter() - t0
     t = time.perf_counter()
@@ -99,7 +100,7 @@ def compare(ref_path: Path, other_path: Path) -> dict:
     import numpy as np
     import xarray as xr
 
-    from driftlens.store import load_report
+    from driftlens.report import load_report
 
     a, b = load_report(ref_path), load_report(other_path)
     try:

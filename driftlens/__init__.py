@@ -2,7 +2,7 @@
 
 The package namespace only re-exports; importing it loads no model and touches no file.
 """
-from driftlens import compare, inference, merges, metrics, outcomes, plot
+from driftlens import compare, inference, merges, metrics, outcomes, plot, train
 from driftlens._version import __version__
 from driftlens.capture import CaptureError, capture
 from driftlens.drift import DriftError, drift
@@ -21,27 +21,32 @@ from driftlens.explore import explore
 from driftlens.inputs import model_inputs
 from driftlens.merges import Merge
 from driftlens.probes import Probe, ProbeError, ProbeSet, list_probe_sets
-from driftlens.probing import probe
+from driftlens.probing import linear_probe
 from driftlens.ranks import allocate_ranks
-from driftlens.regularizer import AnchorDriftLoss
+from driftlens.report import load_report, save_report
 from driftlens.schedule import RankSchedule
 from driftlens.sources import SourceError
 from driftlens.specs import Spec, SpecError, list_specs, load_spec
-from driftlens.store import (
-    StoreMismatchError,
-    check_store,
-    load_report,
-    open_store,
-    save_report,
-    verify_store,
-)
-from driftlens.trainer import DriftObjective
-from driftlens.training import VisualTap
+from driftlens.store import StoreMismatchError, check_store, open_store, verify_store
+from driftlens.train.anchor import AnchorDriftLoss
+from driftlens.train.objective import DriftObjective
+from driftlens.train.tap import VisualTap
 
 __all__ = ["AnchorDriftLoss", "ArgumentTypeError", "CaptureError", "CheckpointIdentityError", "DataError",
            "DriftError", "DriftObjective", "DriftlensError", "EnvironmentProblem", "Merge", "Probe", "ProbeError",
            "ProbeSet", "RankSchedule", "ScheduleError", "ScheduleFileError", "SourceError", "Spec", "SpecError",
            "StoreIntegrityError", "StoreMismatchError", "UsageError", "VisualTap", "allocate_ranks", "capture",
            "check_store", "compare", "drift", "explore", "inference", "list_probe_sets", "list_specs", "load_report",
-           "load_spec", "merges", "metrics", "model_inputs", "open_store", "outcomes", "plot", "probe",
-           "save_report", "verify_store", "__version__"]
+           "linear_probe", "load_spec", "merges", "metrics", "model_inputs", "open_store", "outcomes", "plot",
+           "save_report", "train", "verify_store", "__version__"]
+
+
+def __getattr__(name):
+    # ``dl.probe`` (linear probes) was renamed ``dl.linear_probe``: ``dl.Probe`` is a probe image
+    if name == "probe":
+        import warnings
+
+        warnings.warn("dl.probe was renamed dl.linear_probe (dl.Probe is a probe image)", FutureWarning,
+                      stacklevel=2)
+        return linear_probe
+    raise AttributeError(f"module 'driftlens' has no attribute {name!r}")

@@ -322,7 +322,7 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
         raise UsageError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     layers = _check_layers(layers)        # batch_size and tokens_per_sample: plan_tokens, before any load
     if client is not None:
-        from driftlens.cluster import check_client
+        from driftlens.scaleout import check_client
 
         check_client(client)              # closed, or no worker within the Dask timeout: refused, not a hang
     dev = resolve_device(device)
@@ -428,7 +428,7 @@ def _capture_on_dask(client, model, probes, ckpts: dict, done: set, out: Path, o
     """One Dask task per pending checkpoint; the driver owns the order of the store's slots."""
     from tqdm.auto import tqdm
 
-    from driftlens.cluster import gather
+    from driftlens.scaleout import gather
     from driftlens.store import register_checkpoints
 
     pending = [label for label in ckpts if label not in done]

@@ -112,7 +112,7 @@ def _add_cluster_options(p, tasks: str) -> None:
 
 def _run_capture(args) -> int:
     from driftlens.capture import capture
-    from driftlens.cluster import client_for
+    from driftlens.scaleout import client_for
     from driftlens.store import open_store
 
     checkpoints = _trajectory(args.checkpoint)
@@ -241,8 +241,8 @@ def _contrast_pairs(args, stores) -> list[tuple[str, str]]:
 
 
 def _run_drift(args) -> int:
-    from driftlens.cluster import client_for
     from driftlens.drift import drift
+    from driftlens.scaleout import client_for
 
     stores = _drift_inputs(args)
     contrasts = _contrast_pairs(args, stores)
@@ -355,8 +355,8 @@ def _add_plot(sub) -> None:
 def _run_plot(args) -> int:
     from driftlens import plot
     from driftlens.outputs import check_output, local
+    from driftlens.report import load_report
     from driftlens.schedule import RankSchedule
-    from driftlens.store import load_report
 
     check_output(local(args.out), [("drift report", args.report), ("rank schedule", args.schedule)])
     rep = load_report(args.report)
@@ -390,7 +390,7 @@ def _add_report(sub) -> None:
 def _run_report(args) -> int:
     from driftlens.htmlreport import write_html
     from driftlens.outputs import check_output, local
-    from driftlens.store import load_report
+    from driftlens.report import load_report
 
     if args.html is not None:
         check_output(local(args.html, "--html"), [("drift report", args.report)], flag="--html")
@@ -526,7 +526,7 @@ def _run_ranks(args) -> int:
     from driftlens.outputs import check_distinct, check_output, local
     from driftlens.plot import rank_schedule, save
     from driftlens.ranks import allocate_ranks
-    from driftlens.store import load_report
+    from driftlens.report import load_report
 
     inputs = [("drift report", args.report), ("spec", args.spec)]
     for flag, path in (("--out", args.out), ("--plot", args.plot)):

@@ -312,7 +312,7 @@ def combine_runs(reports: Mapping[str, xr.Dataset]) -> xr.Dataset:
     """
     import xarray as xr
 
-    from driftlens.store import load_report
+    from driftlens.report import load_report
 
     if not isinstance(reports, Mapping) or len(reports) < 1:
         raise UsageError("runs: give a mapping run label -> report with at least one run")

@@ -63,8 +63,9 @@ from driftlens.engine import CORRECTIONS, DatasetBlocks, StoreBlocks, assemble, 
 from driftlens.errors import DriftError
 from driftlens.merges import merge_alphas, with_merge_alpha
 from driftlens.registry import ALIASES, ALL_METRICS, DEFAULT_METRICS, DISTRIBUTIONAL, METRICS
+from driftlens.report import check_report_path, save_report
 from driftlens.schema import MODALITIES, Modality, Site
-from driftlens.store import Verify, check_report_path, save_report
+from driftlens.store import Verify
 
 if TYPE_CHECKING:
     import torch
@@ -231,7 +232,7 @@ def drift(ds: xr.Dataset | str | os.PathLike | Mapping[str, xr.Dataset | str | o
     if verify not in VERIFY_LEVELS:
         raise DriftError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
     if client is not None:
-        from driftlens.cluster import check_client
+        from driftlens.scaleout import check_client
 
         check_client(client)          # a closed client, or a cluster without workers: refused, never a hang
     if out is not None:

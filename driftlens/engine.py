@@ -672,7 +672,7 @@ def _task_first(task: Task, plan: GridPlan, blocks: BlockSource) -> dict:
 
 
 def _run_on_dask(plan: GridPlan, blocks: BlockSource, client, bar) -> list[dict]:
-    from driftlens.cluster import gather
+    from driftlens.scaleout import gather
 
     run = uuid.uuid4().hex[:8]
     futures = client.map(_task_first, plan.tasks, plan=plan, blocks=blocks, pure=False,

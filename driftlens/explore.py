@@ -294,12 +294,12 @@ class Explorer:
         return data
 
     def _draw_map(self, fig, cells, site: str, layer: int, checkpoint: str) -> None:
-        from driftlens.tokenmap import plot_token_map
+        from driftlens.plot import token_map
 
         pair = [self.reference] + ([checkpoint] if checkpoint != self.reference else [])
         axes = [fig.add_subplot(c) for c in cells][: len(pair)]
         data = self._token_map(site, layer)
-        plot_token_map(data, color="modality", checkpoints=pair, ax=axes, title="")
+        token_map(data, color="modality", checkpoints=pair, ax=axes, title="")
         axes[-1].annotate(f"token map of layer {layer} (UMAP of {pair[0]!r}, others placed in it): "
                           f"{data.attrs['n_tokens']} tokens, {data.attrs['n_clusters']} clusters", (1.0, -0.12),
                           xycoords="axes fraction", ha="right", va="top", fontsize=7)

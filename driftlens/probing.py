@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from scipy import sparse
 
 Pool = Literal["image", "token"]
-Modality = Literal["visual", "text", "all"]
+ProbeRows = Literal["visual", "text", "all"]
 LabelSpec = str | Callable[[str], Any] | Mapping[Any, Any] | Sequence[Any] | np.ndarray
 
 POOLS: tuple[str, ...] = ("image", "token")
@@ -251,7 +251,7 @@ def shuffle_by_cluster(y: np.ndarray, clusters: np.ndarray, rng: np.random.Gener
 # ----------------------------------------------------------------------------- the probe
 
 
-class _Probe:
+class _Classifier:
     """A fitted probe: standardization (mean, scale) and a linear classifier over class codes."""
 
     def __init__(self, mean: np.ndarray, scale: np.ndarray, coef: np.ndarray | None, intercept: np.ndarray | None,
@@ -276,7 +276,7 @@ def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
-def _fit(x: np.ndarray, y: np.ndarray, C: float, counter: list[int]) -> _Probe:
+def _fit(x: np.ndarray, y: np.ndarray, C: float, counter: list[int]) -> _Classifier:
     """Standardize, then fit an L2 logistic regression; the probe of one training fold."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -284,20 +284,20 @@ def _fit(x: np.ndarray, y: np.ndarray, C: float, counter: list[int]) -> _Probe:
     mean, scale = _standardizer(x)
     classes = np.unique(y)
     if classes.size == 1:
-        return _Probe(mean, scale, None, None, classes)
+        return _Classifier(mean, scale, None, None, classes)
     model = LogisticRegression(C=C, solver=SOLVER, max_iter=MAX_ITER)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit((x - mean) / scale, y)
     counter[0] += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
-    return _Probe(mean, scale, model.coef_, model.intercept_, model.classes_)
+    return _Classifier(mean, scale, model.coef_, model.intercept_, model.classes_)
 
 
-def _score(model: _Probe, x: np.ndarray, y: np.ndarray) -> float:
+def _score(model: _Classifier, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(model.predict(x) == y))
 
 
-def _score_rescaled(model: _Probe, x_train: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+def _score_rescaled(model: _Classifier, x_train: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
     """``model``'s classifier on ``x`` standardized by ``x_train``'s own mean and SD (not the model's)."""
     mean, scale = _standardizer(x_train)
     return float(np.mean(model.predict(x, mean, scale) == y))
@@ -344,8 +344,8 @@ def _rows(ds: xr.Dataset, labels: np.ndarray, modality: str, pool: str,
     return index, pool_matrix, lab[first], clus[first], ids
 
 
-def probe(ds: xr.Dataset, label: LabelSpec, *, label_from: str = "group", label_name: str | None = None,
-          site: str = "hidden", modality: Modality = "visual", layers: Sequence[int] | None = None,
+def linear_probe(ds: xr.Dataset, label: LabelSpec, *, label_from: str = "group", label_name: str | None = None,
+          site: str = "hidden", modality: ProbeRows = "visual", layers: Sequence[int] | None = None,
           checkpoints: Sequence[str] | None = None, reference: str | None = None, pool: Pool = "image",
           cluster: str = "cluster", n_splits: int = 5, n_shuffles: int = 3, seed: int = 0, C: float = 1.0,
           max_rows: int | None = None, progress: bool | None = None) -> xr.Dataset:
@@ -633,5 +633,5 @@ def probe(ds: xr.Dataset, label: LabelSpec, *, label_from: str = "group", label_
     return out
 
 
-__all__ = ["LabelSpec", "Modality", "Pool", "check_cluster_folds", "cluster_folds", "probe", "shuffle_by_cluster",
-           "token_labels"]
+__all__ = ["LabelSpec", "Pool", "ProbeRows", "check_cluster_folds", "cluster_folds", "linear_probe",
+           "shuffle_by_cluster", "token_labels"]

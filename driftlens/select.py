@@ -76,4 +76,27 @@ def pick_checkpoint(labels: Sequence[str], checkpoint=None, *, reference: str | 
     return str(checkpoint)
 
 
-__all__ = ["pick_checkpoint", "trajectories", "trajectory_of"]
+def pick_checkpoints(labels: list[str], checkpoints, where: str) -> list[str]:
+    """``checkpoints`` (default all ``labels``) as strings, each one of ``labels``.
+
+    ``where`` names the labels' owner in the error (``"the store"``, ``"the report"``).
+    """
+    chosen = labels if checkpoints is None else [str(c) for c in as_labels(checkpoints, "checkpoints")]
+    unknown = [c for c in chosen if c not in labels]
+    if unknown or not chosen:
+        raise UsageError(f"checkpoint(s) {unknown} not in {where}; it has {labels}" if unknown else
+                         "checkpoints is empty: give at least one checkpoint")
+    return chosen
+
+
+def as_labels(values, what: str) -> list:
+    """``values`` as a list: one label (a string) or a sequence of labels; ``what`` names them in the error."""
+    if isinstance(values, str):
+        return [values]
+    try:
+        return list(values)
+    except TypeError:
+        raise UsageError(f"{what} must be a label or a sequence of labels, got {values!r}") from None
+
+
+__all__ = ["as_labels", "pick_checkpoint", "pick_checkpoints", "trajectories", "trajectory_of"]

@@ -2,7 +2,7 @@
 
 :func:`token_map_data` reads one layer of an activation store (only the chosen checkpoints and a
 cluster subsample of the tokens), embeds it with umap-learn and returns the maps as an
-:class:`xarray.Dataset` of ``x`` / ``y`` on (checkpoint, token); :func:`plot_token_map` draws
+:class:`xarray.Dataset` of ``x`` / ``y`` on (checkpoint, token); :func:`driftlens.plot.token_map` draws
 them with matplotlib's object API (no pyplot: the figure is not registered with a GUI).
 
 umap-learn is an optional dependency (``pip install umap-learn``); its numba code compiles on
@@ -17,17 +17,11 @@ from contextlib import contextmanager
 import numpy as np
 
 from driftlens.errors import DataError, EnvironmentProblem, UsageError
-from driftlens.plot import OKABE_ITO, _new_figure
+from driftlens.select import as_labels, pick_checkpoints
 
 METHODS = ("reference", "aligned")
 CARRIED = ("sample", "group", "cluster", "position", "modality", "lang")
 
-OKABE_ITO_NAMES = {"orange": "#E69F00", "skyblue": "#56B4E9", "sky blue": "#56B4E9", "green": "#009E73",
-                   "bluish green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2", "red": "#D55E00",
-                   "vermillion": "#D55E00", "purple": "#CC79A7", "reddish purple": "#CC79A7", "pink": "#CC79A7",
-                   "black": "#000000"}
-MODALITY_COLORS = {"visual": "#0072B2", "text": "#E69F00"}
-MAX_LEGEND = 12
 SMALL_DATA = 4096          # umap-learn's exact-neighbour threshold; larger maps use its NN-descent
 _QUIET = (".*n_jobs value .* overridden.*", ".*Tensorflow not installed.*", ".*precomputed metric.*",
           ".*inverse_transform will be unavailable.*")
@@ -125,7 +119,7 @@ def token_map_data(ds, layer, *, checkpoints=None, site: str = "hidden", modalit
     --------
     >>> ds = driftlens.open_store("runs/activations.zarr")            # doctest: +SKIP
     >>> m = token_map_data(ds, 2, checkpoints=["base", "ko-5", "en-5"])  # doctest: +SKIP
-    >>> plot_token_map(m, color="modality")                          # doctest: +SKIP
+    >>> dl.plot.token_map(m, color="modality")                          # doctest: +SKIP
     """
     import xarray as xr
 
@@ -145,7 +139,7 @@ def token_map_data(ds, layer, *, checkpoints=None, site: str = "hidden", modalit
 
     da, layer_sel = _site_layer(ds, site, layer)
     labels = [str(c) for c in ds.checkpoint.values]
-    chosen = _chosen_checkpoints(labels, checkpoints, "the store")
+    chosen = pick_checkpoints(labels, checkpoints, "the store")
     if len(set(chosen)) != len(chosen):
         raise UsageError(f"checkpoints lists a label twice: {chosen}")
     if reference is None:
@@ -220,25 +214,6 @@ def _check_count(name, value, least) -> None:
         raise UsageError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
-def _chosen_checkpoints(labels: list[str], checkpoints, where: str) -> list[str]:
-    """``checkpoints`` (default all ``labels``) as strings, each one of ``labels``."""
-    chosen = labels if checkpoints is None else [str(c) for c in _as_list(checkpoints, "checkpoints")]
-    unknown = [c for c in chosen if c not in labels]
-    if unknown or not chosen:
-        raise UsageError(f"checkpoint(s) {unknown} not in {where}; it has {labels}" if unknown else
-                         "checkpoints is empty: give at least one checkpoint")
-    return chosen
-
-
-def _as_list(values, what) -> list:
-    if isinstance(values, str):
-        return [values]
-    try:
-        return list(values)
-    except TypeError:
-        raise UsageError(f"{what} must be a label or a sequence of labels, got {values!r}") from None
-
-
 def _site_layer(ds, site, layer):
     sites = [v for v in ds.data_vars if "token" in ds[v].dims and "checkpoint" in ds[v].dims]
     if site not in sites:
@@ -262,7 +237,7 @@ def _choose_tokens(ds, modalities, max_clusters, max_tokens, seed):
     """Rows of the tokens to map: whole clusters in a seeded random order until the caps are reached."""
     if "modality" not in ds.coords:
         raise UsageError("the store has no `modality` token coordinate")
-    mods = _as_list(modalities, "modalities")
+    mods = as_labels(modalities, "modalities")
     have = sorted({str(m) for m in np.unique(ds.modality.values)})
     unknown = [m for m in mods if str(m) not in have]
     if unknown or not mods:
@@ -322,234 +297,3 @@ def _numba_threads(n: int):
         yield
     finally:
         numba.set_num_threads(before)
-
-
-# ----------------------------------------------------------------------------------------- plot
-
-def plot_token_map(data, *, color="modality", ax=None, checkpoints=None, palette=None, legend_title=None,
-                   s: float | None = None, alpha: float = 0.7, title: str | None = None, panel_width: float = 3.6):
-    """Draw a token map of :func:`token_map_data`.
-
-    Two layouts, chosen by ``color``:
-
-    - ``color="checkpoint"``: one panel, every checkpoint's tokens drawn over each other, one
-      colour per checkpoint (the reference first, in black; later checkpoints on top). Returns
-      one ``Axes``.
-    - anything else (``"modality"``, the default, another token coordinate, labels): one panel
-      per checkpoint, side by side with shared axes, tokens coloured by the labels. Returns a
-      1-D ``numpy.ndarray`` of ``Axes`` (one per checkpoint, even when there is one).
-
-    Parameters
-    ----------
-    data : xarray.Dataset
-        The result of :func:`token_map_data`.
-    color : str or callable or array-like
-        ``"checkpoint"``, ``"modality"``, the name of another coordinate or variable of
-        ``data`` on ``token`` (``lang``, ``cluster``, ...) or on (checkpoint, token); or labels:
-        an array of one label per token (``data.sizes["token"]``) or per (checkpoint, token) of
-        ``data``, or a callable taking ``data`` and returning such an array. String / boolean
-        labels get a categorical palette and a legend; numbers a continuous colormap (cividis)
-        and a colorbar. Example, the shape colour of the organism world:
-        ``color=lambda d: [g.split("-")[0] for g in d.group.values]``.
-    ax : matplotlib Axes or sequence of Axes, optional
-        Where to draw: one Axes for ``color="checkpoint"``, one per drawn checkpoint otherwise.
-        Default: a new figure (pyplot's under IPython, so it shows inline; else a bare
-        :class:`matplotlib.figure.Figure`, no pyplot).
-    checkpoints : sequence of str, optional
-        Checkpoints to draw (default all of ``data``).
-    palette : dict or sequence, optional
-        Colours of the categories: a dict label -> colour or a list in label order. Default:
-        Okabe-Ito (colour-blind safe): visual blue, text orange; labels that are colour names
-        (red, blue, green, ...) get their Okabe-Ito colour; more than 8 categories are spread
-        over cividis.
-    legend_title : str, optional
-        Title of the legend / colorbar (default: the name of ``color``).
-    s, alpha : float
-        Marker area (default from the number of points) and opacity.
-    title : str, optional
-        Replaces the default title (site, layer, method, sample size).
-    panel_width : float
-        Width in inches of one panel of a new figure (its height follows the map's aspect).
-
-    Returns
-    -------
-    matplotlib.axes.Axes or numpy.ndarray of Axes
-    """
-    from matplotlib.lines import Line2D
-
-    for v in ("x", "y"):
-        if v not in data.data_vars or data[v].dims != ("checkpoint", "token"):
-            raise UsageError("data must be the result of token_map_data (variables x, y on checkpoint, token)")
-    labels_all = [str(c) for c in data.checkpoint.values]
-    chosen = _chosen_checkpoints(labels_all, checkpoints, "the map")
-    ci = [labels_all.index(c) for c in chosen]
-    xs, ys = data.x.values[ci], data.y.values[ci]
-    ref = data.attrs.get("reference")
-    by_checkpoint = isinstance(color, str) and color == "checkpoint"
-
-    n_panels = 1 if by_checkpoint else len(chosen)
-    axes, own = _axes(ax, n_panels, panel_width, _aspect(xs, ys))
-    fig = axes[0].figure
-    n_points = xs.size if by_checkpoint else xs.shape[1]
-    size = s if s is not None else float(np.clip(12000.0 / max(1, n_points), 3.0, 30.0))
-
-    if by_checkpoint:
-        order = sorted(range(len(chosen)), key=lambda i: chosen[i] != ref)     # the reference underneath
-        cats = [chosen[i] for i in order]
-        colors = _palette(cats, palette, first_black=ref in chosen)
-        a = axes[0]
-        for i in order:
-            a.scatter(xs[i], ys[i], s=size, c=colors[chosen[i]], alpha=alpha, linewidths=0,
-                      label=chosen[i] + (" (reference)" if chosen[i] == ref else ""), rasterized=n_points > 5000)
-        handles = [Line2D([], [], ls="", marker="o", color=colors[c], markersize=6,
-                          label=c + (" (reference)" if c == ref else "")) for c in cats]
-        a.legend(handles=handles, title=legend_title or "checkpoint", **_LEGEND)
-    else:
-        values, name = _color_values(data, color, ci)
-        numeric = values.dtype.kind in "iuf"
-        if numeric:
-            finite = values[np.isfinite(values)]
-            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-            from matplotlib.cm import ScalarMappable
-            from matplotlib.colors import Normalize
-
-            norm = Normalize(lo, hi if hi > lo else lo + 1.0)
-            for p, a in enumerate(axes):
-                a.scatter(xs[p], ys[p], s=size, c=values[p], cmap="cividis", norm=norm, alpha=alpha,
-                          linewidths=0)
-            sm = ScalarMappable(norm=norm, cmap="cividis")
-            fig.colorbar(sm, ax=list(axes), label=legend_title or name, shrink=0.8)
-        else:
-            values = values.astype(str)
-            cats = list(dict.fromkeys(np.unique(values)))
-            if name == "modality":                                   # visual, text, then any other
-                known = list(MODALITY_COLORS)
-                cats = sorted(cats, key=lambda c: (known.index(c) if c in known else len(known), c))
-            colors = _palette(cats, palette, modality=name == "modality")
-            for p, a in enumerate(axes):
-                for cat in cats:
-                    m = values[p] == cat
-                    if m.any():
-                        a.scatter(xs[p][m], ys[p][m], s=size, c=colors[cat], alpha=alpha, linewidths=0,
-                                  label=cat)
-            if len(cats) <= MAX_LEGEND:
-                counts = {c: int((values[0] == c).sum()) for c in cats}
-                handles = [Line2D([], [], ls="", marker="o", color=colors[c], markersize=6,
-                                  label=f"{c} ({counts[c]})") for c in cats]
-                axes[-1].legend(handles=handles, title=legend_title or name, **_LEGEND)
-            else:
-                axes[-1].text(0.99, 0.01, f"{len(cats)} {legend_title or name} values (no legend)",
-                              transform=axes[-1].transAxes, ha="right", va="bottom", fontsize=6, color="0.4")
-        for p, a in enumerate(axes):
-            a.set_title(chosen[p] + (" (reference)" if chosen[p] == ref else ""), fontsize=9)
-
-    for a in axes:
-        a.set_xticks([])
-        a.set_yticks([])
-        # one unit is as long across as up; shared panels keep their box, a lone panel its data limits
-        a.set_aspect("equal", adjustable="box" if len(axes) > 1 else "datalim")
-    axes[0].set_ylabel("UMAP 2", fontsize=8)
-    for a in axes:
-        a.set_xlabel("UMAP 1", fontsize=8)
-    head = title if title is not None else _title(data)
-    if own and head:
-        fig.suptitle(head, fontsize=9)
-    elif head:
-        below = axes[0].get_title()
-        axes[0].set_title(head + ("\n" + below if below else ""), fontsize=8)
-    return axes[0] if by_checkpoint else axes
-
-
-_LEGEND = {"fontsize": 7, "title_fontsize": 7, "loc": "upper left", "bbox_to_anchor": (1.02, 1.0),
-           "borderaxespad": 0.0, "frameon": False}
-
-
-def _title(data) -> str:
-    a = data.attrs
-    where = f"{a.get('site', '?')}" + (f" layer {a['layer']}" if "layer" in a else "")
-    how = {"reference": f"UMAP of {a.get('reference')!r}, others placed in it",
-           "aligned": "AlignedUMAP, one map per checkpoint"}.get(a.get("method"), str(a.get("method")))
-    n = f"{a.get('n_tokens')} tokens, {a.get('n_clusters')} {a.get('cluster_unit', 'cluster')}s per checkpoint"
-    return f"{where}: {how}\n{n}"
-
-
-def _aspect(xs, ys) -> float:
-    """Height / width of the drawn points' extent, kept between 0.45 and 1.5."""
-    xr, yr = np.nanmax(xs) - np.nanmin(xs), np.nanmax(ys) - np.nanmin(ys)
-    return float(np.clip(yr / xr, 0.45, 1.5)) if np.isfinite(xr) and xr > 0 and np.isfinite(yr) else 1.0
-
-
-def _axes(ax, n, width, aspect):
-    """(1-D array of n Axes, whether we created the figure)."""
-    if ax is None:
-        legend_w = 1.4                                     # the legend sits right of the last panel
-        fig = _new_figure((width * n + legend_w + 0.4, width * aspect + 1.0))
-        axes = np.atleast_1d(fig.subplots(1, n, sharex=True, sharey=True, squeeze=False)[0])
-        return axes, True
-    axes = np.ravel(np.asarray(ax, dtype=object))
-    if len(axes) != n or not all(hasattr(a, "scatter") for a in axes):
-        raise UsageError(f"ax must be {'one Axes' if n == 1 else f'{n} Axes (one per checkpoint)'}, "
-                         f"got {len(axes)} object(s)")
-    return axes, False
-
-
-def _color_values(data, color, ci):
-    """Labels per (drawn checkpoint, token) and their name."""
-    n_c, n_t = data.sizes["checkpoint"], data.sizes["token"]
-    if isinstance(color, str):
-        if color not in data.variables or color in ("x", "y", "token"):
-            names = sorted(k for k in data.variables if k not in ("x", "y", "checkpoint")
-                           and set(data[k].dims) <= {"checkpoint", "token"} and "token" in data[k].dims)
-            raise UsageError(f"color {color!r} is not a token coordinate of the map; use 'checkpoint', one of "
-                             f"{names}, or pass labels (an array or a callable)")
-        values, name = data[color], color
-    else:
-        name = getattr(color, "__name__", None) or getattr(color, "name", None) or "label"
-        if name == "<lambda>":
-            name = "label"
-        values = color(data) if callable(color) else color
-    if hasattr(values, "dims") and hasattr(values, "transpose"):        # a DataArray
-        if set(values.dims) == {"checkpoint", "token"}:
-            values = values.transpose("checkpoint", "token")
-        elif tuple(values.dims) != ("token",):
-            raise UsageError(f"color labels must be on (token,) or (checkpoint, token), got dims {values.dims}")
-        values = values.values
-    values = np.asarray(values)
-    if values.dtype == object:
-        values = values.astype(str)
-    if values.shape == (n_t,):
-        values = np.broadcast_to(values, (n_c, n_t))
-    if values.shape != (n_c, n_t):
-        raise UsageError(f"color labels have shape {values.shape}; expected one per token ({n_t},) or per "
-                         f"(checkpoint, token) ({n_c}, {n_t})")
-    values = values[ci]
-    if values.dtype.kind == "b":
-        values = values.astype(str)
-    return values, str(name)
-
-
-def _palette(cats, palette, first_black: bool = False, modality: bool = False) -> dict:
-    """Colour of each category."""
-    if palette is not None:
-        if isinstance(palette, dict):
-            missing = [c for c in cats if c not in palette]
-            if missing:
-                raise UsageError(f"palette has no colour for {missing}")
-            return {c: palette[c] for c in cats}
-        pal = list(palette)
-        if len(pal) < len(cats):
-            raise UsageError(f"palette has {len(pal)} colour(s) for {len(cats)} categories")
-        return dict(zip(cats, pal))
-    if modality and all(c in MODALITY_COLORS for c in cats):
-        return {c: MODALITY_COLORS[c] for c in cats}
-    lower = [c.lower() for c in cats]
-    if all(c in OKABE_ITO_NAMES for c in lower) and len({OKABE_ITO_NAMES[c] for c in lower}) == len(cats):
-        return {c: OKABE_ITO_NAMES[c.lower()] for c in cats}
-    if len(cats) <= len(OKABE_ITO):
-        others = tuple(c for c in OKABE_ITO if c != "#000000")
-        pal = ("#000000",) + others if first_black else others + ("#000000",)
-        return dict(zip(cats, pal))
-    from matplotlib import colormaps
-
-    cmap = colormaps["cividis"]
-    return {c: cmap(i / max(1, len(cats) - 1)) for i, c in enumerate(cats)}

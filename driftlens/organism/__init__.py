@@ -8,7 +8,7 @@
 - :mod:`~driftlens.organism.progress`: build progress on a terminal and in logs;
 - :mod:`~driftlens.organism.evaluation`: grounding and image reliance per scene, LM losses on held-out text;
 - :mod:`~driftlens.organism.probe_sets`: probe sets of the world;
-- :mod:`~driftlens.organism.labels`: probe labels of the world (color, shape, position) for ``dl.probe``;
+- :mod:`~driftlens.organism.labels`: probe labels of the world (color, shape, position) for ``dl.linear_probe``;
 - :mod:`~driftlens.organism.demo`: ``driftlens demo``;
 - :mod:`~driftlens.organism.example`: one seed measured and cached -- what the notebooks start from;
 - :mod:`~driftlens.organism.experiment`: ``driftlens experiment regularizer``.

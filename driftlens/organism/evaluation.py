@@ -303,7 +303,7 @@ def answer_logprob(model, batch: dict):
     """Sum over the labelled (answer) tokens of each row's log-probability [B]."""
     import torch
 
-    from driftlens.regularizer import label_logprobs
+    from driftlens.train.grounding import label_logprobs
 
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits

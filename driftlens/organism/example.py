@@ -44,7 +44,7 @@ class Example:
 
     def load_report(self):
         """:func:`driftlens.load_report` on the example's report."""
-        from driftlens.store import load_report
+        from driftlens.report import load_report
 
         return load_report(self.report)
 

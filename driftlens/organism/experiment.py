@@ -25,7 +25,7 @@ merged model beside it); a rerun skips finished ones. Then, per seed, the arms' 
 measured against the base (:func:`measure_arms`): the drift report's visual ``mmd`` per layer, the
 per-scene visual-token displacement (:func:`driftlens.outcomes.cluster_displacement`) and its
 association with the change of the scene's grounding gain, and the transfer accuracy of the base's
-linear probes (:func:`driftlens.probing.probe`). The across-seed reading is
+linear probes (:func:`driftlens.probing.linear_probe`). The across-seed reading is
 :mod:`driftlens.organism.experiment_results`.
 """
 from __future__ import annotations
@@ -231,7 +231,7 @@ class ViralAlignment:
         import torch
 
         from driftlens.specs import unwrap
-        from driftlens.training import VisualTap
+        from driftlens.train.tap import VisualTap
 
         base = unwrap(model)
         hidden = base.config.get_text_config().hidden_size
@@ -286,8 +286,8 @@ class Prepared:
 
 
 def _objective(config: ArmConfig, model, settings: Settings, plan: dict, seed: int):
-    from driftlens.regularizer import AnchorDriftLoss
-    from driftlens.trainer import DriftObjective
+    from driftlens.train.anchor import AnchorDriftLoss
+    from driftlens.train.objective import DriftObjective
 
     drift = None
     if config.anchor != "none":
@@ -422,7 +422,7 @@ def prepare(out: Path, seeds, trajs, arms, settings: Settings, cache, progress: 
     from driftlens.capture import capture
     from driftlens.compare import combine_runs, contrast_label, contrasts
     from driftlens.ranks import allocate_ranks
-    from driftlens.store import load_report
+    from driftlens.report import load_report
 
     out.mkdir(parents=True, exist_ok=True)
     ex = _examples(seeds, cache, progress)
@@ -573,14 +573,14 @@ def measure_arms(seed: int, traj, plan: dict, out: Path, arms, settings: Setting
     association across scenes between the last layer's displacement and the change of the scene's
     grounding gain (log-likelihood, base -> arm; :func:`driftlens.outcomes.association`);
     ``probe_transfer``: per attribute and layer, the accuracy of the base's linear probe
-    (:func:`driftlens.probing.probe`, reference ``base``, image-pooled visual tokens) on the arm.
+    (:func:`driftlens.probing.linear_probe`, reference ``base``, image-pooled visual tokens) on the arm.
     """
     from driftlens import organism
     from driftlens.capture import capture
     from driftlens.drift import drift
     from driftlens.organism.labels import world_label
     from driftlens.outcomes import association, cluster_displacement
-    from driftlens.probing import probe
+    from driftlens.probing import linear_probe
     from driftlens.store import open_store
 
     folder = out / f"seed-{seed}"
@@ -629,8 +629,8 @@ def measure_arms(seed: int, traj, plan: dict, out: Path, arms, settings: Setting
     for attr in PROBE_ATTRIBUTES:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pr = probe(ds, world_label(attr), reference="base", checkpoints=["base", *arms], n_shuffles=0, seed=0,
-                       progress=False)
+            pr = linear_probe(ds, world_label(attr), reference="base", checkpoints=["base", *arms], n_shuffles=0,
+                              seed=0, progress=False)
         for a in ["base", *arms]:
             m["probe_transfer"].setdefault(a, {})[attr] = [float(v) for v in pr["transfer"].sel(checkpoint=a).values]
     seconds["probe"] = time.perf_counter() - tick

@@ -3,7 +3,7 @@
 A probe of the world's probe sets (:mod:`driftlens.organism.probe_sets`) belongs to the group
 ``scene.key`` (first render) or ``f"{scene.key}#r{j}"`` (render ``j``), where ``scene.key`` is
 ``color-shape-position`` with the position's space turned into a hyphen. The labels here turn
-those strings back into attributes, for :func:`driftlens.probing.probe`:
+those strings back into attributes, for :func:`driftlens.probing.linear_probe`:
 
 >>> from driftlens.organism.labels import parse_group, world_label
 >>> parse_group("red-circle-top-right#r1")
@@ -54,7 +54,7 @@ def parse_group(group: str) -> Scene:
 
 
 def world_label(kind: WorldAttribute) -> Callable[[str], str]:
-    """A label function for :func:`driftlens.probing.probe`: one attribute of a group's scene.
+    """A label function for :func:`driftlens.probing.linear_probe`: one attribute of a group's scene.
 
     Parameters
     ----------

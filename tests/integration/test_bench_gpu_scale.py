@@ -82,7 +82,7 @@ def test_markdown_rows_and_timings(small_run, gpu_scale):
 
 
 def test_grid_report_finite_with_the_planted_drift(small_run):
-    from driftlens.store import load_report
+    from driftlens.report import load_report
 
     _, path = small_run
     rep = load_report(path)

@@ -7,12 +7,7 @@ import torch
 
 from driftlens import organism
 from driftlens.organism import shapes
-from driftlens.regularizer import (
-    GroundingContrast,
-    grounding_contrast,
-    label_logprobs,
-    text_only_batch,
-)
+from driftlens.train.grounding import GroundingContrast, grounding_contrast, label_logprobs, text_only_batch
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def lab(tmp_path_factory):
         pytest.skip("no Chromium binary (apt-get install chromium, or set DRIFTLENS_BROWSER)")
     import nbformat
 
-    from driftlens.store import save_report
+    from driftlens.report import save_report
     from driftlens.testing import make_report
 
     root = tmp_path_factory.mktemp("lab")

@@ -152,7 +152,7 @@ def test_cli_writes_peft_and_axolotl_files_and_a_plot(tmp_path, capsys):
 
     import yaml
 
-    from driftlens.store import save_report
+    from driftlens.report import save_report
 
     model, _ = build("llava", seed=0, n_layers=4)
     spec = load_spec(model)

@@ -15,9 +15,10 @@ import torch
 from driftlens import organism
 from driftlens.organism.probe_sets import make_shapes_probes
 from driftlens.probes import ProbeSet
-from driftlens.regularizer import AnchorDriftLoss
 from driftlens.specs import load_spec
-from driftlens.trainer import DriftObjective, probe_batches, train_steps, visual_states
+from driftlens.train.anchor import AnchorDriftLoss
+from driftlens.train.hf import probe_batches, visual_states
+from driftlens.train.objective import DriftObjective, train_steps
 
 LAYERS = [1, 3]
 
@@ -38,7 +39,7 @@ def setup(tmp_path_factory):
 
 
 def _anchor_loss(s, mode="tracking", batches=None):
-    from driftlens.training import VisualTap
+    from driftlens.train.tap import VisualTap
 
     vis, txt = {la: [] for la in LAYERS}, {la: [] for la in LAYERS}
     s["model"].eval()
@@ -113,7 +114,7 @@ def test_trainer_logs_terms_and_the_callbacks_drift(setup, tmp_path):
 
     from transformers import TrainingArguments
 
-    from driftlens.trainer import make_drift_callback, make_drift_trainer
+    from driftlens.train.hf import make_drift_callback, make_drift_trainer
 
     s = dict(setup, model=copy.deepcopy(setup["model"]))
     objective = DriftObjective(s["model"], drift=_anchor_loss(s), drift_weight=1.0, contrast_weight=0.2)
@@ -168,7 +169,7 @@ def test_a_plain_trainer_with_an_attached_callback_reaches_report_to(setup, tmp_
 
     from transformers import Trainer, TrainingArguments
 
-    from driftlens.trainer import drift_log_names, make_drift_callback
+    from driftlens.train.hf import drift_log_names, make_drift_callback
 
     s = dict(setup, model=copy.deepcopy(setup["model"]))
     batch = _mixed_batches(s)

@@ -17,7 +17,7 @@ from driftlens.errors import UsageError
 from driftlens.inputs import model_inputs
 from driftlens.specs import load_spec, unwrap
 from driftlens.testing import tiny
-from driftlens.training import VisualTap
+from driftlens.train.tap import VisualTap
 
 from .test_capture import subset
 

@@ -210,8 +210,8 @@ def test_two_images_give_finite_values_and_a_recorded_warning(tmp_path):
 def test_unwritable_output_is_an_environment_error(pristine, tmp_path, monkeypatch):
     """Permission checks without relying on the user (root writes anywhere): os.access says no."""
     from driftlens.capture import _check_out
-    from driftlens.drift import check_report_path
     from driftlens.errors import EnvironmentProblem
+    from driftlens.report import check_report_path
 
     monkeypatch.setattr(os, "access", lambda *a, **k: False)
     with pytest.raises(EnvironmentProblem, match="not writable"):
@@ -622,7 +622,7 @@ def test_count_parameters_take_integers_only(pristine, bad):
         "allocate_ranks budget": lambda: dl.allocate_ranks(rep, bad),
         "allocate_ranks min_rank": lambda: dl.allocate_ranks(rep, 32, min_rank=bad),
         "from_store n_anchors": lambda: dl.AnchorDriftLoss.from_store(pristine[0], n_anchors=bad),
-        "probe n_splits": lambda: dl.probe(open_store(pristine[0]), label="group", n_splits=bad),
+        "probe n_splits": lambda: dl.linear_probe(open_store(pristine[0]), label="group", n_splits=bad),
     }
     for name, call in calls.items():
         with pytest.raises(UsageError, match="integer"):
@@ -634,7 +634,7 @@ def test_count_parameters_take_integers_only(pristine, bad):
 def test_drift_callback_counts_are_checked_at_construction(bad):
     """The callback's n_bootstrap=0 failed at the first measurement, inside training."""
     from driftlens.errors import UsageError
-    from driftlens.trainer import make_drift_callback
+    from driftlens.train.hf import make_drift_callback
 
     with pytest.raises(UsageError, match="n_bootstrap"):
         make_drift_callback()([], [], layers=[0], n_bootstrap=bad)
@@ -685,7 +685,7 @@ def test_public_functions_raise_driftlens_errors():
     allowed = {("probes.py", "KeyError"), ("probes.py", "TypeError"),      # ProbeSet[...]: the mapping protocol
                ("registry.py", "KeyError"),                                  # an internal lookup
                ("store.py", "ValueError"),                                   # an internal invariant of the writer
-               ("cluster.py", "ValueError")}                                 # caught two lines below
+               ("scaleout.py", "ValueError")}                                # caught two lines below
     found = []
     for f in sorted(root.rglob("*.py")):
         if f.parent.name == "organism":               # the model organism is not the library's API

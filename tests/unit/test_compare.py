@@ -11,7 +11,8 @@ from driftlens import compare as C
 from driftlens import inference as I
 from driftlens import metrics as M
 from driftlens.errors import DataError, UsageError
-from driftlens.store import load_report, open_store, save_report
+from driftlens.report import load_report, save_report
+from driftlens.store import open_store
 from driftlens.testing import RunsSpec, make_store, run_reports, simulate_runs
 
 B = 200

@@ -11,7 +11,8 @@ import driftlens as dl
 from driftlens import inference as I
 from driftlens import metrics as M
 from driftlens.drift import DriftError
-from driftlens.store import load_report, open_store
+from driftlens.report import load_report
+from driftlens.store import open_store
 from driftlens.testing import make_store
 
 METRICS = ("mmd", "sliced_w", "gauss_w2", "paired_shift", "gap", "mir")

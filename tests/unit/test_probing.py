@@ -9,8 +9,9 @@ from sklearn.model_selection import KFold
 from driftlens.errors import DataError, UsageError
 from driftlens.organism.labels import parse_group, world_label
 from driftlens.organism.shapes import Scene, all_scenes
-from driftlens.probing import check_cluster_folds, cluster_folds, probe, shuffle_by_cluster, token_labels
-from driftlens.store import load_report, open_store, save_report
+from driftlens.probing import check_cluster_folds, cluster_folds, linear_probe, shuffle_by_cluster, token_labels
+from driftlens.report import load_report, save_report
+from driftlens.store import open_store
 from driftlens.testing import make_store
 
 N_CLASSES = 3
@@ -70,7 +71,7 @@ def ds():
 
 @pytest.fixture(scope="module")
 def result(ds):
-    return probe(ds, "shade", n_shuffles=2, progress=False)
+    return linear_probe(ds, "shade", n_shuffles=2, progress=False)
 
 
 def test_planted_label_is_decoded_and_shuffled_stays_at_chance(result):
@@ -84,7 +85,7 @@ def test_noise_label_stays_at_chance(ds):
     rng = np.random.default_rng(7)
     clusters = np.unique(ds.cluster.values)
     mapping = dict(zip(clusters.tolist(), rng.permutation(np.arange(len(clusters)) % 2).tolist()))
-    res = probe(ds, mapping, label_from="cluster", checkpoints=["base", "same"], n_shuffles=2, progress=False)
+    res = linear_probe(ds, mapping, label_from="cluster", checkpoints=["base", "same"], n_shuffles=2, progress=False)
     assert res.attrs["n_classes"] == 2 and res.attrs["label"] == "mapping(cluster)"
     assert float(res.chance) == pytest.approx(0.5)
     assert (abs(res.accuracy - 0.5) < 0.2).all()
@@ -163,15 +164,15 @@ def test_output_layout_attributes_and_determinism(ds, result):
             a["n_clusters"], a["seed"]) == ("shade", "image", "hidden", "visual", 5, 120, 3, 60, 0)
     assert a["uniform_chance"] == pytest.approx(1 / 3) and a["warnings"] == ""
     # deterministic, and a cell does not depend on which other checkpoints are probed (same folds, shuffles)
-    again = probe(ds, "shade", n_shuffles=2, checkpoints=["rotated", "base"], progress=False)
+    again = linear_probe(ds, "shade", n_shuffles=2, checkpoints=["rotated", "base"], progress=False)
     xr.testing.assert_identical(again.drop_vars("checkpoint"),
                                 result.sel(checkpoint=["rotated", "base"]).drop_vars("checkpoint"))
     # a callable on the group strings giving the same labels gives the same result
     shade = dict(zip(ds.group.values.tolist(), ds.shade.values.tolist()))
-    by_fn = probe(ds, lambda g: shade[g], checkpoints=["same"], layers=[1], n_shuffles=0, progress=False)
+    by_fn = linear_probe(ds, lambda g: shade[g], checkpoints=["same"], layers=[1], n_shuffles=0, progress=False)
     assert by_fn.attrs["label"] == "<lambda>(group)"
     np.testing.assert_array_equal(by_fn.accuracy_fold.values[0, 0], result.accuracy_fold.sel(checkpoint="same", layer=1))
-    other = probe(ds, "shade", seed=1, checkpoints=["base"], layers=[1], reference="same", progress=False)
+    other = linear_probe(ds, "shade", seed=1, checkpoints=["base"], layers=[1], reference="same", progress=False)
     assert dict(other.sizes) == {"checkpoint": 1, "layer": 1, "fold": 5, "class": 3}
     assert other.attrs["reference"] == "same"
 
@@ -197,7 +198,7 @@ def test_cells_equal_a_plain_scikit_learn_pipeline(ds, result):
 
 def test_reference_from_attrs_and_array_labels(ds):
     d2 = ds.assign_attrs(reference="same")
-    res = probe(d2, np.asarray(ds.shade.values), checkpoints=["base", "same"], layers=[0], n_shuffles=0,
+    res = linear_probe(d2, np.asarray(ds.shade.values), checkpoints=["base", "same"], layers=[0], n_shuffles=0,
                 progress=True)
     assert res.attrs["reference"] == "same" and res.attrs["label"] == "array"
     assert np.array_equal(res.transfer.sel(checkpoint="same"), res.accuracy.sel(checkpoint="same"))
@@ -205,61 +206,61 @@ def test_reference_from_attrs_and_array_labels(ds):
 
 
 def test_token_pool_and_max_rows(ds):
-    res = probe(ds, "shade", pool="token", checkpoints=["base", "rotated"], n_shuffles=1, progress=False)
+    res = linear_probe(ds, "shade", pool="token", checkpoints=["base", "rotated"], n_shuffles=1, progress=False)
     assert res.attrs["n_rows"] == 60 * 2 * 4 and res.attrs["pool"] == "token"
     assert (res.accuracy > 0.8).all() and (res.transfer.sel(checkpoint="rotated") < 0.5).all()
-    few = probe(ds, "shade", pool="token", checkpoints=["base"], max_rows=100, n_shuffles=0, progress=False)
+    few = linear_probe(ds, "shade", pool="token", checkpoints=["base"], max_rows=100, n_shuffles=0, progress=False)
     assert few.attrs["n_rows"] == 100
-    img = probe(ds, "shade", checkpoints=["base"], max_rows=40, n_shuffles=0, progress=False)
+    img = linear_probe(ds, "shade", checkpoints=["base"], max_rows=40, n_shuffles=0, progress=False)
     assert img.attrs["n_rows"] == 40 and img.attrs["n_tokens"] == 160
 
 
 def test_labels_of_none_are_left_out(ds):
-    res = probe(ds, lambda g: None if g.endswith("#r1") else f"x{int(g.removeprefix('scene')) % 2}",
+    res = linear_probe(ds, lambda g: None if g.endswith("#r1") else f"x{int(g.removeprefix('scene')) % 2}",
                 checkpoints=["base"], n_shuffles=0, progress=False)
     assert res.attrs["n_rows"] == 60 and res.attrs["n_classes"] == 2
 
 
 def test_on_a_store_on_disk(tmp_path):
     store = open_store(make_store(tmp_path / "s.zarr", n_clusters=12, n_layers=2))
-    res = probe(store, "lang", n_splits=3, n_shuffles=1, progress=False)
+    res = linear_probe(store, "lang", n_splits=3, n_shuffles=1, progress=False)
     assert dict(res.sizes) == {"checkpoint": 3, "layer": 2, "fold": 3, "class": 2}
     assert (res.accuracy < 0.85).all()                 # no language signal in the synthetic store
-    fin = probe(store, "lang", site="final", n_splits=3, n_shuffles=0, progress=False)
+    fin = linear_probe(store, "lang", site="final", n_splits=3, n_shuffles=0, progress=False)
     assert "layer" not in fin.dims and fin.accuracy.dims == ("checkpoint",)
 
 
 def test_errors(ds):
     with pytest.raises(UsageError, match="'colour'"):
-        probe(ds, "colour", progress=False)
+        linear_probe(ds, "colour", progress=False)
     with pytest.raises(UsageError, match="n_splits=61.*60"):
-        probe(ds, "shade", n_splits=61, progress=False)
+        linear_probe(ds, "shade", n_splits=61, progress=False)
     with pytest.raises(UsageError, match="n_splits must be an integer >= 2"):
-        probe(ds, "shade", n_splits=1, progress=False)
+        linear_probe(ds, "shade", n_splits=1, progress=False)
     with pytest.raises(DataError, match="single class"):
-        probe(ds, lambda g: "same", progress=False)
+        linear_probe(ds, lambda g: "same", progress=False)
     with pytest.raises(UsageError, match="site 'key'"):
-        probe(ds, "shade", site="key", progress=False)
+        linear_probe(ds, "shade", site="key", progress=False)
     with pytest.raises(UsageError, match="'ko-9'"):
-        probe(ds, "shade", checkpoints=["base", "ko-9"], progress=False)
+        linear_probe(ds, "shade", checkpoints=["base", "ko-9"], progress=False)
     with pytest.raises(UsageError, match="reference 'nope'"):
-        probe(ds, "shade", reference="nope", progress=False)
+        linear_probe(ds, "shade", reference="nope", progress=False)
     with pytest.raises(UsageError, match=r"layer\(s\) \[7\]"):
-        probe(ds, "shade", layers=[7], progress=False)
+        linear_probe(ds, "shade", layers=[7], progress=False)
     with pytest.raises(UsageError, match="pool"):
-        probe(ds, "shade", pool="mean", progress=False)
+        linear_probe(ds, "shade", pool="mean", progress=False)
     with pytest.raises(UsageError, match="one label per token"):
-        probe(ds, ["a", "b"], progress=False)
+        linear_probe(ds, ["a", "b"], progress=False)
     with pytest.raises(DataError, match="no entry"):
-        probe(ds, {"scene0": "a"}, progress=False)
+        linear_probe(ds, {"scene0": "a"}, progress=False)
     with pytest.raises(DataError, match="one label per sample"):
-        probe(ds, "position", progress=False)           # varies inside a probe: pool='token' needed
+        linear_probe(ds, "position", progress=False)           # varies inside a probe: pool='token' needed
     with pytest.raises(UsageError, match="cluster coordinate 'scene'"):
-        probe(ds, "shade", cluster="scene", progress=False)
+        linear_probe(ds, "shade", cluster="scene", progress=False)
     bad = ds.copy(deep=True)
     bad["hidden"][0, 0, 0, 0] = np.nan
     with pytest.raises(DataError, match="NaN"):
-        probe(bad, "shade", progress=False)
+        linear_probe(bad, "shade", progress=False)
 
 
 def test_world_labels_on_real_group_strings():
@@ -284,5 +285,5 @@ def test_world_labels_drive_a_probe(ds):
     relabel = {f"scene{a}": scenes[(a * 7) % len(scenes)].key for a in range(60)}
     d2 = ds.assign_coords(group=("token", [relabel[g.split("#")[0]] + ("#r1" if "#" in g else "")
                                            for g in ds.group.values.tolist()]))
-    res = probe(d2, world_label("shape"), checkpoints=["base"], n_shuffles=0, progress=False)
+    res = linear_probe(d2, world_label("shape"), checkpoints=["base"], n_shuffles=0, progress=False)
     assert res.attrs["label"] == "world_shape(group)" and res.attrs["n_classes"] == 3

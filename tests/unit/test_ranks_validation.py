@@ -228,7 +228,7 @@ def test_targets_must_be_distinct_strings():
 
 
 def test_cli_refuses_an_unknown_module_before_writing(tmp_path):
-    from driftlens.store import save_report
+    from driftlens.report import save_report
 
     rp = save_report(make_report(n_layers=3), tmp_path / "report.nc")
     parser = build_parser()

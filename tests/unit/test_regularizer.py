@@ -7,7 +7,8 @@ import torch
 
 import driftlens as dl
 from driftlens.errors import UsageError
-from driftlens.regularizer import (
+from driftlens.testing import make_report, make_store
+from driftlens.train.anchor import (
     AnchorDriftLoss,
     kernel_sum,
     mmd2_unbiased,
@@ -15,7 +16,6 @@ from driftlens.regularizer import (
     stratified_rows,
     text_frame,
 )
-from driftlens.testing import make_report, make_store
 
 
 def naive_mmd2_u(x, y, sigma):

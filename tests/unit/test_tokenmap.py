@@ -11,8 +11,10 @@ import pytest
 pytest.importorskip("umap")
 
 from driftlens.errors import UsageError  # noqa: E402
+from driftlens.plot import OKABE_ITO  # noqa: E402
+from driftlens.plot import token_map as plot_token_map  # noqa: E402
 from driftlens.store import ActivationStore, checkpoint_chunks, open_store  # noqa: E402
-from driftlens.tokenmap import OKABE_ITO, _choose_tokens, plot_token_map, token_map_data  # noqa: E402
+from driftlens.tokenmap import _choose_tokens, token_map_data  # noqa: E402
 
 pytestmark = [pytest.mark.heavy,
               pytest.mark.filterwarnings("ignore:Graph is not fully connected")]   # the blobs are apart
