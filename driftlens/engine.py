@@ -181,6 +181,10 @@ class GridPlan:
     n_experts: int = 0             # length of the report's ``expert`` dim
     expert_min_clusters: int = EXPERT_MIN_CLUSTERS
 
+    def of_grain(self, grain: str) -> list[str]:
+        """The plan's metrics whose kind is computed at ``grain`` (:mod:`driftlens.stats.kinds`), in the given order."""
+        return [m for m in self.metrics if cells_of(METRICS[m].kind).grain == grain]
+
     def of_kind(self, *kinds) -> list[str]:
         """The plan's metrics of these kinds (:mod:`driftlens.registry`), in the caller's order."""
         return [m for m in self.metrics if METRICS[m].kind in kinds]
@@ -436,8 +440,7 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
     C, Mo = len(plan.labels), len(plan.modalities)
     main = task.site_index is not None
     # the kinds computed per (checkpoint, modality) cell from the paired rows, by their registry kind
-    per_cell = [(m, cells_of(METRICS[m].kind).fn) for m in plan.metrics
-                if main and cells_of(METRICS[m].kind).grain == "cell"]
+    per_cell = [(m, cells_of(METRICS[m].kind).fn) for m in plan.of_grain("cell")] if main else []
     # cross-modal metrics: at every report site (registry site None) or at their own site only (``mir``)
     cross = [m for m in plan.of_kind("cross_modal") if (main and METRICS[m].site is None)
              or (task.mir and METRICS[m].site is not None)]
@@ -654,7 +657,7 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
     from driftlens._version import __version__
 
     C, L, S, Mo = len(plan.labels), len(plan.layers), len(plan.sites), len(plan.modalities)
-    cell_metrics = plan.of_kind("kernel", "transport", "paired")
+    cell_metrics = plan.of_grain("cell")
     res = {m + suf: np.full((C, L, S, Mo), np.nan) for m in cell_metrics for suf in METRICS[m].outputs}
     gap = {"gap" + suf: np.full((C, L, S), np.nan) for suf in ("", "_lo", "_hi")} if "gap" in plan.metrics else {}
     mir = {"mir" + suf: np.full((C, L), np.nan) for suf in ("", "_lo", "_hi")} if plan.do_mir else {}

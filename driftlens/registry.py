@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Kind = Literal["kernel", "transport", "paired", "cross_modal", "routing", "expert"]
-#: the names :func:`driftlens.drift` accepts in ``metrics=`` (the registry's names and aliases; a test checks they agree)
+#: the names :func:`driftlens.drift` accepts in ``metrics=`` (the registry's names and aliases; a test checks)
 Metric = Literal["mmd", "sinkhorn", "sliced_w", "gauss_w2", "paired_shift", "shift", "gap", "mir", "route_js",
                  "route_load", "expert_mmd"]
 
@@ -71,7 +71,8 @@ class MetricSpec:
     html_label : str
         Short label of the explorer (plain unicode); default ``label``.
     vs_reference : bool
-        Measured against the reference checkpoint (its own row is 0 by construction).
+        Drawn as a change from the reference checkpoint: plots leave out its row (0 by construction) and
+        title the figure "vs REFERENCE" (the routing and expert metrics are drawn with it).
     draws : {"bootstrap", "transport", "mir"}
         Which of the report's resampling counts its cells use (``n_bootstrap`` / ``n_permutations``,
         the capped ``transport_resamples``, ``mir_bootstrap``).
@@ -145,7 +146,8 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
         "text-token norm, 3-std norm outliers replaced by the per-dimension median, unbiased covariances, exact "
         "square root (Huang et al. 2025); the last layer after the model's final norm",
         dims=("checkpoint", "layer"), outputs=("", "_lo", "_hi"),
-        label='MIR (per-layer term)', vs_reference=False, draws='mir', figures=('mir_lines',), default=True, site='hidden'),
+        label='MIR (per-layer term)', vs_reference=False, draws='mir', figures=('mir_lines',), default=True,
+        site='hidden'),
     MetricSpec(
         "route_js", "routing", "routing divergence per token (Jensen-Shannon)", "bits",
         "mean over clusters of the mean over the cluster's tokens of JS(p_i, q_i) = (KL(p_i|m_i) + KL(q_i|m_i)) / 2, "
@@ -153,7 +155,7 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
         "the routing distributions over experts of the same token at the reference and at the checkpoint (site "
         "`route`). A per-token change of a deterministic model: interval, no p-value (see route_load)",
         dims=("checkpoint", "layer", "modality"), outputs=("", "_lo", "_hi"), site="route",
-        label='routing JS divergence'),
+        vs_reference=False),
     MetricSpec(
         "route_load", "routing", "expert-load shift (paired cluster estimate)", "probability^2",
         "mean over pairs of distinct clusters a != b of <D_a, D_b>, D_a the mean over cluster a's tokens of q_i - p_i "
@@ -161,7 +163,7 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
         "distance between the expert loads (mean routing distributions) of the token population, clusters weighted "
         "equally; the MMD^2 of the routing distributions with a linear kernel, with the same sign-flip null",
         dims=("checkpoint", "layer", "modality"), site="route",
-        label='expert-load shift'),
+        vs_reference=False),
     MetricSpec(
         "expert_mmd", "expert", "squared MMD of the tokens routed to one expert (paired cluster estimate)", "1",
         "the paired cluster MMD^2 (as `mmd`, same kernel bandwidth `sigma`) restricted to the tokens the reference "
@@ -169,7 +171,7 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
         "serves drifted, at the cell's site; U-statistic over the clusters that have such tokens (attrs "
         "expert_min_clusters; NaN below, with the reason in the report's warnings)",
         dims=("checkpoint", "layer", "site", "modality", "expert"),
-        label='expert MMD$^2$', html_label='expert MMD²'),
+        vs_reference=False),
 )}
 
 ALIASES = {"shift": "paired_shift"}
