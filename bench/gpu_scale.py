@@ -30,7 +30,7 @@ Parts
    and bootstrap draws. Target: under 10 minutes on one H100-class GPU. ``mir`` only with ``--mir``:
    at d = 4096 each (checkpoint, layer) cell costs ``mir_bootstrap`` (default 1000)
    eigendecompositions of 4096 x 4096 matrices, and the engine's MIR cell
-   (``driftlens.cells.mir_cell``) builds per-cluster second moments on the *host*, K x d x d float64
+   (``driftlens.stats.crossmodal.mir_cell``) builds per-cluster second moments on the *host*, K x d x d float64
    per modality (2 x 250 x 128 MiB = 63 GiB here), plus bootstrap chunks of 128 x d x d float64
    covariances -- more than the whole rest of the grid, and hours of host eigendecompositions at
    1000 draws. With ``--mir`` the benchmark estimates that host memory

@@ -153,7 +153,7 @@ def _store_write_errors(store):
 
 
 def _add_drift(sub) -> None:
-    from driftlens.registry import ALL_METRICS, DEFAULT_METRICS
+    from driftlens.registry import ALIASES, DEFAULT_METRICS, METRICS
 
     p = sub.add_parser(
         "drift",
@@ -179,7 +179,7 @@ def _add_drift(sub) -> None:
     p.add_argument("--runs", default=None, metavar="LABELS",
                    help="comma-separated run labels, one per store (default: the stores' folder names)")
     p.add_argument("--reference", default=None, help="reference checkpoint label (default: the first)")
-    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=list(ALL_METRICS) + ["shift"],
+    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=list(METRICS) + list(ALIASES),
                    help="metrics to compute (default: %(default)s)")
     p.add_argument("--sites", nargs="+", default=None, help="layered sites (default: all in the store)")
     p.add_argument("--contrast", action="append", default=[], metavar="A:B",

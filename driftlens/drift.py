@@ -59,12 +59,13 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
-from driftlens.engine import CORRECTIONS, DatasetBlocks, StoreBlocks, assemble, make_plan, run_grid, task_notes
+from driftlens.engine import DatasetBlocks, StoreBlocks, assemble, make_plan, run_grid, task_notes
 from driftlens.errors import DriftError
 from driftlens.merges import merge_alphas, with_merge_alpha
-from driftlens.registry import ALIASES, ALL_METRICS, DEFAULT_METRICS, DISTRIBUTIONAL, METRICS
+from driftlens.registry import ALIASES, ALL_METRICS, DEFAULT_METRICS, DISTRIBUTIONAL, METRICS, Metric
 from driftlens.report import check_report_path, save_report
 from driftlens.schema import MODALITIES, Modality, Site
+from driftlens.stats.settings import CORRECTIONS, Settings
 from driftlens.store import Verify
 
 if TYPE_CHECKING:
@@ -72,8 +73,6 @@ if TYPE_CHECKING:
     import xarray as xr
     from distributed import Client
 
-Metric = Literal["mmd", "sinkhorn", "sliced_w", "gauss_w2", "paired_shift", "shift", "gap", "mir", "route_js",
-                 "route_load", "expert_mmd"]
 Correction = Literal["bh", "holm"] | None
 
 # ----------------------------------------------------------------------------- the report
@@ -239,11 +238,11 @@ def drift(ds: xr.Dataset | str | os.PathLike | Mapping[str, xr.Dataset | str | o
         runs = ds.values() if isinstance(ds, Mapping) and not hasattr(ds, "data_vars") else [ds]
         stores = [d if not hasattr(d, "data_vars") else d.attrs.get("store_path") for d in runs]
         out = check_report_path(out, [("activation store", store) for store in stores])
-    options = dict(reference=reference, metrics=metrics, sites=sites, modalities=modalities,
-                   n_permutations=n_permutations, n_bootstrap=n_bootstrap, level=level, correction=correction,
-                   transport_resamples=transport_resamples, mir_bootstrap=mir_bootstrap, seed=seed, device=device,
-                   blur=blur, n_projections=n_projections, progress=progress, verify=verify, client=client,
-                   bandwidth_scale=bandwidth_scale)
+    settings = Settings(n_permutations=n_permutations, n_bootstrap=n_bootstrap, level=level, correction=correction,
+                        transport_resamples=transport_resamples, mir_bootstrap=mir_bootstrap, seed=seed,
+                        device=device, blur=blur, n_projections=n_projections, bandwidth_scale=bandwidth_scale)
+    options = dict(reference=reference, metrics=metrics, sites=sites, modalities=modalities, settings=settings,
+                   progress=progress, verify=verify, client=client)
     if isinstance(ds, Mapping) and not hasattr(ds, "data_vars"):      # (an xarray Dataset is a Mapping too)
         report = _drift_runs(ds, options)
     else:
@@ -296,7 +295,7 @@ def _drift_one(ds, options: dict) -> xr.Dataset:
 
     options = dict(options)
     verify, client, progress = options.pop("verify"), options.pop("client"), options.pop("progress")
-    device = options["device"]
+    device = options["settings"].device
     blocks = None
     if not hasattr(ds, "data_vars"):
         path = ds

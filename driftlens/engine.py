@@ -15,25 +15,32 @@ when: the single-process run, a Dask cluster and a GPU give the same report. Wit
 """
 from __future__ import annotations
 
-import functools
-import numbers
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from driftlens import cells
-from driftlens import inference as I
-from driftlens.errors import DriftError, check_count, raise_if_interrupted
-from driftlens.registry import ALIASES, ALL_METRICS, METRICS, base_metric, of_kind
+from driftlens.errors import DriftError, raise_if_interrupted
+from driftlens.registry import ALIASES, DEFAULT_METRICS, METRICS, base_metric, of_kind
 from driftlens.schema import CLUSTER_COORDS, REPORT_DIMS, ROUTE_SITE
+from driftlens.stats.kernels import median_sigma
+from driftlens.stats.kinds import cells_of
+from driftlens.stats.resampling import (
+    Inference,
+    Rows,
+    adjust_pvalues,
+    check_clusters,
+    cluster_codes,
+)
+from driftlens.stats.routing import top_k_members
+from driftlens.stats.settings import CORRECTIONS, Cell, Settings  # noqa: F401  (CORRECTIONS: drift's import)
+from driftlens.stats.transport import SINKHORN_SCALING
 
 if TYPE_CHECKING:
     import torch
     import xarray as xr
 
-CORRECTIONS = ("bh", "holm", None)
 FEW_CLUSTERS = 10   # below this, percentile intervals are rough; said in the report's warnings
 MMD_CACHE_ROWS = 4096   # the reference's kernel tile is kept across a task's checkpoints up to this size
 #: an expert's cell needs tokens routed to it from this many clusters (else NaN, and the report says why)
@@ -161,18 +168,7 @@ class GridPlan:
     cluster: np.ndarray            # [token] cluster label (str)
     modality: np.ndarray           # [token] "visual" / "text"
     text_after: np.ndarray         # [token] bool: text tokens after the image
-    n_permutations: int
-    n_bootstrap: int
-    n_transport: tuple[int, int]   # sign flips, bootstrap draws of the transport metrics
-    n_mir: int
-    level: float
-    correction: str | None
-    transport_resamples: int
-    seed: int
-    device: str
-    blur: float
-    n_projections: int
-    bandwidth_scale: float         # the kernel bandwidth in units of the reference's median-heuristic sigma
+    settings: Settings             # the report's options (resampling counts, level, seed, device ...), validated
     do_mir: bool
     final_state: bool              # the last layer's MIR term from site ``final``
     last_layer: int
@@ -185,21 +181,28 @@ class GridPlan:
     n_experts: int = 0             # length of the report's ``expert`` dim
     expert_min_clusters: int = EXPERT_MIN_CLUSTERS
 
+    def of_grain(self, grain: str) -> list[str]:
+        """The plan's metrics whose kind is computed at ``grain`` (:mod:`driftlens.stats.kinds`), in the given order."""
+        return [m for m in self.metrics if cells_of(METRICS[m].kind).grain == grain]
+
     def of_kind(self, *kinds) -> list[str]:
         """The plan's metrics of these kinds (:mod:`driftlens.registry`), in the caller's order."""
         return [m for m in self.metrics if METRICS[m].kind in kinds]
 
     def n_draws(self, metric: str) -> int:
-        """Cluster-bootstrap draws of one metric's cells (its ``{metric}_boot`` variable)."""
-        if metric in ("mir", "mir_total"):
-            return self.n_mir
-        return self.n_transport[1] if METRICS[metric].kind == "transport" else self.n_bootstrap
+        """Cluster-bootstrap draws of one metric's cells (its ``{metric}_boot`` variable; ``mir_total`` as ``mir``)."""
+        return self.resamples(metric)[1]
+
+    def resamples(self, metric: str) -> tuple[int, int]:
+        """(sign flips, bootstrap draws) of one metric's cells, from its registry ``draws``."""
+        spec = METRICS.get(metric) or base_metric(metric)
+        return self.settings.resamples(spec.draws)
 
     @property
     def max_draws(self) -> int:
         """Length of the report's ``draw`` dim: the most draws any of its metrics has."""
         names = list(self.metrics) + (["mir"] if self.do_mir else [])
-        return max([self.n_draws(m) for m in names if m in METRICS] or [self.n_bootstrap])
+        return max([self.n_draws(m) for m in names if m in METRICS] or [self.settings.n_bootstrap])
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -211,7 +214,7 @@ def normalize_metrics(metrics) -> list[str]:
     for m in metrics:
         m = ALIASES.get(m, m)
         if m not in METRICS:
-            raise DriftError(f"unknown metric {m!r}; choose from {ALL_METRICS} ('shift' = 'paired_shift')")
+            raise DriftError(f"unknown metric {m!r}; choose from {tuple(METRICS)} ('shift' = 'paired_shift')")
         if m not in out:
             out.append(m)
     return out
@@ -241,32 +244,24 @@ def _text_after_image(ds) -> np.ndarray:
     return np.array([(not v) and p > last.get(s, -1) for s, p, v in zip(sample, pos, vis)])
 
 
-def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "paired_shift", "gap", "mir"),
-              sites=None, modalities=("visual", "text"), n_permutations: int = 1000, n_bootstrap: int = 1000,
-              level: float = 0.95, correction: str | None = "bh", transport_resamples: int = 200,
-              mir_bootstrap: int | None = None, seed: int = 0, device="auto", blur: float = 0.1,
-              n_projections: int = 128, bandwidth_scale: float = 1.0) -> GridPlan:
+def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=DEFAULT_METRICS, sites=None,
+              modalities=("visual", "text"), settings: Settings | None = None, **options) -> GridPlan:
     """Validate the options against ``ds`` and lay out the grid's tasks.
 
     Reads ``ds``'s coordinates (checkpoint, layer, per-token sample / cluster / position /
-    modality), attributes and which variables exist -- never an activation value. Parameters as
-    :func:`driftlens.drift`.
+    modality), attributes and which variables exist -- never an activation value. ``settings``
+    carries the report's options (:class:`driftlens.stats.settings.Settings`); ``options`` are its
+    fields by name where no ``settings`` is given (parameters as :func:`driftlens.drift`).
     """
+    if settings is None:
+        try:
+            settings = Settings(**options)
+        except TypeError as exc:
+            raise DriftError(f"make_plan: {exc}") from None
+    elif options:
+        raise DriftError(f"make_plan: pass the options {sorted(options)} in settings, not beside it")
+    settings = settings.validated()
     metrics = normalize_metrics(metrics)
-    for name, val in (("n_permutations", n_permutations), ("n_bootstrap", n_bootstrap),
-                      ("transport_resamples", transport_resamples), ("n_projections", n_projections),
-                      ("mir_bootstrap", n_bootstrap if mir_bootstrap is None else mir_bootstrap)):
-        check_count(name, val, error=DriftError)       # 2.5 or True refused, never rounded
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise DriftError(f"seed must be an integer, got {seed!r}")
-    if not 0 < level < 1:
-        raise DriftError(f"level must be in (0, 1), got {level}")
-    if correction not in CORRECTIONS:
-        raise DriftError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
-    if not blur > 0:
-        raise DriftError(f"blur must be > 0, got {blur}")
-    if not (isinstance(bandwidth_scale, (int, float)) and 0 < bandwidth_scale < float("inf")):
-        raise DriftError(f"bandwidth_scale must be a positive number, got {bandwidth_scale!r}")
     labels = [str(c) for c in ds.checkpoint.values.astype(str)]
     if not labels:
         raise DriftError("the store holds no completed checkpoint")
@@ -297,14 +292,14 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
     if len(labels) < 2:
         notes.append(f"the store holds only the reference checkpoint {labels}: there is no drift to report")
     _check_token_rows(modality, modalities, metrics, notes)
-    n_clusters = {"all": len(I.cluster_codes(cluster)[1])}
+    n_clusters = {"all": len(cluster_codes(cluster)[1])}
     for mod in modalities:
         rows = np.flatnonzero(modality == mod)
         if not rows.size:
             continue
-        k = len(I.cluster_codes(cluster[rows])[1])
+        k = len(cluster_codes(cluster[rows])[1])
         try:
-            I.check_clusters(k, f"{mod} tokens")
+            check_clusters(k, f"{mod} tokens")
         except ValueError as exc:
             raise DriftError(f"{exc} (the store's `{cluster_coord}` coordinate; add probes of more "
                              f"scenes / source images)") from None
@@ -327,15 +322,10 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
     metrics, route = _route_plan(ds, metrics, layers, notes)
     tasks += [Task(ROUTE_SITE, None, layer, layers.index(layer), False) for layer in route.get("route_layers", ())
               if of_kind_in(metrics, "routing")]
-    n_tr = min(transport_resamples, n_permutations), min(transport_resamples, n_bootstrap)
     return GridPlan(
         labels=tuple(labels), reference=reference, layers=tuple(layers), sites=tuple(sites),
         modalities=tuple(modalities), metrics=tuple(metrics), cluster=cluster, modality=modality,
-        text_after=_text_after_image(ds), n_permutations=int(n_permutations), n_bootstrap=int(n_bootstrap),
-        n_transport=n_tr, n_mir=int(n_bootstrap if mir_bootstrap is None else mir_bootstrap), level=float(level),
-        correction=correction, transport_resamples=int(transport_resamples), seed=int(seed), device=str(device),
-        blur=float(blur), n_projections=int(n_projections), bandwidth_scale=float(bandwidth_scale),
-        do_mir=do_mir, final_state=final_state,
+        text_after=_text_after_image(ds), settings=settings, do_mir=do_mir, final_state=final_state,
         last_layer=last_layer, tasks=tuple(tasks), notes=tuple(notes), n_clusters=n_clusters,
         attrs={"model_type": str(ds.attrs.get("model_type", "")), "family": str(ds.attrs.get("family", "")),
                "n_layers": int(ds.attrs.get("n_layers", len(layers))),
@@ -389,7 +379,7 @@ def _check_token_rows(modality: np.ndarray, modalities, metrics, notes: list) ->
         raise DriftError(f"the dataset has no {' or '.join(modalities)} token rows ({len(modality)} tokens in all): "
                          f"an empty token selection gives no drift to measure -- check the selection "
                          f"(e.g. ds.sel / ds.isel on `token`)")
-    cross = [m for m in metrics if m in ("gap", "mir")]
+    cross = [m for m in metrics if METRICS[m].kind == "cross_modal"]
     missing = [m for m in ("visual", "text") if not have[m]]
     if cross and missing:
         raise DriftError(f"{cross} compare visual and text tokens, but the dataset has no {missing[0]} token rows; "
@@ -411,12 +401,6 @@ def _identity_attrs(attrs) -> dict:
 
 
 # ----------------------------------------------------------------------------- one task
-
-
-@functools.lru_cache(maxsize=64)
-def _draws(kind: str, k: int, n: int, seed: int) -> torch.Tensor:
-    """The grid's resampling draws: a function of (K, B, seed) only, the same in every process."""
-    return I.sign_flips(k, n, seed) if kind == "flips" else I.bootstrap_counts(k, n, seed + 1)
 
 
 def _read(blocks: BlockSource, label: str, site: str, layer: int | None, dev) -> torch.Tensor:
@@ -447,34 +431,35 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
     """
     import torch
 
-    from driftlens import metrics as M
     from driftlens.devices import resolve_device
 
-    dev = resolve_device(plan.device)
+    s = plan.settings
+    dev = resolve_device(s.device)
     if task.site == ROUTE_SITE:
         return _run_route_task(plan, task, blocks, dev)
     C, Mo = len(plan.labels), len(plan.modalities)
     main = task.site_index is not None
-    dist = plan.of_kind("kernel", "transport") if main else []
-    paired = plan.of_kind("paired") if main else []
-    do_gap = main and "gap" in plan.metrics
-    values = {m + suf: np.full((C, Mo), np.nan) for m in dist + paired for suf in METRICS[m].outputs}
-    values.update({m + "_boot": np.full((C, Mo, plan.n_draws(m)), np.nan) for m in dist + paired})
-    if do_gap:
-        values.update({"gap" + suf: np.full(C, np.nan) for suf in ("", "_lo", "_hi")})
-        values["gap_boot"] = np.full((C, plan.n_bootstrap), np.nan)
-    if task.mir:
-        values.update({"mir" + suf: np.full(C, np.nan) for suf in ("", "_lo", "_hi")})
+    # the kinds computed per (checkpoint, modality) cell from the paired rows, by their registry kind
+    per_cell = [(m, cells_of(METRICS[m].kind).fn) for m in plan.of_grain("cell")] if main else []
+    # cross-modal metrics: at every report site (registry site None) or at their own site only (``mir``)
+    cross = [m for m in plan.of_kind("cross_modal") if (main and METRICS[m].site is None)
+             or (task.mir and METRICS[m].site is not None)]
+    values = {m + suf: np.full((C, Mo), np.nan) for m, _ in per_cell for suf in METRICS[m].outputs}
+    values.update({m + "_boot": np.full((C, Mo, plan.n_draws(m)), np.nan) for m, _ in per_cell})
+    for m in cross:
+        values.update({m + suf: np.full(C, np.nan) for suf in METRICS[m].outputs})
+        if METRICS[m].site is None:
+            values[m + "_boot"] = np.full((C, plan.n_draws(m)), np.nan)
     sigma = np.full(Mo, np.nan)
-    mir_boot = np.zeros((C, plan.n_mir)) if task.mir else None
+    mir_boot = np.zeros((C, s.n_mir)) if task.mir else None
 
-    all_codes_np, uniq = I.cluster_codes(plan.cluster)
+    all_codes_np, uniq = cluster_codes(plan.cluster)
     k_all = len(uniq)
     all_codes = torch.as_tensor(all_codes_np, device=dev)
     vis = torch.as_tensor(plan.modality == "visual", device=dev)
     txt = torch.as_tensor(plan.text_after, device=dev)
-    fns = cells.transport_fns(plan.of_kind("transport") if main else [], plan.blur, plan.n_projections, plan.seed)
     use_final = task.mir and plan.final_state and task.layer == plan.last_layer
+    cache_kernel = any(METRICS[m].kind == "kernel" for m, _ in per_cell)
 
     ref_raw = _read(blocks, plan.reference, task.site, task.layer, dev)          # [T, d]
     centre = ref_raw.mean(0, dtype=torch.float64).to(ref_raw.dtype)
@@ -483,13 +468,13 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
         rows_np = np.flatnonzero(plan.modality == mod)
         if not main or not rows_np.size:
             continue
-        rows = cells.Rows(rows_np, plan.cluster, dev)
+        rows = Rows(rows_np, plan.cluster, dev)
         # kernels and distances are translation-invariant; centring keeps float32 exact. Only the
         # modality's rows are centred (a copy); no centred copy of the whole block is kept
         r = ref_raw[rows.rows] - centre
-        sigma[mi] = M.median_sigma(r, pairs="reference", seed=plan.seed) * plan.bandwidth_scale
+        sigma[mi] = median_sigma(r, pairs="reference", seed=s.seed) * s.bandwidth_scale
         per_mod[mi] = {"rows": rows, "r": r, "sigma": sigma[mi],
-                       "cache": {} if "mmd" in dist and r.shape[0] <= MMD_CACHE_ROWS else None}
+                       "cache": {} if cache_kernel and r.shape[0] <= MMD_CACHE_ROWS else None}
     experts = _expert_setup(plan, task, blocks, dev, per_mod) if main else None
     where = f"site {task.site!r}, layer {task.layer}"
     for ci, label in enumerate(plan.labels):
@@ -497,46 +482,33 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
         cur_raw = ref_raw if label == plan.reference else _read(blocks, label, task.site, task.layer, dev)
         for mi, pm in per_mod.items():
             if label == plan.reference:        # not tested: effect 0 by definition, no p-value
-                for m in dist + paired:
+                for m, _ in per_cell:
                     for suf in ("", "_lo", "_hi", "_boot"):
-                        values[m + suf][ci, mi] = 0.0
+                        if m + suf in values:
+                            values[m + suf][ci, mi] = 0.0
                 if experts is not None:
                     _expert_cells(plan, experts, ci, mi, pm, None, "")
                 continue
             rows, r = pm["rows"], pm["r"]
             c = cur_raw[rows.rows] - centre
-            if "mmd" in dist:
-                inf = cells.mmd_cell(r, c, rows, pm["sigma"], pm["cache"], _draws("flips", rows.k, plan.n_permutations,
-                                                                                  plan.seed),
-                                     _draws("counts", rows.k, plan.n_bootstrap, plan.seed), plan.level,
-                                     f"checkpoint {label!r}, {where}, {plan.modalities[mi]} tokens")
-                _put(values, "mmd", (ci, mi), *inf)
-            for m, f in fns.items():
-                unscaled = pm["sigma"] / plan.bandwidth_scale       # the blur's unit: the median-heuristic sigma
-                inf = cells.transport_cell(lambda a, b, f=f, s=unscaled: f(a, b, s), r, c, rows,
-                                           _draws("flips", rows.k, plan.n_transport[0], plan.seed),
-                                           _draws("counts", rows.k, plan.n_transport[1], plan.seed), plan.level)
-                _put(values, m, (ci, mi), *inf)
-            if "paired_shift" in paired:
-                vals = cells.shift_cell(r, c, rows, _draws("counts", rows.k, plan.n_bootstrap, plan.seed), plan.level)
-                for suf, v in zip(("", "_lo", "_hi", "_boot"), vals):
-                    values["paired_shift" + suf][ci, mi] = v
+            cell = Cell(r, c, rows, pm["sigma"], pm["cache"],
+                        f"checkpoint {label!r}, {where}, {plan.modalities[mi]} tokens")
+            for m, fn in per_cell:
+                _put(values, m, (ci, mi), *fn(m, cell, s))
             if experts is not None:
-                _expert_cells(plan, experts, ci, mi, pm, c, f"checkpoint {label!r}, {where}, "
-                                                         f"{plan.modalities[mi]} tokens")
-        if do_gap:
-            vals = cells.gap_cell(cur_raw[vis], cur_raw[txt], all_codes[vis], all_codes[txt], k_all,
-                                  _draws("counts", k_all, plan.n_bootstrap, plan.seed), plan.level)
-            for suf, v in zip(("", "_lo", "_hi", "_boot"), vals):
-                values["gap" + suf][ci] = v
-        if task.mir:
-            state = _read(blocks, label, "final", None, dev) if use_final else cur_raw
-            value, lo, hi, boot = cells.mir_cell(state[vis], state[txt], all_codes[vis], all_codes[txt], k_all,
-                                                 _draws("counts", k_all, plan.n_mir, plan.seed), plan.level)
-            if not np.isfinite(value):
-                raise DriftError(f"mir is not finite at checkpoint {label!r}, layer {task.layer}")
-            values["mir"][ci], values["mir_lo"][ci], values["mir_hi"][ci] = value, lo, hi
-            mir_boot[ci] = boot
+                _expert_cells(plan, experts, ci, mi, pm, c, cell.where)
+        for m in cross:
+            state = _read(blocks, label, "final", None, dev) if use_final and METRICS[m].site else cur_raw
+            value, lo, hi, boot = cells_of("cross_modal").fn(m, state[vis], state[txt], all_codes[vis],
+                                                              all_codes[txt], k_all, plan.n_draws(m), s)
+            if METRICS[m].site is not None:
+                if not np.isfinite(value):
+                    raise DriftError(f"{m} is not finite at checkpoint {label!r}, layer {task.layer}")
+                mir_boot[ci] = boot
+                boot = None
+            for suf, v in zip(("", "_lo", "_hi", "_boot"), (value, lo, hi, boot)):
+                if m + suf in values:
+                    values[m + suf][ci] = v
     out = {"task": task, "values": values, "sigma": sigma, "mir_boot": mir_boot}
     if experts is not None:
         out["cells"] = {name: ({"layer": task.layer_index, "site": task.site_index}, arr)
@@ -545,7 +517,7 @@ def run_task(plan: GridPlan, task: Task, blocks: BlockSource) -> dict:
     return out
 
 
-def _put(values, m, idx, inf: I.Inference, draws: np.ndarray) -> None:
+def _put(values, m, idx, inf: Inference, draws: np.ndarray) -> None:
     for suf, v in zip(("", "_lo", "_hi", "_p", "_boot"), (inf.effect, inf.lo, inf.hi, inf.p, draws)):
         if m + suf in values:
             values[m + suf][idx] = v
@@ -571,7 +543,7 @@ def _run_route_task(plan: GridPlan, task: Task, blocks: BlockSource, dev) -> dic
     C, Mo = len(plan.labels), len(plan.modalities)
     values = _metric_values(plan, names, (C, Mo))
     ref = _read(blocks, plan.reference, ROUTE_SITE, task.layer, dev)                     # [T, E]
-    mods = {mi: cells.Rows(np.flatnonzero(plan.modality == mod), plan.cluster, dev)
+    mods = {mi: Rows(np.flatnonzero(plan.modality == mod), plan.cluster, dev)
             for mi, mod in enumerate(plan.modalities) if (plan.modality == mod).any()}
     for ci, label in enumerate(plan.labels):
         raise_if_interrupted()
@@ -582,9 +554,7 @@ def _run_route_task(plan: GridPlan, task: Task, blocks: BlockSource, dev) -> dic
                     for suf in ("", "_lo", "_hi", "_boot"):
                         values[m + suf][ci, mi] = 0.0
                 continue
-            got = cells.routing_cell(ref[rows.rows], cur[rows.rows], rows,
-                                     _draws("flips", rows.k, plan.n_permutations, plan.seed),
-                                     _draws("counts", rows.k, plan.n_bootstrap, plan.seed), plan.level, names)
+            got = cells_of("routing").fn(names, ref[rows.rows], cur[rows.rows], rows, plan.settings)
             for m, (inf, draws) in got.items():
                 _put(values, m, (ci, mi), inf, draws)
     return {"task": task, "values": {}, "sigma": None, "mir_boot": None,
@@ -606,7 +576,7 @@ def _expert_setup(plan: GridPlan, task: Task, blocks: BlockSource, dev, per_mod:
     members, notes = {}, []
     for mi, pm in per_mod.items():
         rows = pm["rows"]
-        member = cells.top_k_members(ref[rows.rows], plan.route_top_k)                   # [n, E]
+        member = top_k_members(ref[rows.rows], plan.route_top_k)                   # [n, E]
         members[mi] = {}
         for e in range(E):
             k_e = int((np.bincount(rows.codes[member[:, e]].cpu().numpy(), minlength=rows.k) > 0).sum())
@@ -631,12 +601,9 @@ def _expert_cells(plan: GridPlan, experts: dict, ci: int, mi: int, pm: dict, c, 
                 for suf in ("", "_lo", "_hi", "_boot"):
                     experts["values"][m + suf][ci, mi, e] = 0.0
             continue
-        inf, draws = cells.expert_cell(r, c, rows, member, pm["sigma"],
-                                       _draws("flips", rows.k, plan.n_permutations, plan.seed),
-                                       _draws("counts", rows.k, plan.n_bootstrap, plan.seed), plan.level,
-                                       f"{where}, expert {e}")
+        cell = Cell(r, c, rows, pm["sigma"], None, f"{where}, expert {e}")
         for m in experts["names"]:       # the expert kind: a kernel cell restricted to one expert's tokens
-            _put(experts["values"], m, (ci, mi, e), inf, draws)
+            _put(experts["values"], m, (ci, mi, e), *cells_of(METRICS[m].kind).fn(m, cell, member, plan.settings))
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -690,11 +657,11 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
     from driftlens._version import __version__
 
     C, L, S, Mo = len(plan.labels), len(plan.layers), len(plan.sites), len(plan.modalities)
-    cell_metrics = plan.of_kind("kernel", "transport", "paired")
+    cell_metrics = plan.of_grain("cell")
     res = {m + suf: np.full((C, L, S, Mo), np.nan) for m in cell_metrics for suf in METRICS[m].outputs}
     gap = {"gap" + suf: np.full((C, L, S), np.nan) for suf in ("", "_lo", "_hi")} if "gap" in plan.metrics else {}
     mir = {"mir" + suf: np.full((C, L), np.nan) for suf in ("", "_lo", "_hi")} if plan.do_mir else {}
-    mir_boot = np.zeros((C, plan.n_mir))
+    mir_boot = np.zeros((C, plan.settings.n_mir))
     sigmas = np.full((L, S, Mo), np.nan)
     B = plan.max_draws
     boots = {m: np.full((C, L, S, Mo, B), np.nan) for m in cell_metrics}         # [..., draw]
@@ -723,9 +690,9 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
             sigmas[t.layer_index, t.site_index] = out["sigma"]
         if out["mir_boot"] is not None:
             mir_boot += out["mir_boot"]
-            boots["mir"][:, t.layer_index, :plan.n_mir] = out["mir_boot"]
+            boots["mir"][:, t.layer_index, :plan.settings.n_mir] = out["mir_boot"]
 
-    level = plan.level
+    level = plan.settings.level
     data = {name: (REPORT_DIMS, arr, _attrs(plan, name)) for name, arr in res.items()}
     for name, (dims, arr) in ext.items():
         if name == EXPERT_CLUSTERS:
@@ -737,7 +704,7 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
             attrs = _boot_attrs(plan, name[:-len("_boot")]) if name.endswith("_boot") else _attrs(plan, name)
         data[name] = (dims, arr, attrs)
     n_tests = {}
-    if plan.correction is not None:
+    if plan.settings.correction is not None:
         not_ref = np.array([lab != plan.reference for lab in plan.labels])
         for m in plan.metrics:
             if not METRICS[m].tested:
@@ -745,10 +712,11 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
             dims, p = (REPORT_DIMS, res[m + "_p"]) if m + "_p" in res else ext[m + "_p"]
             p = np.where(not_ref.reshape((-1,) + (1,) * (p.ndim - 1)), p, np.nan)
             n_tests[m] = int(np.isfinite(p).sum())
-            data[m + "_q"] = (dims, I.adjust_pvalues(p, plan.correction), {
-                "long_name": f"{METRICS[m].long_name}, adjusted p-value", "units": "1", "correction": plan.correction,
+            data[m + "_q"] = (dims, adjust_pvalues(p, plan.settings.correction), {
+                "long_name": f"{METRICS[m].long_name}, adjusted p-value", "units": "1",
+                "correction": plan.settings.correction,
                 "n_tests": n_tests[m],
-                "definition": f"{'Benjamini-Hochberg' if plan.correction == 'bh' else 'Holm'} adjustment of "
+                "definition": f"{'Benjamini-Hochberg' if plan.settings.correction == 'bh' else 'Holm'} adjustment of "
                               f"{m}_p over the {n_tests[m]} cells that are not the reference"})
     for name, arr in gap.items():
         data[name] = (METRICS["gap"].dims, arr, _attrs(plan, name))
@@ -768,15 +736,16 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
         data["mir_total_lo"] = (("checkpoint",), tlo, {**tot_attrs, "long_name": "mir_total, interval low"})
         data["mir_total_hi"] = (("checkpoint",), thi, {**tot_attrs, "long_name": "mir_total, interval high"})
         total_boot = np.full((C, B), np.nan)
-        total_boot[:, :plan.n_mir] = np.log10(mir_boot)
+        total_boot[:, :plan.settings.n_mir] = np.log10(mir_boot)
         data["mir_total_boot"] = (("checkpoint", "draw"), total_boot, _boot_attrs(plan, "mir_total"))
     for m, arr in boots.items():
         dims = (REPORT_DIMS if m in cell_metrics else METRICS[m].dims) + ("draw",)
         data[m + "_boot"] = (dims, arr, _boot_attrs(plan, m))
     data["sigma"] = (("layer", "site", "modality"), sigmas,
                      {"long_name": "kernel bandwidth", "units": "model units",
-                      "bandwidth_scale": plan.bandwidth_scale,
-                      "definition": f"{plan.bandwidth_scale:g} x the median-heuristic sigma of the reference's tokens "
+                      "bandwidth_scale": plan.settings.bandwidth_scale,
+                      "definition": f"{plan.settings.bandwidth_scale:g} x the median-heuristic sigma of the "
+                                    f"reference's tokens "
                                     f"(unique pairs), per layer, site and modality: the MMD bandwidth for every "
                                     f"checkpoint and resample (so cells of one layer share their units); the "
                                     f"Sinkhorn blur is a fraction of the median-heuristic sigma itself"})
@@ -790,17 +759,17 @@ def assemble(plan: GridPlan, results: list[dict]) -> xr.Dataset:
         **plan.attrs,
         "n_clusters": int(plan.n_clusters["all"]),
         **{f"n_clusters_{mod}": int(k) for mod, k in plan.n_clusters.items() if mod != "all"},
-        "n_permutations": plan.n_permutations,
-        "n_bootstrap": plan.n_bootstrap,
-        "transport_resamples": plan.transport_resamples,
-        "mir_bootstrap": plan.n_mir if plan.do_mir else 0,
+        "n_permutations": plan.settings.n_permutations,
+        "n_bootstrap": plan.settings.n_bootstrap,
+        "transport_resamples": plan.settings.transport_resamples,
+        "mir_bootstrap": plan.settings.n_mir if plan.do_mir else 0,
         "level": level,
-        "correction": str(plan.correction),
+        "correction": str(plan.settings.correction),
         "n_tests": int(sum(n_tests.values())),
-        "sinkhorn_blur": plan.blur,
-        "sinkhorn_scaling": cells.SINKHORN_SCALING,
-        "bandwidth_scale": plan.bandwidth_scale,
-        "seed": plan.seed,
+        "sinkhorn_blur": plan.settings.blur,
+        "sinkhorn_scaling": SINKHORN_SCALING,
+        "bandwidth_scale": plan.settings.bandwidth_scale,
+        "seed": plan.settings.seed,
         "inference": "paired design; units of resampling are clusters: p-values from cluster sign flips "
                      "(swap reference and checkpoint tokens of whole clusters), intervals from a cluster "
                      "bootstrap (percentile)",
@@ -864,15 +833,14 @@ def _boot_attrs(plan: GridPlan, metric: str) -> dict:
 def _attrs(plan: GridPlan, name: str) -> dict:
     spec = base_metric(name)
     suffix = name[len(spec.name) + 1:]
-    transport = spec.kind == "transport"
-    boot = plan.n_transport[1] if transport else (plan.n_mir if spec.name == "mir" else plan.n_bootstrap)
+    perm, boot = plan.resamples(spec.name)
     if suffix in ("lo", "hi"):
-        return {"long_name": f"{spec.long_name}, {plan.level:.0%} interval {'low' if suffix == 'lo' else 'high'} end",
-                "units": spec.units, "level": plan.level, "n_bootstrap": boot,
+        end = "low" if suffix == "lo" else "high"
+        return {"long_name": f"{spec.long_name}, {plan.settings.level:.0%} interval {end} end",
+                "units": spec.units, "level": plan.settings.level, "n_bootstrap": boot,
                 "definition": f"percentile interval over {boot} cluster-bootstrap draws (clusters drawn with "
                               f"replacement)"}
     if suffix == "p":
-        perm = plan.n_transport[0] if transport else plan.n_permutations
         return {"long_name": f"{spec.long_name}, permutation p-value", "units": "1", "n_permutations": perm,
                 "definition": f"(1 + k) / (1 + {perm}), k cluster sign flips (reference and checkpoint tokens of "
                               f"whole clusters swapped) whose statistic is >= the observed one; one-sided"}

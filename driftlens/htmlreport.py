@@ -40,15 +40,19 @@ import numpy as np
 
 from driftlens.errors import UsageError
 from driftlens.plot import decimals
+from driftlens.registry import METRICS as _REGISTRY
 
 if TYPE_CHECKING:
     import xarray as xr
 
-#: report variables the viewer offers, in this order, where the report has them
-METRICS = ("mmd", "sinkhorn", "sliced_w", "gauss_w2", "paired_shift", "gap", "mir")
-_VS_REFERENCE = ("mmd", "sinkhorn", "sliced_w", "gauss_w2", "paired_shift")
-_LABELS = {"mmd": "MMD²", "sinkhorn": "Sinkhorn divergence", "sliced_w": "sliced W₂", "gauss_w2": "Gaussian W₂",
-           "paired_shift": "paired token shift", "gap": "modality gap", "mir": "MIR (per-layer term)"}
+def viewable() -> tuple[str, ...]:
+    """Report variables the viewer offers, in this order, where the report has them: the registry's
+    metrics that have figures (:attr:`driftlens.registry.MetricSpec.figures`)."""
+    return tuple(m for m, spec in _REGISTRY.items() if spec.figures)
+
+
+#: the built-in :func:`viewable` metrics
+METRICS = viewable()
 
 
 def _labels(report, dim: str) -> list:
@@ -116,9 +120,10 @@ def _metric_data(report, m: str, runs: bool) -> dict:
     shown = report[f"{m}_runs"] if runs and f"{m}_runs" in report.data_vars else da
     min_effect = next((report[v].attrs.get("min_effect") for v in (f"{m}_pmin", f"{m}_runs_pmin")
                        if v in report.data_vars), None)
-    out = {"label": _LABELS.get(m, m), "long_name": str(da.attrs.get("long_name", m)),
+    spec = _REGISTRY[m]
+    out = {"label": spec.html_label or spec.label or m, "long_name": str(da.attrs.get("long_name", m)),
            "units": str(da.attrs.get("units", "")), "has_site": "site" in da.dims,
-           "has_modality": "modality" in da.dims, "vs_reference": m in _VS_REFERENCE,
+           "has_modality": "modality" in da.dims, "vs_reference": _REGISTRY[m].vs_reference,
            "decimals": decimals(shown.values), "n_draws": _n_draws(report, m),
            "n_permutations": (int(report[f"{m}_p"].attrs["n_permutations"]) if f"{m}_p" in report.data_vars
                               and "n_permutations" in report[f"{m}_p"].attrs else None),
@@ -190,9 +195,9 @@ def page_data(report: xr.Dataset, title: str | None = None) -> dict:
     driftlens.errors.UsageError
         The report has none of :data:`METRICS`, or no checkpoint or layer.
     """
-    metrics = [m for m in METRICS if m in report.data_vars and {"checkpoint", "layer"} <= set(report[m].dims)]
+    metrics = [m for m in viewable() if m in report.data_vars and {"checkpoint", "layer"} <= set(report[m].dims)]
     if not metrics:
-        raise UsageError(f"the report has none of {METRICS} by checkpoint and layer: nothing to show")
+        raise UsageError(f"the report has none of {viewable()} by checkpoint and layer: nothing to show")
     checkpoints = [str(c) for c in _labels(report, "checkpoint")]
     layers = [int(v) for v in _labels(report, "layer")]
     if not checkpoints or not layers:

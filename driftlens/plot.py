@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from driftlens.errors import UsageError
-from driftlens.registry import DISTRIBUTIONAL as _DISTRIBUTIONAL
+from driftlens.registry import METRICS as _METRICS
 from driftlens.select import pick_checkpoints
 
 if TYPE_CHECKING:
@@ -73,10 +73,8 @@ _REFERENCE_COLOR = "#000000"
 _GREY = "#7f7f7f"
 _HEATMAP_CMAP = "cividis"
 #: report variables measured against the reference checkpoint (its own row is 0 by construction)
-_VS_REFERENCE = ("mmd", "sinkhorn", "sliced_w", "gauss_w2", "paired_shift")
-_SHORT = {"mmd": "MMD$^2$", "sinkhorn": "Sinkhorn divergence", "sliced_w": "sliced $W_2$",
-          "gauss_w2": "Gaussian $W_2$", "paired_shift": "paired token shift", "gap": "modality gap",
-          "mir": "MIR (per-layer term)", "mir_total": "MIR total", "sigma": "kernel bandwidth"}
+#: short labels of the report's variables that are not metrics (the metrics' are the registry's ``label``)
+_SHORT = {"mir_total": "MIR total", "sigma": "kernel bandwidth"}
 
 OKABE_ITO_NAMES = {"orange": "#E69F00", "skyblue": "#56B4E9", "sky blue": "#56B4E9", "green": "#009E73",
                    "bluish green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2", "red": "#D55E00",
@@ -125,7 +123,18 @@ def _units_text(units) -> str:
 
 
 def _short(var: str) -> str:
-    return _SHORT.get(var, var)
+    spec = _METRICS.get(var)
+    return (spec.label or var) if spec is not None else _SHORT.get(var, var)
+
+
+def _vs_reference(var: str) -> bool:
+    """Whether ``var`` is a metric the registry draws as a change from the reference."""
+    return var in _METRICS and _METRICS[var].vs_reference
+
+
+def _with_figure(figure: str) -> list[str]:
+    """The registry's metrics that :func:`plot_report` draws as ``figure`` (their ``figures``), in registry order."""
+    return [m for m, spec in _METRICS.items() if figure in spec.figures]
 
 
 def _axis_label(var: str, attrs: Mapping, prefix: str = "") -> str:
@@ -367,7 +376,7 @@ def _lines_by_layer(report, var: str, *, site, modality, checkpoints, ax, labels
     da, sel = _select(report, shown, site=site, modality=modality, dims=dims)
     band = _band(report, shown, sel, dims)
     reference = _reference(report)
-    vs_ref = var in _VS_REFERENCE
+    vs_ref = _vs_reference(var)
     chosen = _pick_checkpoints(da, checkpoints, reference, drop_zero_reference=vs_ref)
     strong = _highlighted(chosen, highlight, reference)
     styles = _checkpoint_styles(_have(da, "checkpoint"), reference)
@@ -500,7 +509,7 @@ def drift_heatmap(report: xr.Dataset, var: str = "mmd", site: Site | str = "hidd
                 color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
     where = ", ".join(sel.values())
     reference = _reference(report)
-    title = _short(var) + (f" vs {reference}" if var in _VS_REFERENCE and reference else "") + \
+    title = _short(var) + (f" vs {reference}" if _vs_reference(var) and reference else "") + \
         (f" ({where})" if where else "")
     if runs:
         title += f"\nmean of {report.sizes['run']} runs"
@@ -604,7 +613,7 @@ def metrics_by_layer(report: xr.Dataset, metrics: Sequence[str] = ("mmd", "sinkh
     for ax, m in zip(axes, metrics):
         drift_by_layer(report, m, site=site, modality=modality, checkpoints=checkpoints, ax=ax, highlight=highlight,
                        note=False)
-        ax.set_title(_short(m) + (f" vs {_reference(report)}" if m in _VS_REFERENCE and _reference(report) else ""),
+        ax.set_title(_short(m) + (f" vs {_reference(report)}" if _vs_reference(m) and _reference(report) else ""),
                      fontsize=9)
         if f"{m}_lo" in report.data_vars or f"{m}_runs_lo" in report.data_vars:
             notes.setdefault(band_note(report, m).removeprefix("bands: "), []).append(_short(m))
@@ -1539,7 +1548,8 @@ def plot_report(report: xr.Dataset, out_dir: str | Path, formats: Sequence[str] 
     formats = tuple(formats)
     if not formats:
         raise UsageError("no figure format given")
-    drawable = [v for v in (*_DISTRIBUTIONAL, "paired_shift", "gap", "mir") if v in report.data_vars]
+    figured = [m for m, spec in _METRICS.items() if spec.figures]        # what the registry says to draw
+    drawable = [v for v in figured if v in report.data_vars]
     unknown = sorted(set(variables or ()) - set(drawable))
     if unknown:
         raise UsageError(f"no figure of variable(s) {unknown}: the report's drawable variables are {drawable}")
@@ -1553,7 +1563,7 @@ def plot_report(report: xr.Dataset, out_dir: str | Path, formats: Sequence[str] 
         return [s for s in _have(da, "site") if sites is None or s in sites] if "site" in da.dims else [None]
 
     jobs = []      # (stem, callable returning an Axes)
-    for var in (*_DISTRIBUTIONAL, "paired_shift"):
+    for var in _with_figure("cell"):
         if var not in chosen:
             continue
         da = report[var]
@@ -1571,23 +1581,26 @@ def plot_report(report: xr.Dataset, out_dir: str | Path, formats: Sequence[str] 
                     jobs.append((f"{var}_contrast_by_layer{suffix}",
                                  lambda v=var, s=site, m=mod: contrast_by_layer(report, v, site=s, modality=m)))
     if "merge_alpha" in report.coords and np.isfinite(report["merge_alpha"].values).any():
-        for var in ("mmd",):
+        for var in _with_figure("vs_alpha"):
             if var not in chosen:
                 continue
             for site in site_list(report[var]):
                 for mod in _have(report[var], "modality"):
                     jobs.append((f"{var}_vs_alpha_{site}_{mod}",
                                  lambda v=var, s=site, m=mod: drift_vs_alpha(report, v, site=s, modality=m)))
-    if "gap" in chosen:
-        for site in site_list(report["gap"]):
-            jobs.append((f"gap_by_layer{f'_{site}' if site else ''}",
+    for var in _with_figure("gap_lines"):
+        if var not in chosen:
+            continue
+        for site in site_list(report[var]):
+            jobs.append((f"{var}_by_layer{f'_{site}' if site else ''}",
                          lambda s=site: modality_gap_by_layer(report, site=s)))
-    if "mir" in chosen:
-        jobs.append(("mir_by_layer", lambda: mir_by_layer(report)))
+    for var in _with_figure("mir_lines"):
+        if var in chosen:
+            jobs.append((f"{var}_by_layer", lambda: mir_by_layer(report)))
     if schedule is not None:
         jobs.append(("rank_schedule", lambda: rank_schedule(schedule, report)))
     if not jobs:
-        raise UsageError(f"the report has nothing to draw: none of {(*_DISTRIBUTIONAL, 'paired_shift', 'gap', 'mir')} "
+        raise UsageError(f"the report has nothing to draw: none of {tuple(figured)} "
                          f"(it has {sorted(map(str, report.data_vars))})")
     for stem, _ in jobs:          # a figure's file name may not be an input's (a report named like a figure)
         for f in formats:

@@ -66,6 +66,7 @@ import torch
 
 from driftlens.errors import UsageError, check_count
 from driftlens.schema import Modality, Site
+from driftlens.stats.kernels import kernel_sum, mmd2_unbiased
 
 AnchorMode = Literal["fixed", "tracking"]
 MODES: tuple[AnchorMode, ...] = ("fixed", "tracking")
@@ -95,74 +96,6 @@ def text_frame(text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def to_frame(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``(x - mean) / scale`` -- states expressed in a text frame."""
     return (x - mean) / scale
-
-
-def _gammas(sigma) -> tuple[float, ...]:
-    """``1 / (2 sigma^2)`` for one bandwidth or each of several."""
-    sigmas = (sigma,) if np.isscalar(sigma) or (torch.is_tensor(sigma) and sigma.ndim == 0) else tuple(sigma)
-    if not sigmas or any(not (np.isfinite(float(s)) and float(s) > 0) for s in sigmas):
-        raise UsageError(f"sigma must be finite and > 0 (one value or several), got {sigma!r}")
-    return tuple(1.0 / (2.0 * float(s) ** 2) for s in sigmas)
-
-
-def _block_kernel_sum(xb: torch.Tensor, y: torch.Tensor, gammas: tuple[float, ...],
-                      diag_from: int | None) -> torch.Tensor:
-    """``sum_{i, a} k(xb_i, y_a)`` over one row block, ``k`` the mean of ``exp(-gamma |.|^2)`` over
-    ``gammas``; ``diag_from`` = index of ``xb``'s first row in ``y`` when pairs (i, i) are to be
-    left out (within-sample sums)."""
-    from driftlens.metrics import _sq_dists
-
-    d2 = _sq_dists(xb, y)                                   # [b, n]
-    k = sum(torch.exp(-g * d2) for g in gammas) / len(gammas)   # [b, n]
-    if diag_from is not None:
-        rows = torch.arange(xb.shape[0], device=xb.device)
-        k = k.index_put((rows, rows + diag_from), torch.zeros((), dtype=k.dtype, device=k.device))
-    return k.sum()
-
-
-def kernel_sum(x: torch.Tensor, y: torch.Tensor, sigma, within: bool = False,
-               block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
-    """``sum k(x_i, y_a)`` over all pairs (``within=True``: ``y is x`` and pairs ``i == a`` are left out).
-
-    ``k`` is the Gaussian kernel ``exp(-|x - y|^2 / (2 sigma^2))``, or with several ``sigma`` the
-    mean of theirs.
-
-    Rows of ``x`` are processed in blocks of ``block_size``; when ``x`` needs gradients and there
-    is more than one block, each block is recomputed in the backward pass (checkpointing), so the
-    kernel tiles of all blocks are never held at once.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    gammas = _gammas(sigma)
-    m = x.shape[0]
-    grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    total = x.new_zeros(())
-    for start in range(0, m, block_size):
-        xb = x[start:start + block_size]                    # [b, d]
-        diag = start if within else None
-        if grad and m > block_size:
-            part = checkpoint(_block_kernel_sum, xb, y, gammas, diag, use_reentrant=False)
-        else:
-            part = _block_kernel_sum(xb, y, gammas, diag)
-        total = total + part
-    return total
-
-
-def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, sigma, yy: torch.Tensor | None = None,
-                  block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
-    """Differentiable unbiased MMD^2 between rows of ``x`` [m, d] and ``y`` [n, d] with fixed bandwidth(s).
-
-    ``sigma``: one bandwidth, or several (the kernel is the mean of their Gaussian kernels).
-    ``yy`` may pass the precomputed mean of ``k(y_a, y_b)`` over ``a != b`` (constant anchors).
-    """
-    m, n = x.shape[0], y.shape[0]
-    if m < 2 or n < 2:
-        raise UsageError(f"MMD^2 needs at least 2 rows per side, got {m} current and {n} anchor rows")
-    xx = kernel_sum(x, x, sigma, within=True, block_size=block_size) / (m * (m - 1))
-    if yy is None:
-        yy = kernel_sum(y, y, sigma, within=True, block_size=block_size) / (n * (n - 1))
-    xy = kernel_sum(x, y, sigma, block_size=block_size) / (m * n)
-    return xx + yy.to(xx.dtype) - 2.0 * xy
 
 
 # ----------------------------------------------------------------------------- anchors from a store

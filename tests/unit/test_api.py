@@ -14,7 +14,7 @@ import torch
 import xarray as xr
 
 import driftlens as dl
-from driftlens import schema
+from driftlens import registry, schema
 from driftlens.probes import ProbeSet
 from driftlens.specs import Spec
 
@@ -60,7 +60,7 @@ def _literal_values(tp) -> set:
 
 
 @pytest.mark.parametrize("fn, param, values", [
-    (dl.drift, "metrics", {"mmd", "sinkhorn", "sliced_w", "gauss_w2", "paired_shift", "gap", "mir"}),
+    (dl.drift, "metrics", set(registry.BUILTIN) | set(registry.ALIASES)),   # every registered name
     (dl.drift, "correction", {"bh", "holm", type(None)}),
     (dl.drift, "verify", {"full", "fast", "none"}),
     (dl.drift, "sites", set(schema.SITES)),

@@ -8,8 +8,8 @@ import torch
 
 from driftlens import inference as I
 from driftlens import metrics as M
-from driftlens.cells import gap_cell as _gap_cell
-from driftlens.cells import mir_cell as _mir_cell
+from driftlens.stats.crossmodal import gap_cell as _gap_cell
+from driftlens.stats.crossmodal import mir_cell as _mir_cell
 from driftlens.testing import ClusteredSpec, clustered_pair
 
 

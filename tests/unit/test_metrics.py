@@ -9,6 +9,8 @@ import scipy.stats
 import torch
 
 from driftlens import metrics as M
+from driftlens.stats.common import subsample
+from driftlens.stats.mmd import permutation_indicators
 
 
 def _rng(seed):
@@ -180,7 +182,7 @@ def test_mmd_test_null_equals_naive_per_permutation(block):
     assert res.statistic == M.mmd2(x, y, seed=seed, **kw)  # same code path, exactly
     assert res.statistic == pytest.approx(naive_mmd2(x, y, [s]), rel=1e-10)
     z = np.concatenate([x.numpy(), y.numpy()])
-    ind = M._permutation_indicators(30, 24, B, seed).numpy()
+    ind = permutation_indicators(30, 24, B, seed).numpy()
     naive = np.array([naive_mmd2(z[ind[:, b]], z[~ind[:, b]], [s]) for b in range(B)])
     np.testing.assert_allclose(res.null, naive, rtol=1e-9, atol=1e-12)
     k = int((naive >= res.statistic).sum())
@@ -191,7 +193,7 @@ def test_mmd_test_null_equals_naive_per_permutation(block):
 
 
 def test_mmd_test_permutations_are_distinct_and_balanced():
-    ind = M._permutation_indicators(7, 5, 50, seed=1)
+    ind = permutation_indicators(7, 5, 50, seed=1)
     assert ind.shape == (12, 50)
     assert (ind.sum(0) == 7).all()
     assert len({tuple(c) for c in ind.T.tolist()}) > 40
@@ -286,7 +288,7 @@ def test_sinkhorn_subsamples_above_max_points_and_reports_it():
     x, y = _pair(62, n=300, m=200, d=3)
     val = M.sinkhorn(x, y, blur=0.1, max_points=100)
     assert math.isfinite(val)
-    xs, ys = M._subsample(x, 100, 0), M._subsample(y, 100, 1)     # the documented fixed-seed subsample
+    xs, ys = subsample(x, 100, 0), subsample(y, 100, 1)     # the documented fixed-seed subsample
     assert xs.shape[0] == ys.shape[0] == 100
     assert val == M.sinkhorn(xs, ys, blur=0.1, max_points=None)
     assert M.sinkhorn(x, y, blur=0.1, max_points=None) != val

@@ -10,7 +10,7 @@ import xarray as xr
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 
-from driftlens import plot
+from driftlens import plot, registry
 from driftlens.errors import UsageError
 from driftlens.ranks import allocate_ranks
 from driftlens.specs import load_spec
@@ -253,7 +253,7 @@ def test_plot_report_names_every_figure_the_report_supports(rep, tmp_path, monke
     monkeypatch.setattr(plot, "save", lambda ax, path, formats: drawn.append((ax, path, formats)) or path)
     paths = plot.plot_report(rep, tmp_path, formats=("png", "svg"), schedule=sch)
     stems = []
-    for var in ("mmd", "sinkhorn", "sliced_w", "gauss_w2", "paired_shift"):
+    for var in registry.of_kind("kernel", "transport", "paired"):      # the registry's per-cell metrics
         for site in ("hidden", "key"):
             for mod in ("visual", "text"):
                 stems += [f"{var}_heatmap_{site}_{mod}", f"{var}_by_layer_{site}_{mod}"]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from driftlens import cells
 from driftlens import inference as I
+from driftlens.stats import routing as cells
 
 
 def _routing(seed, n_clusters=12, per=5, experts=6):

@@ -21,7 +21,8 @@ SCRIPT = r"""
 import json, sys, hashlib
 import numpy as np, torch
 torch.set_num_threads(int(sys.argv[1]))
-from driftlens import cells, metrics as M, inference as I
+from driftlens import metrics as M, inference as I
+from driftlens.stats import crossmodal as cells
 
 out = {}
 for d in (96, 256):
