@@ -1,6 +1,12 @@
 """Compare two drift reports (netCDF) exactly: every variable, coordinate and attribute, to the byte.
 
     python bench/compare_reports.py A.nc B.nc
+    python bench/compare_reports.py DEMO_A DEMO_B     # two `driftlens demo` output folders
+
+For two demo folders: ``summary.json`` and ``ranks.json`` (equal as JSON, leaving out the timings
+under ``seconds`` and reading absolute paths by their last two parts, as the folders and caches
+differ), every ``seed-*/drift.nc`` as above (its ``store_path`` attribute read the same way), and
+every figure under ``figures/`` byte for byte.
 
 Exit status 0 when identical; 1 naming the first differing variable or attribute (values are
 compared as bytes, so a one-ulp change, a NaN payload or a signed zero counts); 2 on bad usage.
@@ -48,6 +54,56 @@ def first_difference(a, b) -> str | None:
     return None
 
 
+def _tail(value):
+    """An absolute path by its last two parts (``/tmp/x/seed-0/drift.nc`` -> ``seed-0/drift.nc``)."""
+    if isinstance(value, str) and value.startswith("/"):
+        return "/".join(value.split(", ")[0].split("/")[-2:]) + f" (+{value.count(', ')})"
+    return value
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items() if k != "seconds"}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return _tail(x)
+
+
+def _json(path) -> object:
+    import json
+
+    return _plain(json.loads(path.read_text()))
+
+
+def demo_differences(a, b) -> list[str]:
+    """Every difference between two demo output folders (see the module docstring)."""
+    from pathlib import Path
+
+    import xarray as xr
+
+    a, b = Path(a), Path(b)
+    out = []
+    for name in ("summary.json", "ranks.json"):
+        if _json(a / name) != _json(b / name):
+            out.append(f"{name} differs")
+    reports = sorted(p.relative_to(a) for p in a.glob("seed-*/drift.nc"))
+    if reports != sorted(p.relative_to(b) for p in b.glob("seed-*/drift.nc")):
+        out.append("the folders hold different seed reports")
+    for rel in reports:
+        with xr.open_dataset(a / rel) as x, xr.open_dataset(b / rel) as y:
+            x, y = x.load(), y.load()
+            for r in (x, y):
+                r.attrs["store_path"] = _tail(r.attrs.get("store_path", ""))
+            diff = first_difference(x, y)
+        if diff:
+            out.append(f"{rel}: {diff}")
+    figures = sorted(p.relative_to(a) for p in (a / "figures").glob("*"))
+    for rel in figures:
+        if not (b / rel).exists() or (a / rel).read_bytes() != (b / rel).read_bytes():
+            out.append(f"{rel} differs")
+    return out
+
+
 def main(argv=None) -> int:
     """Compare the two reports named in ``argv``; print the verdict, return the exit status."""
     import xarray as xr
@@ -56,6 +112,12 @@ def main(argv=None) -> int:
     if len(args) != 2:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
+    from pathlib import Path
+
+    if Path(args[0]).is_dir() and Path(args[1]).is_dir():
+        found = demo_differences(*args)
+        print("\n".join(found) if found else f"identical: {args[0]} == {args[1]} (summary, ranks, reports, figures)")
+        return 1 if found else 0
     with xr.open_dataset(args[0]) as a, xr.open_dataset(args[1]) as b:
         a, b = a.load(), b.load()
         diff = first_difference(a, b)
