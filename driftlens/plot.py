@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from driftlens.schedule import RankSchedule
     from driftlens.schema import Modality, Site
 
-__all__ = ["OKABE_ITO", "band_note", "contrast_by_layer", "decimals", "drift_by_layer", "drift_heatmap",
+__all__ = ["OKABE_ITO", "band_note", "checkpoint_styles", "contrast_by_layer", "decimals", "drift_by_layer", "drift_heatmap",
            "drift_vs_alpha", "grounding_vs_drift", "metrics_by_layer", "mir_by_layer", "modality_gap_by_layer",
            "token_map", "plot_report", "probe_accuracy", "rank_schedule", "save", "seeds_by_layer"]
 
@@ -251,7 +251,7 @@ def _mix(color, t: float) -> tuple[float, float, float]:
     return tuple(1.0 - t * (1.0 - c) for c in to_rgb(color))
 
 
-def _checkpoint_styles(labels: Sequence[str], reference: str | None = None) -> dict[str, dict]:
+def checkpoint_styles(labels: Sequence[str], reference: str | None = None) -> dict[str, dict]:
     """``{label: {"color", "marker"}}``: the reference black, a hue and marker per trajectory,
     steps from light to full colour."""
     groups: dict[str, list[str]] = {}
@@ -379,7 +379,7 @@ def _lines_by_layer(report, var: str, *, site, modality, checkpoints, ax, labels
     vs_ref = _vs_reference(var)
     chosen = _pick_checkpoints(da, checkpoints, reference, drop_zero_reference=vs_ref)
     strong = _highlighted(chosen, highlight, reference)
-    styles = _checkpoint_styles(_have(da, "checkpoint"), reference)
+    styles = checkpoint_styles(_have(da, "checkpoint"), reference)
     ax = ax if ax is not None else _new_axes((7.2, 4.2))
     layers = da["layer"].values
     for ck in sorted(chosen, key=lambda c: c in strong):          # the highlighted ones on top
@@ -967,7 +967,7 @@ def _common_prefix(names: Sequence[str]) -> str:
 def _language_colors(ax, labels: Sequence[str], langs: Sequence[str], colors: Mapping[str, str] | None) -> dict:
     """Each language's colour, with the meaning colours have in every other figure: a language named
     like a trajectory (``ko`` for ``ko-1 ... ko-5``) takes that trajectory's colour (trajectories in
-    order of appearance take the Okabe-Ito colours, as in :func:`_checkpoint_styles`); a language
+    order of appearance take the Okabe-Ito colours, as in :func:`checkpoint_styles`); a language
     already drawn on ``ax`` keeps its colour; ``colors`` overrides both."""
     drawn = {line.get_label(): line.get_color() for line in ax.get_lines()}
     groups = [g for g in dict.fromkeys(_group(c) for c in labels) if g in langs]
@@ -1144,7 +1144,7 @@ def probe_accuracy(probe_ds: xr.Dataset, checkpoints: Sequence[str] | None = Non
     acc, _ = _select(probe_ds, "accuracy", dims=dims)
     chosen = _pick_checkpoints(acc, checkpoints, None, drop_zero_reference=False)
     reference = _reference(probe_ds)
-    styles = _checkpoint_styles(_have(acc, "checkpoint"), reference if reference in _have(acc, "checkpoint") else None)
+    styles = checkpoint_styles(_have(acc, "checkpoint"), reference if reference in _have(acc, "checkpoint") else None)
     layers = acc["layer"].values
 
     def get(name):
