@@ -60,9 +60,10 @@ if TYPE_CHECKING:
     from driftlens.schedule import RankSchedule
     from driftlens.schema import Modality, Site
 
-__all__ = ["OKABE_ITO", "band_note", "checkpoint_styles", "contrast_by_layer", "decimals", "drift_by_layer", "drift_heatmap",
-           "drift_vs_alpha", "grounding_vs_drift", "metrics_by_layer", "mir_by_layer", "modality_gap_by_layer",
-           "token_map", "plot_report", "probe_accuracy", "rank_schedule", "save", "seeds_by_layer"]
+__all__ = ["OKABE_ITO", "band_note", "checkpoint_styles", "contrast_by_layer", "decimals", "drift_by_layer",
+           "drift_heatmap", "drift_vs_alpha", "grounding_vs_drift", "metrics_by_layer", "mir_by_layer",
+           "modality_gap_by_layer", "token_map", "plot_report", "probe_accuracy", "rank_schedule", "save",
+           "seeds_by_layer"]
 
 #: Okabe & Ito (2008) colour-blind-safe palette, in the order categories take them (black, kept
 #: for the reference, and yellow, too pale on white for lines, come last)
