@@ -328,7 +328,10 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
     dev = resolve_device(device)
     out = _check_out(out)
     probes = probes if isinstance(probes, ProbeSet) else ProbeSet.load(probes)
-    ckpts = normalize_checkpoints(model, checkpoints)
+    from driftlens.merges import as_source
+
+    # merge:... strings become Merge objects here: driftlens.sources knows no merge syntax
+    ckpts = {label: as_source(src) for label, src in normalize_checkpoints(model, checkpoints).items()}
     overwrite = _check_overwrite(overwrite, ckpts)
     asked = dict(ckpts)
     model, ckpts = _resolve_hub_ids(model, ckpts, allow_pickle, trust_remote_code)

@@ -4,7 +4,9 @@ The standard recipe for keeping a VLM's visual skills while adding a language is
 adapted weights back towards the base. A merge sweep (alpha 0, 0.25, ..., 1) is a trajectory whose
 points are merges, not training steps: capture it like any other and read the drift against alpha.
 
-A :class:`Merge` is a checkpoint source (:mod:`driftlens.sources`). Its task vector is
+A :class:`Merge` is a checkpoint source (:mod:`driftlens.sources`) of the composed kind: it implements
+:class:`driftlens.sources.ComposedSource`, so the sources' functions ask it about itself and it loads
+its parts with them (this module imports :mod:`driftlens.sources`, never the reverse). Its task vector is
 ``tau = adapted - base`` per weight tensor (an adapted *model directory*, or a PEFT *adapter
 directory* applied to the base and merged, whose task vector is then the adapter's dense delta);
 the merged tensor is ``base + alpha * m(tau)`` with
@@ -21,7 +23,8 @@ base's and the adapted model's weights exactly). Tensors that are not floating p
 in both models. Loading follows the sources' rules: safetensors only unless ``allow_pickle``, no
 code from a folder unless ``trust_remote_code``.
 
-On the command line a merge is a checkpoint source string (``driftlens capture -c LABEL=SOURCE``)::
+On the command line a merge is a checkpoint source string (``driftlens capture -c LABEL=SOURCE``; the
+capture turns it into a :class:`Merge` with :func:`as_source`)::
 
     merge:METHOD:ALPHA[,density=D][,seed=S]:[BASE:]ADAPTED
 
@@ -42,9 +45,10 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from driftlens.errors import UsageError
+from driftlens.sources import SourceError, apply_adapter, describe, fingerprint, load_model_dir, source_kind
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +81,15 @@ class Merge:
         Fraction of task-vector entries kept, in (0, 1]; required by ``ties`` and ``dare``.
     seed : int
         DARE's random drop (ignored by the other methods).
+
+    Notes
+    -----
+    ``kind``, :meth:`spec`, :meth:`check`, :meth:`identity` and :meth:`materialize` make it a
+    :class:`driftlens.sources.ComposedSource`; the last three are this module's functions of the same names.
     """
+
+    #: what :func:`driftlens.sources.source_kind` returns for a merge
+    kind: ClassVar[str] = "merge"
 
     adapted: Any
     alpha: float
@@ -121,18 +133,25 @@ class Merge:
                        for k, v in self.recipe().items() if k not in ("method", "alpha"))
         parts = [PREFIX + self.method, f"{self.alpha:g}{opts}"]
         if self.base is not None:
-            parts.append(_describe(self.base))
-        parts.append(_describe(self.adapted))
+            parts.append(describe(self.base))
+        parts.append(describe(self.adapted))
         return ":".join(parts)
 
     def __str__(self) -> str:
         return self.spec()
 
+    def check(self, model=None) -> None:
+        """Refuse parts that are not sources of the right kind: :func:`driftlens.merges.check`."""
+        check(self, model)
 
-def _describe(part) -> str:
-    from driftlens.sources import describe
+    def identity(self, model=None) -> dict:
+        """What a store records about this merge: :func:`driftlens.merges.identity`."""
+        return identity(self, model)
 
-    return describe(part)
+    def materialize(self, model=None, cache: dict | None = None, allow_pickle: bool = False,
+                    trust_remote_code: bool = False):
+        """The merged model in eval mode: :func:`driftlens.merges.materialize`."""
+        return materialize(self, model, cache, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
 def _number(text: str, what: str, spec: str, kind=float):
@@ -230,8 +249,6 @@ def components(merge: Merge, model=None) -> dict[str, Any]:
 
 def check(merge: Merge, model=None) -> None:
     """Refuse a merge whose parts are not sources of the right kind (base: a model; adapted: a model or adapter)."""
-    from driftlens.sources import SourceError, source_kind
-
     parts = components(merge, model)
     if any(isinstance(p, Merge) or (isinstance(p, str) and p.startswith(PREFIX) and not Path(p).exists())
            for p in parts.values()):
@@ -247,8 +264,6 @@ def identity(merge: Merge, model=None) -> dict:
     """What a store records about a merged checkpoint: its recipe, both parts and a fingerprint of all three."""
     import hashlib
     import json
-
-    from driftlens.sources import describe, fingerprint, source_kind
 
     parts = components(merge, model)
     if parts["base"] is None:
@@ -319,8 +334,6 @@ def materialize(merge: Merge, model=None, cache: dict | None = None, allow_pickl
     import copy
 
     import torch
-
-    from driftlens.sources import apply_adapter, describe, load_model_dir, source_kind
 
     cache = {} if cache is None else cache
     parts = components(merge, model)

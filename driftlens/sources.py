@@ -7,8 +7,13 @@ A source is one of
   ``from_pretrained``;
 - a PEFT adapter directory (``adapter_config.json``), applied on a fresh copy of the base
   model and merged;
-- a merge of a base and an adapted model (:class:`driftlens.merges.Merge`, or its source string
-  ``merge:METHOD:ALPHA[,density=D][,seed=S]:[BASE:]ADAPTED``): see :mod:`driftlens.merges`.
+- a checkpoint composed of other sources (:class:`ComposedSource`): a merge of a base and an adapted
+  model, :class:`driftlens.merges.Merge`. This module knows it only through that protocol -- it
+  asks the object for its kind, description, checks, identity and weights -- and never imports
+  :mod:`driftlens.merges` (which builds on this module). A merge's source string
+  ``merge:METHOD:ALPHA[,density=D][,seed=S]:[BASE:]ADAPTED`` is parsed by
+  :func:`driftlens.merges.as_source`, which :func:`driftlens.capture.capture` applies to its
+  checkpoints before anything here sees them; here such a string is a path like any other.
 
 A path-like string that is not a folder here but reads as a Hugging Face Hub id (``org/name``,
 optionally pinned: ``org/name@REVISION``, a branch, tag or commit) is resolved through
@@ -27,6 +32,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from driftlens.errors import ArgumentTypeError, DataError, UsageError
 
@@ -35,6 +41,32 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 class SourceError(DataError):
     """A checkpoint source cannot be loaded; the message names it."""
+
+
+@runtime_checkable
+class ComposedSource(Protocol):
+    """A checkpoint made from other sources, which describes, checks, identifies and loads itself.
+
+    :class:`driftlens.merges.Merge` is one (``kind == "merge"``). Its parts are plain sources (a
+    module, a model or adapter directory), never composed ones, so the functions here ask it and it
+    calls them back on its parts: one level deep.
+    """
+
+    #: what :func:`source_kind` returns for it
+    kind: str
+
+    def spec(self) -> str:
+        """Its source string (what :func:`describe` shows)."""
+
+    def check(self, model=None) -> None:
+        """Refuse parts that are not sources of the right kind (raises :class:`SourceError` or a UsageError)."""
+
+    def identity(self, model=None) -> dict:
+        """What a store records about it (with ``"kind"`` and ``"fingerprint"``); ``model``: the capture's MODEL."""
+
+    def materialize(self, model=None, cache: dict | None = None, allow_pickle: bool = False,
+                    trust_remote_code: bool = False):
+        """Its weights as an ``nn.Module`` in eval mode; ``model``: the capture's MODEL."""
 
 
 #: ``org/name`` or ``org/name@revision``: what a hub id looks like (a local folder of that name wins).
@@ -140,29 +172,21 @@ def describe(source) -> str:
     """A short human-readable description of a source (for messages and attrs)."""
     if isinstance(source, (str, Path)):
         return str(source)
-    if _is_merge(source):
+    if isinstance(source, ComposedSource):
         return source.spec()
     return f"<in-memory {type(source).__name__}>"
 
 
-def _is_merge(source) -> bool:
-    from driftlens.merges import Merge
-
-    return isinstance(source, Merge)
-
-
 def source_kind(source) -> str:
-    """``"module"``, ``"model_dir"``, ``"adapter_dir"`` or ``"merge"``; raises :class:`SourceError`."""
+    """``"module"``, ``"model_dir"``, ``"adapter_dir"`` or a composed source's kind (``"merge"``, after
+    its checks); raises :class:`SourceError`."""
     import torch
-
-    from driftlens import merges
 
     if isinstance(source, torch.nn.Module):
         return "module"
-    source = merges.as_source(source)
-    if isinstance(source, merges.Merge):
-        merges.check(source)
-        return "merge"
+    if isinstance(source, ComposedSource):
+        source.check()
+        return source.kind
     if not isinstance(source, (str, Path)):
         raise SourceError(
             f"checkpoint source {source!r} is neither an nn.Module nor a directory path"
@@ -379,7 +403,7 @@ def load_source(source, base=None, allow_pickle: bool = False, trust_remote_code
 
     Parameters
     ----------
-    source : nn.Module, path or Merge
+    source : nn.Module, path or ComposedSource (a Merge)
         See the module docstring.
     base : nn.Module, optional
         The base model PEFT adapters are applied to (and merges merged into when they name no base).
@@ -391,11 +415,8 @@ def load_source(source, base=None, allow_pickle: bool = False, trust_remote_code
     kind = source_kind(source)
     if kind == "module":
         return source.eval()
-    if kind == "merge":
-        from driftlens import merges
-
-        return merges.materialize(merges.as_source(source), base, cache, allow_pickle=allow_pickle,
-                                  trust_remote_code=trust_remote_code)
+    if isinstance(source, ComposedSource):
+        return source.materialize(base, cache, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if kind == "model_dir":
         return load_model_dir(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if base is None:
@@ -406,7 +427,11 @@ def load_source(source, base=None, allow_pickle: bool = False, trust_remote_code
 
 
 def normalize_checkpoints(model, checkpoints) -> dict:
-    """The ordered mapping label -> source (a single model becomes ``{"model": model}``)."""
+    """The ordered mapping label -> source (a single model becomes ``{"model": model}``).
+
+    Sources are passed through as given: a ``merge:...`` string becomes a Merge in
+    :func:`driftlens.merges.as_source`, which the capture applies to this mapping.
+    """
     if checkpoints is None:
         return {"model": model}
     if not isinstance(checkpoints, Mapping):
@@ -416,9 +441,7 @@ def normalize_checkpoints(model, checkpoints) -> dict:
     for label in checkpoints:
         if not isinstance(label, str) or not label:
             raise UsageError(f"checkpoint labels must be non-empty strings, got {label!r}")
-    from driftlens.merges import as_source
-
-    return {label: as_source(src) for label, src in checkpoints.items()}
+    return dict(checkpoints)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,16 +489,15 @@ def fingerprint(source) -> str:
     64 KiB spread over each (files up to 64 MiB, such as adapters, are hashed whole) -- about
     1 MiB read per weight file. An ``nn.Module``: every parameter's name, shape, dtype and 4096
     evenly strided values. Two checkpoints of one fine-tuning run differ in it; copying or
-    moving a directory does not change it.
+    moving a directory does not change it. A composed source (a merge): its own identity's
+    fingerprint (a merge's recipe and both parts; its base must be named).
     """
     import hashlib
 
     h = hashlib.sha256()
     kind = source_kind(source)
-    if kind == "merge":                 # its recipe and both parts (a merge that names its base)
-        from driftlens import merges
-
-        return merges.identity(merges.as_source(source))["fingerprint"]
+    if isinstance(source, ComposedSource):      # its recipe and parts (a merge that names its base)
+        return source.identity()["fingerprint"]
     if kind == "module":
         _module_digest(h, source)
     else:
@@ -494,10 +516,8 @@ def identity(source, base=None) -> dict:
     """What a store records about a checkpoint's source: kind, path, fingerprint (and base's for adapters;
     a merge's recipe and both parts' fingerprints, :func:`driftlens.merges.identity`)."""
     kind = source_kind(source)
-    if kind == "merge":
-        from driftlens import merges
-
-        return merges.identity(merges.as_source(source), base)
+    if isinstance(source, ComposedSource):
+        return source.identity(base)
     out = {"kind": kind, "source": describe(source) if kind == "module" else str(Path(source).resolve()),
            "fingerprint": fingerprint(source)}
     snap = hub_snapshot(source) if kind != "module" else None

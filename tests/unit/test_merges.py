@@ -87,3 +87,44 @@ def test_dare_is_seeded_by_seed_and_tensor_name():
     state = torch.random.get_rng_state()
     merge_tensor(b, a, Merge("x", 1.0, "dare", density=0.5, seed=3), "w")
     assert torch.equal(state, torch.random.get_rng_state())                  # the global generator untouched
+
+
+class _Toy:
+    """A composed source that is not a merge: sources must serve it through the protocol alone."""
+
+    kind = "toy"
+
+    def __init__(self):
+        self.calls = []
+
+    def spec(self):
+        return "toy:1"
+
+    def check(self, model=None):
+        self.calls.append(("check", model))
+
+    def identity(self, model=None):
+        return {"kind": "toy", "fingerprint": f"toy-on-{model}"}
+
+    def materialize(self, model=None, cache=None, allow_pickle=False, trust_remote_code=False):
+        self.calls.append(("materialize", model, cache, allow_pickle, trust_remote_code))
+        self.net = torch.nn.Linear(1, 1).eval()
+        return self.net
+
+
+def test_sources_ask_a_composed_source_about_itself(tmp_path):
+    from driftlens import sources
+
+    ko = tmp_path / "ko"
+    ko.mkdir()
+    m = Merge(str(ko), 0.5, base=str(ko))
+    assert isinstance(m, sources.ComposedSource) and not isinstance(str(ko), sources.ComposedSource)
+    assert sources.describe(m) == m.spec() == f"merge:linear:0.5:{ko}:{ko}"
+    toy = _Toy()
+    assert (sources.describe(toy), sources.source_kind(toy), sources.identity(toy, "base")) == (
+        "toy:1", "toy", {"kind": "toy", "fingerprint": "toy-on-base"})
+    assert sources.fingerprint(toy) == "toy-on-None"
+    cache = {}
+    net = sources.load_source(toy, base="base", cache=cache, allow_pickle=True)
+    assert net is toy.net and ("materialize", "base", cache, True, False) in toy.calls
+    assert toy.calls.count(("check", None)) == 4        # source_kind checks it on every entry
