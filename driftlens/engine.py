@@ -25,9 +25,10 @@ import numpy as np
 
 from driftlens import cells
 from driftlens import inference as I
-from driftlens.errors import DriftError, check_count, raise_if_interrupted
+from driftlens.errors import DriftError, SelectionError, check_count, raise_if_interrupted
 from driftlens.registry import ALIASES, ALL_METRICS, METRICS, base_metric, of_kind
-from driftlens.schema import CLUSTER_COORDS, REPORT_DIMS, ROUTE_SITE
+from driftlens.schema import REPORT_DIMS, ROUTE_SITE
+from driftlens.select import cluster_labels, reference_of
 
 if TYPE_CHECKING:
     import torch
@@ -218,15 +219,13 @@ def normalize_metrics(metrics) -> list[str]:
 
 
 def _cluster_labels(ds) -> tuple[np.ndarray, str, list[str]]:
-    """Per-token cluster labels, the coordinate they came from, and warnings."""
-    for name in CLUSTER_COORDS:
-        if name in ds.coords:
-            notes = [] if name == "cluster" else [
-                f"the store has no `cluster` coordinate (captured before clusters existed); resampling "
-                f"units are its `{name}` values, which treats renders or twins of one scene as independent; "
-                f"recapture with a probe set that declares clusters"]
-            return np.asarray(ds[name].values).astype(str), name, notes
-    raise DriftError("the dataset has no per-token `cluster`, `group` or `sample` coordinate")
+    """Per-token cluster labels, the coordinate they came from (:func:`driftlens.select.cluster_unit`), and warnings."""
+    cluster, name = cluster_labels(ds)
+    notes = [] if name == "cluster" else [
+        f"the store has no `cluster` coordinate (captured before clusters existed); resampling "
+        f"units are its `{name}` values, which treats renders or twins of one scene as independent; "
+        f"recapture with a probe set that declares clusters"]
+    return cluster, name, notes
 
 
 def _text_after_image(ds) -> np.ndarray:
@@ -270,13 +269,14 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=("mmd", "pai
     labels = [str(c) for c in ds.checkpoint.values.astype(str)]
     if not labels:
         raise DriftError("the store holds no completed checkpoint")
-    reference = labels[0] if reference is None else reference
-    if reference not in labels:
+    try:
+        reference = reference_of(ds, reference, among=labels, where="the store")
+    except SelectionError as exc:
         if reference in ds.attrs.get("checkpoints", []) and reference not in ds.attrs.get("completed", []):
             raise DriftError(f"reference {reference!r} was started but its capture did not finish (the store hides "
                              f"unfinished checkpoints); rerun the capture to complete it, or choose a completed "
-                             f"reference among {labels}")
-        raise DriftError(f"reference {reference!r} is not a checkpoint of the store; it has {labels}")
+                             f"reference among {labels}") from None
+        raise DriftError(str(exc)) from None
     if sites is None:
         sites = [s for s in ("hidden", "key", "query") if s in ds.data_vars]
     if ROUTE_SITE in sites:
