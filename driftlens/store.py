@@ -66,7 +66,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
@@ -75,6 +75,7 @@ from driftlens.errors import DataError, EnvironmentProblem, UsageError
 from driftlens.schema import SITE_DIMS, SITES, TOKEN_COORDS, UNLAYERED
 
 if TYPE_CHECKING:
+    import torch
     import xarray as xr
 
 CHUNK_BYTES = 8 * 2**20
@@ -720,6 +721,96 @@ def open_store(path: str | os.PathLike, include_incomplete: bool = False, verify
     ds.attrs["store_verified"] = verify
     ds.attrs["store_notes"] = list(notes)       # drift copies them into the report's warnings
     return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# block readers: what a drift task reads, one (site, checkpoint, layer) block at a time
+# ---------------------------------------------------------------------------------------------
+
+class BlockSource(Protocol):
+    """Where a task reads its blocks: one (site, checkpoint, layer) at a time."""
+
+    def read(self, site: str, checkpoint: str, layer: int | None) -> np.ndarray | torch.Tensor:
+        """The block [token, dim] (``layer`` None for the unlayered sites ``embed``/``final``)."""
+
+
+class DatasetBlocks:
+    """Blocks of an xarray Dataset laid out like a store (in memory or lazily opened).
+
+    Reads with Dask's synchronous scheduler where the Dataset is Dask-backed, so a read inside a
+    Dask worker never submits tasks of its own.
+    """
+
+    def __init__(self, ds: xr.Dataset):
+        self.ds = ds
+
+    def read(self, site, checkpoint, layer):
+        """The block [token, dim] of ``site`` at ``checkpoint`` (and ``layer``)."""
+        da = self.ds[site].sel(checkpoint=checkpoint)
+        if layer is not None:
+            da = da.sel(layer=layer)
+        try:
+            import dask
+        except ImportError:
+            return np.asarray(da.values)
+        with dask.config.set(scheduler="synchronous"):
+            return np.asarray(da.values)
+
+
+class StoreBlocks:
+    """Blocks of an activation store read straight from its zarr arrays.
+
+    Pickles as its path and index maps, so every Dask worker opens the store itself; each read
+    touches the chunk files of one block only.
+
+    Parameters
+    ----------
+    path : str
+        The store (a local folder, or any URL zarr opens).
+    slots : dict
+        Checkpoint label -> index on the store's ``checkpoint`` dimension.
+    layers : dict
+        Layer -> index on the store's ``layer`` dimension.
+    """
+
+    def __init__(self, path: str, slots: dict[str, int], layers: dict[int, int], completed: tuple[str, ...] = ()):
+        self.path, self.slots, self.layers = str(path), dict(slots), dict(layers)
+        self.completed = tuple(completed)
+        self._arrays: dict = {}
+
+    def __getstate__(self):
+        return {"path": self.path, "slots": self.slots, "layers": self.layers, "completed": self.completed}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    @classmethod
+    def of_store(cls, path) -> StoreBlocks:
+        """The block source of the store at ``path`` (its metadata read once, here)."""
+        import zarr
+
+        root = zarr.open_group(str(path), mode="r")
+        labels = list(root.attrs.get("checkpoints", []))
+        layers = np.asarray(root["layer"][:]).tolist() if "layer" in root else []
+        return cls(str(path), {c: i for i, c in enumerate(labels)}, {int(v): i for i, v in enumerate(layers)},
+                   tuple(root.attrs.get("completed", [])))
+
+    def read(self, site, checkpoint, layer):
+        """The block [token, dim] of ``site`` at ``checkpoint`` (and ``layer``): its chunks only.
+
+        A chunk file missing from a completed checkpoint (of a local, uncompressed store) is refused
+        here, naming it -- zarr would read it as zeros -- whatever check the store had before.
+        """
+        import zarr
+
+        if checkpoint in self.completed:
+            refuse_missing_chunks(self.path, site, self.slots[checkpoint], checkpoint,
+                                  None if layer is None else self.layers[int(layer)])
+        if site not in self._arrays:
+            self._arrays[site] = zarr.open_array(self.path, path=site, mode="r")
+        arr = self._arrays[site]
+        index = (self.slots[checkpoint],) if layer is None else (self.slots[checkpoint], self.layers[int(layer)])
+        return np.asarray(arr[index])
 
 
 # ---------------------------------------------------------------------------------------------
