@@ -938,19 +938,16 @@ def write_record(path, label: str, index: int, sites, identity: dict | None = No
 
 
 def _write_json(out, body: dict):
-    """Write ``body`` as JSON at ``out`` atomically (a unique temporary name beside it, then a rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``body`` as JSON at ``out``: a local file through :func:`driftlens.outputs.atomic_write` (a failed
+    write names the file and keeps the previous one); an object store writes an object whole."""
+    from driftlens.outputs import atomic_write
+
     text = json.dumps(_jsonable(body))
-    if not is_local(out):                    # an object store writes an object whole
+    if not is_local(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         return out
-    tmp = out.with_name(f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return atomic_write(out, text)
 
 
 # -- the store record: identity, array metadata and coordinates, fixed at creation -----------------
