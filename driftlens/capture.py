@@ -100,7 +100,7 @@ def plan_tokens(processor, spec, config, probes, batch_size: int = 8,
     generator seeded by ``(seed, probe index)``: the same rows for every checkpoint and
     every rerun.
     """
-    from driftlens.inputs import check_positions, model_inputs
+    from driftlens.inputs import check_positions, model_inputs, token_rows
 
     _check_count("batch_size", batch_size)
     if tokens_per_sample is not None:
@@ -117,12 +117,10 @@ def plan_tokens(processor, spec, config, probes, batch_size: int = 8,
         check_positions(inputs, config, items)                  # before any forward (and any OOM)
         ids = inputs["input_ids"].numpy()                       # [B, S]
         mask = inputs.get("attention_mask")
-        mask = np.ones_like(ids) if mask is None else mask.numpy()
+        visual, text = token_rows(ids, None if mask is None else mask.numpy(), image_id)    # [B, S] each
         rows_b, rows_p = [], []
         for j, (i, p) in enumerate(zip(idx, items)):
-            pos = np.flatnonzero(mask[j] > 0)
-            vis = pos[ids[j, pos] == image_id]
-            txt = pos[ids[j, pos] != image_id]
+            vis, txt = np.flatnonzero(visual[j]), np.flatnonzero(text[j])
             if len(vis) == 0:
                 raise CaptureError(
                     f"probe {p.id!r}: input_ids hold no image token (id {image_id}); "
