@@ -153,12 +153,12 @@ def _contrast_data(report, m: str, runs: bool) -> dict | None:
 
 
 def _colors(checkpoints: list[str], reference: str | None) -> dict[str, str]:
-    """The checkpoint colours of every driftlens figure (:func:`driftlens.plot._checkpoint_styles`)."""
+    """The checkpoint colours of every driftlens figure (:func:`driftlens.plot.checkpoint_styles`)."""
     from matplotlib.colors import to_hex
 
-    from driftlens.plot import _checkpoint_styles
+    from driftlens.plot import checkpoint_styles
 
-    return {ck: to_hex(st["color"]) for ck, st in _checkpoint_styles(checkpoints, reference).items()}
+    return {ck: to_hex(st["color"]) for ck, st in checkpoint_styles(checkpoints, reference).items()}
 
 
 def _attr_text(v) -> str:

@@ -245,7 +245,7 @@ def _mix(color, t: float) -> tuple[float, float, float]:
     return tuple(1.0 - t * (1.0 - c) for c in to_rgb(color))
 
 
-def _checkpoint_styles(labels: Sequence[str], reference: str | None = None) -> dict[str, dict]:
+def checkpoint_styles(labels: Sequence[str], reference: str | None = None) -> dict[str, dict]:
     """``{label: {"color", "marker"}}``: the reference black, a hue and marker per trajectory,
     steps from light to full colour."""
     groups: dict[str, list[str]] = {}
@@ -373,7 +373,7 @@ def _lines_by_layer(report, var: str, *, site, modality, checkpoints, ax, labels
     vs_ref = var in _VS_REFERENCE
     chosen = _pick_checkpoints(da, checkpoints, reference, drop_zero_reference=vs_ref)
     strong = _highlighted(chosen, highlight, reference)
-    styles = _checkpoint_styles(_have(da, "checkpoint"), reference)
+    styles = checkpoint_styles(_have(da, "checkpoint"), reference)
     ax = ax if ax is not None else _new_axes((7.2, 4.2))
     layers = da["layer"].values
     for ck in sorted(chosen, key=lambda c: c in strong):          # the highlighted ones on top
@@ -961,7 +961,7 @@ def _common_prefix(names: Sequence[str]) -> str:
 def _language_colors(ax, labels: Sequence[str], langs: Sequence[str], colors: Mapping[str, str] | None) -> dict:
     """Each language's colour, with the meaning colours have in every other figure: a language named
     like a trajectory (``ko`` for ``ko-1 ... ko-5``) takes that trajectory's colour (trajectories in
-    order of appearance take the Okabe-Ito colours, as in :func:`_checkpoint_styles`); a language
+    order of appearance take the Okabe-Ito colours, as in :func:`checkpoint_styles`); a language
     already drawn on ``ax`` keeps its colour; ``colors`` overrides both."""
     drawn = {line.get_label(): line.get_color() for line in ax.get_lines()}
     groups = [g for g in dict.fromkeys(_group(c) for c in labels) if g in langs]
@@ -1138,7 +1138,7 @@ def probe_accuracy(probe_ds: xr.Dataset, checkpoints: Sequence[str] | None = Non
     acc, _ = _select(probe_ds, "accuracy", dims=dims)
     chosen = _pick_checkpoints(acc, checkpoints, None, drop_zero_reference=False)
     reference = _reference(probe_ds)
-    styles = _checkpoint_styles(_have(acc, "checkpoint"), reference if reference in _have(acc, "checkpoint") else None)
+    styles = checkpoint_styles(_have(acc, "checkpoint"), reference if reference in _have(acc, "checkpoint") else None)
     layers = acc["layer"].values
 
     def get(name):

@@ -60,7 +60,7 @@ import numpy as np
 
 from driftlens.allocation import Rule, allocate, clean_signal
 from driftlens.errors import ScheduleError, SelectionError, check_count
-from driftlens.schedule import ModuleRank, RankSchedule, _nearest, _num, _versions
+from driftlens.schedule import ModuleRank, RankSchedule, library_versions, nearest_names, plain_number
 from driftlens.schema import Modality, Site
 from driftlens.select import checkpoint_labels, pick_checkpoint, reference_of
 
@@ -315,7 +315,7 @@ def _check_targets(modules, spec, model) -> tuple[str, ...]:
         t = unknown[0]
         raise ScheduleError(
             f"module {t!r} is not a module of a {spec.family!r} decoder block (block_modules in "
-            f"{getattr(spec, 'path', 'the spec')}); nearest: {_nearest(t, known)}; all: {list(known)}"
+            f"{getattr(spec, 'path', 'the spec')}); nearest: {nearest_names(t, known)}; all: {list(known)}"
             + (f" ({len(unknown)} unknown targets: {unknown})" if len(unknown) > 1 else "")
         )
     return targets
@@ -467,7 +467,7 @@ def allocate_ranks(report: xr.Dataset, budget: int, signal: str | Mapping[str, s
     lora_alpha = round(alpha_ratio * math.sqrt(mean_rank), 4) if use_rslora else None
     units = tuple(
         ModuleRank(p, int(li), t, float(si), int(ri),
-                   (_num(lora_alpha) if use_rslora else _num(alpha_ratio * ri)) if ri else 0)
+                   (plain_number(lora_alpha) if use_rslora else plain_number(alpha_ratio * ri)) if ri else 0)
         for p, li, t, si, ri in zip(paths, layer_of, mod_of, s, r)
     )
     if source is None:
@@ -483,7 +483,7 @@ def allocate_ranks(report: xr.Dataset, budget: int, signal: str | Mapping[str, s
         "model_type": (getattr(getattr(model, "config", None), "model_type", None) if model is not None else None)
         or report.attrs.get("model_type") or (spec.model_types[0] if spec.model_types else None),
         "n_layers": n_layers, "decoder_layers": spec.decoder_layers, "targets": list(targets),
-        "source": source or None, **_versions(),
+        "source": source or None, **library_versions(),
     }
     if notes:
         meta["warnings"] = notes

@@ -63,12 +63,14 @@ def key_to_path(key: str) -> str:
     return re.sub(r"\\(.)", r"\1", key.removeprefix("^"))
 
 
-def _num(x: float):
+def plain_number(x: float):
+    """``x`` as an ``int`` when it is whole, else rounded to 6 decimals (what schedule files and metadata hold)."""
     x = float(x)
     return int(x) if x.is_integer() else round(x, 6)
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
+    """The versions of transformers, peft and driftlens, for a schedule's metadata."""
     out = {}
     for mod in ("transformers", "peft"):
         try:
@@ -167,7 +169,7 @@ class RankSchedule:
         """The exported ``lora_alpha``."""
         if self.use_rslora:
             return self.meta["lora_alpha"]
-        return _num(self.meta.get("alpha_ratio", 2.0) * self.base_rank)
+        return plain_number(self.meta.get("alpha_ratio", 2.0) * self.base_rank)
 
     @property
     def rank_pattern(self) -> dict[str, int]:
@@ -248,7 +250,7 @@ class RankSchedule:
         if dl:
             if dl not in names:
                 raise ScheduleError(f"the model ({type(base).__name__}) has no module {dl!r} (the schedule's "
-                                    f"decoder layers); nearest: {_nearest(dl, names)}")
+                                    f"decoder layers); nearest: {nearest_names(dl, names)}")
             n = len(base.get_submodule(dl))
             if n != self.n_layers:
                 raise ScheduleError(f"the schedule covers {self.n_layers} decoder layers but the model has {n} "
@@ -257,7 +259,7 @@ class RankSchedule:
         if missing:
             raise ScheduleError(
                 f"{len(missing)} scheduled module(s) do not exist in {type(base).__name__} "
-                f"(model_type {mtype!r}), e.g. {missing[0]!r}; nearest existing: {_nearest(missing[0], names)}"
+                f"(model_type {mtype!r}), e.g. {missing[0]!r}; nearest existing: {nearest_names(missing[0], names)}"
             )
 
     # --- files ---------------------------------------------------------------------------------
@@ -357,7 +359,8 @@ class RankSchedule:
         for u in meta.pop("modules"):
             r = ranks.pop(u["path"], 0)
             a = cfg["lora_alpha"] if cfg["use_rslora"] else alphas.pop(u["path"], u["alpha"])
-            units.append(ModuleRank(u["path"], u["layer"], u["module"], float(u["signal"]), r, _num(a) if r else 0))
+            units.append(ModuleRank(u["path"], u["layer"], u["module"], float(u["signal"]), r,
+                                    plain_number(a) if r else 0))
         if ranks:
             raise ScheduleFileError(f"{path}: rank pattern names modules that the metadata does not list: "
                                     f"{sorted(ranks)[:3]}")
@@ -554,5 +557,6 @@ def _check_peft(version: str) -> None:
                             f"need peft >= {'.'.join(map(str, _MIN_PEFT))}")
 
 
-def _nearest(name: str, names, n: int = 3) -> list[str]:
+def nearest_names(name: str, names, n: int = 3) -> list[str]:
+    """The ``n`` names of ``names`` closest to ``name`` (for "did you mean" in an error)."""
     return difflib.get_close_matches(name, sorted(names), n=n, cutoff=0.0)
