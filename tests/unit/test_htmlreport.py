@@ -22,7 +22,7 @@ import pytest
 import driftlens as dl
 from driftlens.errors import UsageError
 from driftlens.htmlreport import page_data, report_html, write_html
-from driftlens.plot import _checkpoint_styles, decimals
+from driftlens.plot import checkpoint_styles, decimals
 from driftlens.testing import make_report
 
 CKPTS = ("base", "ko-1", "ko-2", "en-1", "en-2")
@@ -61,7 +61,7 @@ def test_page_data_holds_every_cell_at_one_precision_with_the_figures_colours(re
     assert mmd["decimals"] == decimals(rep["mmd"].values)
     assert set(data["metrics"]["gap"]["cells"]) == {"hidden", "key"} and not data["metrics"]["gap"]["has_modality"]
     assert set(data["metrics"]["mir"]["cells"]) == {""} and "total" in data["metrics"]["mir"]
-    styles = _checkpoint_styles(list(CKPTS), "base")
+    styles = checkpoint_styles(list(CKPTS), "base")
     from matplotlib.colors import to_hex
 
     assert data["colors"] == {ck: to_hex(st["color"]) for ck, st in styles.items()}

@@ -436,7 +436,7 @@ def test_grounding_colours_mean_what_the_trajectories_mean_elsewhere(rep):
     ax = new_ax()
     plot.grounding_vs_drift(acc, {"base": 0.0, "ko-1": 0.2}, ax=ax)
     plot.grounding_vs_drift(ctrl, {"base": 0.0, "en-1": 0.1}, ax=ax, tag=" (control)")
-    styles = plot._checkpoint_styles(["base", "ko-1", "en-1"], "base")
+    styles = plot.checkpoint_styles(["base", "ko-1", "en-1"], "base")
     from matplotlib.colors import to_hex
 
     colour = {line.get_label(): to_hex(line.get_color()) for line in ax.get_lines()}
