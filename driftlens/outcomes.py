@@ -29,7 +29,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from driftlens.errors import SelectionError, UsageError
-from driftlens.select import checkpoint_labels, cluster_unit
+from driftlens.select import checkpoint_labels, cluster_unit, pick_layers
 
 __all__ = ["Association", "association", "cluster_displacement"]
 
@@ -114,12 +114,7 @@ def cluster_displacement(ds, reference: str, checkpoint: str, *, site: str = "hi
     has_layers = "layer" in var.dims
     if not has_layers and layers is not None:
         raise UsageError(f"site {site!r} has no layers; leave layers out")
-    todo = [int(v) for v in (ds.layer.values if layers is None else layers)] if has_layers else [None]
-    if has_layers:
-        known = [int(v) for v in ds.layer.values]
-        bad = [v for v in todo if v not in known]
-        if bad or not todo or len(set(todo)) != len(todo):
-            raise UsageError(f"layers {list(layers)} must be distinct layers of the store ({known})")
+    todo = pick_layers(ds, layers, where="the store") if has_layers else [None]
     out = np.empty((len(todo), k))
     ones = torch.ones(k, 1, dtype=torch.float64)
     for i, layer in enumerate(todo):

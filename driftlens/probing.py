@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from driftlens.errors import DataError, UsageError, check_count
-from driftlens.select import checkpoint_labels, pick_checkpoints, reference_of
+from driftlens.select import checkpoint_labels, pick_checkpoints, pick_layers, reference_of
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -461,11 +461,8 @@ def linear_probe(ds: xr.Dataset, label: LabelSpec, *, label_from: str = "group",
     checkpoints = pick_checkpoints(all_ckpts, checkpoints, "the store")
     reference = reference_of(ds, reference, among=all_ckpts, where="the store")
     if layered:
-        all_layers = [int(v) for v in np.asarray(ds.layer.values)]
-        layers = all_layers if layers is None else [int(v) for v in layers]
-        bad = [v for v in layers if v not in all_layers]
-        if bad or not layers:
-            raise UsageError(f"layer(s) {bad or layers} not in the store; it has layers {all_layers}")
+        all_layers = pick_layers(ds)
+        layers = pick_layers(ds, layers, where="the store")
     elif layers is not None:
         raise UsageError(f"site {site!r} has one vector per checkpoint, no layers; leave layers unset")
     else:

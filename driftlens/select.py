@@ -18,6 +18,8 @@ omission means the same thing everywhere. An unknown value raises :class:`Select
   a trailing step number (``ko-3`` -> ``ko``; ``step-200`` -> ``step``).
 - **checkpoints** (:func:`pick_checkpoints`): the ones given, in their order; else every
   checkpoint of the data, in its order.
+- **layers** (:func:`pick_layers`): the ones given, in their order, each once; else every layer of
+  the data, in its order.
 - **cluster unit** (:func:`cluster_unit`): the first per-token coordinate of
   :data:`~driftlens.schema.CLUSTER_COORDS` the data has -- ``cluster`` (the scene), else ``group``
   (probes sharing an image; a store captured before clusters existed), else ``sample``.
@@ -80,6 +82,32 @@ def reference_of(data, reference=None, *, among: Sequence[str] | None = None, wh
     if str(reference) not in labels:
         raise SelectionError(f"reference {str(reference)!r} is not a checkpoint of {where}; it has {labels}")
     return str(reference)
+
+
+def pick_layers(data, layers=None, *, where: str = "the store") -> list[int]:
+    """``layers`` (default every layer of ``data``) as ints, each a distinct layer of ``data``.
+
+    Raises
+    ------
+    SelectionError
+        A layer the data does not have (named, with the layers it has), a layer given twice, or none.
+    """
+    have = [int(v) for v in np.asarray(data["layer"].values)] if "layer" in getattr(data, "coords", {}) else []
+    if layers is None:
+        return have
+    try:
+        chosen = [int(v) for v in ([layers] if isinstance(layers, numbers.Integral) else as_labels(layers, "layers"))]
+    except (TypeError, ValueError):
+        raise SelectionError(f"layers must be integers, got {layers!r}") from None
+    bad = [v for v in chosen if v not in have]
+    if bad:
+        raise SelectionError(f"layer(s) {bad} not in {where}; it has layers {have}")
+    if not chosen:
+        raise SelectionError(f"layers is empty: give at least one of {where}'s layers {have}")
+    twice = sorted({v for v in chosen if chosen.count(v) > 1})
+    if twice:
+        raise SelectionError(f"layers {chosen} repeat {twice}: give each layer of {where} once")
+    return chosen
 
 
 def cluster_unit(data) -> str:
@@ -184,4 +212,4 @@ def as_labels(values, what: str) -> list:
 
 
 __all__ = ["SelectionError", "as_labels", "checkpoint_labels", "cluster_labels", "cluster_unit", "pick_checkpoint",
-           "pick_checkpoints", "reference_of", "trajectories", "trajectory_of"]
+           "pick_checkpoints", "pick_layers", "reference_of", "trajectories", "trajectory_of"]

@@ -66,7 +66,7 @@ import torch
 
 from driftlens.errors import UsageError, check_count
 from driftlens.schema import Modality, Site
-from driftlens.select import checkpoint_labels, cluster_labels, pick_checkpoint, reference_of
+from driftlens.select import checkpoint_labels, cluster_labels, pick_checkpoint, pick_layers, reference_of
 
 AnchorMode = Literal["fixed", "tracking"]
 MODES: tuple[AnchorMode, ...] = ("fixed", "tracking")
@@ -207,10 +207,7 @@ def report_weights(report, layers: Sequence[int], var: str = "mmd", checkpoint=N
     sel = {"checkpoint": ck}
     sel.update({k: v for k, v in (("site", site), ("modality", modality)) if k in da.dims})
     prof = da.sel(sel)
-    have = [int(v) for v in prof.layer.values]
-    missing = [layer for layer in layers if layer not in have]
-    if missing:
-        raise UsageError(f"layers {missing} are not in the report; it has {have}")
+    layers = pick_layers(prof, layers, where="the report")
     vals = np.array([float(prof.sel(layer=layer)) for layer in layers])
     if not np.isfinite(vals).all():
         raise UsageError(f"the report's {var} at {ck!r} is not finite at layers "
@@ -416,11 +413,7 @@ class AnchorDriftLoss(torch.nn.Module):
         if not labels:
             raise UsageError("the store holds no completed checkpoint")
         checkpoint = reference_of(ds, checkpoint, among=labels, where="the store")
-        have = [int(v) for v in ds.layer.values]
-        layers = have if layers is None else [int(la) for la in layers]
-        missing = [la for la in layers if la not in have]
-        if missing or not layers or len(set(layers)) != len(layers):
-            raise UsageError(f"layers {list(layers)} must be distinct captured layers; the store has {have}")
+        layers = pick_layers(ds, layers, where="the store")
         if weights is not None and hasattr(weights, "data_vars"):
             _same_store(weights, ds)
             weights = report_weights(weights, layers, checkpoint=weights_checkpoint, site=site)

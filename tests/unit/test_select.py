@@ -74,6 +74,18 @@ def test_checkpoint_rule_and_its_errors():
         select.pick_checkpoints(labels, ["ko-1", "x"], "the store")
 
 
+def test_layers_given_in_their_order_each_once_else_every_layer():
+    rep = _report()
+    assert select.pick_layers(rep) == [0, 1, 2, 3]
+    assert select.pick_layers(rep, [3, 1]) == [3, 1] and select.pick_layers(rep, np.int64(2)) == [2]
+    with pytest.raises(select.SelectionError, match=r"layer\(s\) \[7\] not in the report; it has layers \[0, 1, 2, 3\]"):
+        select.pick_layers(rep, [1, 7], where="the report")
+    with pytest.raises(select.SelectionError, match=r"repeat \[1\]"):
+        select.pick_layers(rep, [1, 1])
+    with pytest.raises(select.SelectionError, match="empty"):
+        select.pick_layers(rep, [])
+
+
 def test_cluster_unit_cluster_then_group_then_sample(store):
     ds = dl.open_store(store, verify="none")
     assert select.cluster_unit(ds) == "cluster"
@@ -121,6 +133,13 @@ def test_outcomes_fall_back_to_the_same_cluster_unit(store):
     got = cluster_displacement(ds, "base", "shifted")                  # was KeyError: 'group'
     assert got.attrs["cluster_coordinate"] == "sample" and got.sizes["cluster"] == 12
     assert np.isfinite(got.values).all()
+
+
+def test_the_anchor_weights_refuse_a_layer_given_twice():
+    from driftlens.train.anchor import report_weights
+
+    with pytest.raises(UsageError, match=r"repeat \[1\]"):
+        report_weights(_report(), [1, 1], checkpoint="step-200")        # was {1: 1.0}: one layer, weight 1
 
 
 def test_the_token_map_refuses_a_recorded_reference_it_does_not_map(store):
