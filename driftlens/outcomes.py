@@ -29,7 +29,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from driftlens.errors import SelectionError, UsageError
-from driftlens.select import checkpoint_labels, cluster_unit, pick_layers
+from driftlens.select import checkpoint_labels, cluster_unit, pick_layers, pick_site
 
 __all__ = ["Association", "association", "cluster_displacement"]
 
@@ -99,8 +99,7 @@ def cluster_displacement(ds, reference: str, checkpoint: str, *, site: str = "hi
     for name, value in (("reference", reference), ("checkpoint", checkpoint)):
         if value not in labels:
             raise SelectionError(f"{name} {value!r} is not a checkpoint of the store; it has {labels}")
-    if site not in ds.data_vars:
-        raise UsageError(f"site {site!r} is not in the store; it has {sorted(ds.data_vars)}")
+    pick_site(ds, site)
     rows = np.flatnonzero(np.asarray(ds["modality"].values) == modality)
     if rows.size == 0:
         raise UsageError(f"the store has no {modality!r} tokens")

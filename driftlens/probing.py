@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from driftlens.errors import DataError, UsageError, check_count
-from driftlens.select import checkpoint_labels, pick_checkpoints, pick_layers, reference_of
+from driftlens.select import checkpoint_labels, pick_checkpoints, pick_layers, pick_site, reference_of
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -447,12 +447,7 @@ def linear_probe(ds: xr.Dataset, label: LabelSpec, *, label_from: str = "group",
         raise UsageError(f"C must be > 0, got {C}")
     if max_rows is not None:
         max_rows = check_count("max_rows", max_rows, least=2)
-    if site not in ds.data_vars:
-        sites = [str(v) for v in ds.data_vars if "token" in ds[v].dims]
-        raise UsageError(f"site {site!r} is not in the store; it has {sites}")
-    da = ds[site]
-    if "token" not in da.dims or "checkpoint" not in da.dims:
-        raise UsageError(f"{site!r} is not a per-token site of the store (its dims are {da.dims})")
+    da = ds[pick_site(ds, site)]
     layered = "layer" in da.dims
 
     all_ckpts = checkpoint_labels(ds)

@@ -18,6 +18,8 @@ omission means the same thing everywhere. An unknown value raises :class:`Select
   a trailing step number (``ko-3`` -> ``ko``; ``step-200`` -> ``step``).
 - **checkpoints** (:func:`pick_checkpoints`): the ones given, in their order; else every
   checkpoint of the data, in its order.
+- **site** (:func:`pick_site`): named by the caller (each has its own default, ``hidden`` for most);
+  it must be a per-token site of the data (a variable over ``checkpoint`` and ``token``).
 - **layers** (:func:`pick_layers`): the ones given, in their order, each once; else every layer of
   the data, in its order.
 - **cluster unit** (:func:`cluster_unit`): the first per-token coordinate of
@@ -82,6 +84,31 @@ def reference_of(data, reference=None, *, among: Sequence[str] | None = None, wh
     if str(reference) not in labels:
         raise SelectionError(f"reference {str(reference)!r} is not a checkpoint of {where}; it has {labels}")
     return str(reference)
+
+
+def sites_of(data, layered: bool | None = None) -> list[str]:
+    """The per-token sites of a store (variables over ``checkpoint`` and ``token``); ``layered``: only those
+    with (True) or without (False) a ``layer`` dim."""
+    out = []
+    for name, var in getattr(data, "data_vars", {}).items():
+        if "token" in var.dims and "checkpoint" in var.dims and (layered is None or layered == ("layer" in var.dims)):
+            out.append(str(name))
+    return out
+
+
+def pick_site(data, site: str, *, layered: bool | None = None, where: str = "the store") -> str:
+    """``site`` when it is a per-token site of ``data`` (``layered``: one with / without layers).
+
+    Raises
+    ------
+    SelectionError
+        Naming the site and the sites the data has.
+    """
+    have = sites_of(data, layered)
+    if site not in have:
+        kind = {None: "", True: " layered", False: " per-checkpoint (unlayered)"}[layered]
+        raise SelectionError(f"site {site!r} is not a{kind} site of {where}; it has {have}")
+    return str(site)
 
 
 def pick_layers(data, layers=None, *, where: str = "the store") -> list[int]:
@@ -212,4 +239,4 @@ def as_labels(values, what: str) -> list:
 
 
 __all__ = ["SelectionError", "as_labels", "checkpoint_labels", "cluster_labels", "cluster_unit", "pick_checkpoint",
-           "pick_checkpoints", "pick_layers", "reference_of", "trajectories", "trajectory_of"]
+           "pick_checkpoints", "pick_layers", "pick_site", "reference_of", "sites_of", "trajectories", "trajectory_of"]

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from driftlens.errors import DataError, EnvironmentProblem, UsageError
-from driftlens.select import as_labels, checkpoint_labels, cluster_unit, pick_checkpoints, reference_of
+from driftlens.select import as_labels, checkpoint_labels, cluster_unit, pick_checkpoints, pick_site, reference_of
 
 METHODS = ("reference", "aligned")
 CARRIED = ("sample", "group", "cluster", "position", "modality", "lang")
@@ -212,10 +212,7 @@ def _check_count(name, value, least) -> None:
 
 
 def _site_layer(ds, site, layer):
-    sites = [v for v in ds.data_vars if "token" in ds[v].dims and "checkpoint" in ds[v].dims]
-    if site not in sites:
-        raise UsageError(f"site {site!r} is not in the store; it has {sites}")
-    da = ds[site]
+    da = ds[pick_site(ds, site)]
     if "layer" not in da.dims:
         if layer is not None:
             raise UsageError(f"site {site!r} has no layers (one vector per token); pass layer=None")

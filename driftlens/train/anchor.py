@@ -66,7 +66,14 @@ import torch
 
 from driftlens.errors import UsageError, check_count
 from driftlens.schema import Modality, Site
-from driftlens.select import checkpoint_labels, cluster_labels, pick_checkpoint, pick_layers, reference_of
+from driftlens.select import (
+    checkpoint_labels,
+    cluster_labels,
+    pick_checkpoint,
+    pick_layers,
+    pick_site,
+    reference_of,
+)
 
 AnchorMode = Literal["fixed", "tracking"]
 MODES: tuple[AnchorMode, ...] = ("fixed", "tracking")
@@ -407,8 +414,7 @@ class AnchorDriftLoss(torch.nn.Module):
         if not hasattr(ds, "data_vars"):
             ds = open_store(ds)
         n_anchors = check_count("n_anchors", n_anchors, least=2)
-        if site not in ds.data_vars or "layer" not in ds[site].dims:
-            raise UsageError(f"site {site!r} is not a layered variable of the store; it has {list(ds.data_vars)}")
+        pick_site(ds, site, layered=True)
         labels = checkpoint_labels(ds)
         if not labels:
             raise UsageError("the store holds no completed checkpoint")

@@ -86,6 +86,16 @@ def test_layers_given_in_their_order_each_once_else_every_layer():
         select.pick_layers(rep, [])
 
 
+def test_site_must_be_a_per_token_site_of_the_kind_asked(store):
+    ds = dl.open_store(store, verify="none")
+    assert set(select.sites_of(ds)) == {"hidden", "key"} and select.sites_of(ds, layered=False) == []
+    assert select.pick_site(ds, "key", layered=True) == "key"
+    with pytest.raises(select.SelectionError, match=r"site 'query' is not a site of the store; it has \['"):
+        select.pick_site(ds, "query")
+    with pytest.raises(select.SelectionError, match=r"site 'hidden' is not a per-checkpoint \(unlayered\) site"):
+        select.pick_site(ds, "hidden", layered=False)
+
+
 def test_cluster_unit_cluster_then_group_then_sample(store):
     ds = dl.open_store(store, verify="none")
     assert select.cluster_unit(ds) == "cluster"
