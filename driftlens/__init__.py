@@ -14,6 +14,7 @@ from driftlens.errors import (
     EnvironmentProblem,
     ScheduleError,
     ScheduleFileError,
+    SelectionError,
     StoreIntegrityError,
     UsageError,
 )
@@ -34,7 +35,8 @@ from driftlens.train.tap import VisualTap
 
 __all__ = ["AnchorDriftLoss", "ArgumentTypeError", "CaptureError", "CheckpointIdentityError", "DataError",
            "DriftError", "DriftObjective", "DriftlensError", "EnvironmentProblem", "Merge", "Probe", "ProbeError",
-           "ProbeSet", "RankSchedule", "ScheduleError", "ScheduleFileError", "SourceError", "Spec", "SpecError",
+           "ProbeSet", "RankSchedule", "ScheduleError", "ScheduleFileError", "SelectionError", "SourceError", "Spec",
+           "SpecError",
            "StoreIntegrityError", "StoreMismatchError", "UsageError", "VisualTap", "allocate_ranks", "capture",
            "check_store", "compare", "drift", "explore", "inference", "list_probe_sets", "list_specs", "load_report",
            "linear_probe", "load_spec", "merges", "metrics", "model_inputs", "open_store", "outcomes", "plot",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -43,7 +42,8 @@ from driftlens.sources import (
     resolve_source,
     source_kind,
 )
-from driftlens.store import ActivationStore, StoreMismatchError
+from driftlens.store import ActivationStore, StoreMismatchError, root_attrs
+from driftlens.store import prepare as store_prepare
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +100,7 @@ def plan_tokens(processor, spec, config, probes, batch_size: int = 8,
     generator seeded by ``(seed, probe index)``: the same rows for every checkpoint and
     every rerun.
     """
-    from driftlens.inputs import check_positions, model_inputs
+    from driftlens.inputs import check_positions, model_inputs, token_rows
 
     _check_count("batch_size", batch_size)
     if tokens_per_sample is not None:
@@ -117,12 +117,10 @@ def plan_tokens(processor, spec, config, probes, batch_size: int = 8,
         check_positions(inputs, config, items)                  # before any forward (and any OOM)
         ids = inputs["input_ids"].numpy()                       # [B, S]
         mask = inputs.get("attention_mask")
-        mask = np.ones_like(ids) if mask is None else mask.numpy()
+        visual, text = token_rows(ids, None if mask is None else mask.numpy(), image_id)    # [B, S] each
         rows_b, rows_p = [], []
         for j, (i, p) in enumerate(zip(idx, items)):
-            pos = np.flatnonzero(mask[j] > 0)
-            vis = pos[ids[j, pos] == image_id]
-            txt = pos[ids[j, pos] != image_id]
+            vis, txt = np.flatnonzero(visual[j]), np.flatnonzero(text[j])
             if len(vis) == 0:
                 raise CaptureError(
                     f"probe {p.id!r}: input_ids hold no image token (id {image_id}); "
@@ -363,20 +361,13 @@ def capture(model: torch.nn.Module | str | os.PathLike, probes: ProbeSet | str |
             "dtype": dtype, "token_selection": plan.selection_hash(), "n_layers": n_config,
             "layers": None if layers is None and n_config is None else
             (list(range(n_config)) if layers is None else layers)}
-    _precheck_store(out, want)
     idents = {label: identity(src, model if source_kind(src) in ("adapter_dir", "merge") else None)
               for label, src in ckpts.items()}
     for label, src in ckpts.items():          # a hub id: repository, the revision asked for, the commit it is
         hub = hub_record(asked[label], src)
         if hub is not None:
             idents[label]["hub"] = hub
-    done = set(_peek(out).get("completed", []))
-    _check_identities(out, ckpts, idents, done - set(overwrite))
-    if overwrite and done & set(overwrite):
-        from driftlens.store import unmark_complete
-
-        unmark_complete(out, [lab for lab in overwrite if lab in done])
-        done -= set(overwrite)
+    done = store_prepare(out, want, idents, overwrite)     # the store's checks, before any model is loaded
 
     if client is not None:
         options = {"sites": sites, "layers": layers, "batch_size": batch_size, "device": device,
@@ -439,7 +430,7 @@ def _capture_on_dask(client, model, probes, ckpts: dict, done: set, out: Path, o
                unit="ckpt")
     lock = f"driftlens-store-{out.resolve() if isinstance(out, Path) else out}"
     try:
-        if pending and not _peek(out):                          # the first checkpoint creates the store
+        if pending and not root_attrs(out, missing_ok=True):   # the first checkpoint creates the store
             first = pending.pop(0)
             client.submit(_capture_task, first, ckpts[first], model, probes, out, options, lock, pure=False,
                           key=f"driftlens-capture-{first}-{uuid.uuid4().hex[:8]}").result()
@@ -481,91 +472,6 @@ def _materialize(src, model, base_cache, allow_pickle, trust_remote_code):
         base = base_cache["base"]
     return load_source(src, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                        base_name=describe(model), cache=base_cache)
-
-
-def _peek(out: Path) -> dict:
-    """The root attributes of the store at ``out`` ({} when there is none yet, or when a store at a URL
-    was left unfinished: the capture builds it again); a folder that is not a usable store is refused
-    here, before any model is loaded."""
-    from driftlens.store import CREATING, STORE_FORMAT, is_local, not_a_store_message
-
-    f = out / "zarr.json"
-    if not f.exists():
-        return {}
-    try:
-        attrs = json.loads(f.read_text()).get("attributes", {})
-    except (OSError, json.JSONDecodeError, AttributeError) as exc:
-        raise StoreMismatchError(f"{f} is unreadable: {exc}") from exc
-    attrs = attrs if isinstance(attrs, dict) else {}
-    if attrs.get("format") == STORE_FORMAT and attrs.get(CREATING) and not is_local(out):
-        return {}
-    if attrs.get("format") != STORE_FORMAT or attrs.get(CREATING):
-        raise StoreMismatchError(not_a_store_message(out, attrs))
-    return attrs
-
-
-def _precheck_store(out: Path, want: dict) -> None:
-    """Refuse a store of another probe set, architecture or selection before loading any model."""
-    have = _peek(out)
-    if not have:
-        return
-    what = {
-        "probe_fingerprint": "another probe set (or an edited one)",
-        "model_type": "another architecture",
-        "n_layers": "another architecture (layer count)",
-        "layers": "another layer selection (--layers)",
-        "sites": "another site selection (--sites)",
-        "dtype": "another storage dtype (--dtype)",
-        "token_selection": "another token selection (--tokens-per-sample / --seed / --batch-size)",
-    }
-    for key, text in what.items():
-        if want.get(key) is None:
-            continue
-        if have.get(key) != want[key]:
-            raise StoreMismatchError(
-                f"{out} holds data from {text}: store has {key}={have.get(key)!r}, "
-                f"this capture has {key}={want[key]!r}. Write to a new --out, or repeat the store's options."
-            )
-
-
-def _check_identities(out: Path, ckpts: dict, idents: dict, completed: set) -> None:
-    """Refuse a completed label whose recorded source has other weights than this capture's."""
-    import warnings
-
-    from driftlens.store import read_record
-
-    attrs = _peek(out)
-    order = list(attrs.get("checkpoints", []))
-    unrecorded = []
-    for label in ckpts:
-        if label not in completed:
-            continue
-        record = read_record(out, order.index(label))
-        if record is None and int(attrs.get("format_version", 1) or 1) >= 2:
-            from driftlens.errors import StoreIntegrityError
-
-            raise StoreIntegrityError(
-                f"{out}: checkpoint {label!r} is marked complete but its integrity record "
-                f"(checkpoint/records/{order.index(label)}.json) is missing, in a store made with records: "
-                f"it is damaged. Capture it again with --overwrite {label}."
-            )
-        had = (record or {}).get("identity")
-        if had is None:
-            unrecorded.append(label)
-            continue
-        now = idents[label]
-        for key in ("fingerprint", "base_fingerprint"):
-            if had.get(key) != now.get(key):
-                what = "weights" if key == "fingerprint" else "base model's weights"
-                raise CheckpointIdentityError(
-                    f"{out}: checkpoint {label!r} was captured from {had.get('source')} "
-                    f"({what} fingerprint {had.get(key)}), this capture names {now.get('source')} "
-                    f"(fingerprint {now.get(key)}). Use another label, or --overwrite {label} to replace it."
-                )
-    if unrecorded:
-        warnings.warn(f"{out}: checkpoint(s) {unrecorded} were captured before driftlens recorded sources; they "
-                      f"are kept without checking that this capture names the same weights (--overwrite a label "
-                      f"to capture it again with a record)", stacklevel=3)
 
 
 def _check_sites(sites) -> tuple[str, ...]:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from driftlens.errors import DriftError, raise_if_interrupted
+from driftlens.errors import DriftError, SelectionError, raise_if_interrupted
 from driftlens.registry import ALIASES, DEFAULT_METRICS, METRICS, base_metric, of_kind
-from driftlens.schema import CLUSTER_COORDS, REPORT_DIMS, ROUTE_SITE
+from driftlens.schema import REPORT_DIMS, ROUTE_SITE
+from driftlens.select import cluster_labels, reference_of
 from driftlens.stats.kernels import median_sigma
 from driftlens.stats.kinds import cells_of
 from driftlens.stats.resampling import (
@@ -36,6 +37,7 @@ from driftlens.stats.resampling import (
 from driftlens.stats.routing import top_k_members
 from driftlens.stats.settings import CORRECTIONS, Cell, Settings  # noqa: F401  (CORRECTIONS: drift's import)
 from driftlens.stats.transport import SINKHORN_SCALING
+from driftlens.store import BlockSource, DatasetBlocks, StoreBlocks  # the block readers: the store owns its format
 
 if TYPE_CHECKING:
     import torch
@@ -49,94 +51,6 @@ EXPERT_CLUSTERS = "expert_clusters"     # the report variable counting them, per
 #: What a report records of the store it was computed from: the probe set's fingerprint, the token
 #: selection's hash and the store's path (``AnchorDriftLoss.from_store(weights=report)`` compares them).
 IDENTITY_ATTRS = ("probe_fingerprint", "token_selection", "store_path")
-
-
-class BlockSource(Protocol):
-    """Where a task reads its blocks: one (site, checkpoint, layer) at a time."""
-
-    def read(self, site: str, checkpoint: str, layer: int | None) -> np.ndarray | torch.Tensor:
-        """The block [token, dim] (``layer`` None for the unlayered sites ``embed``/``final``)."""
-
-
-class DatasetBlocks:
-    """Blocks of an xarray Dataset laid out like a store (in memory or lazily opened).
-
-    Reads with Dask's synchronous scheduler where the Dataset is Dask-backed, so a read inside a
-    Dask worker never submits tasks of its own.
-    """
-
-    def __init__(self, ds: xr.Dataset):
-        self.ds = ds
-
-    def read(self, site, checkpoint, layer):
-        """The block [token, dim] of ``site`` at ``checkpoint`` (and ``layer``)."""
-        da = self.ds[site].sel(checkpoint=checkpoint)
-        if layer is not None:
-            da = da.sel(layer=layer)
-        try:
-            import dask
-        except ImportError:
-            return np.asarray(da.values)
-        with dask.config.set(scheduler="synchronous"):
-            return np.asarray(da.values)
-
-
-class StoreBlocks:
-    """Blocks of an activation store read straight from its zarr arrays.
-
-    Pickles as its path and index maps, so every Dask worker opens the store itself; each read
-    touches the chunk files of one block only.
-
-    Parameters
-    ----------
-    path : str
-        The store (a local folder, or any URL zarr opens).
-    slots : dict
-        Checkpoint label -> index on the store's ``checkpoint`` dimension.
-    layers : dict
-        Layer -> index on the store's ``layer`` dimension.
-    """
-
-    def __init__(self, path: str, slots: dict[str, int], layers: dict[int, int], completed: tuple[str, ...] = ()):
-        self.path, self.slots, self.layers = str(path), dict(slots), dict(layers)
-        self.completed = tuple(completed)
-        self._arrays: dict = {}
-
-    def __getstate__(self):
-        return {"path": self.path, "slots": self.slots, "layers": self.layers, "completed": self.completed}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
-
-    @classmethod
-    def of_store(cls, path) -> StoreBlocks:
-        """The block source of the store at ``path`` (its metadata read once, here)."""
-        import zarr
-
-        root = zarr.open_group(str(path), mode="r")
-        labels = list(root.attrs.get("checkpoints", []))
-        layers = np.asarray(root["layer"][:]).tolist() if "layer" in root else []
-        return cls(str(path), {c: i for i, c in enumerate(labels)}, {int(v): i for i, v in enumerate(layers)},
-                   tuple(root.attrs.get("completed", [])))
-
-    def read(self, site, checkpoint, layer):
-        """The block [token, dim] of ``site`` at ``checkpoint`` (and ``layer``): its chunks only.
-
-        A chunk file missing from a completed checkpoint (of a local, uncompressed store) is refused
-        here, naming it -- zarr would read it as zeros -- whatever check the store had before.
-        """
-        import zarr
-
-        from driftlens.store import refuse_missing_chunks
-
-        if checkpoint in self.completed:
-            refuse_missing_chunks(self.path, site, self.slots[checkpoint], checkpoint,
-                                  None if layer is None else self.layers[int(layer)])
-        if site not in self._arrays:
-            self._arrays[site] = zarr.open_array(self.path, path=site, mode="r")
-        arr = self._arrays[site]
-        index = (self.slots[checkpoint],) if layer is None else (self.slots[checkpoint], self.layers[int(layer)])
-        return np.asarray(arr[index])
 
 
 @dataclass(frozen=True)
@@ -221,15 +135,13 @@ def normalize_metrics(metrics) -> list[str]:
 
 
 def _cluster_labels(ds) -> tuple[np.ndarray, str, list[str]]:
-    """Per-token cluster labels, the coordinate they came from, and warnings."""
-    for name in CLUSTER_COORDS:
-        if name in ds.coords:
-            notes = [] if name == "cluster" else [
-                f"the store has no `cluster` coordinate (captured before clusters existed); resampling "
-                f"units are its `{name}` values, which treats renders or twins of one scene as independent; "
-                f"recapture with a probe set that declares clusters"]
-            return np.asarray(ds[name].values).astype(str), name, notes
-    raise DriftError("the dataset has no per-token `cluster`, `group` or `sample` coordinate")
+    """Per-token cluster labels, the coordinate they came from (:func:`driftlens.select.cluster_unit`), and warnings."""
+    cluster, name = cluster_labels(ds)
+    notes = [] if name == "cluster" else [
+        f"the store has no `cluster` coordinate (captured before clusters existed); resampling "
+        f"units are its `{name}` values, which treats renders or twins of one scene as independent; "
+        f"recapture with a probe set that declares clusters"]
+    return cluster, name, notes
 
 
 def _text_after_image(ds) -> np.ndarray:
@@ -265,13 +177,14 @@ def make_plan(ds: xr.Dataset, reference: str | None = None, metrics=DEFAULT_METR
     labels = [str(c) for c in ds.checkpoint.values.astype(str)]
     if not labels:
         raise DriftError("the store holds no completed checkpoint")
-    reference = labels[0] if reference is None else reference
-    if reference not in labels:
+    try:
+        reference = reference_of(ds, reference, among=labels, where="the store")
+    except SelectionError as exc:
         if reference in ds.attrs.get("checkpoints", []) and reference not in ds.attrs.get("completed", []):
             raise DriftError(f"reference {reference!r} was started but its capture did not finish (the store hides "
                              f"unfinished checkpoints); rerun the capture to complete it, or choose a completed "
-                             f"reference among {labels}")
-        raise DriftError(f"reference {reference!r} is not a checkpoint of the store; it has {labels}")
+                             f"reference among {labels}") from None
+        raise DriftError(str(exc)) from None
     if sites is None:
         sites = [s for s in ("hidden", "key", "query") if s in ds.data_vars]
     if ROUTE_SITE in sites:

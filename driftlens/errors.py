@@ -48,6 +48,11 @@ class ArgumentTypeError(UsageError, TypeError):
     """An argument of the wrong type (a list where a tensor is expected, a number where a mapping is)."""
 
 
+class SelectionError(UsageError):
+    """A checkpoint, reference, layer, site or cluster unit asked of a store or report is not in it
+    (:mod:`driftlens.select`); the message names the value and what the data holds."""
+
+
 class DataError(DriftlensError, ValueError):
     """Data on disk is missing, damaged or inconsistent with the request."""
 

@@ -175,7 +175,7 @@ class Explorer:
         self.checkpoints, self.layers = self.data["checkpoints"], self.data["layers"]
         self.sites = self.data["sites"] or ["hidden"]
         self.modalities = self.data["modalities"] or ["visual"]
-        self.reference = self.data["reference"] or self.checkpoints[0]
+        self.reference = self.data["reference"]          # driftlens.select.reference_of's rule
         self.state = State(**initial_state(self.data, metric=metric, site=site, modality=modality,
                                            checkpoint=checkpoint, layer=layer))
         self._maps: dict = {}             # (site, layer) -> token map Dataset

@@ -41,6 +41,7 @@ import numpy as np
 from driftlens.errors import UsageError
 from driftlens.plot import decimals
 from driftlens.registry import METRICS as _REGISTRY
+from driftlens.select import reference_of
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -203,8 +204,7 @@ def page_data(report: xr.Dataset, title: str | None = None) -> dict:
     if not checkpoints or not layers:
         raise UsageError("the report has no checkpoint or no layer: nothing to show")
     runs = "run" in report.dims and report.sizes["run"] > 1
-    reference = report.attrs.get("reference")
-    reference = None if reference is None else str(reference)
+    reference = reference_of(report)
     attrs = {str(k): _attr_text(v) for k, v in report.attrs.items()}
     n_clusters = {"visual": report.attrs.get("n_clusters_visual", report.attrs.get("n_clusters")),
                   "text": report.attrs.get("n_clusters_text", report.attrs.get("n_clusters")),

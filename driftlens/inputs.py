@@ -14,6 +14,34 @@ from driftlens.errors import DataError, UsageError
 _DROP = ("labels",)
 
 
+def token_rows(input_ids, attention_mask, image_token_id: int):
+    """Which positions of a batch are visual and which are text: the one rule every reader of a batch follows.
+
+    A position is *visual* when it is not padding and holds the image token, *text* when it is not
+    padding and holds any other token; padding (``attention_mask == 0``) is neither. Capture's
+    rows, the :class:`~driftlens.train.tap.VisualTap`'s rows and the probe batches' clusters
+    (:func:`driftlens.train.hf.probe_batches`) all come from here.
+
+    Parameters
+    ----------
+    input_ids : numpy.ndarray or torch.Tensor
+        ``[batch, seq]`` token ids.
+    attention_mask : numpy.ndarray or torch.Tensor, optional
+        ``[batch, seq]``, > 0 at real tokens (of the same kind and device as ``input_ids``); None:
+        no padding.
+    image_token_id : int
+        The id of the image placeholder token (``spec.image_token_id(config)``).
+
+    Returns
+    -------
+    visual, text : boolean arrays of the inputs' kind
+        ``[batch, seq]`` each.
+    """
+    keep = input_ids == input_ids if attention_mask is None else attention_mask > 0       # [B, S] non-padding
+    visual = (input_ids == image_token_id) & keep                                          # [B, S]
+    return visual, keep & ~visual
+
+
 def prompt_text(processor, spec, prompt: str) -> str:
     """The text of one sample before placeholder expansion.
 

@@ -28,7 +28,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from driftlens.errors import UsageError
+from driftlens.errors import SelectionError, UsageError
+from driftlens.select import checkpoint_labels, cluster_unit, pick_layers, pick_site
 
 __all__ = ["Association", "association", "cluster_displacement"]
 
@@ -94,16 +95,15 @@ def cluster_displacement(ds, reference: str, checkpoint: str, *, site: str = "hi
     from driftlens import inference as I
 
     ds = _open(ds)
-    labels = [str(v) for v in ds.checkpoint.values]
+    labels = checkpoint_labels(ds)
     for name, value in (("reference", reference), ("checkpoint", checkpoint)):
         if value not in labels:
-            raise UsageError(f"{name} {value!r} is not a checkpoint of the store; it has {labels}")
-    if site not in ds.data_vars:
-        raise UsageError(f"site {site!r} is not in the store; it has {sorted(ds.data_vars)}")
+            raise SelectionError(f"{name} {value!r} is not a checkpoint of the store; it has {labels}")
+    pick_site(ds, site)
     rows = np.flatnonzero(np.asarray(ds["modality"].values) == modality)
     if rows.size == 0:
         raise UsageError(f"the store has no {modality!r} tokens")
-    coord = "cluster" if "cluster" in ds.coords else "group"
+    coord = cluster_unit(ds)
     codes_np, uniq = I.cluster_codes(np.asarray(ds[coord].values)[rows])
     k = len(uniq)
     if k < 2:
@@ -113,12 +113,7 @@ def cluster_displacement(ds, reference: str, checkpoint: str, *, site: str = "hi
     has_layers = "layer" in var.dims
     if not has_layers and layers is not None:
         raise UsageError(f"site {site!r} has no layers; leave layers out")
-    todo = [int(v) for v in (ds.layer.values if layers is None else layers)] if has_layers else [None]
-    if has_layers:
-        known = [int(v) for v in ds.layer.values]
-        bad = [v for v in todo if v not in known]
-        if bad or not todo or len(set(todo)) != len(todo):
-            raise UsageError(f"layers {list(layers)} must be distinct layers of the store ({known})")
+    todo = pick_layers(ds, layers, where="the store") if has_layers else [None]
     out = np.empty((len(todo), k))
     ones = torch.ones(k, 1, dtype=torch.float64)
     for i, layer in enumerate(todo):

@@ -48,9 +48,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from driftlens.errors import UsageError
+from driftlens.errors import SelectionError, UsageError
 from driftlens.registry import METRICS as _METRICS
-from driftlens.select import pick_checkpoints
+from driftlens.select import pick_checkpoints, reference_of
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -144,8 +144,11 @@ def _axis_label(var: str, attrs: Mapping, prefix: str = "") -> str:
 
 
 def _reference(report) -> str | None:
-    ref = report.attrs.get("reference") if hasattr(report, "attrs") else None
-    return None if ref is None else str(ref)
+    """The report's reference (:func:`driftlens.select.reference_of`); None for data without checkpoints."""
+    try:
+        return reference_of(report)
+    except SelectionError:
+        return None
 
 
 def _have(da, dim: str) -> list[str]:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from driftlens.errors import DataError, UsageError, check_count
+from driftlens.select import checkpoint_labels, pick_checkpoints, pick_layers, pick_site, reference_of
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -378,7 +379,8 @@ def linear_probe(ds: xr.Dataset, label: LabelSpec, *, label_from: str = "group",
         Checkpoint labels to probe, in the output's order; default every checkpoint of ``ds``.
     reference : str, optional
         Checkpoint the transfer probe is trained on (it need not be among ``checkpoints``);
-        default ``ds.attrs["reference"]`` when set, else the first checkpoint of ``ds``.
+        default (:func:`driftlens.select.reference_of`) ``ds.attrs["reference"]`` when recorded (it
+        must then be a checkpoint of ``ds``), else the first checkpoint of ``ds``.
     pool : {"image", "token"}
         ``"image"``: one row per sample (one probe's image + prompt), the mean of its selected
         tokens; every token of a sample must share the label and the cluster (probes of one
@@ -445,32 +447,17 @@ def linear_probe(ds: xr.Dataset, label: LabelSpec, *, label_from: str = "group",
         raise UsageError(f"C must be > 0, got {C}")
     if max_rows is not None:
         max_rows = check_count("max_rows", max_rows, least=2)
-    if site not in ds.data_vars:
-        sites = [str(v) for v in ds.data_vars if "token" in ds[v].dims]
-        raise UsageError(f"site {site!r} is not in the store; it has {sites}")
-    da = ds[site]
-    if "token" not in da.dims or "checkpoint" not in da.dims:
-        raise UsageError(f"{site!r} is not a per-token site of the store (its dims are {da.dims})")
+    da = ds[pick_site(ds, site)]
     layered = "layer" in da.dims
 
-    all_ckpts = [str(c) for c in np.asarray(ds.checkpoint.values).astype(str)]
+    all_ckpts = checkpoint_labels(ds)
     if not all_ckpts:
         raise DataError("the store holds no checkpoint")
-    checkpoints = all_ckpts if checkpoints is None else [str(c) for c in checkpoints]
-    unknown = [c for c in checkpoints if c not in all_ckpts]
-    if unknown or not checkpoints:
-        raise UsageError(f"checkpoint(s) {unknown or checkpoints} not in the store; it has {all_ckpts}")
-    if reference is None:
-        ref_attr = ds.attrs.get("reference")
-        reference = str(ref_attr) if ref_attr is not None and str(ref_attr) in all_ckpts else all_ckpts[0]
-    if reference not in all_ckpts:
-        raise UsageError(f"reference {reference!r} is not a checkpoint of the store; it has {all_ckpts}")
+    checkpoints = pick_checkpoints(all_ckpts, checkpoints, "the store")
+    reference = reference_of(ds, reference, among=all_ckpts, where="the store")
     if layered:
-        all_layers = [int(v) for v in np.asarray(ds.layer.values)]
-        layers = all_layers if layers is None else [int(v) for v in layers]
-        bad = [v for v in layers if v not in all_layers]
-        if bad or not layers:
-            raise UsageError(f"layer(s) {bad or layers} not in the store; it has layers {all_layers}")
+        all_layers = pick_layers(ds)
+        layers = pick_layers(ds, layers, where="the store")
     elif layers is not None:
         raise UsageError(f"site {site!r} has one vector per checkpoint, no layers; leave layers unset")
     else:

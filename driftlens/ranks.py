@@ -59,9 +59,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from driftlens.allocation import Rule, allocate, clean_signal
-from driftlens.errors import ScheduleError, check_count
+from driftlens.errors import ScheduleError, SelectionError, check_count
 from driftlens.schedule import ModuleRank, RankSchedule, library_versions, nearest_names, plain_number
 from driftlens.schema import Modality, Site
+from driftlens.select import checkpoint_labels, pick_checkpoint, reference_of
 
 if TYPE_CHECKING:
     import torch
@@ -99,16 +100,13 @@ def available_signals(report) -> list[str]:
 
 def _select_checkpoint(report, checkpoint):
     """The checkpoint the signal is read at (:func:`driftlens.select.pick_checkpoint`'s rule)."""
-    from driftlens.errors import UsageError
-    from driftlens.select import pick_checkpoint
-
-    labels = [str(c) for c in report["checkpoint"].values] if "checkpoint" in report.coords else []
+    labels = checkpoint_labels(report)
     if not labels:
         raise ScheduleError("the report has no checkpoints")
     try:
-        return pick_checkpoint(labels, checkpoint, reference=report.attrs.get("reference"),
+        return pick_checkpoint(labels, checkpoint, reference=reference_of(report),
                                what="the rank signal", flag="checkpoint")
-    except UsageError as exc:
+    except SelectionError as exc:
         raise ScheduleError(str(exc)) from None
 
 
@@ -211,8 +209,8 @@ def _check_signal_meaning(profiles: Mapping[str, np.ndarray], ck, report, rule, 
     """The reference is refused (its drift against itself is 0 by construction); a signal that is negative
     somewhere, or 0 everywhere, is said in warnings (returned, for the schedule's metadata). A contrast may
     be negative (the control moved more there): those layers count as 0 without a warning."""
-    ref = report.attrs.get("reference")
-    if ck is not None and ref is not None and ck == ref:
+    ref = reference_of(report)
+    if ck is not None and ck == ref:
         raise ScheduleError(f"checkpoint {ck!r} is the report's reference: its drift against itself is 0 at every "
                             f"layer by construction, so every rule would fall back to uniform ranks; choose a "
                             f"checkpoint that moved (default: the last; the report has "
@@ -334,7 +332,7 @@ def _check_finite(profiles: Mapping[str, np.ndarray], ck, report) -> None:
         shown = ", ".join(f"layer {lay}: {values[i]}" for lay, i in list(zip(layers, bad))[:8])
         at = f" at checkpoint {ck!r}" if ck is not None else ""
         why = (f"; {ck!r} is the report's reference checkpoint, which is not tested against itself"
-               if ck is not None and ck == report.attrs.get("reference") else "")
+               if ck is not None and ck == reference_of(report) else "")
         raise ScheduleError(
             f"signal {expr!r}{at} is not finite at {len(layers)} layer(s) {layers} ({shown}){why}; a missing "
             f"measurement is no evidence of no drift: choose another checkpoint or signal, or recompute the report"

@@ -64,13 +64,13 @@ def key_to_path(key: str) -> str:
 
 
 def plain_number(x: float):
-    """``x`` as an int when it is whole, else rounded to 6 decimals (for JSON / YAML files)."""
+    """``x`` as an ``int`` when it is whole, else rounded to 6 decimals (what schedule files and metadata hold)."""
     x = float(x)
     return int(x) if x.is_integer() else round(x, 6)
 
 
 def library_versions() -> dict:
-    """``{"transformers_version", "peft_version", "driftlens_version"}`` of this environment."""
+    """The versions of transformers, peft and driftlens, for a schedule's metadata."""
     out = {}
     for mod in ("transformers", "peft"):
         try:
@@ -558,5 +558,5 @@ def _check_peft(version: str) -> None:
 
 
 def nearest_names(name: str, names, n: int = 3) -> list[str]:
-    """The ``n`` names of ``names`` closest to ``name`` (for "did you mean" messages)."""
+    """The ``n`` names of ``names`` closest to ``name`` (for "did you mean" in an error)."""
     return difflib.get_close_matches(name, sorted(names), n=n, cutoff=0.0)

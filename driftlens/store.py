@@ -66,7 +66,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
@@ -75,6 +75,7 @@ from driftlens.errors import DataError, EnvironmentProblem, UsageError
 from driftlens.schema import SITE_DIMS, SITES, TOKEN_COORDS, UNLAYERED
 
 if TYPE_CHECKING:
+    import torch
     import xarray as xr
 
 CHUNK_BYTES = 8 * 2**20
@@ -204,7 +205,7 @@ def _open_root(path, mode: str = "r+"):
     return zarr.open_group(str(path), mode=mode)
 
 
-def update_root_attrs(path, update) -> dict:
+def updateroot_attrs(path, update) -> dict:
     """Apply ``update(attrs) -> changes`` to the store's root attributes under the metadata lock.
 
     The attributes are re-read under the lock, so concurrent writers never lose each other's
@@ -247,13 +248,6 @@ def register_checkpoints(root, sites, labels) -> dict[str, int]:
             c.resize((n,))
             c[:] = np.asarray(labels_all, dtype=str)
     return {lab: labels_all.index(lab) for lab in labels}
-
-
-def _read_attrs(f) -> dict:
-    """The attributes in a group's ``zarr.json`` ({} when it has none)."""
-    body = json.loads(f.read_text())
-    attrs = body.get("attributes", {}) if isinstance(body, dict) else {}
-    return attrs if isinstance(attrs, dict) else {}
 
 
 def _creating_prefix(path) -> str:
@@ -373,7 +367,8 @@ class ActivationStore:
                     "choose another `out` or remove the folder."
                 )
             return False
-        if _read_attrs(f).get(CREATING) and not is_local(self.path):
+        have = root_attrs(self.path, missing_ok=True)
+        if not have:
             return False                    # a URL store whose creation did not finish: build it again
         self.root = _open_root(self.path)
         self._check_compatible(meta, tokens)
@@ -456,28 +451,7 @@ class ActivationStore:
         root.attrs.put(attrs)                # last: without `creating`, the store is whole
 
     def _check_compatible(self, meta: dict, tokens: dict[str, np.ndarray]) -> None:
-        have = dict(self.root.attrs)
-        if have.get("format") != STORE_FORMAT or have.get(CREATING):
-            raise StoreMismatchError(not_a_store_message(self.path, have))
-        want = _jsonable(meta)
-        labels = {
-            "probe_fingerprint": "another probe set (or an edited one)",
-            "probe_set": "another probe set",
-            "model_type": "another architecture",
-            "family": "another architecture",
-            "n_layers": "another architecture (layer count)",
-            "dims": "another architecture (feature sizes)",
-            "layers": "another layer selection",
-            "sites": "another site selection",
-            "dtype": "another storage dtype",
-            "token_selection": "another token selection (tokens_per_sample / seed / batch layout)",
-        }
-        for key, what in labels.items():
-            if have.get(key) != want.get(key):
-                raise StoreMismatchError(
-                    f"{self.path} holds data from {what}: store has {key}={have.get(key)!r}, "
-                    f"this capture has {key}={want.get(key)!r}. Write to a new `out` instead."
-                )
+        check_compatible(self.path, dict(self.root.attrs), _jsonable(meta))     # (root_attrs checked the format)
         stored = _strs(self.root["sample"][:])
         if len(stored) != len(tokens["sample"]) or not np.array_equal(stored, _strs(tokens["sample"])):
             raise StoreMismatchError(f"{self.path}: token rows differ from this capture's rows.")
@@ -543,7 +517,7 @@ class ActivationStore:
     def mark_complete(self, label: str, identity: dict | None = None) -> None:
         """Record the checkpoint's chunk sizes and checksums (and ``identity``), then mark it complete."""
         write_record(self.path, label, self.checkpoints.index(label), self.meta["sites"], identity)
-        update_root_attrs(self.path, lambda a: {} if label in a.get("completed", [])
+        updateroot_attrs(self.path, lambda a: {} if label in a.get("completed", [])
                           else {"completed": list(a.get("completed", [])) + [label]})
 
     def forget(self, label: str) -> None:
@@ -700,7 +674,7 @@ def open_store(path: str | os.PathLike, include_incomplete: bool = False, verify
     if not path.is_dir():
         raise FileNotFoundError(f"no driftlens store at {path}" + (" (it is a file, not a store folder)"
                                                                    if path.exists() else ""))
-    _root_attrs(path)                     # a driftlens store with readable metadata, else a clear error
+    root_attrs(path)                     # a driftlens store with readable metadata, else a clear error
     notes = check_store(path, verify) if verify != "none" else []
     for note in notes:                    # what could not be checked (a store made before the records)
         warnings.warn(f"{path}: {note}", stacklevel=2)
@@ -720,6 +694,96 @@ def open_store(path: str | os.PathLike, include_incomplete: bool = False, verify
     ds.attrs["store_verified"] = verify
     ds.attrs["store_notes"] = list(notes)       # drift copies them into the report's warnings
     return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# block readers: what a drift task reads, one (site, checkpoint, layer) block at a time
+# ---------------------------------------------------------------------------------------------
+
+class BlockSource(Protocol):
+    """Where a task reads its blocks: one (site, checkpoint, layer) at a time."""
+
+    def read(self, site: str, checkpoint: str, layer: int | None) -> np.ndarray | torch.Tensor:
+        """The block [token, dim] (``layer`` None for the unlayered sites ``embed``/``final``)."""
+
+
+class DatasetBlocks:
+    """Blocks of an xarray Dataset laid out like a store (in memory or lazily opened).
+
+    Reads with Dask's synchronous scheduler where the Dataset is Dask-backed, so a read inside a
+    Dask worker never submits tasks of its own.
+    """
+
+    def __init__(self, ds: xr.Dataset):
+        self.ds = ds
+
+    def read(self, site, checkpoint, layer):
+        """The block [token, dim] of ``site`` at ``checkpoint`` (and ``layer``)."""
+        da = self.ds[site].sel(checkpoint=checkpoint)
+        if layer is not None:
+            da = da.sel(layer=layer)
+        try:
+            import dask
+        except ImportError:
+            return np.asarray(da.values)
+        with dask.config.set(scheduler="synchronous"):
+            return np.asarray(da.values)
+
+
+class StoreBlocks:
+    """Blocks of an activation store read straight from its zarr arrays.
+
+    Pickles as its path and index maps, so every Dask worker opens the store itself; each read
+    touches the chunk files of one block only.
+
+    Parameters
+    ----------
+    path : str
+        The store (a local folder, or any URL zarr opens).
+    slots : dict
+        Checkpoint label -> index on the store's ``checkpoint`` dimension.
+    layers : dict
+        Layer -> index on the store's ``layer`` dimension.
+    """
+
+    def __init__(self, path: str, slots: dict[str, int], layers: dict[int, int], completed: tuple[str, ...] = ()):
+        self.path, self.slots, self.layers = str(path), dict(slots), dict(layers)
+        self.completed = tuple(completed)
+        self._arrays: dict = {}
+
+    def __getstate__(self):
+        return {"path": self.path, "slots": self.slots, "layers": self.layers, "completed": self.completed}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    @classmethod
+    def of_store(cls, path) -> StoreBlocks:
+        """The block source of the store at ``path`` (its metadata read once, here)."""
+        import zarr
+
+        root = zarr.open_group(str(path), mode="r")
+        labels = list(root.attrs.get("checkpoints", []))
+        layers = np.asarray(root["layer"][:]).tolist() if "layer" in root else []
+        return cls(str(path), {c: i for i, c in enumerate(labels)}, {int(v): i for i, v in enumerate(layers)},
+                   tuple(root.attrs.get("completed", [])))
+
+    def read(self, site, checkpoint, layer):
+        """The block [token, dim] of ``site`` at ``checkpoint`` (and ``layer``): its chunks only.
+
+        A chunk file missing from a completed checkpoint (of a local, uncompressed store) is refused
+        here, naming it -- zarr would read it as zeros -- whatever check the store had before.
+        """
+        import zarr
+
+        if checkpoint in self.completed:
+            refuse_missing_chunks(self.path, site, self.slots[checkpoint], checkpoint,
+                                  None if layer is None else self.layers[int(layer)])
+        if site not in self._arrays:
+            self._arrays[site] = zarr.open_array(self.path, path=site, mode="r")
+        arr = self._arrays[site]
+        index = (self.slots[checkpoint],) if layer is None else (self.slots[checkpoint], self.layers[int(layer)])
+        return np.asarray(arr[index])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -874,19 +938,16 @@ def write_record(path, label: str, index: int, sites, identity: dict | None = No
 
 
 def _write_json(out, body: dict):
-    """Write ``body`` as JSON at ``out`` atomically (a unique temporary name beside it, then a rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``body`` as JSON at ``out``: a local file through :func:`driftlens.outputs.atomic_write` (a failed
+    write names the file and keeps the previous one); an object store writes an object whole."""
+    from driftlens.outputs import atomic_write
+
     text = json.dumps(_jsonable(body))
-    if not is_local(out):                    # an object store writes an object whole
+    if not is_local(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         return out
-    tmp = out.with_name(f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return atomic_write(out, text)
 
 
 # -- the store record: identity, array metadata and coordinates, fixed at creation -----------------
@@ -1065,7 +1126,7 @@ def verify_store(path, level: Verify = "fast", labels=None) -> tuple[list[ChunkP
 
         raise UsageError(f"verify must be one of {VERIFY_LEVELS}, got {level!r}")
     path = location(path)
-    attrs = _root_attrs(path)
+    attrs = root_attrs(path)
     problems: list[ChunkProblem] = []
     notes: list[str] = []
     if level == "none":
@@ -1131,25 +1192,48 @@ def _verify_site(path: Path, label: str, index: int, site: str, record: dict | N
     return out
 
 
-def _root_attrs(path: Path) -> dict:
+def root_attrs(path, missing_ok: bool = False) -> dict:
+    """The root attributes of the driftlens store at ``path``: the one reader of its ``zarr.json``.
+
+    Parameters
+    ----------
+    path : Path or UPath
+        The store folder (:func:`location`).
+    missing_ok : bool
+        For a writer: ``{}`` when there is no store yet, or when a store at a URL was left
+        unfinished (the capture builds it again). Else a missing store is a ``FileNotFoundError``.
+
+    Raises
+    ------
+    StoreIntegrityError
+        The ``zarr.json`` is unreadable.
+    StoreMismatchError
+        The folder is a zarr group but not a (whole) driftlens store: the message says why and the way out.
+    """
+    path = location(path)
     f = path / "zarr.json"
     try:
         body = json.loads(f.read_text())
     except FileNotFoundError:
+        if missing_ok:
+            return {}
         raise FileNotFoundError(f"no driftlens store at {path} (missing {f})") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         from driftlens.errors import StoreIntegrityError
 
         raise StoreIntegrityError(f"{path}: the store's metadata {f} is unreadable ({exc})") from exc
     attrs = body.get("attributes", {}) if isinstance(body, dict) else {}
-    if not isinstance(attrs, dict) or attrs.get("format") != STORE_FORMAT or attrs.get(CREATING):
-        raise StoreMismatchError(not_a_store_message(path, attrs if isinstance(attrs, dict) else {}))
+    attrs = attrs if isinstance(attrs, dict) else {}
+    if missing_ok and attrs.get("format") == STORE_FORMAT and attrs.get(CREATING) and not is_local(path):
+        return {}
+    if attrs.get("format") != STORE_FORMAT or attrs.get(CREATING):
+        raise StoreMismatchError(not_a_store_message(path, attrs))
     return attrs
 
 
 def completed_labels(path) -> list[str]:
     """The completed checkpoints of the store at ``path`` (from its metadata; nothing else read)."""
-    return list(_root_attrs(location(path)).get("completed", []))
+    return list(root_attrs(location(path)).get("completed", []))
 
 
 def check_store(path, level: Verify = "fast", labels=None) -> list[str]:
@@ -1199,17 +1283,115 @@ def unmark_complete(path, labels) -> None:
         done = list(attrs.get("completed", []))
         return {"completed": [c for c in done if c not in labels]} if set(done) & set(labels) else {}
 
-    attrs = update_root_attrs(path, drop)
+    attrs = updateroot_attrs(path, drop)
     order = list(attrs.get("checkpoints", []))
     for label in labels:
         if label in order:
             remove_record(path, order.index(label))
 
 
+#: The one compatibility table: the root attributes a capture must share with an existing store, and
+#: what a difference means (in the error, with the option that sets it).
+COMPATIBLE = {
+    "probe_fingerprint": "another probe set (or an edited one)",
+    "probe_set": "another probe set",
+    "model_type": "another architecture",
+    "family": "another architecture",
+    "n_layers": "another architecture (layer count)",
+    "dims": "another architecture (feature sizes)",
+    "layers": "another layer selection (--layers)",
+    "sites": "another site selection (--sites)",
+    "dtype": "another storage dtype (--dtype)",
+    "token_selection": "another token selection (--tokens-per-sample / --seed / --batch-size)",
+}
+
+
+def check_compatible(path, have: dict, want: dict, known_only: bool = False) -> None:
+    """Refuse writing ``want`` into a store whose root attributes ``have`` differ on a key of :data:`COMPATIBLE`.
+
+    ``known_only``: compare only the keys ``want`` gives a value (not None) -- a capture knows some
+    before it loads a model (the feature sizes come with the first forward).
+    """
+    for key, what in COMPATIBLE.items():
+        if known_only and want.get(key) is None:
+            continue
+        if have.get(key) != want.get(key):
+            raise StoreMismatchError(
+                f"{path} holds data from {what}: store has {key}={have.get(key)!r}, this capture has "
+                f"{key}={want.get(key)!r}. Write to a new --out, or repeat the store's options."
+            )
+
+
+def check_identities(path, attrs: dict, identities: dict, completed) -> None:
+    """Refuse a completed label whose recorded source has other weights than ``identities[label]`` says.
+
+    ``attrs`` are the store's root attributes; ``completed`` the labels to check (those a capture
+    would skip). A label captured before stores recorded sources is kept, with a warning.
+    """
+    from driftlens.errors import CheckpointIdentityError, StoreIntegrityError
+
+    order = list(attrs.get("checkpoints", []))
+    unrecorded = []
+    for label in identities:
+        if label not in completed:
+            continue
+        record = read_record(path, order.index(label))
+        if record is None and int(attrs.get("format_version", 1) or 1) >= 2:
+            raise StoreIntegrityError(
+                f"{path}: checkpoint {label!r} is marked complete but its integrity record "
+                f"(checkpoint/records/{order.index(label)}.json) is missing, in a store made with records: "
+                f"it is damaged. Capture it again with --overwrite {label}."
+            )
+        had = (record or {}).get("identity")
+        if had is None:
+            unrecorded.append(label)
+            continue
+        now = identities[label]
+        for key in ("fingerprint", "base_fingerprint"):
+            if had.get(key) != now.get(key):
+                what = "weights" if key == "fingerprint" else "base model's weights"
+                raise CheckpointIdentityError(
+                    f"{path}: checkpoint {label!r} was captured from {had.get('source')} "
+                    f"({what} fingerprint {had.get(key)}), this capture names {now.get('source')} "
+                    f"(fingerprint {now.get(key)}). Use another label, or --overwrite {label} to replace it."
+                )
+    if unrecorded:
+        warnings.warn(f"{path}: checkpoint(s) {unrecorded} were captured before driftlens recorded sources; they "
+                      f"are kept without checking that this capture names the same weights (--overwrite a label "
+                      f"to capture it again with a record)", stacklevel=4)
+
+
+def prepare(path, want: dict, identities: dict, overwrite=()) -> set[str]:
+    """Ready the store at ``path`` for a capture, before any model is loaded; the labels already complete.
+
+    An existing store must be a whole driftlens store (:func:`root_attrs`) that agrees with ``want``
+    on every key it gives (:func:`check_compatible`), and each completed label must name the
+    weights it was captured from (:func:`check_identities`, ``identities``: label -> the source's
+    identity); the labels in ``overwrite`` are unmarked (captured again). There being no store
+    yet is fine: the first checkpoint creates it (:class:`ActivationStore`).
+
+    Returns
+    -------
+    set of str
+        The completed labels a capture skips.
+    """
+    path = location(path)
+    have = root_attrs(path, missing_ok=True)
+    if not have:
+        return set()
+    check_compatible(path, have, want, known_only=True)
+    done = set(have.get("completed", []))
+    check_identities(path, have, identities, done - set(overwrite))
+    redo = [label for label in overwrite if label in done]
+    if redo:
+        unmark_complete(path, redo)
+    return done - set(redo)
+
+
 def describe_store(path) -> list[str]:
     """Human-readable lines: the store's identity and, per checkpoint, its status and recorded source."""
     path = location(path)
-    attrs = _root_attrs(path)
+    attrs = root_attrs(path)
     done = set(attrs.get("completed", []))
     lines = [f"store {path}: probe set {attrs.get('probe_set')!r}, model_type {attrs.get('model_type')!r}, "
              f"{len(attrs.get('layers', []))} of {attrs.get('n_layers')} layers, sites {attrs.get('sites')}, "

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from driftlens.errors import DataError, EnvironmentProblem, UsageError
-from driftlens.select import as_labels, pick_checkpoints
+from driftlens.select import as_labels, checkpoint_labels, cluster_unit, pick_checkpoints, pick_site, reference_of
 
 METHODS = ("reference", "aligned")
 CARRIED = ("sample", "group", "cluster", "position", "modality", "lang")
@@ -89,8 +89,9 @@ def token_map_data(ds, layer, *, checkpoints=None, site: str = "hidden", modalit
     n_neighbors, min_dist : int, float
         UMAP's parameters.
     reference : str, optional
-        The reference checkpoint of ``"reference"``; default ``ds.attrs["reference"]`` when it is
-        among ``checkpoints``, else the first of ``checkpoints``.
+        The reference checkpoint of ``"reference"``; default (:func:`driftlens.select.reference_of`)
+        ``ds.attrs["reference"]`` when recorded (it must then be among ``checkpoints``), else the
+        first of ``checkpoints``.
 
     Returns
     -------
@@ -138,15 +139,11 @@ def token_map_data(ds, layer, *, checkpoints=None, site: str = "hidden", modalit
         raise UsageError(f"min_dist must be a number >= 0, got {min_dist!r}")
 
     da, layer_sel = _site_layer(ds, site, layer)
-    labels = [str(c) for c in ds.checkpoint.values]
+    labels = checkpoint_labels(ds)
     chosen = pick_checkpoints(labels, checkpoints, "the store")
     if len(set(chosen)) != len(chosen):
         raise UsageError(f"checkpoints lists a label twice: {chosen}")
-    if reference is None:
-        attr_ref = ds.attrs.get("reference")
-        reference = attr_ref if attr_ref in chosen else chosen[0]
-    elif reference not in chosen:
-        raise UsageError(f"reference {reference!r} is not among the mapped checkpoints {chosen}")
+    reference = reference_of(ds, reference, among=chosen, where="the map")
 
     tokens, n_avail, k_avail, unit = _choose_tokens(ds, modalities, max_clusters, max_tokens, seed)
     if tokens.size <= n_neighbors:
@@ -215,10 +212,7 @@ def _check_count(name, value, least) -> None:
 
 
 def _site_layer(ds, site, layer):
-    sites = [v for v in ds.data_vars if "token" in ds[v].dims and "checkpoint" in ds[v].dims]
-    if site not in sites:
-        raise UsageError(f"site {site!r} is not in the store; it has {sites}")
-    da = ds[site]
+    da = ds[pick_site(ds, site)]
     if "layer" not in da.dims:
         if layer is not None:
             raise UsageError(f"site {site!r} has no layers (one vector per token); pass layer=None")
@@ -243,9 +237,7 @@ def _choose_tokens(ds, modalities, max_clusters, max_tokens, seed):
     if unknown or not mods:
         raise UsageError(f"modality {unknown} not in the store; it has {have}" if unknown else
                          f"modalities is empty: give at least one of {have}")
-    unit = next((c for c in ("cluster", "group", "sample") if c in ds.coords), None)
-    if unit is None:
-        raise UsageError("the store has none of the token coordinates cluster / group / sample to subsample by")
+    unit = cluster_unit(ds)
     keep = np.isin(np.asarray(ds.modality.values).astype(str), [str(m) for m in mods])
     units = _units(ds, unit)
     names, inverse, counts = np.unique(units[keep], return_inverse=True, return_counts=True)

@@ -66,6 +66,14 @@ import torch
 
 from driftlens.errors import UsageError, check_count
 from driftlens.schema import Modality, Site
+from driftlens.select import (
+    checkpoint_labels,
+    cluster_labels,
+    pick_checkpoint,
+    pick_layers,
+    pick_site,
+    reference_of,
+)
 from driftlens.stats.kernels import kernel_sum, mmd2_unbiased
 
 AnchorMode = Literal["fixed", "tracking"]
@@ -118,13 +126,6 @@ def stratified_rows(clusters: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.asarray(out, dtype=np.int64))
 
 
-def _cluster_of(ds) -> np.ndarray:
-    for name in ("cluster", "group", "sample"):
-        if name in ds.coords:
-            return np.asarray(ds[name].values).astype(str)
-    raise UsageError("the store has no per-token cluster, group or sample coordinate")
-
-
 def report_weights(report, layers: Sequence[int], var: str = "mmd", checkpoint=None, site: Site = "hidden",
                    modality: Modality = "visual") -> dict[int, float]:
     """Per-layer weights from a drift report: the effect at ``checkpoint``, clipped at 0 and
@@ -137,21 +138,16 @@ def report_weights(report, layers: Sequence[int], var: str = "mmd", checkpoint=N
     """
     if var not in report.data_vars:
         raise UsageError(f"the report has no {var!r}; it has {sorted(report.data_vars)}")
-    from driftlens.select import pick_checkpoint
-
     da = report[var]
     if "run" in da.dims:
         da = da.mean("run")
-    labels = [str(c) for c in report.checkpoint.values]
-    ck = pick_checkpoint(labels, checkpoint, reference=str(report.attrs.get("reference", labels[0] if labels else "")),
+    labels = checkpoint_labels(report)
+    ck = pick_checkpoint(labels, checkpoint, reference=reference_of(report) if labels else "",
                          what="the layer weights", flag="checkpoint")
     sel = {"checkpoint": ck}
     sel.update({k: v for k, v in (("site", site), ("modality", modality)) if k in da.dims})
     prof = da.sel(sel)
-    have = [int(v) for v in prof.layer.values]
-    missing = [layer for layer in layers if layer not in have]
-    if missing:
-        raise UsageError(f"layers {missing} are not in the report; it has {have}")
+    layers = pick_layers(prof, layers, where="the report")
     vals = np.array([float(prof.sel(layer=layer)) for layer in layers])
     if not np.isfinite(vals).all():
         raise UsageError(f"the report's {var} at {ck!r} is not finite at layers "
@@ -328,7 +324,8 @@ class AnchorDriftLoss(torch.nn.Module):
         ds : xarray.Dataset or path
             An activation store (:func:`driftlens.open_store`).
         checkpoint : str, optional
-            The reference checkpoint (default: the store's first).
+            The reference checkpoint (default: :func:`driftlens.select.reference_of`'s rule: the store's
+            recorded reference, else its first checkpoint).
         layers : sequence of int, optional
             Decoder layers (default: every captured layer).
         mode : {"fixed", "tracking"}
@@ -350,19 +347,12 @@ class AnchorDriftLoss(torch.nn.Module):
         if not hasattr(ds, "data_vars"):
             ds = open_store(ds)
         n_anchors = check_count("n_anchors", n_anchors, least=2)
-        if site not in ds.data_vars or "layer" not in ds[site].dims:
-            raise UsageError(f"site {site!r} is not a layered variable of the store; it has {list(ds.data_vars)}")
-        labels = [str(c) for c in ds.checkpoint.values.astype(str)]
+        pick_site(ds, site, layered=True)
+        labels = checkpoint_labels(ds)
         if not labels:
             raise UsageError("the store holds no completed checkpoint")
-        checkpoint = labels[0] if checkpoint is None else str(checkpoint)
-        if checkpoint not in labels:
-            raise UsageError(f"checkpoint {checkpoint!r} is not in the store; it has {labels}")
-        have = [int(v) for v in ds.layer.values]
-        layers = have if layers is None else [int(la) for la in layers]
-        missing = [la for la in layers if la not in have]
-        if missing or not layers or len(set(layers)) != len(layers):
-            raise UsageError(f"layers {list(layers)} must be distinct captured layers; the store has {have}")
+        checkpoint = reference_of(ds, checkpoint, among=labels, where="the store")
+        layers = pick_layers(ds, layers, where="the store")
         if weights is not None and hasattr(weights, "data_vars"):
             _same_store(weights, ds)
             weights = report_weights(weights, layers, checkpoint=weights_checkpoint, site=site)
@@ -371,7 +361,7 @@ class AnchorDriftLoss(torch.nn.Module):
         txt_rows = np.flatnonzero(modality == "text")
         if vis_rows.size < 2:
             raise UsageError("the store has fewer than 2 visual tokens")
-        rows = vis_rows[stratified_rows(_cluster_of(ds)[vis_rows], int(n_anchors), seed)]
+        rows = vis_rows[stratified_rows(cluster_labels(ds)[0][vis_rows], int(n_anchors), seed)]
         data = ds[site].sel(checkpoint=checkpoint)
         anchors, text = {}, {}
         for la in layers:
@@ -382,5 +372,5 @@ class AnchorDriftLoss(torch.nn.Module):
         loss = cls(anchors, mode=mode, anchor_text=text or None, weights=weights, block_size=block_size,
                    scales=scales, site=site)
         loss.source = {"checkpoint": checkpoint, "site": site, "n_anchors": int(rows.size),
-                       "n_clusters": int(np.unique(_cluster_of(ds)[rows]).size), "seed": int(seed)}
+                       "n_clusters": int(np.unique(cluster_labels(ds)[0][rows]).size), "seed": int(seed)}
         return loss

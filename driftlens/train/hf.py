@@ -93,7 +93,7 @@ def probe_batches(probes, processor, spec, config, batch_size: int = 8) -> tuple
 
     The tap reads visual rows in (batch, position) order; the clusters follow the same order.
     """
-    from driftlens.inputs import check_positions, model_inputs
+    from driftlens.inputs import check_positions, model_inputs, token_rows
 
     batch_size = check_count("batch_size", batch_size)
     image_id = spec.image_token_id(config)
@@ -103,10 +103,9 @@ def probe_batches(probes, processor, spec, config, batch_size: int = 8) -> tuple
         part = items[b0:b0 + batch_size]
         inputs = dict(model_inputs(processor, spec, [probes.image(p) for p in part], [p.prompt for p in part]))
         check_positions(inputs, config, part)
-        ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask", torch.ones_like(ids))
+        visual, _ = token_rows(inputs["input_ids"], inputs.get("attention_mask"), image_id)    # [B, S]
         for j, p in enumerate(part):
-            clusters += [p.cluster] * int(((ids[j] == image_id) & (mask[j] > 0)).sum())
+            clusters += [p.cluster] * int(visual[j].sum())
         batches.append(inputs)
     return batches, np.asarray(clusters)
 

@@ -42,6 +42,7 @@ import inspect
 from typing import Literal, Self
 
 from driftlens.errors import UsageError
+from driftlens.inputs import token_rows
 from driftlens.specs import Spec, load_spec, unwrap
 
 SITES = ("hidden", "key")
@@ -180,7 +181,7 @@ class VisualTap:
                 raise UsageError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
                                  f"{tuple(input_ids.shape)}; they must match")
             mask = attention_mask.to(input_ids.device) > 0                       # [B, S]
-        visual = (input_ids == self.image_token_id) & mask                        # [B, S]
+        visual, text = token_rows(input_ids, mask, self.image_token_id)           # [B, S] each
         n_visual = int(visual.sum())
         if n_visual == 0:
             raise UsageError(
@@ -188,7 +189,6 @@ class VisualTap:
                 f"{int(mask.sum())} non-padding positions: the tap reads visual tokens. Run forwards "
                 f"without an image (text-only, generate) inside `with tap.paused():`"
             )
-        text = mask & ~visual                                                     # [B, S]
         self.clear()
         self._mask = mask
         self._rows = {input_ids.device: (visual.flatten().nonzero().squeeze(1),   # [n_visual]

@@ -266,3 +266,28 @@ def test_a_url_store_whose_creation_did_not_finish_is_built_again(tmp_path):
         assert list(open_store(url).checkpoint.values.astype(str)) == ["base"]
     finally:
         fsspec.filesystem("memory").rm(str(location(url).path).split("/")[0], recursive=True)
+
+
+def test_a_full_disk_while_writing_a_record_names_the_file_and_keeps_the_previous_one(tmp_path):
+    """The records go through driftlens.outputs.atomic_write: a full disk is an EnvironmentProblem naming the
+    record file (it was a bare OSError naming nothing), and the record written before is intact."""
+    import errno
+
+    from driftlens.errors import EnvironmentProblem
+    from driftlens.store import read_record, write_record
+
+    path = tmp_path / "s.zarr"
+    _capture_one(path, "base")
+    before = read_record(path, 0)
+    real = os.replace
+
+    def full(src, dst, *a, **k):
+        if str(dst).endswith(os.path.join("records", "0.json")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(EnvironmentProblem, match=r"records/0\.json: no space"):
+        mp.setattr(os, "replace", full)
+        write_record(path, "base", 0, ["hidden"], {"source": "other"})
+    assert read_record(path, 0) == before
+    assert not [p for p in (path / "checkpoint" / "records").iterdir() if p.name.endswith(".tmp")]
