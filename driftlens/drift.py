@@ -146,7 +146,8 @@ def drift(ds: xr.Dataset | str | os.PathLike | Mapping[str, xr.Dataset | str | o
         the same checkpoint labels: the report gets a ``run`` dim and across-run inference
         (:mod:`driftlens.compare`: runs are the replication unit).
     reference : str, optional
-        Reference checkpoint label (default: the first).
+        Reference checkpoint label (default: the store's recorded ``attrs["reference"]``, else the first
+        checkpoint; :mod:`driftlens.select`).
     metrics : sequence of str
         Any of ``mmd``, ``sinkhorn``, ``sliced_w``, ``gauss_w2``, ``paired_shift`` (or
         ``shift``), ``gap``, ``mir``; for a store with the site ``route`` (a mixture-of-experts
