@@ -14,6 +14,13 @@ Jobs (each a fresh interpreter, as a user runs them):
 - ``demo``: ``driftlens demo --seeds 0 --cache DIR`` (only with ``--demo-cache``, a cache that already
   holds the organism of seed 0; the demo only reads it).
 
+``--baseline REV`` adds the package as of a git revision (``git archive`` into the work folder, put
+first on PYTHONPATH) as one more variant, e.g. ``--baseline 4384f31`` (before the fix of issue 28).
+The lead's command on a quiet machine::
+
+    .venv/bin/python bench/bench_contention.py --store /tmp/golden/demo/seed-0/activations.zarr \
+        --demo-cache COPY_OF_AN_ORGANISM_CACHE --baseline 4384f31 --repeats 3
+
 Each job runs idle and beside one competitor: a second Python process doing 1024 x 1024 float32
 matmuls in a loop with torch's default threads and OpenMP's default wait policy (what a training
 job beside the report does). Runs are interleaved (for each repeat: every variant idle, then
@@ -97,6 +104,22 @@ def _run(cmd: list[str], env: dict, contended: bool) -> tuple[float, float]:
     return dt, load
 
 
+def _baseline(rev: str, work: Path) -> Path:
+    """The package as of git revision ``rev`` (driftlens/, hooks/, data/ laid out as installed), for PYTHONPATH."""
+    import shutil
+
+    dest = work / f"baseline-{rev}"
+    if not (dest / "driftlens").is_dir():
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", rev, "driftlens", "hooks", "data"], cwd=HERE.parent,
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        (dest / "hooks").rename(dest / "driftlens" / "hooks")
+        (dest / "data").rename(dest / "driftlens" / "data")
+    return dest
+
+
 def _same_report(a: Path, b: Path) -> str:
     import xarray as xr
 
@@ -119,6 +142,8 @@ def main(argv=None) -> int:
                     "the CLI's 1000)")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:VAR=VALUE[,VAR=VALUE] environment to compare against the plain one")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also run the package as of this git revision (e.g. 4384f31, before the fix)")
     ap.add_argument("--no-plain", action="store_true", help="only the --variant environments")
     ap.add_argument("--work", help="folder for outputs and the synthetic store (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -128,6 +153,8 @@ def main(argv=None) -> int:
     store = Path(args.store) if args.store else _store(work / "synthetic.zarr")
     jobs = [j for j in args.jobs.split(",") if j != "demo" or args.demo_cache]
     variants = [] if args.no_plain else [("plain", {})]
+    if args.baseline:
+        variants.append((args.baseline, {"PYTHONPATH": str(_baseline(args.baseline, work))}))
     for v in args.variant:
         name, _, spec = v.partition(":")
         variants.append((name, dict(kv.split("=", 1) for kv in spec.split(",") if kv)))
