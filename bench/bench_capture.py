@@ -103,10 +103,15 @@ def main() -> None:
 
     plain()   # warm-up
     cap()
-    t_plain = best(plain, args.repeats)
-    t_pre = best(preprocess, args.repeats)
-    t_cap = best(cap, args.repeats)
+    # interleaved (plain, preprocessing, capture) per repeat: on a shared machine the load changes
+    # between phases, so each repeat's ratio compares runs under the same load
+    runs = []
+    for _ in range(args.repeats):
+        runs.append([best(fn, 1) for fn in (plain, preprocess, cap)])
+    t_plain, t_pre, t_cap = (min(r[i] for r in runs) for i in range(3))
     t_trace = t_cap - t_pre
+    paired = sorted((c - p_) / p for p, p_, c in runs)
+    load = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
     shutil.rmtree(tmp, ignore_errors=True)
     machine = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
@@ -118,6 +123,8 @@ def main() -> None:
     print(f"capture end to end:                {t_cap:8.3f} s")
     print(f"capture minus preprocessing:       {t_trace:8.3f} s  -> {t_trace / t_plain:.2f}x plain forward")
     print(f"end to end vs preprocess + plain:  {t_cap / (t_pre + t_plain):.2f}x")
+    print(f"per repeat (interleaved), capture minus preprocessing / plain: median {paired[len(paired) // 2]:.2f}x "
+          f"(all: {', '.join(f'{x:.2f}' for x in paired)}); load average {load}")
 
 
 if __name__ == "__main__":

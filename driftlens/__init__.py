@@ -1,7 +1,14 @@
 """driftlens: layer-wise, calibrated drift of visual tokens in vision-language models.
 
-The package namespace only re-exports; importing it loads no model and touches no file.
+The package namespace only re-exports; importing it loads no model and touches no file. It sets one
+environment default first, before anything here imports torch: ``OMP_WAIT_POLICY=PASSIVE`` when
+unset and torch is not loaded yet (see :mod:`driftlens.threads`: spinning OpenMP threads made a
+report 3-10x slower beside other CPU work).
 """
+# ruff: noqa: E402 -- the wait policy must be set before the imports below load torch
+from driftlens.threads import passive_openmp as _passive_openmp
+
+_passive_openmp()
 from driftlens import compare, inference, merges, metrics, outcomes, plot, train
 from driftlens._version import __version__
 from driftlens.capture import CaptureError, capture

@@ -728,7 +728,8 @@ def _capture_one(net, spec, plan: Plan, label, layer_ids, sites, dev, out, store
     finally:
         if writer is not None:       # also on an error mid-checkpoint: finish queued writes, close files
             writer.close()
-    store.mark_complete(label, ctx["identity"])   # only after every row is on disk
+    # only after every row is on disk; the chunk files' CRC32s were computed as they were written
+    store.mark_complete(label, ctx["identity"], writer.checksums() if writer is not None else None)
     return store
 
 

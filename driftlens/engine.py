@@ -531,15 +531,18 @@ def run_grid(plan: GridPlan, blocks: BlockSource, client=None, progress: bool = 
     """
     from tqdm.auto import tqdm
 
+    from driftlens.threads import serial_torch
+
     C = len(plan.labels)
     bar = tqdm(total=len(plan.tasks) * C, desc="drift", disable=not progress, unit="cell")
     try:
         if client is None:
             out = []
-            for task in plan.tasks:
-                raise_if_interrupted()
-                out.append(run_task(plan, task, blocks))
-                bar.update(C)
+            with serial_torch():         # one intra-op thread where OpenMP spins (driftlens.threads)
+                for task in plan.tasks:
+                    raise_if_interrupted()
+                    out.append(run_task(plan, task, blocks))
+                    bar.update(C)
             return out
         return _run_on_dask(plan, blocks, client, bar)
     finally:

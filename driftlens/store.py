@@ -205,7 +205,7 @@ def _open_root(path, mode: str = "r+"):
     return zarr.open_group(str(path), mode=mode)
 
 
-def updateroot_attrs(path, update) -> dict:
+def update_root_attrs(path, update) -> dict:
     """Apply ``update(attrs) -> changes`` to the store's root attributes under the metadata lock.
 
     The attributes are re-read under the lock, so concurrent writers never lose each other's
@@ -514,10 +514,14 @@ class ActivationStore:
         """A buffered writer of one checkpoint's rows (writes whole chunks only)."""
         return CheckpointWriter(self, index)
 
-    def mark_complete(self, label: str, identity: dict | None = None) -> None:
-        """Record the checkpoint's chunk sizes and checksums (and ``identity``), then mark it complete."""
-        write_record(self.path, label, self.checkpoints.index(label), self.meta["sites"], identity)
-        updateroot_attrs(self.path, lambda a: {} if label in a.get("completed", [])
+    def mark_complete(self, label: str, identity: dict | None = None, known: dict | None = None) -> None:
+        """Record the checkpoint's chunk sizes and checksums (and ``identity``), then mark it complete.
+
+        ``known``: (size, CRC32) of chunk files by path, as :meth:`CheckpointWriter.checksums` gives
+        them (computed while the rows were written); every other file is read back.
+        """
+        write_record(self.path, label, self.checkpoints.index(label), self.meta["sites"], identity, known)
+        update_root_attrs(self.path, lambda a: {} if label in a.get("completed", [])
                           else {"completed": list(a.get("completed", [])) + [label]})
 
     def forget(self, label: str) -> None:
@@ -547,6 +551,9 @@ class CheckpointWriter:
         self.dtype = np.dtype(store.meta["dtype"])
         self.next: dict[str, int] = {}           # expected next row per site
         self.files: dict[Path, object] = {}      # open chunk files (writer thread only)
+        # per chunk file: [bytes written from offset 0 in order, their running CRC32, file size, new file];
+        # None once a write lands elsewhere (then the record reads the file back)
+        self.crc: dict[Path, list | None] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftlens-store")
         self.pending: list = []
         self.max_pending = max_pending
@@ -582,9 +589,11 @@ class CheckpointWriter:
                 coords = (self.index, chunk, 0) if site in UNLAYERED else (self.index, layer, chunk, 0)
                 piece = np.ascontiguousarray(slab[row:row + take], dtype=self.dtype)
                 row_bytes = piece.shape[-1] * self.dtype.itemsize
-                fh = self._file(store.raw_chunk_file(site, coords), size * row_bytes)
+                path = store.raw_chunk_file(site, coords)
+                fh = self._file(path, size * row_bytes)
                 fh.seek(offset * row_bytes)
                 fh.write(piece.data)
+                self._checksum(path, offset * row_bytes, piece)
             row += take
 
     def _file(self, path: Path, nbytes: int):
@@ -592,10 +601,48 @@ class CheckpointWriter:
         fh = self.files.get(path)
         if fh is None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(path, "r+b" if path.exists() else "w+b")
+            new = not path.exists()
+            fh = open(path, "w+b" if new else "r+b")
             fh.truncate(nbytes)
             self.files[path] = fh
+            self.crc[path] = [0, 0, nbytes, new]
         return fh
+
+    def _checksum(self, path: Path, at: int, piece: np.ndarray) -> None:
+        """Extend the file's running CRC32 by ``piece``, written at byte ``at`` (writer thread only).
+
+        Rows arrive in order, so each chunk file is written from its start to its end; a write
+        anywhere else drops the file's running CRC (the record then reads the file back).
+        """
+        state = self.crc.get(path)
+        if state is None:
+            return
+        if at != state[0]:
+            self.crc[path] = None
+            return
+        state[1] = zlib.crc32(piece.data, state[1])        # releases the GIL: overlaps the next forward
+        state[0] += piece.nbytes
+
+    def checksums(self) -> dict[str, tuple[int, int]]:
+        """(size, CRC32) of every chunk file this writer wrote whole, by path; after :meth:`close`.
+
+        A file written up to its end, or a new file whose unwritten tail is the zeros it was
+        created with (the last chunk's padding); the same values :func:`write_record` reads back.
+        """
+        out = {}
+        for path, state in self.crc.items():
+            if state is None:
+                continue
+            done, crc, size, new = state
+            if done < size and not new:      # an older file's tail: whatever an earlier capture left there
+                continue
+            zeros = memoryview(bytes(min(size - done, 2**20)))
+            while done < size:
+                take = min(size - done, len(zeros))
+                crc = zlib.crc32(zeros[:take], crc)
+                done += take
+            out[str(path)] = (size, crc)
+        return out
 
     def close(self) -> None:
         """Wait for every write and close the chunk files."""
@@ -911,21 +958,29 @@ def _record_file(path: Path, index: int) -> Path:
     return path.joinpath(*RECORDS, f"{index}.json")
 
 
-def write_record(path, label: str, index: int, sites, identity: dict | None = None) -> Path:
+def write_record(path, label: str, index: int, sites, identity: dict | None = None,
+                 known: dict | None = None) -> Path:
     """Record what verifies a just-completed checkpoint: every chunk file's size and CRC32.
 
     Written atomically next to the store's ``checkpoint`` coordinate (zarr ignores the folder),
     before the label is marked complete. ``identity`` (the checkpoint's source, fingerprint and
-    capture options) is stored with it.
+    capture options) is stored with it. ``known`` maps a chunk file's path (``str``) to its
+    (size, CRC32) where the writer computed them from the bytes it wrote (a capture); other files
+    are read back.
     """
     path = location(path)
+    known = known or {}
     chunks = {}
     for site in sites:
         files = checkpoint_chunks(path, site, index)
         sizes, crcs = [], []
         for rel, _, _ in files:
             f = path / rel
-            if f.exists():
+            if str(f) in known:
+                size, crc = known[str(f)]
+                sizes.append(size)
+                crcs.append(crc)
+            elif f.exists():
                 sizes.append(f.stat().st_size)
                 crcs.append(_crc32(f))
             else:                      # an all-fill chunk zarr chose not to write (encoded stores)
@@ -1283,7 +1338,7 @@ def unmark_complete(path, labels) -> None:
         done = list(attrs.get("completed", []))
         return {"completed": [c for c in done if c not in labels]} if set(done) & set(labels) else {}
 
-    attrs = updateroot_attrs(path, drop)
+    attrs = update_root_attrs(path, drop)
     order = list(attrs.get("checkpoints", []))
     for label in labels:
         if label in order:

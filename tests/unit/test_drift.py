@@ -23,10 +23,20 @@ def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("drift") / "s.zarr")
 
 
+N_DRAWS, N_TRANSPORT = 50, 10        # layout and value checks: few draws (the fast tier)
+MANY_DRAWS, MANY_TRANSPORT = 500, 40  # what the significance checks need (BH over 24 tests: p = 1/501)
+
+
 @pytest.fixture(scope="module")
 def report(store):
-    return dl.drift(open_store(store), reference="base", metrics=METRICS, n_permutations=500,
-                    n_bootstrap=500, transport_resamples=40, progress=False)
+    return dl.drift(open_store(store), reference="base", metrics=METRICS, n_permutations=N_DRAWS,
+                    n_bootstrap=N_DRAWS, transport_resamples=N_TRANSPORT, progress=False)
+
+
+@pytest.fixture(scope="module")
+def report_many(store):
+    return dl.drift(open_store(store), reference="base", metrics=METRICS, n_permutations=MANY_DRAWS,
+                    n_bootstrap=MANY_DRAWS, transport_resamples=MANY_TRANSPORT, progress=False)
 
 
 def _cell(rep, var, checkpoint="shifted", layer=1, site="hidden", modality="visual"):
@@ -34,9 +44,9 @@ def _cell(rep, var, checkpoint="shifted", layer=1, site="hidden", modality="visu
 
 
 def test_report_layout_and_attributes(report):
-    assert dict(report.sizes) == {"checkpoint": 3, "layer": 3, "site": 2, "modality": 2, "draw": 500}
+    assert dict(report.sizes) == {"checkpoint": 3, "layer": 3, "site": 2, "modality": 2, "draw": N_DRAWS}
     assert report["mmd_boot"].dims == ("checkpoint", "layer", "site", "modality", "draw")
-    assert report["sliced_w_boot"].attrs["n_draws"] == 40 and report["mir_boot"].dims == ("checkpoint", "layer", "draw")
+    assert report["sliced_w_boot"].attrs["n_draws"] == N_TRANSPORT and report["mir_boot"].dims == ("checkpoint", "layer", "draw")
     for m in ("mmd", "sliced_w", "gauss_w2"):
         for suffix in ("", "_lo", "_hi", "_p", "_q"):
             assert report[m + suffix].dims == ("checkpoint", "layer", "site", "modality")
@@ -57,17 +67,19 @@ def test_cells_equal_the_cluster_functions(store, report):
     cl = ds.cluster.values.astype(str)[vis]
     r = torch.as_tensor(ds.hidden.sel(checkpoint="base", layer=2).values[vis])
     c = torch.as_tensor(ds.hidden.sel(checkpoint="same", layer=2).values[vis])
-    res = I.paired_mmd(r, c, cl, n_permutations=500, n_bootstrap=500)
+    res = I.paired_mmd(r, c, cl, n_permutations=N_DRAWS, n_bootstrap=N_DRAWS)
     got = [_cell(report, v, "same", 2) for v in ("mmd", "mmd_lo", "mmd_hi", "mmd_p")]
     assert got == pytest.approx([res.effect, res.lo, res.hi, res.p], rel=1e-6, abs=1e-9)
     assert float(report.sigma.sel(layer=2, site="hidden", modality="visual")) == pytest.approx(
         M.median_sigma(r - r.mean(0), pairs="reference"), rel=1e-6)
-    shift = I.paired_shift(r, c, cl, n_bootstrap=500)
+    shift = I.paired_shift(r, c, cl, n_bootstrap=N_DRAWS)
     got = [_cell(report, v, "same", 2) for v in ("paired_shift", "paired_shift_lo", "paired_shift_hi")]
     assert got == pytest.approx(list(shift), rel=1e-6)
 
 
-def test_planted_change_is_found_where_it_was_planted(report):
+@pytest.mark.heavy                   # 500 permutations and bootstrap draws per cell
+def test_planted_change_is_found_where_it_was_planted(report_many):
+    report = report_many
     assert _cell(report, "mmd_lo") > 0 and _cell(report, "mmd_p") == 1 / 501 and _cell(report, "mmd_q") < 0.05
     assert _cell(report, "sliced_w_lo") > 0 and _cell(report, "gauss_w2_p") <= 1 / 41
     q = report.mmd_q.sel(checkpoint="shifted").values.copy()
@@ -76,7 +88,9 @@ def test_planted_change_is_found_where_it_was_planted(report):
     assert _cell(report, "paired_shift_lo") > _cell(report, "paired_shift_hi", layer=0)
 
 
-def test_no_change_is_not_significant_after_correction(report):
+@pytest.mark.heavy
+def test_no_change_is_not_significant_after_correction(report_many):
+    report = report_many
     assert float(report.mmd_q.sel(checkpoint="same").min()) > 0.05
     # the effect's interval covers 0 in (almost) every cell of the unchanged checkpoint
     lo, hi = report.mmd_lo.sel(checkpoint="same").values, report.mmd_hi.sel(checkpoint="same").values
