@@ -53,7 +53,7 @@ STRIP = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUN
 INPROC = ("import sys, torch\n"                 # torch first: the OpenMP runtime is loaded before driftlens
           "torch.ones(4096).sum()\n"
           "import driftlens as dl\n"
-          "from driftlens.store import open_store, save_report\n"
+          "from driftlens import open_store, save_report\n"
           "n = int(sys.argv[3])\n"
           "rep = dl.drift(open_store(sys.argv[1]), n_permutations=n, n_bootstrap=n, progress=False)\n"
           "save_report(rep, sys.argv[2])\n")
@@ -124,7 +124,7 @@ def _baseline(rev: str, work: Path) -> Path:
 def _same_report(a: Path, b: Path) -> str:
     import xarray as xr
 
-    from driftlens.store import load_report
+    from driftlens.report import load_report
 
     try:
         xr.testing.assert_identical(load_report(a), load_report(b))

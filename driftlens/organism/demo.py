@@ -194,12 +194,14 @@ def spread_over_halfwidth(runs) -> dict | None:
 def write_summary(out: Path, summary: dict) -> tuple[Path, Path]:
     """``summary.json`` and a readable ``summary.md`` (mean ± standard deviation over seeds)."""
     js = atomic_write(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    one_seed = (" (one seed here: every ± is 0 by construction, not a measured spread)"
+                if len(summary["seeds"]) == 1 else "")
     lines = [
         "# driftlens demo: the model organism",
         "",
-        f"Seeds {summary['seeds']}; every figure is the mean ± standard deviation over seeds. Training this "
-        "small model is chaotic: figures differ between seeds, CPUs and thread counts; the per-seed values are "
-        "in summary.json (`per_seed`). Chance accuracy of the grounding questions: "
+        f"Seeds {summary['seeds']}; every figure is the mean ± standard deviation over seeds{one_seed}. Training "
+        "this small model is chaotic: figures differ between seeds, CPUs and thread counts; the per-seed values "
+        "are in summary.json (`per_seed`). Chance accuracy of the grounding questions: "
         f"{summary['chance_accuracy']:.3f}.",
         "",
     ]
@@ -405,9 +407,12 @@ def _figures(out: Path, runs, per_seed, mean_ko, mean_en, ko_labels, en_labels, 
     figs = out / "figures"
     files = {}
     n = runs.sizes["run"]
+    if n == 1:                    # one seed: its own report, with its within-run (cluster) intervals
+        runs = runs.isel(run=0, drop=True)
     ax = plot.drift_heatmap(runs, "mmd")
-    ax.set_title(f"MMD$^2$ vs base (hidden, visual), mean of {n} seeds\nno marks: every cell differs from the base "
-                 f"in every seed; see contrast_by_layer", fontsize=9)
+    ax.set_title(f"MMD$^2$ vs base (hidden, visual), {f'mean of {n} seeds' if n > 1 else 'one seed'}\nno marks: "
+                 f"every cell differs from the base{' in every seed' if n > 1 else ''}; see contrast_by_layer",
+                 fontsize=9)
     files["drift_heatmap"] = str(plot.save(ax, figs / "drift_heatmap.png"))
     files["drift_ko_vs_control"] = str(plot.save(plot.seeds_by_layer(
         {"Korean " + ko_labels[-1]: _per_layer(per_seed["ko"], ko_labels[-1]),

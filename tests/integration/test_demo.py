@@ -113,3 +113,23 @@ def test_the_demo_leaves_each_seed_as_the_cached_example(demo_run, organism_cach
     xr.testing.assert_identical(ex.load_report(), dl.load_report(out / "seed-0" / "drift.nc"))
     ds = ex.open_store(verify="full")                   # the copy is intact
     assert list(ds.checkpoint.values) == list(ex.checkpoints)
+
+
+def test_the_demo_runs_on_one_seed(demo_run, organism_cache, tmp_path):
+    """``driftlens demo --seeds 1`` (the --help example's one-seed run): before, it exited 2 at the first
+    figure ("'mmd' has a run dim but the report has no across-run statistics"). One seed is drawn from
+    its own report, and summary.md says that its ± columns are not a measured spread."""
+    import contextlib
+    import io
+
+    from driftlens.cli import main
+
+    out = tmp_path / "one"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["demo", "--seeds", "1", "--out", str(out), "--cache", str(organism_cache), "--no-progress"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [1]
+    for name in ("drift_heatmap", "contrast_by_layer", "modality_gap", "mir_by_layer", "ranks"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 0
+    assert "one seed here" in (out / "summary.md").read_text()
