@@ -4,9 +4,9 @@
     python bench/compare_reports.py DEMO_A DEMO_B     # two `driftlens demo` output folders
 
 For two demo folders: ``summary.json`` and ``ranks.json`` (equal as JSON, leaving out the timings
-under ``seconds`` and reading absolute paths by their last two parts, as the folders and caches
-differ), every ``seed-*/drift.nc`` as above (its ``store_path`` attribute read the same way), and
-every figure under ``figures/`` byte for byte.
+under ``seconds`` and reading paths by their file names, as the folders and caches differ), every
+``seed-*/drift.nc`` as above (its ``store_path`` attribute read the same way), and every figure
+under ``figures/`` byte for byte.
 
 Exit status 0 when identical; 1 naming the first differing variable or attribute (values are
 compared as bytes, so a one-ulp change, a NaN payload or a signed zero counts); 2 on bad usage.
@@ -55,9 +55,9 @@ def first_difference(a, b) -> str | None:
 
 
 def _tail(value):
-    """An absolute path by its last two parts (``/tmp/x/seed-0/drift.nc`` -> ``seed-0/drift.nc``)."""
-    if isinstance(value, str) and value.startswith("/"):
-        return "/".join(value.split(", ")[0].split("/")[-2:]) + f" (+{value.count(', ')})"
+    """A path (or a ``", "``-joined list of paths) by its file names: the folders differ between runs."""
+    if isinstance(value, str) and "/" in value:
+        return ", ".join(part.rstrip("/").rsplit("/", 1)[-1] for part in value.split(", "))
     return value
 
 
