@@ -2,7 +2,7 @@
 
 Everything that needs to know about a metric -- the report's validation of ``metrics=``, the
 engine that computes a cell, the variables' attributes, the CLI's choices, the plots -- reads
-:data:`METRICS`. A leaf module: it imports no other driftlens module, and no torch.
+:data:`METRICS`. It imports no driftlens module but ``errors``, and no torch.
 
 Kinds
 -----
@@ -40,6 +40,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from driftlens.errors import UsageError
 
 Kind = Literal["kernel", "transport", "paired", "cross_modal", "routing", "expert"]
 #: the names :func:`driftlens.drift` accepts in ``metrics=`` (the registry's names and aliases; a test checks)
@@ -192,9 +194,9 @@ def register(spec: MetricSpec) -> None:
     metrics; read :data:`METRICS` (or call :func:`of_kind`) to see registered ones.
     """
     if spec.name in METRICS or spec.name in ALIASES:
-        raise ValueError(f"metric {spec.name!r} is already registered")
+        raise UsageError(f"metric {spec.name!r} is already registered")
     if any(spec.name.startswith(m + "_") or m.startswith(spec.name + "_") for m in METRICS):
-        raise ValueError(f"metric {spec.name!r} would make report variable names ambiguous with "
+        raise UsageError(f"metric {spec.name!r} would make report variable names ambiguous with "
                          f"{[m for m in METRICS if spec.name.startswith(m + '_') or m.startswith(spec.name + '_')]}")
     METRICS[spec.name] = spec
 
@@ -202,7 +204,7 @@ def register(spec: MetricSpec) -> None:
 def unregister(name: str) -> None:
     """Remove a metric added by :func:`register` (built-in metrics stay)."""
     if name in BUILTIN:
-        raise ValueError(f"metric {name!r} is built in")
+        raise UsageError(f"metric {name!r} is built in")
     METRICS.pop(name, None)
 
 
