@@ -1,25 +1,7 @@
-"""Inference on clustered tokens: the cluster, not the token, is the unit of independence.
+"""Inference on clustered tokens (the cluster, not the token, is the unit of independence): a facade.
 
-Tokens of one image are strongly correlated, and so are the renders, crops and language twins of
-one scene. A probe set therefore names, per probe, the *cluster* it belongs to (a scene, a source
-photograph), and every resampling here draws whole clusters:
-
-- **cluster sign flips** (paired permutation test): the same probes go through every checkpoint,
-  so under "no change" the reference's and the checkpoint's tokens of one cluster are
-  exchangeable; swapping them for a random subset of clusters draws from the null;
-- **cluster bootstrap**: draw K clusters with replacement (multinomial counts per cluster).
-
-Statistics that are *U-statistics over clusters* -- sums of a symmetric pair term ``H[a, b]``
-over distinct clusters ``a != b`` -- get both resamplings as batched quadratic forms: a column
-``w`` of signs or of bootstrap counts gives ``sum_{a != b} w_a w_b H[a, b] / sum_{a != b} w_a w_b``.
-The paired cluster MMD (:func:`paired_mmd_matrix`) is one: with ``D_a`` the difference of the
-kernel mean embeddings of cluster ``a`` at the reference and at the checkpoint,
-``H[a, b] = <D_a, D_b>``, a sign flip of cluster ``a`` is ``D_a -> -D_a``, and
-``E H[a, b] = MMD^2`` between the two token distributions for ``a != b`` whatever the number of
-clusters or the correlation of tokens inside a cluster.
-
-Everything here is a pure function of tensors or arrays; seeds make every draw reproducible and
-the same for every cell of a report (so per-layer resamples can be summed across layers).
+The resampling (cluster sign flips, cluster bootstrap, U-statistics over clusters) is described
+once, in :mod:`driftlens.stats.resampling`.
 
 The functions live in :mod:`driftlens.stats`: the resampling machinery in
 :mod:`~driftlens.stats.resampling`, the pair terms in :mod:`~driftlens.stats.kernels`, each
