@@ -36,8 +36,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from driftlens.errors import DriftError, UsageError, check_count
-from driftlens.stats.common import check_inputs, generator
+from driftlens.errors import DriftError, check_count
+from driftlens.stats.common import generator
 from driftlens.stats.kernels import (
     DEFAULT_BLOCK_SIZE,
     MEDIAN_MAX_POINTS,
@@ -49,7 +49,7 @@ from driftlens.stats.kernels import (
     paired_mmd_matrix,
     prepare_pooled,
 )
-from driftlens.stats.resampling import Inference, Rows, check_clusters, cluster_codes, draws, u_statistic_draws
+from driftlens.stats.resampling import Inference, Rows, draws, paired_centred, u_statistic_draws
 from driftlens.stats.settings import Cell, Settings
 
 Sigma = Literal["median"] | float | Sequence[float] | None   # a kernel bandwidth, or several
@@ -218,13 +218,7 @@ def paired_mmd(r, c, clusters, sigma=None, n_permutations: int = 1000, n_bootstr
     Inference(effect, lo, hi, p, n_clusters)
         ``effect`` is the U-statistic over distinct clusters (see :func:`paired_mmd_matrix`).
     """
-    r, c = check_inputs(r, c, names=["r (reference)", "c (checkpoint)"], same_rows=True)
-    codes_np, uniq = cluster_codes(clusters)
-    if len(codes_np) != r.shape[0]:
-        raise UsageError(f"clusters has {len(codes_np)} labels for {r.shape[0]} rows")
-    check_clusters(len(uniq), "paired_mmd")
-    centre = r.mean(0, dtype=torch.float64).to(r.dtype)
-    r, c = r - centre, c - centre
+    r, c = paired_centred(r, c, clusters, "paired_mmd")
     sigma = median_sigma(r, pairs="reference", seed=seed) if sigma is None else float(sigma)
     rows = Rows(np.arange(r.shape[0]), np.asarray(clusters), r.device)
     settings = Settings(n_permutations=n_permutations, n_bootstrap=n_bootstrap, level=level, seed=seed)

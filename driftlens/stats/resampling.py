@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from driftlens.errors import UsageError, check_count
+from driftlens.stats.common import check_inputs
 
 MIN_CLUSTERS = 2
 # rows of an [n, d] block converted to float64 at a time: float64 copies of a whole 7B-sized block
@@ -60,6 +61,21 @@ def check_clusters(k: int, what: str) -> None:
     if k < MIN_CLUSTERS:
         raise UsageError(f"{what}: {k} cluster(s); drift inference resamples clusters and needs at least "
                          f"{MIN_CLUSTERS} (a probe set's `cluster` names its independent units)")
+
+
+def paired_centred(r, c, clusters, what: str):
+    """Checked paired inputs of a cluster-level function, centred on the reference's mean.
+
+    ``r``, ``c`` [n, d] (the same rows at the reference and the checkpoint), ``clusters`` [n] labels;
+    ``what`` names the function in errors. Returns ``(r - centre, c - centre)``.
+    """
+    r, c = check_inputs(r, c, names=["r (reference)", "c (checkpoint)"], same_rows=True)
+    codes, uniq = cluster_codes(clusters)
+    if len(codes) != r.shape[0]:
+        raise UsageError(f"clusters has {len(codes)} labels for {r.shape[0]} rows")
+    check_clusters(len(uniq), what)
+    centre = r.mean(0, dtype=torch.float64).to(r.dtype)
+    return r - centre, c - centre
 
 
 def sign_flips(n_clusters: int, n_draws: int, seed: int) -> torch.Tensor:

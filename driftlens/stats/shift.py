@@ -6,16 +6,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from driftlens.errors import UsageError
 from driftlens.stats.common import check_inputs
 from driftlens.stats.resampling import (
     Inference,
     Rows,
-    check_clusters,
-    cluster_codes,
     cluster_sums,
     draws,
     gram_rows,
+    paired_centred,
     percentile_interval,
     quadratic_u,
     row_chunks,
@@ -118,14 +116,9 @@ def paired_shift(r, c, clusters, n_bootstrap: int = 1000, level: float = 0.95, s
     (effect, lo, hi) : floats
         Bootstrap draws use ``seed + 1`` (as :func:`driftlens.drift`).
     """
-    r, c = check_inputs(r, c, names=["r (reference)", "c (checkpoint)"], same_rows=True)
-    codes_np, uniq = cluster_codes(clusters)
-    if len(codes_np) != r.shape[0]:
-        raise UsageError(f"clusters has {len(codes_np)} labels for {r.shape[0]} rows")
-    check_clusters(len(uniq), "paired_shift")
-    centre = r.mean(0, dtype=torch.float64).to(r.dtype)
+    r, c = paired_centred(r, c, clusters, "paired_shift")
     rows = Rows(np.arange(r.shape[0]), np.asarray(clusters), r.device)
-    inf, _ = cell("paired_shift", Cell(r - centre, c - centre, rows, float("nan")),
+    inf, _ = cell("paired_shift", Cell(r, c, rows, float("nan")),
                   Settings(n_bootstrap=n_bootstrap, level=level, seed=seed))
     return inf.effect, inf.lo, inf.hi
 
